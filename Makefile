@@ -1,0 +1,62 @@
+# lamra-pl: one target per stage. Every variable is overridable, e.g.
+#   make stage2 CONFIG=experiments/lamra_ret/stage2_instruct.yaml BACKBONE=checkpoints/stage1-merged ARGS="--trainer.devices=4"
+# Set-up on a fresh machine is `make demo` or `make test`: both create the environment in .venv/ if missing.
+
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+LAMRA := $(BIN)/lamra-pl
+FAISS ?= cpu# cpu | gpu: which faiss wheel to install (they conflict)
+STAMP := $(VENV)/.installed-$(FAISS)
+
+ARGS ?=
+RUNS ?= runs
+BACKBONE ?=
+TINY_BACKBONE ?= checkpoints/tiny-qwen2vl
+CKPT ?= $(RUNS)/lamra_ret_stage1/version_0/checkpoints/last.ckpt
+OUT ?= checkpoints/lamra_ret_stage1_merged
+PYTEST_ARGS ?=
+
+backbone_arg = $(if $(BACKBONE),--model.init_args.backbone=$(BACKBONE))
+
+.PHONY: venv tiny-backbone stage1 stage2 merge test lint demo tensorboard clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[$(FAISS),dev]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import lamra_pl, torch, torchvision, lightning, transformers, peft, webdataset, faiss"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+tiny-backbone: venv
+	$(LAMRA) tiny-backbone --out $(TINY_BACKBONE) $(ARGS)
+
+stage1: CONFIG ?= experiments/lamra_ret/stage1_text.yaml
+stage1: venv
+	$(LAMRA) fit -c $(CONFIG) $(backbone_arg) $(ARGS)
+
+stage2: CONFIG ?= experiments/lamra_ret/stage2_instruct.yaml
+stage2: venv
+	$(LAMRA) fit -c $(CONFIG) $(backbone_arg) $(ARGS)
+
+merge: venv
+	$(LAMRA) merge --ckpt $(CKPT) --out $(OUT)
+
+lint: venv
+	$(BIN)/ruff check src tests data_recipes
+	$(BIN)/ruff format --check src tests data_recipes
+
+test: venv lint
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+demo: venv
+	$(BIN)/python data_recipes/demo.py
+
+tensorboard: venv
+	$(BIN)/tensorboard --logdir $(RUNS)
+
+clean:
+	rm -rf $(RUNS) demo checkpoints/tiny-* .pytest_cache

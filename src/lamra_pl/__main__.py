@@ -1,0 +1,3 @@
+from lamra_pl.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Data: the training-sample schema, WebDataset shard writing and reading, the shard DataModule."""

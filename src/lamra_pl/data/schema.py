@@ -1,0 +1,204 @@
+"""The sample schema of training and evaluation shards.
+
+One WebDataset sample is one query with its candidates. Its members share a key (no dots in it):
+
+* `<key>.json`, the record::
+
+    {"qid": "9:17",                      # query id, unique in the data set
+     "task_id": 0,                       # M-BEIR task id, or null
+     "query": {"txt": "a dog", "img": null, "modality": "text"},
+     "instructions": ["Find an image that matches the caption."],   # choices; may be empty
+     "positives": [{"id": "9:4410", "txt": null, "img": "pos0.jpg", "modality": "image"}],   # at least one
+     "negatives": [{"id": "9:77", "txt": null, "img": "neg0.jpg", "modality": "image"}]}     # optional
+
+* one member per image, named by the record's `img` field (`<key>.query.png`, `<key>.pos0.jpg`, ...), holding
+  the encoded image file as it was (never re-encoded).
+
+`modality` is one of M-BEIR's "text", "image", "image,text" and must agree with which of `txt`/`img` is set.
+Candidate ids are strings (M-BEIR's "dataset:n"); in-batch duplicates of a positive are masked by id.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from lamra_pl.errors import BadSampleError
+
+MODALITIES = ("text", "image", "image,text")
+
+# Reasons a sample is skipped (counted, logged, never silent). Fixed order: it indexes the count tensors.
+SKIP_REASONS = ("unreadable_image",)
+
+
+@dataclass
+class Item:
+    """A query or candidate: text, image, or both."""
+
+    id: str
+    text: str | None = None
+    image: Image.Image | None = None
+
+    @property
+    def modality(self) -> str:
+        if self.text is not None and self.image is not None:
+            return "image,text"
+        return "image" if self.image is not None else "text"
+
+
+@dataclass
+class Record:
+    """A decoded shard sample: a query, its instruction choices, positives and hard negatives."""
+
+    key: str
+    qid: str
+    query: Item
+    positives: list[Item]
+    negatives: list[Item] = field(default_factory=list)
+    instructions: list[str] = field(default_factory=list)
+    task_id: int | None = None
+
+
+@dataclass
+class Example:
+    """One training example after sampling: the query (instruction applied), one positive, k negatives."""
+
+    query: Item
+    positive: Item
+    negatives: list[Item]
+    positive_ids: list[str]
+
+
+class UnreadableImage(Exception):
+    def __init__(self, member: str, cause: Exception) -> None:
+        super().__init__(f"member {member!r} is not a readable image ({type(cause).__name__}: {cause})")
+        self.member = member
+
+
+def format_text(text: str) -> str:
+    """UniIR's `format_string`: strip, drop quotes and CRs, capitalise, end with punctuation."""
+    text = text.replace("\r", "").strip().strip('"').strip()
+    if text:
+        text = text[0].upper() + text[1:]
+        if text[-1] not in ".?!":
+            text += "."
+    return text
+
+
+def with_instruction(instruction: str | None, text: str | None) -> str | None:
+    """The query text the model sees: the task instruction prepended as LamRA/UniIR do."""
+    if not instruction:
+        return text
+    return format_text(f"{instruction} {text or ''}")
+
+
+def encode_record(
+    key: str,
+    *,
+    qid: str,
+    query: dict[str, Any],
+    positives: list[dict[str, Any]],
+    negatives: list[dict[str, Any]] = (),  # type: ignore[assignment]
+    instructions: list[str] = (),  # type: ignore[assignment]
+    task_id: int | None = None,
+) -> dict[str, Any]:
+    """A WebDataset sample dict from a record whose items carry `txt` and `image` (encoded bytes + extension).
+
+    Each item is `{"id", "txt", "image": (bytes, "jpg") | None}`; the query needs no id.
+    """
+    if "." in key:
+        raise BadSampleError(f"sample key {key!r} contains a dot; WebDataset splits keys at the first dot")
+    if not positives:
+        raise BadSampleError(f"sample {key!r} (qid {qid}) has no positive candidate")
+    sample: dict[str, Any] = {"__key__": key}
+
+    def item(entry: dict[str, Any], member: str, with_id: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {"txt": entry.get("txt"), "img": None}
+        if with_id:
+            out["id"] = str(entry["id"])
+        image = entry.get("image")
+        if image is not None:
+            data, ext = image
+            out["img"] = f"{member}.{ext}"
+            sample[out["img"]] = data
+        out["modality"] = _modality(out["txt"], out["img"])
+        return out
+
+    record = {
+        "qid": qid,
+        "task_id": task_id,
+        "query": item(query, "query", with_id=False),
+        "instructions": list(instructions),
+        "positives": [item(p, f"pos{i}", True) for i, p in enumerate(positives)],
+        "negatives": [item(n, f"neg{i}", True) for i, n in enumerate(negatives)],
+    }
+    sample["json"] = json.dumps(record, ensure_ascii=False).encode()
+    return sample
+
+
+def decode_record(sample: dict[str, Any]) -> Record:
+    """A Record from a raw WebDataset sample (bytes members). Raises BadSampleError or UnreadableImage."""
+    where = f"shard {sample.get('__url__', '?')}, sample {sample.get('__key__', '?')!r}"
+    raw = sample.get("json")
+    if raw is None:
+        raise BadSampleError(f"{where}: no .json member (see lamra_pl.data.schema for the sample layout)")
+    try:
+        record = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise BadSampleError(f"{where}: .json member is not valid JSON ({err})") from err
+    for required in ("qid", "query", "positives"):
+        if required not in record:
+            raise BadSampleError(f"{where}: the record has no {required!r} field")
+    if not record["positives"]:
+        raise BadSampleError(f"{where}: qid {record['qid']} has no positive candidate ('positives' is empty)")
+
+    def item(entry: dict[str, Any], default_id: str, field_name: str) -> Item:
+        txt, img = entry.get("txt"), entry.get("img")
+        modality = entry.get("modality", _modality(txt, img))
+        if modality not in MODALITIES:
+            raise BadSampleError(f"{where}: {field_name} has unknown modality {modality!r}; use {MODALITIES}")
+        if modality != _modality(txt, img):
+            raise BadSampleError(
+                f"{where}: {field_name} says modality {modality!r} but has "
+                f"{'text' if txt is not None else 'no text'} and {'an image' if img else 'no image'}"
+            )
+        image = None
+        if img is not None:
+            if img not in sample:
+                raise BadSampleError(f"{where}: {field_name} names image member {img!r}, which is missing")
+            image = _open_image(sample[img], img)
+        return Item(id=str(entry.get("id", default_id)), text=txt, image=image)
+
+    qid = str(record["qid"])
+    return Record(
+        key=str(sample.get("__key__")),
+        qid=qid,
+        query=item(record["query"], qid, "query"),
+        positives=[item(p, "", f"positives[{i}]") for i, p in enumerate(record["positives"])],
+        negatives=[item(n, "", f"negatives[{i}]") for i, n in enumerate(record.get("negatives") or [])],
+        instructions=list(record.get("instructions") or []),
+        task_id=record.get("task_id"),
+    )
+
+
+def _modality(txt: str | None, img: str | None) -> str:
+    if txt is not None and img is not None:
+        return "image,text"
+    if img is not None:
+        return "image"
+    if txt is not None:
+        return "text"
+    raise BadSampleError("an item has neither text nor image")
+
+
+def _open_image(data: bytes, member: str) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image.convert("RGB")
+    except Exception as err:  # PIL raises many types for corrupt files
+        raise UnreadableImage(member, err) from err

@@ -1,0 +1,234 @@
+"""Writing and streaming WebDataset shards of the sample schema in `lamra_pl.data.schema`.
+
+Shard folders carry a `sizes.json` (samples per shard), which the reader uses to size an epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+import torch
+import webdataset as wds
+
+from lamra_pl.data.schema import (
+    SKIP_REASONS,
+    Example,
+    Item,
+    Record,
+    UnreadableImage,
+    decode_record,
+    with_instruction,
+)
+from lamra_pl.errors import BadSampleError, LamraError
+
+log = logging.getLogger(__name__)
+
+SIZES_FILE = "sizes.json"
+
+
+def write_shards(
+    samples: Iterable[dict[str, Any]], out_dir: str | Path, prefix: str = "shard", maxcount: int = 1000
+) -> dict[str, int]:
+    """Write samples (see `schema.encode_record`) to `out_dir/<prefix>-NNNNNN.tar`; return samples per shard."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sizes: Counter[str] = Counter()
+    keys: set[str] = set()
+    with wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=maxcount, verbose=0) as sink:
+        for sample in samples:
+            if sample["__key__"] in keys:
+                raise BadSampleError(f"duplicate sample key {sample['__key__']!r} while writing {out}")
+            keys.add(sample["__key__"])
+            sink.write(sample)
+            sizes[Path(sink.fname).name] += 1
+    sizes_path = out / SIZES_FILE
+    previous = json.loads(sizes_path.read_text()) if sizes_path.exists() else {}
+    sizes_path.write_text(json.dumps({**previous, **sizes}, indent=1, sort_keys=True))
+    return dict(sizes)
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Shard paths from a folder (all *.tar, sorted) or a brace pattern ("data/train-{000000..000009}.tar")."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        urls = sorted(str(p) for p in path.glob("*.tar"))
+        if not urls:
+            raise LamraError(f"shard folder {spec!r} holds no .tar files")
+        return urls
+    urls = list(braceexpand.braceexpand(str(path)))
+    missing = [u for u in urls if not Path(u).is_file()]
+    if missing:
+        raise LamraError(f"shard file {missing[0]!r} does not exist ({len(missing)} of {len(urls)} missing)")
+    return urls
+
+
+def count_samples(urls: list[str]) -> int | None:
+    """Total samples of `urls` from their folders' sizes.json, or None if any shard is not listed."""
+    total = 0
+    cache: dict[Path, dict[str, int]] = {}
+    for url in urls:
+        folder = Path(url).parent
+        if folder not in cache:
+            sizes = folder / SIZES_FILE
+            cache[folder] = json.loads(sizes.read_text()) if sizes.is_file() else {}
+        if Path(url).name not in cache[folder]:
+            return None
+        total += cache[folder][Path(url).name]
+    return total
+
+
+# ------------------------------------------------------------------------------------ pipeline stages
+@dataclass
+class Skip:
+    reason: str
+    where: str
+
+
+@dataclass
+class Failure:
+    message: str
+
+
+def to_records(samples: Iterator[dict[str, Any]]) -> Iterator[Record | Skip | Failure]:
+    for sample in samples:
+        where = f"shard {sample.get('__url__', '?')}, sample {sample.get('__key__', '?')!r}"
+        try:
+            yield decode_record(sample)
+        except UnreadableImage as err:
+            log.warning("skipping %s: %s", where, err)
+            yield Skip("unreadable_image", where)
+        except BadSampleError as err:
+            yield Failure(str(err))
+
+
+def to_examples(
+    records: Iterator[Record | Skip | Failure], *, num_negatives: int, seed: int | None, rank: int
+) -> Iterator[Example | Skip | Failure]:
+    """Pick one positive, one instruction and `num_negatives` hard negatives per query.
+
+    `seed=None` is the deterministic evaluation choice (first of each); otherwise choices are random with a
+    seed distinct per rank and worker.
+    """
+    rng = None
+    if seed is not None:
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(f"{seed}-{rank}-{info.id if info else 0}")
+    for record in records:
+        if not isinstance(record, Record):
+            yield record
+            continue
+        if len(record.negatives) < num_negatives:
+            yield Failure(
+                f"sample {record.key!r} (qid {record.qid}) has {len(record.negatives)} hard negatives but "
+                f"data.num_negatives is {num_negatives}"
+            )
+            continue
+        if rng is None:
+            positive = record.positives[0]
+            instruction = record.instructions[0] if record.instructions else None
+            negatives = record.negatives[:num_negatives]
+        else:
+            # LamRA's call order: positive, then instruction.
+            positive = rng.choice(record.positives)
+            instruction = rng.choice(record.instructions) if record.instructions else None
+            negatives = rng.sample(record.negatives, num_negatives)
+        query = Item(record.qid, with_instruction(instruction, record.query.text), record.query.image)
+        yield Example(query, positive, negatives, [p.id for p in record.positives])
+
+
+def to_batches(
+    examples: Iterator[Example | Skip | Failure],
+    *,
+    batch_size: int,
+    collate: Callable[[list[Example]], dict[str, Any]],
+    partial_last: bool,
+) -> Iterator[dict[str, Any]]:
+    """Collated batches, each carrying the counts of samples skipped since the previous batch.
+
+    A bad sample becomes a batch `{"error": message}`, raised in the main process by the DataModule, so the
+    user sees the message rather than a worker traceback.
+    """
+    buffer: list[Example] = []
+    skipped: Counter[str] = Counter()
+
+    def emit() -> dict[str, Any]:
+        batch = collate(buffer)
+        batch["skipped"] = torch.tensor([skipped[r] for r in SKIP_REASONS], dtype=torch.long)
+        buffer.clear()
+        skipped.clear()
+        return batch
+
+    for item in examples:
+        if isinstance(item, Failure):
+            yield {"error": item.message}
+            return
+        if isinstance(item, Skip):
+            skipped[item.reason] += 1
+            continue
+        buffer.append(item)
+        if len(buffer) == batch_size:
+            yield emit()
+    if buffer and partial_last:
+        yield emit()
+
+
+def _worker_seed(rank: int) -> int:
+    info = torch.utils.data.get_worker_info()
+    return rank * 1000 + (info.id if info else 0)
+
+
+def _split_by_node(src: Iterable[Any], rank: int, world: int) -> Iterator[Any]:
+    for i, item in enumerate(src):
+        if i % world == rank:
+            yield item
+
+
+def train_pipeline(
+    urls: list[str],
+    *,
+    batch_size: int,
+    collate: Callable[[list[Example]], dict[str, Any]],
+    num_negatives: int,
+    seed: int,
+    rank: int,
+    shuffle_buffer: int,
+) -> wds.DataPipeline:
+    """Endless, resampled, shuffled training batches; every rank and worker draws its own shard sequence."""
+    return wds.DataPipeline(
+        wds.ResampledShards(urls, seed=seed, worker_seed=partial(_worker_seed, rank), deterministic=True),
+        wds.tarfile_to_samples(),
+        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed + rank),
+        partial(to_records),
+        partial(to_examples, num_negatives=num_negatives, seed=seed, rank=rank),
+        partial(to_batches, batch_size=batch_size, collate=collate, partial_last=False),
+    )
+
+
+def eval_pipeline(
+    urls: list[str],
+    *,
+    batch_size: int,
+    collate: Callable[[list[Example]], dict[str, Any]],
+    num_negatives: int,
+    rank: int,
+    world: int,
+) -> wds.DataPipeline:
+    """Every sample exactly once over all ranks and workers, with deterministic choices; align by id."""
+    return wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        partial(_split_by_node, rank=rank, world=world),
+        wds.split_by_worker,
+        wds.tarfile_to_samples(),
+        partial(to_records),
+        partial(to_examples, num_negatives=num_negatives, seed=None, rank=rank),
+        partial(to_batches, batch_size=batch_size, collate=collate, partial_last=True),
+    )

@@ -1,0 +1,1 @@
+"""Models: backbone loading, prompts and collation, the LightningModules, and checkpoint tools."""

@@ -1,0 +1,186 @@
+"""Load an image-text-to-text backbone and its processor by path, add `<emb>`, apply LoRA, freeze.
+
+This is the one place that touches `from_pretrained`. Architectures differ only in where their parts live,
+which `FAMILIES` records by qualified module name; supporting another one (LLaVA-Next, a text-only causal LM)
+means adding an entry there and, if it has no image-text-to-text auto class, its auto class.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+
+from lamra_pl.errors import LamraError
+
+EMB_TOKEN = "<emb>"
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where an architecture keeps its parts, as qualified names inside the `from_pretrained` model."""
+
+    language_model: str
+    vision_tower: str
+    projector: str
+
+
+FAMILIES: dict[str, Family] = {
+    "qwen2_vl": Family("model.language_model", "model.visual", "model.visual.merger"),
+    "qwen2_5_vl": Family("model.language_model", "model.visual", "model.visual.merger"),
+}
+
+
+@dataclass
+class LoraSpec:
+    """LoRA on the language model's linear layers (never the vision tower, projector or LM head)."""
+
+    r: int = 64
+    alpha: int = 128
+    dropout: float = 0.05
+    targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+    def __post_init__(self) -> None:
+        if self.r <= 0 or self.alpha <= 0:
+            raise LamraError(f"lora.r and lora.alpha must be positive, got r={self.r}, alpha={self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LamraError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.targets:
+            raise LamraError("lora.targets is empty: name at least one linear layer, e.g. q_proj")
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """The checkpoint directory at `path`, or a clear error if it is not one."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise LamraError(
+            f"backbone path {str(path)!r} does not exist or is not a directory. Give the local directory of a "
+            "Hugging Face checkpoint (config.json + weights + processor files); nothing is downloaded. "
+            "For a tiny test backbone run: lamra-pl tiny-backbone --out DIR"
+        )
+    if not (p / "config.json").is_file():
+        raise LamraError(f"backbone path {str(p)!r} has no config.json: it is not a Hugging Face checkpoint")
+    return p
+
+
+def model_type(path: str | Path) -> str:
+    config = json.loads((checkpoint_dir(path) / "config.json").read_text())
+    kind = config.get("model_type")
+    if kind not in FAMILIES:
+        raise LamraError(f"{path}/config.json: model_type {kind!r} is not supported; supported: {sorted(FAMILIES)}")
+    return kind
+
+
+def load_processor(
+    path: str | Path,
+    *,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    padding_side: Literal["left", "right"] | None = None,
+    trust_remote_code: bool = False,
+) -> ProcessorMixin:
+    """The checkpoint's processor with `<emb>` added; image resizing bounds and padding side overridable."""
+    p = checkpoint_dir(path)
+    model_type(p)
+    processor = AutoProcessor.from_pretrained(p, trust_remote_code=trust_remote_code)
+    tokenizer = processor.tokenizer
+    if EMB_TOKEN not in tokenizer.get_vocab():
+        # A normal added token (LamRA's choice): it is never a pooling position itself, so its row stays
+        # untrained and is only a marker that the pooled position is the token before it.
+        tokenizer.add_tokens([EMB_TOKEN])
+    if padding_side is not None:
+        tokenizer.padding_side = padding_side
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is not None and (min_pixels is not None or max_pixels is not None):
+        size = dict(image_processor.size)
+        if min_pixels is not None:
+            size["shortest_edge"] = min_pixels
+        if max_pixels is not None:
+            size["longest_edge"] = max_pixels
+        image_processor.size = size
+    return processor
+
+
+def load_backbone(
+    path: str | Path,
+    *,
+    vocab_size: int,
+    lora: LoraSpec | None,
+    train_vision_tower: bool = False,
+    train_projector: bool = False,
+    dtype: DType = "auto",
+    attn_implementation: str = "sdpa",
+    gradient_checkpointing: bool = False,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """The model from `path`, resized to `vocab_size` if needed, with LoRA (or full fine-tuning) and freezing.
+
+    With `lora=None` the language model is fully trainable (what a randomly initialised backbone needs);
+    otherwise only the adapters are. The vision tower and projector are frozen unless asked for.
+    """
+    p = checkpoint_dir(path)
+    family = FAMILIES[model_type(p)]
+    torch_dtype: Any = dtype if dtype == "auto" else getattr(torch, dtype)
+    model = AutoModelForImageTextToText.from_pretrained(
+        p, dtype=torch_dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+    )
+    if vocab_size > model.get_input_embeddings().num_embeddings:
+        # Real Qwen2-VL checkpoints have spare rows, so `<emb>` fits without resizing; never shrink.
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    model.requires_grad_(False)
+    if lora is None:
+        _module(model, family.language_model).requires_grad_(True)
+    if train_vision_tower:
+        _module(model, family.vision_tower).requires_grad_(True)
+        if not train_projector:
+            _module(model, family.projector).requires_grad_(False)
+    if train_projector:
+        _module(model, family.projector).requires_grad_(True)
+    if lora is None:
+        return model
+
+    from peft import LoraConfig, get_peft_model
+
+    # A regex (full match in peft) keeps LoRA inside the language model: a plain name list would also
+    # match vision layers of the same name.
+    scope = re.escape(family.language_model)
+    names = "|".join(re.escape(t) for t in lora.targets)
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        bias="none",
+        target_modules=rf"{scope}\..*\.({names})",
+    )
+    trainable_before = {n for n, q in model.named_parameters() if q.requires_grad}
+    peft_model = get_peft_model(model, config)
+    # get_peft_model freezes the base; re-open what the user asked to train besides the adapters.
+    for name, param in peft_model.get_base_model().named_parameters():
+        if name in trainable_before:
+            param.requires_grad_(True)
+    return peft_model
+
+
+def hf_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if get_base is not None else model
+
+
+def _module(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError as err:
+        raise LamraError(f"backbone has no module {name!r}: the architecture table does not match") from err

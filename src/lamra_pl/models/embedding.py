@@ -1,0 +1,270 @@
+"""LamRA-Ret: an LMM embedding model trained with InfoNCE (spec lamra.md sections 1-3)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from transformers import BatchFeature, get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+from lamra_pl.data.schema import SKIP_REASONS
+from lamra_pl.errors import LamraError
+from lamra_pl.losses import (
+    all_gather_no_grad,
+    all_gather_with_grad,
+    false_negative_mask,
+    info_nce,
+    rank_and_world,
+)
+from lamra_pl.models.backbone import EMB_TOKEN, DType, LoraSpec, hf_model, load_backbone, load_processor
+from lamra_pl.models.inputs import EmbeddingCollator
+
+Pooling = Literal["before_emb", "last_token"]
+Rope = Literal["model", "1d"]
+
+
+def pooling_index(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, emb_token_id: int, pooling: Pooling
+) -> torch.Tensor:
+    """Per row, the position whose last-layer state is the embedding.
+
+    "before_emb": the token just before the first `<emb>` (LamRA; the `\\n` ending `<|im_start|>assistant\\n`).
+    "last_token": the last non-padding token. Both hold for left and right padding.
+    """
+    if pooling == "last_token":
+        # argmax returns the first maximum of the running count, i.e. the last real token.
+        return attention_mask.long().cumsum(-1).argmax(-1)
+    hits = (input_ids == emb_token_id) & attention_mask.bool()
+    missing = (~hits.any(-1)).nonzero().flatten().tolist()
+    if missing:
+        raise LamraError(f"rows {missing} of the batch have no {EMB_TOKEN} token to pool before")
+    return hits.int().argmax(-1) - 1
+
+
+class EmbeddingModule(LightningModule):
+    """Queries and candidates (text, image or both; an optional instruction on the query) -> unit vectors.
+
+    Args:
+        backbone: local directory of a Hugging Face checkpoint (Qwen2-VL, Qwen2.5-VL); never downloaded.
+        lora: LoRA on the language model's linear layers; null for full fine-tuning of the language model.
+        pooling: "before_emb" (LamRA) or "last_token".
+        rope: "model" uses the backbone's own positions (mRoPE for Qwen2-VL images); "1d" reproduces the LamRA
+            reference, which ran the decoder with plain sequential positions, image patches included.
+            Both count positions over non-padding tokens, so padding never moves them.
+        temperature: InfoNCE temperature (LamRA: 0.05); `learnable_temperature` trains it, CLIP-style.
+        max_text_tokens: texts are cut to this many tokens before the prompt is built (LamRA: 480).
+        min_pixels, max_pixels: image resizing bounds given to the processor (LamRA: 4*28*28, 300*28*28).
+        padding_side: override the tokenizer's padding side.
+        train_vision_tower, train_projector: unfreeze these (frozen by default, as in LamRA).
+        dtype: weight dtype of the base model ("auto": the checkpoint's). LoRA weights stay float32.
+        gradient_checkpointing: non-reentrant activation checkpointing in the decoder.
+        optimizer: built in `configure_optimizers` from trainable parameters only.
+        warmup_ratio, lr_schedule: linear warmup over this fraction of `trainer.max_steps`, then cosine to 0
+            (or constant).
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        lora: LoraSpec | None = None,
+        pooling: Pooling = "before_emb",
+        rope: Rope = "model",
+        temperature: float = 0.05,
+        learnable_temperature: bool = False,
+        max_text_tokens: int | None = 480,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+        train_vision_tower: bool = False,
+        train_projector: bool = False,
+        dtype: DType = "auto",
+        attn_implementation: str = "sdpa",
+        gradient_checkpointing: bool = True,
+        trust_remote_code: bool = False,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        warmup_ratio: float = 0.03,
+        lr_schedule: Literal["cosine", "constant"] = "cosine",
+    ) -> None:
+        super().__init__()
+        if isinstance(lora, dict):  # from a checkpoint's hyper_parameters
+            lora = LoraSpec(**lora)
+        if temperature <= 0:
+            raise LamraError(f"model.temperature must be positive, got {temperature}")
+        # Plain values only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["optimizer", "lora"])
+        self.hparams["lora"] = asdict(lora) if lora is not None else None
+        self.lora = lora
+        self.optimizer_factory = optimizer
+        self.processor = load_processor(
+            backbone,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            padding_side=padding_side,
+            trust_remote_code=trust_remote_code,
+        )
+        self.emb_token_id = self.processor.tokenizer.convert_tokens_to_ids(EMB_TOKEN)
+        log_scale = torch.tensor(math.log(1.0 / temperature))
+        if learnable_temperature:
+            self.log_logit_scale = torch.nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_logit_scale", log_scale, persistent=False)
+        self.model: torch.nn.Module | None = None
+        self.skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
+        # Checkpoints hold trainable weights only; `on_load_checkpoint` checks that none is missing.
+        self.strict_loading = False
+
+    # ----------------------------------------------------------------------------------------- model
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        h = self.hparams
+        self.model = load_backbone(
+            h.backbone,
+            vocab_size=len(self.processor.tokenizer),
+            lora=self.lora,
+            train_vision_tower=h.train_vision_tower,
+            train_projector=h.train_projector,
+            dtype=h.dtype,
+            attn_implementation=h.attn_implementation,
+            gradient_checkpointing=h.gradient_checkpointing,
+            trust_remote_code=h.trust_remote_code,
+        )
+
+    @property
+    def trunk(self) -> torch.nn.Module:
+        """The backbone without its LM head: last-layer hidden states are all an embedding needs."""
+        if self.model is None:
+            raise LamraError("the model is not built yet: call configure_model() first")
+        return hf_model(self.model).base_model
+
+    def collator(self) -> EmbeddingCollator:
+        return EmbeddingCollator(self.processor, max_text_tokens=self.hparams.max_text_tokens)
+
+    def position_ids(self, inputs: BatchFeature) -> torch.Tensor:
+        mask = inputs["attention_mask"]
+        trunk = self.trunk
+        if self.hparams.rope == "model" and "image_grid_thw" in inputs and hasattr(trunk, "get_rope_index"):
+            positions, _ = trunk.get_rope_index(
+                inputs["input_ids"],
+                mm_token_type_ids=inputs["mm_token_type_ids"],
+                image_grid_thw=inputs["image_grid_thw"],
+                attention_mask=mask,
+            )
+            return positions
+        # Sequential positions over real tokens, as generate() builds them for left padding.
+        return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def embed(self, inputs: BatchFeature) -> torch.Tensor:
+        """L2-normalised float32 embeddings, one per row of a processor batch."""
+        out = self.trunk(**inputs, position_ids=self.position_ids(inputs), use_cache=False)
+        index = pooling_index(inputs["input_ids"], inputs["attention_mask"], self.emb_token_id, self.hparams.pooling)
+        pooled = out.last_hidden_state[torch.arange(index.numel(), device=index.device), index]
+        return F.normalize(pooled.float(), dim=-1)
+
+    def forward(self, inputs: BatchFeature) -> torch.Tensor:
+        return self.embed(inputs)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.log_logit_scale.exp().clamp(max=100.0)
+
+    # ------------------------------------------------------------------------------------------ steps
+    def contrastive_loss(self, batch: dict[str, Any], gather: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """InfoNCE of local queries against (gathered) candidates; returns (loss, in-batch top-1 accuracy)."""
+        queries = self.embed(batch["query"])
+        candidates = self.embed(batch["candidates"])
+        candidate_ids = batch["candidate_ids"]
+        rank = 0
+        if gather:
+            rank, _ = rank_and_world()
+            candidates = all_gather_with_grad(candidates)
+            candidate_ids = all_gather_no_grad(candidate_ids)
+        local = batch["candidate_ids"].numel()
+        labels = rank * local + torch.arange(queries.shape[0], device=queries.device)
+        mask = false_negative_mask(batch["positive_ids"], candidate_ids, labels)
+        loss = info_nce(queries, candidates, labels, self.logit_scale, mask)
+        with torch.no_grad():
+            scores = (queries @ candidates.T).masked_fill(mask, float("-inf"))
+            accuracy = (scores.argmax(-1) == labels).float().mean()
+        return loss, accuracy
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, accuracy = self.contrastive_loss(batch, gather=True)
+        n = len(batch["query_ids"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
+        self.log("train/inbatch_acc", accuracy, batch_size=n, sync_dist=True)
+        if self.hparams.learnable_temperature:
+            self.log("train/temperature", 1.0 / self.logit_scale.detach(), batch_size=n)
+        self._count_skips(batch)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+        # Ranks may see different numbers of eval batches, so nothing here may be a per-step collective:
+        # negatives are the local batch only, and metrics reduce once at epoch end.
+        loss, accuracy = self.contrastive_loss(batch, gather=False)
+        n = len(batch["query_ids"])
+        self.log(f"{stage}/loss", loss, batch_size=n, sync_dist=True)
+        self.log(f"{stage}/inbatch_acc", accuracy, batch_size=n, sync_dist=True)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        return {"query_ids": batch["query_ids"], "query_embeddings": self.embed(batch["query"]).cpu()}
+
+    def _count_skips(self, batch: dict[str, Any]) -> None:
+        skipped = batch.get("skipped")
+        if skipped is not None:
+            self.skipped += skipped.cpu()
+        for reason, count in zip(SKIP_REASONS, self.skipped.tolist(), strict=True):
+            # Cumulative per rank, summed over ranks: equal batch counts per rank make this safe per step.
+            self.log(f"data/skipped_{reason}", float(count), reduce_fx="sum", sync_dist=True, batch_size=1)
+
+    def on_train_end(self) -> None:
+        totals = {
+            reason: int(self.trainer.callback_metrics.get(f"data/skipped_{reason}", 0)) for reason in SKIP_REASONS
+        }
+        rank_zero_info(f"lamra-pl: training samples skipped: {totals}")
+
+    # ------------------------------------------------------------------------------------- optimizer
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise LamraError("nothing to train: LoRA is off and every part of the backbone is frozen")
+        optimizer = self.optimizer_factory(params)
+        total = self.trainer.max_steps
+        if total is None or total <= 0:
+            raise LamraError(
+                "trainer.max_steps must be set: streamed shards have no length, and the LR schedule needs one"
+            )
+        warmup = math.ceil(self.hparams.warmup_ratio * total)
+        if self.hparams.lr_schedule == "cosine":
+            scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
+        else:
+            scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def trainable_names(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self.trainable_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = sorted(self.trainable_names() - set(checkpoint["state_dict"]))
+        if missing:
+            raise LamraError(
+                f"checkpoint does not match the model config: {len(missing)} trainable tensors are missing, "
+                f"e.g. {missing[:3]} (is the LoRA rank, target list or freezing the same as in training?)"
+            )

@@ -1,0 +1,87 @@
+"""LamRA's embedding prompts and the collator that turns examples into processor batches.
+
+Every input is a two-turn chat whose assistant turn is the literal `<emb>.` (LamRA, spec section 1); the
+embedding is read at the position just before `<emb>`. The collator runs in the data workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+from transformers import BatchFeature, ProcessorMixin
+
+from lamra_pl.data.schema import Example, Item
+from lamra_pl.errors import LamraError
+from lamra_pl.models.backbone import EMB_TOKEN
+
+# LamRA's user-turn templates; note the trailing space.
+PROMPTS = {
+    "text": "{text}\nSummarize above sentence in one word: ",
+    "image": "\nSummarize above image in one word: ",
+    "image,text": "{text}\nSummarize above image and sentence in one word: ",
+}
+ASSISTANT = f"{EMB_TOKEN}."
+
+
+def stable_id(value: str) -> int:
+    """A process-independent non-negative int64 for a string id (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
+
+
+def embedding_messages(item: Item) -> list[dict[str, Any]]:
+    content: list[dict[str, Any]] = []
+    if item.image is not None:
+        content.append({"type": "image"})
+    content.append({"type": "text", "text": PROMPTS[item.modality].format(text=item.text)})
+    return [
+        {"role": "user", "content": content},
+        {"role": "assistant", "content": [{"type": "text", "text": ASSISTANT}]},
+    ]
+
+
+class EmbeddingCollator:
+    """Examples -> {"query": BatchFeature, "candidates": BatchFeature, ids} for the EmbeddingModule.
+
+    Candidates are laid out `[positives (B); negatives (B*k, query-major)]`. Texts longer than
+    `max_text_tokens` are cut by tokens before the prompt is built, so `<emb>` can never be cut off.
+    """
+
+    def __init__(self, processor: ProcessorMixin, max_text_tokens: int | None = 480) -> None:
+        self.processor = processor
+        self.max_text_tokens = max_text_tokens
+
+    def encode(self, items: list[Item]) -> BatchFeature:
+        items = [self._truncated(item) for item in items]
+        texts = self.processor.apply_chat_template(
+            [embedding_messages(item) for item in items], tokenize=False, add_generation_prompt=False
+        )
+        images = [item.image for item in items if item.image is not None]
+        return self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+
+    def __call__(self, examples: list[Example]) -> dict[str, Any]:
+        k = len(examples[0].negatives)
+        if any(len(e.negatives) != k for e in examples):
+            raise LamraError("all examples of a batch must carry the same number of hard negatives")
+        candidates = [e.positive for e in examples] + [n for e in examples for n in e.negatives]
+        width = max(len(e.positive_ids) for e in examples)
+        positive_ids = torch.full((len(examples), width), -1, dtype=torch.long)
+        for row, e in enumerate(examples):
+            positive_ids[row, : len(e.positive_ids)] = torch.tensor([stable_id(i) for i in e.positive_ids])
+        return {
+            "query": self.encode([e.query for e in examples]),
+            "candidates": self.encode(candidates),
+            "query_ids": [e.query.id for e in examples],
+            "candidate_ids": torch.tensor([stable_id(c.id) for c in candidates], dtype=torch.long),
+            "positive_ids": positive_ids,
+        }
+
+    def _truncated(self, item: Item) -> Item:
+        if item.text is None or self.max_text_tokens is None:
+            return item
+        tokenizer = self.processor.tokenizer
+        ids = tokenizer(item.text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= self.max_text_tokens:
+            return item
+        return Item(item.id, tokenizer.decode(ids[: self.max_text_tokens]), item.image)

@@ -1,0 +1,43 @@
+"""Turn a training checkpoint into a full Hugging Face checkpoint directory.
+
+LamRA's stage 2 starts from the merged stage-1 model. A LoRA adapter is merged into its base weights in
+float32 (merging in fp16, as the reference does, loses small weights); a fully fine-tuned checkpoint has its
+trained weights written over the base. Either way the result is saved in the base checkpoint's dtype.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lamra_pl.errors import LamraError
+from lamra_pl.models.backbone import checkpoint_dir
+from lamra_pl.models.embedding import EmbeddingModule
+
+
+def base_dtype(path: str | Path) -> torch.dtype:
+    config = json.loads((checkpoint_dir(path) / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, name)
+
+
+def merge(ckpt: str, out: str) -> Path:
+    """Merge a training checkpoint's LoRA adapter (or trained weights) into its base and save a full checkpoint.
+
+    Args:
+        ckpt: a Lightning checkpoint written by `lamra-pl fit` (adapter weights + hyperparameters).
+        out: directory for the merged model, its processor (with `<emb>`) and chat template.
+    """
+    if not Path(ckpt).is_file():
+        raise LamraError(f"checkpoint {ckpt!r} does not exist")
+    module = EmbeddingModule.load_from_checkpoint(
+        ckpt, map_location="cpu", weights_only=True, dtype="float32", gradient_checkpointing=False
+    )
+    dtype = base_dtype(module.hparams.backbone)
+    merged = module.model.merge_and_unload() if module.lora is not None else module.model
+    out_dir = Path(out)
+    merged.to(dtype).save_pretrained(out_dir)
+    module.processor.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,78 @@
+"""Shared fixtures: a tiny Qwen2-VL checkpoint on disk and small real WebDataset shards."""
+
+from __future__ import annotations
+
+import io
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from lamra_pl.data.schema import encode_record
+from lamra_pl.data.shards import write_shards
+from lamra_pl.models.tiny import build_tiny_qwen2vl
+
+COLORS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (30, 60, 220), "yellow": (230, 210, 40)}
+SHAPES = ("circle", "square", "triangle")
+
+
+def shape_image(color: str, shape: str, size: int = 56) -> Image.Image:
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    box = (8, 8, size - 8, size - 8)
+    fill = COLORS[color]
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(size // 2, 6), (6, size - 6), (size - 6, size - 6)], fill=fill)
+    return image
+
+
+def png(image: Image.Image) -> tuple[bytes, str]:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue(), "png"
+
+
+def concepts() -> list[tuple[str, str]]:
+    return list(itertools.product(COLORS, SHAPES))
+
+
+def text_to_image_samples(repeat: int = 1, negatives: int = 0) -> list[dict]:
+    """Name -> image queries over the 12 colour/shape concepts; negatives are same-shape other colours."""
+    samples = []
+    for r, (i, (color, shape)) in itertools.product(range(repeat), enumerate(concepts())):
+        others = [c for c in COLORS if c != color][:negatives]
+        samples.append(
+            encode_record(
+                f"q{r:02d}_{i:03d}",
+                qid=f"q{r}:{i}",
+                query={"txt": f"{color} {shape}"},
+                instructions=["Find the picture of this shape."],
+                positives=[{"id": f"img:{color}-{shape}", "image": png(shape_image(color, shape))}],
+                negatives=[{"id": f"img:{o}-{shape}", "image": png(shape_image(o, shape))} for o in others],
+            )
+        )
+    return samples
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_qwen2vl(tmp_path_factory.mktemp("backbone") / "tiny-qwen2vl")
+
+
+@pytest.fixture(scope="session")
+def shape_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "train"
+    write_shards(text_to_image_samples(repeat=4, negatives=1), out, maxcount=12)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
+    torch.set_num_threads(2)

@@ -1,0 +1,102 @@
+"""One training step of the EmbeddingModule; saves the loss and the LoRA gradients (after DDP averaging).
+
+    python ddp_grads.py BACKBONE OUT.safetensors DEVICES
+
+With DEVICES=2 each gloo rank takes half of the same 8 examples that DEVICES=1 takes in one batch.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
+from lightning.pytorch.strategies import DDPStrategy
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import shape_image
+from lamra_pl.data.schema import Example, Item
+from lamra_pl.models.backbone import LoraSpec
+from lamra_pl.models.embedding import EmbeddingModule
+
+COLORS = ["red", "green", "blue", "yellow"]
+
+
+def examples() -> list[Example]:
+    out = []
+    for i in range(8):
+        color, shape = COLORS[i % 4], ["circle", "square"][i // 4]
+        if i == 5:  # same positive as example 1, which sits on the other rank: masked across ranks
+            color, shape = COLORS[1], "circle"
+        positive = Item(f"img:{color}-{shape}", text=None, image=shape_image(color, shape))
+        negative = Item(f"img:{COLORS[(i + 1) % 4]}-{shape}", image=shape_image(COLORS[(i + 1) % 4], shape))
+        if i % 3:  # text queries
+            query = Item(f"q{i}", text=f"{color} {shape}")
+        else:  # image + text queries
+            query = Item(f"q{i}", text="same shape, other color", image=shape_image(color, shape, 70))
+        out.append(Example(query, positive, [negative], [positive.id]))
+    return out
+
+
+class RankSlice(LightningDataModule):
+    def train_dataloader(self):
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        part = examples()[rank * 8 // world : (rank + 1) * 8 // world]
+        batch = self.trainer.lightning_module.collator()(part)
+        return torch.utils.data.DataLoader([batch], batch_size=None)
+
+
+class SaveGrads(Callback):
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+        self.grads = grads
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_rank == 0:
+            self.grads["__loss__"] = trainer.callback_metrics["train/loss"].reshape(1)
+            save_file(self.grads, self.out)
+
+
+class PerturbedLoRA(EmbeddingModule):
+    def configure_model(self) -> None:
+        super().configure_model()
+        generator = torch.Generator().manual_seed(1)
+        for name, param in self.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero, which would zero the gradient of A
+                param.data = 0.1 * torch.randn(param.shape, generator=generator)
+
+
+def main() -> None:
+    backbone, out, devices = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    seed_everything(0)
+    module = PerturbedLoRA(
+        backbone,
+        lora=LoraSpec(r=4, alpha=8, dropout=0.0),
+        gradient_checkpointing=False,
+        optimizer=partial(torch.optim.SGD, lr=0.0),
+    )
+    strategy = DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=120)) if devices > 1 else "auto"
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[SaveGrads(out)],
+    )
+    trainer.fit(module, datamodule=RankSlice())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Backbone loading by path: `<emb>`, LoRA only on the language model, freezing, full fine-tuning."""
+
+from __future__ import annotations
+
+import pytest
+
+from lamra_pl.errors import LamraError
+from lamra_pl.models.backbone import EMB_TOKEN, LoraSpec, load_backbone, load_processor
+
+
+def trainable(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_processor_gets_emb_token_without_resizing_the_model(tiny_backbone):
+    processor = load_processor(tiny_backbone)
+    assert EMB_TOKEN in processor.tokenizer.get_vocab()
+    ids = processor.tokenizer("x<emb>.", add_special_tokens=False)["input_ids"]
+    assert processor.tokenizer.convert_tokens_to_ids(EMB_TOKEN) in ids  # one token, not split into pieces
+    model = load_backbone(tiny_backbone, vocab_size=len(processor.tokenizer), lora=None)
+    assert model.get_input_embeddings().num_embeddings == 512  # spare rows: no resize, never a shrink
+
+
+def test_lora_targets_only_the_language_model(tiny_backbone):
+    model = load_backbone(tiny_backbone, vocab_size=400, lora=LoraSpec(r=4, alpha=8, dropout=0.1))
+    names = trainable(model)
+    assert len(names) == 7 * 2 * 2
+    assert all(".language_model.layers." in n and ("lora_A" in n or "lora_B" in n) for n in names)
+    lora_modules = {n.rsplit(".lora_", 1)[0] for n in names}
+    assert {m.rsplit(".", 1)[1] for m in lora_modules} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+    config = model.peft_config["default"]
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (4, 8, 0.1)
+
+
+def test_projector_and_vision_tower_unfreeze_on_request(tiny_backbone):
+    projector = trainable(
+        load_backbone(tiny_backbone, vocab_size=400, lora=LoraSpec(r=4, alpha=8), train_projector=True)
+    )
+    assert any(".visual.merger." in n for n in projector)
+    assert not any(".visual.blocks." in n for n in projector)
+    tower = trainable(load_backbone(tiny_backbone, vocab_size=400, lora=None, train_vision_tower=True))
+    assert any(".visual.blocks." in n for n in tower) and not any(".visual.merger." in n for n in tower)
+    assert any(".language_model.layers." in n for n in tower)
+    assert "lm_head.weight" not in tower
+
+
+def test_full_fine_tuning_trains_the_language_model_only(tiny_backbone):
+    names = trainable(load_backbone(tiny_backbone, vocab_size=400, lora=None))
+    assert any("language_model.layers.0.self_attn.q_proj.weight" in n for n in names)
+    assert not any(".visual." in n for n in names) and "lm_head.weight" not in names
+
+
+def test_resize_when_the_tokenizer_outgrows_the_embeddings(tiny_backbone):
+    model = load_backbone(tiny_backbone, vocab_size=520, lora=None)
+    assert model.get_input_embeddings().num_embeddings == 520
+
+
+@pytest.mark.parametrize("bad", ["/definitely/not/here", "."])
+def test_bad_backbone_path_is_a_clear_error(bad):
+    with pytest.raises(LamraError, match="backbone path"):
+        load_processor(bad)
+
+
+def test_bad_lora_spec():
+    with pytest.raises(LamraError, match="lora.r"):
+        LoraSpec(r=0)

@@ -1,0 +1,79 @@
+"""Shards: writer round trip, exactly-once evaluation over ranks and workers, equal training batches."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import webdataset as wds
+
+from conftest import text_to_image_samples
+from lamra_pl.data.datamodule import ShardDataModule
+from lamra_pl.data.schema import decode_record, format_text, with_instruction
+from lamra_pl.data.shards import count_samples, eval_pipeline, expand_shards, train_pipeline, write_shards
+from lamra_pl.errors import BadSampleError, LamraError
+
+
+def ids_only(examples):
+    return {"query_ids": [e.query.id for e in examples], "n_neg": [len(e.negatives) for e in examples]}
+
+
+def test_writer_round_trip_and_sizes(tmp_path):
+    sizes = write_shards(text_to_image_samples(negatives=2), tmp_path, maxcount=5)
+    assert sizes == {"shard-000000.tar": 5, "shard-000001.tar": 5, "shard-000002.tar": 2}
+    assert json.loads((tmp_path / "sizes.json").read_text()) == sizes
+    urls = expand_shards(str(tmp_path))
+    assert count_samples(urls) == 12
+    sample = next(iter(wds.DataPipeline(wds.SimpleShardList(urls[:1]), wds.tarfile_to_samples())))
+    record = decode_record(sample)
+    assert record.query.text == "red circle" and record.query.image is None
+    assert record.positives[0].image.size == (56, 56) and record.positives[0].modality == "image"
+    assert [n.id for n in record.negatives] == ["img:green-circle", "img:blue-circle"]
+    assert sample["pos0.png"][:4] == b"\x89PNG"  # image bytes stored as given
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (2, 2)])
+def test_evaluation_reads_every_sample_exactly_once(tmp_path, world, workers):
+    write_shards(text_to_image_samples(repeat=3), tmp_path, maxcount=5)  # 36 samples in 8 shards
+    urls = expand_shards(str(tmp_path))
+    seen = []
+    for rank in range(world):
+        pipeline = eval_pipeline(urls, batch_size=4, collate=ids_only, num_negatives=0, rank=rank, world=world)
+        for batch in wds.WebLoader(pipeline, batch_size=None, num_workers=workers):
+            seen += batch["query_ids"]
+    assert sorted(seen) == sorted(f"q{r}:{i}" for r in range(3) for i in range(12))
+
+
+def test_training_batches_are_full_and_carry_the_requested_negatives(tmp_path):
+    write_shards(text_to_image_samples(negatives=3), tmp_path, maxcount=4)
+    pipeline = train_pipeline(
+        expand_shards(str(tmp_path)), batch_size=5, collate=ids_only, num_negatives=2, seed=0, rank=0, shuffle_buffer=8
+    ).with_epoch(7)
+    batches = list(wds.WebLoader(pipeline, batch_size=None, num_workers=0))
+    assert len(batches) == 7 and all(len(b["query_ids"]) == 5 and b["n_neg"] == [2] * 5 for b in batches)
+
+
+def test_too_few_negatives_is_a_clear_error(tmp_path):
+    write_shards(text_to_image_samples(negatives=1), tmp_path)
+    pipeline = eval_pipeline(
+        expand_shards(str(tmp_path)), batch_size=4, collate=ids_only, num_negatives=2, rank=0, world=1
+    )
+    batch = next(iter(pipeline))
+    with pytest.raises(BadSampleError, match="has 1 hard negatives but data.num_negatives is 2"):
+        ShardDataModule().on_before_batch_transfer(batch, 0)
+
+
+def test_missing_shards_are_named(tmp_path):
+    with pytest.raises(LamraError, match="holds no .tar files"):
+        expand_shards(str(tmp_path))
+    with pytest.raises(LamraError, match="shard-000003.tar"):
+        expand_shards(str(tmp_path / "shard-{000003..000004}.tar"))
+
+
+def test_instruction_is_prepended_and_formatted():
+    assert format_text('  "a dog running\r" ') == "A dog running."
+    assert (
+        with_instruction("Find an image that matches the caption", "a dog")
+        == "Find an image that matches the caption a dog."
+    )
+    assert with_instruction(None, "raw text") == "raw text"

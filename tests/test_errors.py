@@ -1,0 +1,106 @@
+"""Bad input gets a one-line error naming the problem, never a deep stack trace; unreadable images are skipped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+
+from conftest import text_to_image_samples
+from helpers import lamra, scalars
+from lamra_pl.data.schema import SKIP_REASONS
+from lamra_pl.data.shards import eval_pipeline, write_shards
+from lamra_pl.models.embedding import EmbeddingModule
+
+TINY = "experiments/tiny/stage2_instruct.yaml"
+
+
+def assert_clean_error(proc, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr[-3000:]
+
+
+def test_missing_backbone_path(tmp_path):
+    proc = lamra("fit", "-c", TINY, f"--model.init_args.backbone={tmp_path / 'nope'}", "--trainer.max_steps=1")
+    assert_clean_error(proc, "backbone path", "nope", "does not exist")
+
+
+def test_config_key_that_does_not_exist(tiny_backbone):
+    proc = lamra("fit", "-c", TINY, f"--model.init_args.backbone={tiny_backbone}", "--model.init_args.tempreature=0.1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "tempreature" in proc.stderr
+
+
+def test_config_file_key_that_does_not_exist(tiny_backbone, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  init_args:\n    batch_sise: 4\n")
+    proc = lamra("fit", "-c", TINY, "-c", str(bad), f"--model.init_args.backbone={tiny_backbone}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "batch_sise" in proc.stderr
+
+
+@pytest.mark.slow
+def test_shard_sample_without_positive(tiny_backbone, tmp_path):
+    shards = tmp_path / "shards"
+    samples = text_to_image_samples()
+    record = json.loads(samples[3]["json"])
+    record["positives"] = []
+    samples[3]["json"] = json.dumps(record).encode()
+    write_shards(samples, shards)
+    proc = lamra(
+        "fit",
+        "-c",
+        TINY,
+        f"--model.init_args.backbone={tiny_backbone}",
+        f"--data.init_args.train_shards={shards}",
+        "--data.init_args.batch_size=4",
+        "--trainer.max_steps=3",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+    )
+    assert_clean_error(proc, "shard-000000.tar", "q00_003", "no positive")
+
+
+def broken_image_shards(folder: Path) -> Path:
+    samples = text_to_image_samples()
+    samples[5]["pos0.png"] = b"\x89PNG\r\n\x1a\n this is not an image"
+    write_shards(samples, folder)
+    return folder
+
+
+def test_unreadable_image_is_skipped_and_counted_exactly_once(tiny_backbone, tmp_path):
+    shards = broken_image_shards(tmp_path / "shards")
+    collate = EmbeddingModule(str(tiny_backbone)).collator()
+    pipeline = eval_pipeline(
+        [str(shards / "shard-000000.tar")], batch_size=5, collate=collate, num_negatives=0, rank=0, world=1
+    )
+    batches = list(wds.WebLoader(pipeline, batch_size=None, num_workers=0))
+    seen = [q for b in batches for q in b["query_ids"]]
+    skipped = sum(b["skipped"][SKIP_REASONS.index("unreadable_image")].item() for b in batches)
+    assert skipped == 1
+    assert len(seen) == 11 and len(set(seen)) == 11 and "q0:5" not in seen
+
+
+@pytest.mark.slow
+def test_unreadable_image_does_not_crash_training_and_is_logged(tiny_backbone, tmp_path):
+    shards = broken_image_shards(tmp_path / "shards")
+    runs = tmp_path / "runs"
+    proc = lamra(
+        "fit",
+        "-c",
+        TINY,
+        f"--model.init_args.backbone={tiny_backbone}",
+        f"--data.init_args.train_shards={shards}",
+        "--data.init_args.batch_size=4",
+        "--trainer.max_steps=6",
+        "--trainer.log_every_n_steps=1",
+        f"--trainer.logger.init_args.save_dir={runs}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "q00_005" in proc.stderr and "not a readable image" in proc.stderr
+    logged = scalars(runs / "tiny_stage2" / "version_0")["data/skipped_unreadable_image"]
+    assert logged[-1][1] >= 1
+    assert "training samples skipped: {'unreadable_image': " in proc.stderr + proc.stdout

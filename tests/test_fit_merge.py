@@ -1,0 +1,106 @@
+"""A tiny `lamra-pl fit` on shards end to end; `lamra-pl merge`; merged == unmerged embeddings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import lamra, scalars
+from lamra_pl.models.backbone import LoraSpec
+from lamra_pl.models.embedding import EmbeddingModule
+from lamra_pl.models.inputs import EmbeddingCollator
+from test_embedding import ITEMS
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_backbone, shape_shards, tmp_path_factory) -> Path:
+    runs = tmp_path_factory.mktemp("runs")
+    proc = lamra(
+        "fit",
+        "-c",
+        "experiments/tiny/stage2_instruct.yaml",
+        f"--model.init_args.backbone={tiny_backbone}",
+        f"--data.init_args.train_shards={shape_shards}",
+        "--data.init_args.batch_size=12",
+        "--data.init_args.num_negatives=1",
+        "--trainer.max_steps=60",
+        "--trainer.log_every_n_steps=1",
+        f"--trainer.logger.init_args.save_dir={runs}",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return runs / "tiny_stage2" / "version_0"
+
+
+@pytest.mark.slow
+def test_fit_runs_end_to_end_and_the_loss_falls(trained):
+    assert (trained / "config.yaml").is_file()
+    series = scalars(trained)
+    losses = [v for _, v in series["train/loss"]]
+    assert len(losses) == 60
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    assert series["data/skipped_unreadable_image"][-1][1] == 0
+
+
+@pytest.mark.slow
+def test_checkpoint_holds_only_trainable_weights_and_loads_weights_only(trained):
+    ckpt = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    keys = list(ckpt["state_dict"])
+    assert len(keys) == 28 and all(".lora_A." in k or ".lora_B." in k for k in keys)
+    assert ckpt["hyper_parameters"]["lora"]["r"] == 32
+    assert "optimizer_states" in ckpt and "lr_schedulers" in ckpt  # what resume needs
+
+
+@pytest.mark.slow
+def test_merge_then_reload_gives_the_unmerged_embeddings(trained, tiny_backbone, tmp_path):
+    ckpt = trained / "checkpoints" / "last.ckpt"
+    out = tmp_path / "merged"
+    proc = lamra("merge", f"--ckpt={ckpt}", f"--out={out}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+
+    adapter = EmbeddingModule.load_from_checkpoint(ckpt, weights_only=True, map_location="cpu").eval()
+    merged = EmbeddingModule(str(out), lora=None, gradient_checkpointing=False)
+    merged.configure_model()
+    merged.eval()
+    base = EmbeddingModule(str(tiny_backbone), lora=LoraSpec(r=32, alpha=64, dropout=0.0))
+    base.configure_model()
+    base.eval()
+    assert merged.emb_token_id == adapter.emb_token_id
+    with torch.no_grad():
+        batch = EmbeddingCollator(adapter.processor).encode(ITEMS)
+        e_adapter, e_merged, e_base = adapter.embed(batch), merged.embed(batch), base.embed(batch)
+    torch.testing.assert_close(e_merged, e_adapter, atol=1e-4, rtol=0)
+    assert (e_adapter - e_base).abs().max() > 1e-2, "training must have moved the embeddings"
+
+
+@pytest.mark.slow
+def test_merge_of_a_full_fine_tuning_checkpoint(tiny_backbone, shape_shards, tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "merged"
+    proc = lamra(
+        "fit",
+        "-c",
+        "experiments/tiny/stage2_instruct.yaml",
+        f"--model.init_args.backbone={tiny_backbone}",
+        "--model.init_args.lora=null",
+        "--model.init_args.train_vision_tower=true",
+        "--model.init_args.train_projector=true",
+        f"--data.init_args.train_shards={shape_shards}",
+        "--data.init_args.batch_size=6",
+        "--trainer.max_steps=3",
+        f"--trainer.logger.init_args.save_dir={runs}",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ckpt = runs / "tiny_stage2" / "version_0" / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=True, map_location="cpu")["state_dict"]
+    assert any(".visual.blocks." in k for k in state) and not any("lora_" in k for k in state)
+    assert lamra("merge", f"--ckpt={ckpt}", f"--out={out}").returncode == 0
+    trained = EmbeddingModule.load_from_checkpoint(ckpt, weights_only=True, map_location="cpu").eval()
+    merged = EmbeddingModule(str(out), lora=None, gradient_checkpointing=False)
+    merged.configure_model()
+    merged.eval()
+    with torch.no_grad():
+        batch = EmbeddingCollator(trained.processor).encode(ITEMS)
+        torch.testing.assert_close(merged.embed(batch), trained.embed(batch), atol=1e-5, rtol=0)

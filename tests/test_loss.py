@@ -1,0 +1,71 @@
+"""InfoNCE against a hand computation: hard negatives, and a masked in-batch duplicate of a positive."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from conftest import shape_image
+from lamra_pl.data.schema import Example, Item
+from lamra_pl.losses import false_negative_mask, info_nce
+from lamra_pl.models.backbone import LoraSpec
+from lamra_pl.models.embedding import EmbeddingModule
+from lamra_pl.models.inputs import stable_id
+
+
+def hand_info_nce(q: list[list[float]], c: list[list[float]], labels: list[int], tau: float, masked: set) -> float:
+    total = 0.0
+    for i, qi in enumerate(q):
+        logits = {j: sum(a * b for a, b in zip(qi, cj, strict=True)) / tau for j, cj in enumerate(c)}
+        denominator = sum(math.exp(v) for j, v in logits.items() if (i, j) not in masked)
+        total += -math.log(math.exp(logits[labels[i]]) / denominator)
+    return total / len(q)
+
+
+def test_info_nce_matches_hand_computation_with_hard_negatives_and_duplicate():
+    torch.manual_seed(0)
+    q = F.normalize(torch.randn(3, 5, dtype=torch.float64), dim=-1)
+    c = F.normalize(torch.randn(6, 5, dtype=torch.float64), dim=-1)  # [pos0, pos1, pos2, neg0, neg1, neg2]
+    # queries 0 and 2 share one positive (an in-batch duplicate); query 1's hard negative is query 2's positive.
+    ids = torch.tensor([10, 11, 10, 20, 12, 21])
+    positive_ids = torch.tensor([[10, -1], [11, -1], [10, 12]])  # query 2 also has a second positive, id 12
+    labels = torch.arange(3)
+    mask = false_negative_mask(positive_ids, ids, labels)
+    masked = {(i, j) for i in range(3) for j in range(6) if mask[i, j]}
+    assert masked == {(0, 2), (2, 0), (2, 4)}
+    tau = 0.05
+    expected = hand_info_nce(q.tolist(), c.tolist(), labels.tolist(), tau, masked)
+    got = info_nce(q, c, labels, 1 / tau, mask)
+    assert abs(got.item() - expected) < 1e-5  # float32 logits
+    # the mask matters: without it the duplicate counts as a negative
+    assert abs(info_nce(q, c, labels, 1 / tau).item() - expected) > 1e-3
+
+
+def test_module_loss_is_info_nce_over_its_own_embeddings(tiny_backbone):
+    m = EmbeddingModule(
+        str(tiny_backbone), lora=LoraSpec(r=4, alpha=8, dropout=0.0), gradient_checkpointing=False, temperature=0.07
+    )
+    m.configure_model()
+    m.eval()
+    img = {c: Item(f"img:{c}", image=shape_image(c, "circle")) for c in ("red", "green", "blue", "yellow")}
+    examples = [
+        Example(Item("q0", text="red circle"), img["red"], [img["green"]], ["img:red"]),
+        Example(Item("q1", text="a red round thing"), img["red"], [img["blue"]], ["img:red"]),  # duplicate
+        Example(Item("q2", text="yellow circle"), img["yellow"], [img["red"]], ["img:yellow"]),
+    ]
+    batch = m.collator()(examples)
+    assert batch["candidate_ids"].tolist() == [stable_id(i) for i in ["img:red"] * 2 + ["img:yellow", "img:green"]] + [
+        stable_id("img:blue"),
+        stable_id("img:red"),
+    ]
+    with torch.no_grad():
+        loss, _ = m.contrastive_loss(batch, gather=False)
+        q = m.embed(batch["query"]).double()
+        c = m.embed(batch["candidates"]).double()
+    # candidates: [red, red, yellow, green, blue, red]; every "red" column other than its own label is masked
+    # for queries 0 and 1 (their positive), and query 2's hard negative is red too (not its positive: kept).
+    masked = {(0, 1), (0, 5), (1, 0), (1, 5)}
+    expected = hand_info_nce(q.tolist(), c.tolist(), [0, 1, 2], 0.07, masked)
+    assert abs(loss.item() - expected) < 1e-5
