@@ -26,7 +26,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[$(FAISS),dev]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[$(FAISS),dev,demo]" 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -c "import lamra_pl, torch, torchvision, lightning, transformers, peft, webdataset, faiss"
 	rm -f $(VENV)/.installed-*
 	touch $@
@@ -53,7 +53,7 @@ test: venv lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: venv
-	$(BIN)/python data_recipes/demo.py
+	$(BIN)/python -m data_recipes.demo
 
 tensorboard: venv
 	$(BIN)/tensorboard --logdir $(RUNS)

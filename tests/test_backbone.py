@@ -72,3 +72,16 @@ def test_bad_backbone_path_is_a_clear_error(bad):
 def test_bad_lora_spec():
     with pytest.raises(LamraError, match="lora.r"):
         LoraSpec(r=0)
+
+
+def test_built_model_trains_in_training_mode_with_checkpointing(tiny_backbone):
+    from lamra_pl.models.backbone import hf_model
+    from lamra_pl.models.embedding import EmbeddingModule
+
+    module = EmbeddingModule(str(tiny_backbone), lora=LoraSpec(r=4, alpha=8, dropout=0.1), gradient_checkpointing=True)
+    module.configure_model()
+    # Lightning never calls train(); from_pretrained leaves eval mode, which would disable LoRA dropout.
+    assert all(m.training for m in module.modules())
+    assert hf_model(module.model).is_activation_checkpointing
+    module.eval()
+    assert not any(m.training for m in module.modules())

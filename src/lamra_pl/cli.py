@@ -28,6 +28,7 @@ def tiny_backbone(
     hidden_size: int = 64,
     num_layers: int = 2,
     vocab_size: int = 512,
+    vision_dim: int = 32,
     min_pixels: int = 56 * 56,
     max_pixels: int = 112 * 112,
     corpus: str | None = None,
@@ -40,6 +41,7 @@ def tiny_backbone(
         hidden_size: language model width (the vision merger projects into it).
         num_layers: decoder layers.
         vocab_size: embedding rows; the byte-level BPE tokenizer is trained to leave a few spare.
+        vision_dim: vision tower width.
         min_pixels: smallest image area the processor resizes to.
         max_pixels: largest image area the processor resizes to.
         corpus: optional text file (one text per line) to train the tokenizer on besides the prompts.
@@ -57,6 +59,7 @@ def tiny_backbone(
         hidden_size=hidden_size,
         num_layers=num_layers,
         vocab_size=vocab_size,
+        vision_dim=vision_dim,
         min_pixels=min_pixels,
         max_pixels=max_pixels,
         corpus=lines,
@@ -77,7 +80,26 @@ def merge(ckpt: str, out: str) -> None:
     print(f"merged checkpoint written to {merge_checkpoint(ckpt, out)}")
 
 
-TOOLS: dict[str, Callable[..., Any]] = {"tiny-backbone": tiny_backbone, "merge": merge}
+def convert_mbeir(root: str, out: str, strict: bool = False, splits: list[str] | None = None) -> None:
+    """Convert an M-BEIR folder to training shards, evaluation sets and the global pool.
+
+    Args:
+        root: the M-BEIR folder (query/, cand_pool/, qrels/, instructions/, images).
+        out: output folder (train/, eval/<split>/, report.json).
+        strict: stop at the first problem instead of skipping and counting.
+        splits: evaluation splits to convert (default: test).
+    """
+    import json
+    import logging
+
+    from data_recipes.mbeir import convert
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    report = convert(root, out, strict=strict, splits=tuple(splits or ["test"]))
+    print(json.dumps(report, indent=1))
+
+
+TOOLS: dict[str, Callable[..., Any]] = {"tiny-backbone": tiny_backbone, "merge": merge, "convert-mbeir": convert_mbeir}
 
 
 class LamraCLI(LightningCLI):

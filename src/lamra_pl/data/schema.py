@@ -202,3 +202,26 @@ def _open_image(data: bytes, member: str) -> Image.Image:
         return image.convert("RGB")
     except Exception as err:  # PIL raises many types for corrupt files
         raise UnreadableImage(member, err) from err
+
+
+def encode_candidate(key: str, *, id: str, txt: str | None, image: tuple[bytes, str] | None) -> dict[str, Any]:
+    """A candidate-pool sample: `<key>.json` = {"id", "txt", "img", "modality"} and the image member, if any."""
+    sample: dict[str, Any] = {"__key__": key}
+    img = None
+    if image is not None:
+        img = f"img.{image[1]}"
+        sample[img] = image[0]
+    record = {"id": id, "txt": txt, "img": img, "modality": _modality(txt, img)}
+    sample["json"] = json.dumps(record, ensure_ascii=False).encode()
+    return sample
+
+
+def decode_candidate(sample: dict[str, Any]) -> Item:
+    where = f"shard {sample.get('__url__', '?')}, sample {sample.get('__key__', '?')!r}"
+    try:
+        record = json.loads(sample["json"])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise BadSampleError(f"{where}: no readable .json member ({err})") from err
+    img = record.get("img")
+    image = _open_image(sample[img], img) if img else None
+    return Item(id=str(record["id"]), text=record.get("txt"), image=image)

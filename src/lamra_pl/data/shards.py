@@ -5,6 +5,7 @@ Shard folders carry a `sizes.json` (samples per shard), which the reader uses to
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import random
@@ -57,12 +58,19 @@ def write_shards(
 
 
 def expand_shards(spec: str) -> list[str]:
-    """Shard paths from a folder (all *.tar, sorted) or a brace pattern ("data/train-{000000..000009}.tar")."""
+    """Shard paths from a folder (every .tar below it, sorted), a glob of folders or files ("train/*_task1"),
+    or a brace pattern ("data/train-{000000..000009}.tar")."""
     path = Path(spec).expanduser()
     if path.is_dir():
-        urls = sorted(str(p) for p in path.glob("*.tar"))
+        urls = sorted(str(p) for p in path.rglob("*.tar"))
         if not urls:
             raise LamraError(f"shard folder {spec!r} holds no .tar files")
+        return urls
+    if any(c in spec for c in "*?["):
+        matches = sorted(glob.glob(str(path)))
+        urls = [u for m in matches for u in (expand_shards(m) if Path(m).is_dir() else [m]) if u.endswith(".tar")]
+        if not urls:
+            raise LamraError(f"no shards match {spec!r}")
         return urls
     urls = list(braceexpand.braceexpand(str(path)))
     missing = [u for u in urls if not Path(u).is_file()]

@@ -137,7 +137,7 @@ def load_backbone(
         # Real Qwen2-VL checkpoints have spare rows, so `<emb>` fits without resizing; never shrink.
         model.resize_token_embeddings(vocab_size, mean_resizing=False)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     model.requires_grad_(False)
     if lora is None:

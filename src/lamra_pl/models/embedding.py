@@ -135,6 +135,9 @@ class EmbeddingModule(LightningModule):
             gradient_checkpointing=h.gradient_checkpointing,
             trust_remote_code=h.trust_remote_code,
         )
+        # from_pretrained returns eval mode and Lightning does not call train(): without this, LoRA dropout and
+        # activation checkpointing (both active only in training mode) would silently stay off during fit.
+        self.model.train(self.training)
 
     @property
     def trunk(self) -> torch.nn.Module:

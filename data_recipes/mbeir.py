@@ -1,0 +1,307 @@
+"""M-BEIR folder -> training shards, evaluation sets and the global pool (specs/mmembed_mbeir.md section 5).
+
+    lamra-pl convert-mbeir --root M_BEIR_DIR --out OUT_DIR [--strict] [--splits test]
+
+Reads the M-BEIR layout: `query/union_train/*.jsonl` (else `query/train/*.jsonl`), `query/<split>/
+mbeir_<dataset>_task<N>_<split>.jsonl`, every pool under `cand_pool/`, `qrels/<split>/`,
+`instructions/query_instructions.tsv` and the images (paths relative to the root). Writes:
+
+    OUT_DIR/train/<dataset>_task<N>/shard-*.tar        training queries with positives, listed negatives and the
+                                                        instructions of (dataset id, query modality, positive modality)
+    OUT_DIR/eval/<split>/<dataset>_task<N>/queries/    evaluation queries (same sample schema)
+    OUT_DIR/eval/<split>/<dataset>_task<N>/pool/       the task's local candidate pool, one candidate per sample
+    OUT_DIR/eval/<split>/<dataset>_task<N>/qrels.txt   M-BEIR qrels; task.json: what the task is and its metric
+    OUT_DIR/eval/<split>/global_pool/                  the union of the split's local pools
+    OUT_DIR/report.json                                counts of what was read, written and skipped, by reason
+
+Every problem is reported with file and line: a malformed line, an unknown modality, a missing image file, a
+positive (or negative) id absent from every pool, a query left without positives, a missing instruction.
+Without `--strict` the offending record is skipped and counted; with it, the first problem stops the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lamra_pl.data.schema import MODALITIES, encode_candidate, encode_record
+from lamra_pl.data.shards import write_shards
+from lamra_pl.errors import LamraError
+
+log = logging.getLogger(__name__)
+
+# M-BEIR's task ids by (query modality, candidate modality) and its reported metric per dataset.
+TASKS = {
+    ("text", "image"): 0,
+    ("text", "text"): 1,
+    ("text", "image,text"): 2,
+    ("image", "text"): 3,
+    ("image", "image"): 4,
+    ("image", "image,text"): 5,
+    ("image,text", "text"): 6,
+    ("image,text", "image"): 7,
+    ("image,text", "image,text"): 8,
+}
+RECALL_AT_10 = {"fashion200k", "fashioniq"}  # M-BEIR reports R@10 for these, R@5 elsewhere
+EVAL_FILE = re.compile(r"mbeir_(?P<dataset>.+)_task(?P<task>\d+)_(?P<split>[a-z]+)\.jsonl$")
+
+
+@dataclass
+class Problems:
+    """Counts problems by reason; raises on the first one when strict. Nothing is dropped without a count."""
+
+    strict: bool
+    counts: Counter[str] = field(default_factory=Counter)
+
+    def __call__(self, reason: str, file: Path, line: int, detail: str) -> None:
+        message = f"{file}:{line}: {detail}"
+        if self.strict:
+            raise LamraError(f"{message} (convert-mbeir --strict stops at the first problem)")
+        self.counts[reason] += 1
+        log.warning("skipped (%s) %s", reason, message)
+
+
+@dataclass
+class Candidate:
+    did: str
+    txt: str | None
+    img: str | None
+    modality: str
+
+
+class Converter:
+    def __init__(self, root: Path, problems: Problems) -> None:
+        self.root = root
+        self.problems = problems
+        self.read: Counter[str] = Counter()
+        self.written: Counter[str] = Counter()
+        self.pool: dict[str, Candidate] = {}
+        self.instructions: dict[tuple[str, str, str], list[str]] = {}
+        self.dataset_names: dict[str, str] = {}
+
+    # ----------------------------------------------------------------------------------- reading
+    def lines(self, path: Path) -> Any:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                self.problems("malformed_line", path, number, f"not valid JSON ({err.msg})")
+                continue
+            if not isinstance(row, dict):
+                self.problems("malformed_line", path, number, "a line must be a JSON object")
+                continue
+            yield number, row
+
+    def image_ok(self, rel: str | None, path: Path, number: int) -> bool:
+        if rel is None:
+            return True
+        if not (self.root / rel).is_file():
+            self.problems("missing_image", path, number, f"image file {rel!r} does not exist under {self.root}")
+            return False
+        return True
+
+    def load_pools(self) -> None:
+        files = sorted((self.root / "cand_pool").rglob("*.jsonl"))
+        if not files:
+            raise LamraError(f"{self.root}: no candidate pool files under cand_pool/")
+        for path in files:
+            for number, row in self.lines(path):
+                self.read["candidates"] += 1
+                missing = [k for k in ("did", "modality") if k not in row]
+                if missing:
+                    self.problems("malformed_line", path, number, f"candidate has no {missing[0]!r} field")
+                    continue
+                if row["modality"] not in MODALITIES:
+                    self.problems("unknown_modality", path, number, f"modality {row['modality']!r}; use {MODALITIES}")
+                    continue
+                txt, img = row.get("txt"), row.get("img_path")
+                if txt is None and img is None:
+                    self.problems("malformed_line", path, number, "candidate has neither txt nor img_path")
+                    continue
+                if self.image_ok(img, path, number):
+                    self.pool[str(row["did"])] = Candidate(str(row["did"]), txt, img, row["modality"])
+
+    def load_instructions(self) -> None:
+        path = self.root / "instructions" / "query_instructions.tsv"
+        if not path.is_file():
+            raise LamraError(f"{path} does not exist: M-BEIR keeps the task instructions there")
+        rows = path.read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(rows[1:], start=2):
+            cols = line.split("\t")
+            if len(cols) < 5:
+                self.problems(
+                    "malformed_line", path, number, "expected query_modality, cand_modality, name, id, prompts"
+                )
+                continue
+            qm, cm, name, dataset_id = (c.strip() for c in cols[:4])
+            self.instructions[(dataset_id, qm, cm)] = [p.strip() for p in cols[4:] if p.strip()]
+            self.dataset_names[dataset_id] = name.strip().lower()
+
+    def query_record(self, row: dict, path: Path, number: int, pool: dict[str, Candidate]) -> dict[str, Any] | None:
+        for key in ("qid", "query_modality", "pos_cand_list"):
+            if key not in row:
+                self.problems("malformed_line", path, number, f"query has no {key!r} field")
+                return None
+        if row["query_modality"] not in MODALITIES:
+            self.problems(
+                "unknown_modality", path, number, f"query_modality {row['query_modality']!r}; use {MODALITIES}"
+            )
+            return None
+        if not self.image_ok(row.get("query_img_path"), path, number):
+            return None
+        positives = []
+        for did in row["pos_cand_list"]:
+            if str(did) in pool:
+                positives.append(pool[str(did)])
+            else:
+                self.problems("unknown_positive", path, number, f"positive {did!r} of {row['qid']} is in no pool")
+        if not positives:
+            self.problems("no_positive", path, number, f"query {row['qid']} has no usable positive")
+            return None
+        negatives = []
+        for did in row.get("neg_cand_list") or []:
+            if str(did) in pool:
+                negatives.append(pool[str(did)])
+            else:
+                self.problems("unknown_negative", path, number, f"negative {did!r} of {row['qid']} is in no pool")
+        dataset_id = str(row["qid"]).split(":")[0]
+        key = (dataset_id, row["query_modality"], positives[0].modality)
+        instructions = self.instructions.get(key)
+        if instructions is None:
+            self.problems("no_instruction", path, number, f"no instruction for {key} in query_instructions.tsv")
+            return None
+        task = TASKS[(row["query_modality"], positives[0].modality)]
+        return {
+            "qid": str(row["qid"]),
+            "task_id": row.get("task_id", task),
+            "query": {"txt": row.get("query_txt"), "image": self.image(row.get("query_img_path"))},
+            "positives": [self.item(c) for c in positives],
+            "negatives": [self.item(c) for c in negatives],
+            "instructions": instructions,
+        }
+
+    def image(self, rel: str | None) -> tuple[bytes, str] | None:
+        if rel is None:
+            return None
+        path = self.root / rel
+        return path.read_bytes(), path.suffix.lstrip(".").lower() or "jpg"
+
+    def item(self, c: Candidate) -> dict[str, Any]:
+        return {"id": c.did, "txt": c.txt, "image": self.image(c.img)}
+
+    def group(self, dataset_id: str, task: int) -> str:
+        return f"{self.dataset_names.get(dataset_id, dataset_id)}_task{task}"
+
+    # ----------------------------------------------------------------------------------- writing
+    def train(self, out: Path) -> None:
+        folder = self.root / "query" / "union_train"
+        files = sorted(folder.glob("*.jsonl")) or sorted((self.root / "query" / "train").glob("*.jsonl"))
+        groups: dict[str, list[dict]] = defaultdict(list)
+        for path in files:
+            for number, row in self.lines(path):
+                self.read["train_queries"] += 1
+                record = self.query_record(row, path, number, self.pool)
+                if record is not None:
+                    groups[self.group(record["qid"].split(":")[0], record["task_id"])].append(record)
+        for name, records in sorted(groups.items()):
+            samples = (encode_record(f"{i:08d}", **r) for i, r in enumerate(records))
+            self.written["train_queries"] += sum(write_shards(samples, out / "train" / name).values())
+
+    def evaluation(self, out: Path, split: str) -> None:
+        union: dict[str, Candidate] = {}
+        for path in sorted((self.root / "query" / split).glob("*.jsonl")):
+            match = EVAL_FILE.search(path.name)
+            if match is None:
+                raise LamraError(f"{path}: expected a name like mbeir_<dataset>_task<N>_{split}.jsonl")
+            dataset, task = match["dataset"], int(match["task"])
+            name = f"mbeir_{dataset}_task{task}"
+            local = self.root / "cand_pool" / "local"
+            pool_file = local / f"{name}_{split}_cand_pool.jsonl"
+            pool_file = pool_file if pool_file.is_file() else local / f"{name}_cand_pool.jsonl"
+            if not pool_file.is_file():
+                raise LamraError(f"{path}: its local pool {pool_file} does not exist")
+            pool = {did: self.pool[did] for did in self.pool_ids(pool_file)}
+            task_dir = out / "eval" / split / f"{dataset}_task{task}"
+            records = []
+            for number, row in self.lines(path):
+                self.read[f"{split}_queries"] += 1
+                # M-BEIR's eval positives come from the whole union (OVEN/InfoSeek cross-reference); the local
+                # pool is what is searched.
+                record = self.query_record(row, path, number, self.pool)
+                if record is not None:
+                    records.append(record)
+            self.written[f"{split}_queries"] += sum(
+                write_shards(
+                    (encode_record(f"{i:08d}", **r) for i, r in enumerate(records)), task_dir / "queries"
+                ).values()
+            )
+            self.write_pool(pool.values(), task_dir / "pool")
+            qrels = self.root / "qrels" / split / f"{name}_{split}_qrels.txt"
+            lines = (
+                qrels.read_text().splitlines()
+                if qrels.is_file()
+                else [f"{r['qid']} 0 {p['id']} 1 {r['task_id']}" for r in records for p in r["positives"]]
+            )
+            kept = {r["qid"] for r in records}
+            (task_dir / "qrels.txt").write_text("".join(f"{line}\n" for line in lines if line.split()[0] in kept))
+            query_modalities = sorted({row_modality(r) for r in records})
+            (task_dir / "task.json").write_text(
+                json.dumps(
+                    {
+                        "dataset": dataset,
+                        "task_id": task,
+                        "split": split,
+                        "query_modalities": query_modalities,
+                        "queries": len(records),
+                        "pool": len(pool),
+                        "recall_k": 10 if dataset in RECALL_AT_10 else 5,
+                    },
+                    indent=1,
+                )
+            )
+            union.update(pool)
+        if union:
+            self.write_pool(union.values(), out / "eval" / split / "global_pool")
+
+    def pool_ids(self, path: Path) -> list[str]:
+        return [str(row["did"]) for _, row in self.lines(path) if str(row.get("did")) in self.pool]
+
+    def write_pool(self, candidates: Any, folder: Path) -> None:
+        samples = (
+            encode_candidate(f"{i:08d}", id=c.did, txt=c.txt, image=self.image(c.img)) for i, c in enumerate(candidates)
+        )
+        self.written[f"pool:{folder.parent.name}/{folder.name}"] = sum(write_shards(samples, folder).values())
+
+
+def row_modality(record: dict[str, Any]) -> str:
+    txt, image = record["query"]["txt"], record["query"]["image"]
+    return "image,text" if txt is not None and image is not None else ("image" if image is not None else "text")
+
+
+def convert(root: str, out: str, strict: bool = False, splits: tuple[str, ...] = ("test",)) -> dict[str, Any]:
+    """Convert an M-BEIR folder to training shards, evaluation sets and the global pool; returns the report."""
+    root_path, out_path = Path(root), Path(out)
+    if not root_path.is_dir():
+        raise LamraError(f"M-BEIR root {root!r} does not exist")
+    converter = Converter(root_path, Problems(strict))
+    converter.load_instructions()
+    converter.load_pools()
+    converter.train(out_path)
+    for split in splits:
+        converter.evaluation(out_path, split)
+    report = {
+        "read": dict(converter.read),
+        "written": dict(converter.written),
+        "skipped": dict(converter.problems.counts),
+        "strict": strict,
+    }
+    out_path.mkdir(parents=True, exist_ok=True)
+    (out_path / "report.json").write_text(json.dumps(report, indent=1))
+    return report
