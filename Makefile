@@ -14,13 +14,19 @@ ARGS ?=
 RUNS ?= runs
 BACKBONE ?=
 TINY_BACKBONE ?= checkpoints/tiny-qwen2vl
+DATA ?=# a folder written by convert-mbeir / convert-nli: stage 1 reads DATA/train/*_task1, stage 2 DATA/train
+MBEIR ?=# an M-BEIR folder, for make convert-mbeir
+NLI_CSV ?=# a SimCSE NLI csv (sent0,sent1,hard_neg), for make convert-nli
 CKPT ?= $(RUNS)/lamra_ret_stage1/version_0/checkpoints/last.ckpt
 OUT ?= checkpoints/lamra_ret_stage1_merged
 PYTEST_ARGS ?=
 
 backbone_arg = $(if $(BACKBONE),--model.init_args.backbone=$(BACKBONE))
+# quoted: the glob is expanded by lamra-pl, not the shell
+stage1_data = $(if $(DATA),'--data.init_args.train_shards=$(DATA)/train/*_task1')
+stage2_data = $(if $(DATA),'--data.init_args.train_shards=$(DATA)/train')
 
-.PHONY: venv tiny-backbone stage1 stage2 merge test lint demo tensorboard clean
+.PHONY: venv tiny-backbone stage1 stage2 merge convert-mbeir convert-nli emoji test lint demo tensorboard clean
 
 venv: $(STAMP)
 
@@ -36,14 +42,24 @@ tiny-backbone: venv
 
 stage1: CONFIG ?= experiments/lamra_ret/stage1_text.yaml
 stage1: venv
-	$(LAMRA) fit -c $(CONFIG) $(backbone_arg) $(ARGS)
+	$(LAMRA) fit -c $(CONFIG) $(backbone_arg) $(stage1_data) $(ARGS)
 
 stage2: CONFIG ?= experiments/lamra_ret/stage2_instruct.yaml
 stage2: venv
-	$(LAMRA) fit -c $(CONFIG) $(backbone_arg) $(ARGS)
+	$(LAMRA) fit -c $(CONFIG) $(backbone_arg) $(stage2_data) $(ARGS)
 
 merge: venv
 	$(LAMRA) merge --ckpt $(CKPT) --out $(OUT)
+
+convert-mbeir: venv
+	$(LAMRA) convert-mbeir --root $(MBEIR) --out $(DATA) $(ARGS)
+
+convert-nli: venv
+	$(LAMRA) convert-nli --csv $(NLI_CSV) --out $(DATA) $(ARGS)
+
+emoji: venv  # the embedded default data set, in M-BEIR format, then converted: make emoji DATA=demo/data
+	$(BIN)/python -m data_recipes.emoji --out demo/mbeir
+	$(LAMRA) convert-mbeir --root demo/mbeir --out $(or $(DATA),demo/data)
 
 lint: venv
 	$(BIN)/ruff check src tests data_recipes

@@ -37,14 +37,16 @@ def step(title: str, *args: str) -> None:
 
 
 def training_corpus(mbeir: Path) -> Path:
-    texts = set()
-    for path in [
-        mbeir / "cand_pool/global/mbeir_union_train_cand_pool.jsonl",
-        mbeir / "query/train/mbeir_emoji_train.jsonl",
-    ]:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
-            texts.add(row.get("txt") or row.get("query_txt") or "")
+    """The English training names and the instructions: what the tokenizer's merges are learnt from.
+
+    A tokenizer whose merges also cover the other languages splits English names into twice as many pieces,
+    and the tiny model then learns about half as fast (held-out qt->ci R@10 9% instead of 17% after 150 steps).
+    Other languages still tokenize: the tokenizer is byte-level.
+    """
+    pool = mbeir / "cand_pool/global/mbeir_union_train_cand_pool.jsonl"
+    texts = {json.loads(line).get("txt") for line in pool.read_text(encoding="utf-8").splitlines()}
+    for row in (mbeir / "instructions/query_instructions.tsv").read_text(encoding="utf-8").splitlines()[1:]:
+        texts.update(row.split("\t")[4:])
     corpus = RUN / "tokenizer_corpus.txt"
     corpus.write_text("\n".join(sorted(t for t in texts if t)), encoding="utf-8")
     return corpus

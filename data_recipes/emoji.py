@@ -176,7 +176,7 @@ def build(
     seed: int = 0,
     test_fraction: float = 0.2,
     image_size: int = 56,
-    languages_per_concept: int = 3,
+    languages_per_concept: int = 1,
     languages: tuple[str, ...] = LATIN_SCRIPT,
     only: list[str] | None = None,
 ) -> Path:

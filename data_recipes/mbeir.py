@@ -78,24 +78,30 @@ class Converter:
     def __init__(self, root: Path, problems: Problems) -> None:
         self.root = root
         self.problems = problems
+        # Every non-empty input line is read, then written or dropped: read == written + dropped, per kind.
         self.read: Counter[str] = Counter()
         self.written: Counter[str] = Counter()
+        self.dropped: Counter[str] = Counter()
         self.pool: dict[str, Candidate] = {}
+        self.pool_files: dict[Path, list[str]] = defaultdict(list)  # valid ids, in file order
         self.instructions: dict[tuple[str, str, str], list[str]] = {}
         self.dataset_names: dict[str, str] = {}
 
     # ----------------------------------------------------------------------------------- reading
-    def lines(self, path: Path) -> Any:
+    def lines(self, path: Path, kind: str) -> Any:
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if not line.strip():
                 continue
+            self.read[kind] += 1
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 self.problems("malformed_line", path, number, f"not valid JSON ({err.msg})")
+                self.dropped[kind] += 1
                 continue
             if not isinstance(row, dict):
                 self.problems("malformed_line", path, number, "a line must be a JSON object")
+                self.dropped[kind] += 1
                 continue
             yield number, row
 
@@ -112,21 +118,28 @@ class Converter:
         if not files:
             raise LamraError(f"{self.root}: no candidate pool files under cand_pool/")
         for path in files:
-            for number, row in self.lines(path):
-                self.read["candidates"] += 1
-                missing = [k for k in ("did", "modality") if k not in row]
-                if missing:
-                    self.problems("malformed_line", path, number, f"candidate has no {missing[0]!r} field")
-                    continue
-                if row["modality"] not in MODALITIES:
-                    self.problems("unknown_modality", path, number, f"modality {row['modality']!r}; use {MODALITIES}")
-                    continue
-                txt, img = row.get("txt"), row.get("img_path")
-                if txt is None and img is None:
-                    self.problems("malformed_line", path, number, "candidate has neither txt nor img_path")
-                    continue
-                if self.image_ok(img, path, number):
-                    self.pool[str(row["did"])] = Candidate(str(row["did"]), txt, img, row["modality"])
+            for number, row in self.lines(path, "candidates"):
+                candidate = self.candidate(row, path, number)
+                if candidate is None:
+                    self.dropped["candidates"] += 1
+                else:
+                    self.written["candidates"] += 1
+                    self.pool[candidate.did] = candidate
+                    self.pool_files[path].append(candidate.did)
+
+    def candidate(self, row: dict, path: Path, number: int) -> Candidate | None:
+        missing = [k for k in ("did", "modality") if k not in row]
+        if missing:
+            self.problems("malformed_line", path, number, f"candidate has no {missing[0]!r} field")
+            return None
+        if row["modality"] not in MODALITIES:
+            self.problems("unknown_modality", path, number, f"modality {row['modality']!r}; use {MODALITIES}")
+            return None
+        txt, img = row.get("txt"), row.get("img_path")
+        if txt is None and img is None:
+            self.problems("malformed_line", path, number, "candidate has neither txt nor img_path")
+            return None
+        return Candidate(str(row["did"]), txt, img, row["modality"]) if self.image_ok(img, path, number) else None
 
     def load_instructions(self) -> None:
         path = self.root / "instructions" / "query_instructions.tsv"
@@ -205,10 +218,11 @@ class Converter:
         files = sorted(folder.glob("*.jsonl")) or sorted((self.root / "query" / "train").glob("*.jsonl"))
         groups: dict[str, list[dict]] = defaultdict(list)
         for path in files:
-            for number, row in self.lines(path):
-                self.read["train_queries"] += 1
+            for number, row in self.lines(path, "train_queries"):
                 record = self.query_record(row, path, number, self.pool)
-                if record is not None:
+                if record is None:
+                    self.dropped["train_queries"] += 1
+                else:
                     groups[self.group(record["qid"].split(":")[0], record["task_id"])].append(record)
         for name, records in sorted(groups.items()):
             samples = (encode_record(f"{i:08d}", **r) for i, r in enumerate(records))
@@ -227,15 +241,16 @@ class Converter:
             pool_file = pool_file if pool_file.is_file() else local / f"{name}_cand_pool.jsonl"
             if not pool_file.is_file():
                 raise LamraError(f"{path}: its local pool {pool_file} does not exist")
-            pool = {did: self.pool[did] for did in self.pool_ids(pool_file)}
+            pool = {did: self.pool[did] for did in self.pool_files[pool_file]}
             task_dir = out / "eval" / split / f"{dataset}_task{task}"
             records = []
-            for number, row in self.lines(path):
-                self.read[f"{split}_queries"] += 1
+            for number, row in self.lines(path, f"{split}_queries"):
                 # M-BEIR's eval positives come from the whole union (OVEN/InfoSeek cross-reference); the local
                 # pool is what is searched.
                 record = self.query_record(row, path, number, self.pool)
-                if record is not None:
+                if record is None:
+                    self.dropped[f"{split}_queries"] += 1
+                else:
                     records.append(record)
             self.written[f"{split}_queries"] += sum(
                 write_shards(
@@ -270,9 +285,6 @@ class Converter:
         if union:
             self.write_pool(union.values(), out / "eval" / split / "global_pool")
 
-    def pool_ids(self, path: Path) -> list[str]:
-        return [str(row["did"]) for _, row in self.lines(path) if str(row.get("did")) in self.pool]
-
     def write_pool(self, candidates: Any, folder: Path) -> None:
         samples = (
             encode_candidate(f"{i:08d}", id=c.did, txt=c.txt, image=self.image(c.img)) for i, c in enumerate(candidates)
@@ -299,7 +311,8 @@ def convert(root: str, out: str, strict: bool = False, splits: tuple[str, ...] =
     report = {
         "read": dict(converter.read),
         "written": dict(converter.written),
-        "skipped": dict(converter.problems.counts),
+        "dropped": dict(converter.dropped),
+        "problems": dict(converter.problems.counts),
         "strict": strict,
     }
     out_path.mkdir(parents=True, exist_ok=True)

@@ -85,3 +85,13 @@ def test_built_model_trains_in_training_mode_with_checkpointing(tiny_backbone):
     assert hf_model(module.model).is_activation_checkpointing
     module.eval()
     assert not any(m.training for m in module.modules())
+
+
+def test_min_max_pixels_override_reaches_the_processor(tiny_backbone):
+    from PIL import Image
+
+    small = load_processor(tiny_backbone)
+    large = load_processor(tiny_backbone, min_pixels=112 * 112, max_pixels=112 * 112)
+    image = Image.new("RGB", (56, 56), "red")
+    grid = [p.image_processor(images=[image], return_tensors="pt")["image_grid_thw"].tolist() for p in (small, large)]
+    assert grid == [[[1, 4, 4]], [[1, 8, 8]]]  # 14-px patches: 56 px -> 4 x 4, resized to 112 px -> 8 x 8

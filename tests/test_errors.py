@@ -17,6 +17,20 @@ from lamra_pl.models.embedding import EmbeddingModule
 TINY = "experiments/tiny/stage2_instruct.yaml"
 
 
+def fit_tiny(backbone: Path, shards: Path, runs: Path, steps: int):
+    return lamra(
+        "fit",
+        "-c",
+        TINY,
+        f"--model.init_args.backbone={backbone}",
+        f"--data.init_args.train_shards={shards}",
+        "--data.init_args.batch_size=4",
+        f"--trainer.max_steps={steps}",
+        "--trainer.log_every_n_steps=1",
+        f"--trainer.logger.init_args.save_dir={runs}",
+    )
+
+
 def assert_clean_error(proc, *needles: str) -> None:
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -51,16 +65,7 @@ def test_shard_sample_without_positive(tiny_backbone, tmp_path):
     record["positives"] = []
     samples[3]["json"] = json.dumps(record).encode()
     write_shards(samples, shards)
-    proc = lamra(
-        "fit",
-        "-c",
-        TINY,
-        f"--model.init_args.backbone={tiny_backbone}",
-        f"--data.init_args.train_shards={shards}",
-        "--data.init_args.batch_size=4",
-        "--trainer.max_steps=3",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-    )
+    proc = fit_tiny(tiny_backbone, shards, tmp_path / "runs", steps=3)
     assert_clean_error(proc, "shard-000000.tar", "q00_003", "no positive")
 
 
@@ -88,17 +93,7 @@ def test_unreadable_image_is_skipped_and_counted_exactly_once(tiny_backbone, tmp
 def test_unreadable_image_does_not_crash_training_and_is_logged(tiny_backbone, tmp_path):
     shards = broken_image_shards(tmp_path / "shards")
     runs = tmp_path / "runs"
-    proc = lamra(
-        "fit",
-        "-c",
-        TINY,
-        f"--model.init_args.backbone={tiny_backbone}",
-        f"--data.init_args.train_shards={shards}",
-        "--data.init_args.batch_size=4",
-        "--trainer.max_steps=6",
-        "--trainer.log_every_n_steps=1",
-        f"--trainer.logger.init_args.save_dir={runs}",
-    )
+    proc = fit_tiny(tiny_backbone, shards, runs, steps=6)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "q00_005" in proc.stderr and "not a readable image" in proc.stderr
     logged = scalars(runs / "tiny_stage2" / "version_0")["data/skipped_unreadable_image"]

@@ -69,3 +69,43 @@ def test_module_loss_is_info_nce_over_its_own_embeddings(tiny_backbone):
     masked = {(0, 1), (0, 5), (1, 0), (1, 5)}
     expected = hand_info_nce(q.tolist(), c.tolist(), [0, 1, 2], 0.07, masked)
     assert abs(loss.item() - expected) < 1e-5
+
+
+def test_optimizer_and_schedule_use_trainable_parameters_only(tiny_backbone):
+    from functools import partial
+
+    from lightning.pytorch import Trainer
+
+    m = EmbeddingModule(
+        str(tiny_backbone),
+        lora=LoraSpec(r=4, alpha=8),
+        learnable_temperature=True,
+        optimizer=partial(torch.optim.AdamW, lr=0.1),
+        warmup_ratio=0.1,
+    )
+    m.configure_model()
+    m.trainer = Trainer(max_steps=100, logger=False, enable_checkpointing=False)
+    config = m.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = {id(p) for p in m.parameters() if p.requires_grad}
+    assert in_optimizer == trainable and id(m.log_logit_scale) in trainable and len(trainable) == 29
+    lrs = []
+    for _ in range(100):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == 0.0 and abs(lrs[10] - 0.1) < 1e-9 and lrs[55] < 0.06 and lrs[99] < 1e-3  # warmup, cosine
+
+
+def test_learnable_temperature_gets_a_gradient(tiny_backbone):
+    m = EmbeddingModule(str(tiny_backbone), lora=LoraSpec(r=4, alpha=8, dropout=0.0), learnable_temperature=True)
+    m.configure_model()
+    examples = [
+        Example(Item(f"q{i}", text=f"{c} circle"), Item(f"img:{c}", image=shape_image(c, "circle")), [], [f"img:{c}"])
+        for i, c in enumerate(("red", "green", "blue"))
+    ]
+    loss, _ = m.contrastive_loss(m.collator()(examples), gather=False)
+    loss.backward()
+    assert m.log_logit_scale.grad is not None and m.log_logit_scale.grad.abs() > 0
+    assert abs(1 / m.logit_scale.item() - 0.05) < 1e-6

@@ -99,7 +99,29 @@ def convert_mbeir(root: str, out: str, strict: bool = False, splits: list[str] |
     print(json.dumps(report, indent=1))
 
 
-TOOLS: dict[str, Callable[..., Any]] = {"tiny-backbone": tiny_backbone, "merge": merge, "convert-mbeir": convert_mbeir}
+def convert_nli(csv: str, out: str, strict: bool = False) -> None:
+    """Convert SimCSE-style NLI triples (sent0,sent1,hard_neg) to text-only training shards.
+
+    Args:
+        csv: the CSV file.
+        out: output folder (train/nli_task1/).
+        strict: stop at the first bad row instead of skipping and counting.
+    """
+    import json
+    import logging
+
+    from data_recipes.nli import convert
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    print(json.dumps(convert(csv, out, strict=strict), indent=1))
+
+
+TOOLS: dict[str, Callable[..., Any]] = {
+    "tiny-backbone": tiny_backbone,
+    "merge": merge,
+    "convert-mbeir": convert_mbeir,
+    "convert-nli": convert_nli,
+}
 
 
 class LamraCLI(LightningCLI):

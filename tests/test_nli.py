@@ -1,0 +1,35 @@
+"""NLI triples -> text-only shards that keep the hard negative; bad rows are named and counted."""
+
+from __future__ import annotations
+
+import webdataset as wds
+
+from data_recipes.nli import convert, text_id
+from lamra_pl.data.schema import decode_record
+from lamra_pl.data.shards import expand_shards
+
+CSV = """sent0,sent1,hard_neg
+"Two dogs run, on grass.",Animals are outside.,The dogs sleep indoors.
+A man plays a guitar.,Someone makes music.,
+A woman reads.,A person is reading.,Nobody is reading.
+A woman reads.,A person is reading.,The woman sleeps.
+"""
+
+
+def test_nli_keeps_the_hard_negative_and_counts_bad_rows(tmp_path, caplog):
+    path = tmp_path / "nli.csv"
+    path.write_text(CSV)
+    report = convert(str(path), str(tmp_path / "out"))
+    assert report == {"read": 4, "written": 3, "dropped": 1, "problems": {"malformed_line": 1}}
+    assert f"{path}:3: empty or missing 'hard_neg'" in caplog.text
+    urls = expand_shards(str(tmp_path / "out" / "train"))
+    records = [decode_record(s) for s in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())]
+    assert [r.query.text for r in records] == ["Two dogs run, on grass.", "A woman reads.", "A woman reads."]
+    assert [r.negatives[0].text for r in records] == [
+        "The dogs sleep indoors.",
+        "Nobody is reading.",
+        "The woman sleeps.",
+    ]
+    assert all(r.task_id == 1 and r.query.modality == "text" and not r.instructions for r in records)
+    # the same positive sentence gets the same id, so it is masked as an in-batch duplicate
+    assert records[1].positives[0].id == records[2].positives[0].id == text_id("A person is reading.")
