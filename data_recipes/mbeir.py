@@ -9,7 +9,8 @@ mbeir_<dataset>_task<N>_<split>.jsonl`, every pool under `cand_pool/`, `qrels/<s
     OUT_DIR/train/<dataset>_task<N>/shard-*.tar        training queries with positives, listed negatives and the
                                                         instructions of (dataset id, query modality, positive modality)
     OUT_DIR/eval/<split>/<dataset>_task<N>/queries/    evaluation queries (same sample schema)
-    OUT_DIR/eval/<split>/<dataset>_task<N>/pool/       the task's local candidate pool, one candidate per sample
+    OUT_DIR/eval/<split>/<dataset>_task<N>/pool/       the task's local candidate pool, one candidate per sample,
+                                                        and ids.txt (its ids, in shard order)
     OUT_DIR/eval/<split>/<dataset>_task<N>/qrels.txt   M-BEIR qrels; task.json: what the task is and its metric
     OUT_DIR/eval/<split>/global_pool/                  the union of the split's local pools
     OUT_DIR/report.json                                counts of what was read, written and skipped, by reason
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from lamra_pl.data.schema import MODALITIES, encode_candidate, encode_record
-from lamra_pl.data.shards import write_shards
+from lamra_pl.data.shards import POOL_IDS, write_shards
 from lamra_pl.errors import LamraError
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,11 @@ class Converter:
         return {
             "qid": str(row["qid"]),
             "task_id": row.get("task_id", task),
-            "query": {"txt": row.get("query_txt"), "image": self.image(row.get("query_img_path"))},
+            "query": {
+                "txt": row.get("query_txt"),
+                "image": self.image(row.get("query_img_path")),
+                "img_src": row.get("query_img_path"),
+            },
             "positives": [self.item(c) for c in positives],
             "negatives": [self.item(c) for c in negatives],
             "instructions": instructions,
@@ -207,7 +212,7 @@ class Converter:
         return path.read_bytes(), path.suffix.lstrip(".").lower() or "jpg"
 
     def item(self, c: Candidate) -> dict[str, Any]:
-        return {"id": c.did, "txt": c.txt, "image": self.image(c.img)}
+        return {"id": c.did, "txt": c.txt, "image": self.image(c.img), "img_src": c.img}
 
     def group(self, dataset_id: str, task: int) -> str:
         return f"{self.dataset_names.get(dataset_id, dataset_id)}_task{task}"
@@ -287,10 +292,14 @@ class Converter:
             self.write_pool(union.values(), out / "eval" / split / "global_pool")
 
     def write_pool(self, candidates: Any, folder: Path) -> None:
+        candidates = list(candidates)
         samples = (
-            encode_candidate(f"{i:08d}", id=c.did, txt=c.txt, image=self.image(c.img)) for i, c in enumerate(candidates)
+            encode_candidate(f"{i:08d}", id=c.did, txt=c.txt, image=self.image(c.img), img_src=c.img)
+            for i, c in enumerate(candidates)
         )
         self.written[f"pool:{folder.parent.name}/{folder.name}"] = sum(write_shards(samples, folder).values())
+        # The pool's ids in shard order: restricts a search of the global index to this pool without reading it.
+        (folder / POOL_IDS).write_text("".join(f"{c.did}\n" for c in candidates))
 
 
 def convert(root: str, out: str, strict: bool = False, splits: tuple[str, ...] = ("test",)) -> dict[str, Any]:

@@ -3,6 +3,10 @@
     lamra-pl fit -c experiments/lamra_ret/stage1_text.yaml [--model.backbone PATH] [--trainer.max_steps N]
     lamra-pl tiny-backbone --out checkpoints/tiny-qwen2vl
     lamra-pl merge --ckpt runs/stage1/version_0/checkpoints/last.ckpt --out checkpoints/stage1-merged
+    lamra-pl index --model CKPT --pool data/eval/test/global_pool --out indexes/test_global
+    lamra-pl retrieve --model CKPT --index indexes/test_global --queries 'data/eval/test/*_task*' --out runs/eval
+    lamra-pl evaluate --runs runs/eval/local
+    lamra-pl search --model CKPT --index indexes/test_global --text "a red apple" --k 5
 
 Errors in user input (paths, config keys, data) print as one line and exit with status 2.
 """
@@ -14,7 +18,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from jsonargparse import auto_cli
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -109,6 +113,147 @@ def convert_nli(csv: str, out: str, strict: bool = False) -> None:
     _report(convert, csv, out, strict=strict)
 
 
+def index(
+    model: str,
+    pool: str,
+    out: str,
+    batch_size: int = 32,
+    num_workers: int = 1,
+    bucket: bool = True,
+    accelerator: str = "auto",
+    devices: int = 1,
+    precision: str | None = None,
+) -> None:
+    """Encode a candidate pool into an index folder; a killed run continues where it stopped when run again.
+
+    Args:
+        model: a `lamra-pl fit` checkpoint (.ckpt: LoRA adapter or trained weights) or a merged checkpoint folder.
+        pool: a candidate shard folder (e.g. data/eval/test/global_pool, or a task's pool/).
+        out: the index folder (format: lamra_pl.retrieval.index).
+        batch_size: items per forward pass.
+        num_workers: data loader processes per device.
+        bucket: sort each shard's items by length before batching (less padding).
+        accelerator: cpu, gpu or auto.
+        devices: devices to shard the pool over (DDP).
+        precision: Lightning precision, e.g. bf16-mixed (default 32-true).
+    """
+    from lamra_pl.retrieval.encode import Job, encode, encode_trainer
+    from lamra_pl.retrieval.index import EmbeddingIndex
+    from lamra_pl.retrieval.retriever import load_embedding_module
+
+    module = load_embedding_module(model)
+    trainer = encode_trainer(accelerator, devices, precision)
+    job = Job(out, (pool,), "pool")
+    if encode(
+        module, [job], model_path=model, batch_size=batch_size, num_workers=num_workers, bucket=bucket, trainer=trainer
+    ):
+        built = EmbeddingIndex(out)
+        print(f"index {out}: {len(built)} candidates x {built.dim} (float16)")
+
+
+def retrieve(
+    model: str,
+    index: str,
+    queries: str,
+    out: str,
+    k: int = 50,
+    pools: list[Literal["local", "global"]] = ["local", "global"],  # noqa: B006 - jsonargparse reads the default
+    backend: Literal["auto", "faiss", "torch"] = "auto",
+    instruction_seed: int | None = None,
+    batch_size: int = 32,
+    num_workers: int = 1,
+    accelerator: str = "auto",
+    devices: int = 1,
+    precision: str | None = None,
+) -> None:
+    """Search an index with the queries of evaluation tasks; write a TREC run file per task and pool setting.
+
+    Args:
+        model: the checkpoint that built the index (checked against the index's probe embeddings).
+        index: an index folder written by `lamra-pl index`.
+        queries: evaluation task folders, a glob such as "data/eval/test/*_task*".
+        out: output folder: queries/<task>/ (query embeddings), <pool>/<task>.run and <pool>/runs.json.
+        k: candidates kept per query (50 is enough for reranking).
+        pools: "local" restricts each task to its own pool (pool/ids.txt); "global" searches the whole index.
+        backend: faiss (IndexFlatIP; GPUs with faiss-gpu), torch, or auto (faiss when installed).
+        instruction_seed: none: each task's first instruction; an int: one drawn per query, seeded by (seed, qid).
+        batch_size: queries per forward pass.
+        num_workers: data loader processes per device.
+        accelerator: cpu, gpu or auto.
+        devices: devices to encode on (DDP).
+        precision: Lightning precision, e.g. bf16-mixed (default 32-true).
+    """
+    from lamra_pl.retrieval.encode import encode_trainer
+    from lamra_pl.retrieval.retrieve import retrieve as run
+    from lamra_pl.retrieval.retriever import load_embedding_module
+
+    written = run(
+        load_embedding_module(model),
+        index,
+        queries,
+        out,
+        model_path=model,
+        k=k,
+        pools=tuple(pools),
+        backend=backend,
+        instruction_seed=instruction_seed,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        trainer=encode_trainer(accelerator, devices, precision),
+    )
+    for pool, folder in written.items():
+        print(f"{pool} pool: run files in {folder}; score them with: lamra-pl evaluate --runs {folder}")
+
+
+def evaluate(runs: str, step: int = 0) -> None:
+    """Score the run files of a `lamra-pl retrieve` folder: M-BEIR Recall@K per task and the average.
+
+    Writes results.json, results.md and TensorBoard scalars (RUNS/tensorboard) and prints the table.
+
+    Args:
+        runs: a run folder written by `lamra-pl retrieve` (holds runs.json).
+        step: the TensorBoard step to log the numbers at (e.g. the checkpoint's training step).
+    """
+    from lamra_pl.retrieval.evaluate import evaluate_runs, markdown, save_results
+
+    results = evaluate_runs(runs)
+    save_results(results, runs, step=step)
+    print(markdown(results))
+    print(f"\n{Path(runs) / 'results.json'}")
+
+
+def search(
+    model: str,
+    index: str,
+    text: str | None = None,
+    image: str | None = None,
+    k: int = 10,
+    instruction: str | None = None,
+    backend: Literal["auto", "faiss", "torch"] = "auto",
+) -> None:
+    """Search an index for a text, an image or both, and print the ranked candidates.
+
+    Args:
+        model: the checkpoint that built the index.
+        index: an index folder written by `lamra-pl index`.
+        text: the query text.
+        image: the query image file.
+        k: results to print.
+        instruction: a task instruction prepended to the query text (e.g. "Find the emoji image with this name.").
+        backend: faiss, torch or auto.
+    """
+    from lamra_pl.retrieval.retriever import Retriever
+
+    if text is None and image is None:
+        raise LamraError("give --text, --image or both")
+    hits = Retriever.from_checkpoint(model).search(
+        index, query_text=text, query_image=image, k=k, instruction=instruction, backend=backend
+    )
+    print(f"{'rank':>4}  {'score':>7}  {'id':<16} text | image")
+    for hit in hits:
+        print(f"{hit.rank:>4}  {hit.score:7.4f}  {hit.id:<16} {hit.txt or ''} | {hit.img or ''}")
+
+
 def _report(convert: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> None:
     """Run a converter with its per-line warnings on stderr, then print its counts as JSON."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -120,6 +265,10 @@ TOOLS: dict[str, Callable[..., Any]] = {
     "merge": merge,
     "convert-mbeir": convert_mbeir,
     "convert-nli": convert_nli,
+    "index": index,
+    "retrieve": retrieve,
+    "evaluate": evaluate,
+    "search": search,
 }
 
 

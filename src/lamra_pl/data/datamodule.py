@@ -12,6 +12,8 @@ from torch.utils.data import DataLoader
 from lamra_pl.data.schema import Example
 from lamra_pl.data.shards import count_samples, eval_pipeline, expand_shards, train_pipeline
 from lamra_pl.errors import BadSampleError, LamraError
+from lamra_pl.retrieval.encode import ChunkedItems, Job, plan
+from lamra_pl.retrieval.retrieve import task_dirs
 
 Collate = Callable[[list[Example]], dict[str, Any]]
 
@@ -24,7 +26,13 @@ class ShardDataModule(LightningDataModule):
     The collate function comes from the LightningModule (`collator()`): it knows the prompts and processor.
 
     Args:
-        train_shards, val_shards, test_shards: a shard folder or a brace pattern of .tar files.
+        train_shards, val_shards, test_shards: a shard folder or a brace pattern of .tar files; validation on
+            `val_shards` is the in-batch loss and accuracy.
+        val_tasks: evaluation task folders (a glob such as "data/eval/val/*_task*", written by convert-mbeir):
+            validation then also encodes their queries and local pools and logs M-BEIR Recall@K per task
+            (`val/<task>/R@k`) and averaged, with the code of `lamra-pl index/retrieve/evaluate`.
+        instruction_seed: the instruction of each `val_tasks` query: none = the task's first; an int = drawn
+            per query with a generator seeded by (seed, qid).
         batch_size: queries per rank and step (each brings 1 + num_negatives candidates).
         eval_batch_size: queries per evaluation batch (default: batch_size).
         num_negatives: hard negatives per query, drawn from each sample's list.
@@ -39,6 +47,8 @@ class ShardDataModule(LightningDataModule):
         train_shards: str | None = None,
         val_shards: str | None = None,
         test_shards: str | None = None,
+        val_tasks: str | None = None,
+        instruction_seed: int | None = None,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_negatives: int = 0,
@@ -85,15 +95,29 @@ class ShardDataModule(LightningDataModule):
         ).with_epoch(per_worker)
         return self._loader(pipeline)
 
-    def val_dataloader(self) -> DataLoader | list:
-        # No validation shards means no validation during fit (an empty list is Lightning's "none").
-        return [] if self.hparams.val_shards is None else self._eval_loader("val_shards")
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        # Neither shards nor tasks means no validation during fit (an empty list is Lightning's "none").
+        loaders = [] if self.hparams.val_shards is None else [self._eval_loader("val_shards")]
+        if self.hparams.val_tasks is not None:
+            loaders.append(self._retrieval_loader(self.hparams.val_tasks))
+        return loaders[0] if len(loaders) == 1 else loaders
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test_shards")
 
-    def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader("test_shards")
+    def _retrieval_loader(self, spec: str) -> DataLoader:
+        """Each task's queries and local pool, dealt to ranks by shard, batches tagged with task and kind."""
+        jobs = [Job(str(t), (str(t / kind),), kind) for t in task_dirs(spec) for kind in ("queries", "pool")]
+        chunks = [c for c in plan(jobs) if c.number % self.world == self.rank]
+        h = self.hparams
+        dataset = ChunkedItems(
+            chunks,
+            self._collate(),
+            h.eval_batch_size or h.batch_size,
+            instruction_seed=h.instruction_seed,
+            sources=[job.out for job in jobs],
+        )
+        return DataLoader(dataset, batch_size=None, num_workers=min(h.num_workers, len(chunks)))
 
     def _eval_loader(self, key: str) -> DataLoader:
         h = self.hparams

@@ -6,7 +6,8 @@ One WebDataset sample is one query with its candidates. Its members share a key 
 
     {"qid": "9:17",                      # query id, unique in the data set
      "task_id": 0,                       # M-BEIR task id, or null
-     "query": {"txt": "a dog", "img": null, "modality": "text"},
+     "query": {"txt": "a dog", "img": null, "modality": "text"},   # items may carry "img_src": the image's
+                                                                    # path in the original data set
      "instructions": ["Find an image that matches the caption."],   # choices; may be empty
      "positives": [{"id": "9:4410", "txt": null, "img": "pos0.jpg", "modality": "image"}],   # at least one
      "negatives": [{"id": "9:77", "txt": null, "img": "neg0.jpg", "modality": "image"}]}     # optional
@@ -42,6 +43,7 @@ class Item:
     id: str
     text: str | None = None
     image: Image.Image | None = None
+    source: str | None = None  # where the image came from (a path in the original data set), for display
 
     @property
     def modality(self) -> str:
@@ -125,6 +127,8 @@ def encode_record(
             data, ext = image
             out["img"] = f"{member}.{ext}"
             sample[out["img"]] = data
+            if entry.get("img_src"):
+                out["img_src"] = entry["img_src"]
         out["modality"] = modality_of(out["txt"], out["img"])
         return out
 
@@ -165,7 +169,7 @@ def decode_record(sample: dict[str, Any]) -> Record:
             if img not in sample:
                 raise BadSampleError(f"{where}: {field_name} names image member {img!r}, which is missing")
             image = _open_image(sample[img], img)
-        return Item(id=str(entry.get("id", default_id)), text=txt, image=image)
+        return Item(id=str(entry.get("id", default_id)), text=txt, image=image, source=image_source(sample, entry))
 
     qid = str(record["qid"])
     return Record(
@@ -212,14 +216,18 @@ def _open_image(data: bytes, member: str) -> Image.Image:
         raise UnreadableImage(member, err) from err
 
 
-def encode_candidate(key: str, *, id: str, txt: str | None, image: tuple[bytes, str] | None) -> dict[str, Any]:
-    """A candidate-pool sample: `<key>.json` = {"id", "txt", "img", "modality"} and the image member, if any."""
+def encode_candidate(
+    key: str, *, id: str, txt: str | None, image: tuple[bytes, str] | None, img_src: str | None = None
+) -> dict[str, Any]:
+    """A candidate-pool sample: `<key>.json` = {"id", "txt", "img", "modality"[, "img_src"]} and the image member."""
     sample: dict[str, Any] = {"__key__": key}
     img = None
     if image is not None:
         img = f"img.{image[1]}"
         sample[img] = image[0]
     record = {"id": id, "txt": txt, "img": img, "modality": modality_of(txt, img)}
+    if img is not None and img_src:
+        record["img_src"] = img_src
     sample["json"] = json.dumps(record, ensure_ascii=False).encode()
     return sample
 
@@ -227,5 +235,14 @@ def encode_candidate(key: str, *, id: str, txt: str | None, image: tuple[bytes, 
 def decode_candidate(sample: dict[str, Any]) -> Item:
     record = _json_member(sample, sample_location(sample))
     img = record.get("img")
+    if img is not None and img not in sample:
+        raise BadSampleError(f"{sample_location(sample)}: names image member {img!r}, which is missing")
     image = _open_image(sample[img], img) if img else None
-    return Item(id=str(record["id"]), text=record.get("txt"), image=image)
+    return Item(id=str(record["id"]), text=record.get("txt"), image=image, source=image_source(sample, record))
+
+
+def image_source(sample: dict[str, Any], entry: dict[str, Any]) -> str | None:
+    """Where an item's image came from: its `img_src`, else the shard member (`shard.tar#key.member`)."""
+    if not entry.get("img"):
+        return None
+    return entry.get("img_src") or f"{sample.get('__url__', '?')}#{sample.get('__key__')}.{entry['img']}"

@@ -35,6 +35,7 @@ from lamra_pl.errors import BadSampleError, LamraError
 log = logging.getLogger(__name__)
 
 SIZES_FILE = "sizes.json"
+POOL_IDS = "ids.txt"  # in a candidate-pool shard folder: its ids in shard order (written by convert-mbeir)
 
 
 def write_shards(
@@ -160,6 +161,22 @@ def choose_example(record: Record, rng: random.Random | None, num_negatives: int
         negatives = rng.sample(record.negatives, num_negatives)
     query = Item(record.qid, with_instruction(instruction, record.query.text), record.query.image)
     return Example(query, positive, negatives, [p.id for p in record.positives])
+
+
+def evaluation_query(record: Record, instruction_seed: int | None = None) -> Item:
+    """The query an evaluation encodes, with its instruction chosen deterministically.
+
+    `instruction_seed=None`: the task's first instruction (MM-Embed's fixed prompt). An int: one instruction drawn
+    by a generator seeded with (seed, qid), so the choice depends on neither the order nor the rank that reads it.
+    """
+    instruction = None
+    if record.instructions:
+        if instruction_seed is None:
+            instruction = record.instructions[0]
+        else:
+            instruction = random.Random(f"{instruction_seed}:{record.qid}").choice(record.instructions)
+    q = record.query
+    return Item(record.qid, with_instruction(instruction, q.text), q.image, source=q.source)
 
 
 def to_batches(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import asdict
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
@@ -24,6 +26,7 @@ from lamra_pl.losses import (
 )
 from lamra_pl.models.backbone import EMB_TOKEN, DType, LoraSpec, hf_model, load_backbone, load_processor
 from lamra_pl.models.inputs import EmbeddingCollator
+from lamra_pl.retrieval.evaluate import evaluate_embeddings
 
 Pooling = Literal["before_emb", "last_token"]
 Rope = Literal["model", "1d"]
@@ -116,6 +119,7 @@ class EmbeddingModule(LightningModule):
             self.register_buffer("log_logit_scale", log_scale, persistent=False)
         self.model: torch.nn.Module | None = None
         self.skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
+        self._retrieval: list[tuple[str, str, list[str], np.ndarray]] = []  # validation embeddings, per batch
         # Checkpoints hold trainable weights only; `on_load_checkpoint` checks that none is missing.
         self.strict_loading = False
 
@@ -207,8 +211,38 @@ class EmbeddingModule(LightningModule):
         self._count_skips(batch)
         return loss
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        if "kind" in batch:  # a retrieval task's queries or pool: embed now, search and score at epoch end
+            if batch["items"] is not None:
+                ids = [r["id"] for r in batch["records"]]
+                embeddings = self.embed(batch["items"]).float().cpu().numpy()
+                self._retrieval.append((batch["source"], batch["kind"], ids, embeddings))
+            return
         self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        collected, self._retrieval = self._retrieval, []
+        if self.trainer.sanity_checking:  # a few batches only: pools would be partial, so the numbers meaningless
+            return
+        _, world = rank_and_world()
+        if world > 1:  # once per epoch, on every rank (uneven batch counts make per-step collectives hang)
+            every: list[Any] = [None] * world
+            torch.distributed.all_gather_object(every, collected)
+            collected = [part for rank_parts in every for part in rank_parts]
+        ids: dict[tuple[str, str], list[str]] = defaultdict(list)
+        embeddings: dict[tuple[str, str], list[np.ndarray]] = defaultdict(list)
+        for source, kind, batch_ids, batch_embeddings in collected:
+            ids[source, kind] += batch_ids
+            embeddings[source, kind].append(batch_embeddings)
+        groups: dict[str, dict[str, tuple[list[str], np.ndarray]]] = defaultdict(dict)
+        for (source, kind), group_ids in ids.items():
+            groups[source][kind] = (group_ids, np.concatenate(embeddings[source, kind]))
+        if not groups:
+            return
+        results = evaluate_embeddings(groups)
+        metrics = {f"val/{task}/{m}": v for task, r in results["tasks"].items() for m, v in r.items() if m[:2] == "R@"}
+        metrics.update({f"val/average/{m}": v for m, v in results["average"].items()})
+        self.log_dict(metrics, batch_size=1)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, "test")
@@ -221,8 +255,9 @@ class EmbeddingModule(LightningModule):
         self.log(f"{stage}/loss", loss, batch_size=n, sync_dist=True)
         self.log(f"{stage}/inbatch_acc", accuracy, batch_size=n, sync_dist=True)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        return {"query_ids": batch["query_ids"], "query_embeddings": self.embed(batch["query"]).cpu()}
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        """Embeddings of an encoding batch (`lamra_pl.retrieval.encode`); None for an empty shard."""
+        return None if batch["items"] is None else self.embed(batch["items"])
 
     def _count_skips(self, batch: dict[str, Any]) -> None:
         skipped = batch.get("skipped")

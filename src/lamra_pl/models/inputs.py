@@ -84,4 +84,15 @@ class EmbeddingCollator:
         ids = tokenizer(item.text, add_special_tokens=False)["input_ids"]
         if len(ids) <= self.max_text_tokens:
             return item
-        return Item(item.id, tokenizer.decode(ids[: self.max_text_tokens]), item.image)
+        return Item(item.id, tokenizer.decode(ids[: self.max_text_tokens]), item.image, item.source)
+
+    def length(self, item: Item) -> int:
+        """About how many tokens `item` becomes (text tokens + one per 28x28 image patch): the bucketing key."""
+        n = 0
+        if item.text is not None:
+            n += len(self.processor.tokenizer(item.text, add_special_tokens=False)["input_ids"])
+            if self.max_text_tokens is not None:
+                n = min(n, self.max_text_tokens)
+        if item.image is not None:
+            n += item.image.width * item.image.height // (28 * 28)
+        return n

@@ -16,6 +16,9 @@ from lamra_pl.errors import LamraError
 from lamra_pl.models.backbone import checkpoint_dir
 from lamra_pl.models.embedding import EmbeddingModule
 
+SETTINGS_FILE = "lamra_pl_embedding.json"
+EMBEDDING_SETTINGS = ("pooling", "rope", "max_text_tokens", "min_pixels", "max_pixels", "padding_side")
+
 
 def base_dtype(path: str | Path) -> torch.dtype:
     config = json.loads((checkpoint_dir(path) / "config.json").read_text())
@@ -40,4 +43,7 @@ def merge(ckpt: str, out: str) -> Path:
     out_dir = Path(out)
     merged.to(dtype).save_pretrained(out_dir)
     module.processor.save_pretrained(out_dir)
+    # How this model embeds (pooling, positions, input limits): read back by Retriever.from_checkpoint.
+    settings = {k: module.hparams[k] for k in EMBEDDING_SETTINGS}
+    (out_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
     return out_dir

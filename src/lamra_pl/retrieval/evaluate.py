@@ -1,0 +1,161 @@
+"""M-BEIR evaluation: rankings + qrels -> Recall@K per (dataset, task) and the average, as JSON and Markdown.
+
+`lamra-pl evaluate RUNS` scores the run files that `lamra-pl retrieve` wrote (its `runs.json` names, per task,
+the run file, the qrels file, the task file and the ids of the pool searched). Validation during `fit` and
+`lamra-pl validate` call `score_task` too, on rankings they computed in memory with the same search.
+
+results.json:
+    {"pool": "local" | "global",
+     "tasks": {TASK: {"R@1": x, "R@5": x, "R@10": x, "reported": "R@5", "run_file": PATH, "qrels_file": PATH,
+                      "num_queries": n}},
+     "average": {"R@1": x, "R@5": x, "R@10": x, "reported": x}}
+"reported" is M-BEIR's metric for the task (R@10 for Fashion200K and FashionIQ, R@5 elsewhere); the average's
+"reported" is M-BEIR's headline number, the unweighted mean of the tasks' reported metrics.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lamra_pl.errors import LamraError
+from lamra_pl.files import atomic_write
+from lamra_pl.retrieval.metrics import RANK_PAD, pad_positives, recall_at_k
+from lamra_pl.retrieval.runs import read_qrels, read_run
+from lamra_pl.retrieval.search import id_ranks, search
+
+KS = (1, 5, 10)
+MANIFEST = "runs.json"
+
+
+def score_task(
+    qids: list[str],
+    ranked: np.ndarray,
+    pool_ids: list[str],
+    qrels: dict[str, set[str]],
+    ks: tuple[int, ...] = KS,
+    qrels_file: str = "qrels",
+) -> dict[str, float]:
+    """Recall@K of rankings given as [Q, K] row numbers into `pool_ids` (RANK_PAD for missing results).
+
+    Every query needs at least one qrels line. Positives absent from the pool count (they cannot be found).
+    """
+    no_qrels = [q for q in qids if not qrels.get(q)]
+    if no_qrels:
+        raise LamraError(f"{len(no_qrels)} queries have no positive in {qrels_file}, e.g. {no_qrels[:3]}")
+    row_of = {i: row for row, i in enumerate(pool_ids)}
+    positives = pad_positives([[row_of[d] for d in qrels[q] if d in row_of] for q in qids])
+    return recall_at_k(ranked, positives, ks)
+
+
+def task_info(task_dir: Path) -> dict[str, Any]:
+    path = task_dir / "task.json"
+    if not path.is_file():
+        raise LamraError(f"{task_dir} is not an evaluation task folder (no task.json; see `lamra-pl convert-mbeir`)")
+    return json.loads(path.read_text())
+
+
+def summarise(tasks: dict[str, dict[str, Any]], ks: tuple[int, ...] = KS) -> dict[str, float]:
+    if not tasks:
+        return {}
+    average = {f"R@{k}": float(np.mean([t[f"R@{k}"] for t in tasks.values()])) for k in ks}
+    average["reported"] = float(np.mean([t[t["reported"]] for t in tasks.values()]))
+    return average
+
+
+def evaluate_embeddings(
+    groups: dict[str, dict[str, tuple[list[str], np.ndarray]]], ks: tuple[int, ...] = KS
+) -> dict[str, Any]:
+    """Evaluate tasks from in-memory embeddings: {task_dir: {"queries": (ids, emb), "pool": (ids, emb)}}.
+
+    Embeddings are rounded to float16 first, as an index stores them, so the numbers equal `index`+`retrieve`.
+    """
+    tasks: dict[str, dict[str, Any]] = {}
+    for task_dir, parts in sorted(groups.items()):
+        info = task_info(Path(task_dir))
+        (qids, queries), (pool_ids, pool) = parts["queries"], parts["pool"]
+        found = search(
+            pool.astype(np.float16), queries.astype(np.float16), max(ks), tie_key=id_ranks(pool_ids), backend="torch"
+        )
+        qrels_file = Path(task_dir) / "qrels.txt"
+        scores = score_task(qids, found.rows, pool_ids, read_qrels(qrels_file), ks, str(qrels_file))
+        tasks[Path(task_dir).name] = {**scores, "reported": f"R@{info['recall_k']}", "num_queries": len(qids)}
+    return {"tasks": tasks, "average": summarise(tasks, ks)}
+
+
+def evaluate_runs(runs_dir: str | Path, ks: tuple[int, ...] = KS) -> dict[str, Any]:
+    """Score every run file listed in `runs_dir/runs.json`; validates everything before anything is written."""
+    runs_dir = Path(runs_dir)
+    manifest_file = runs_dir / MANIFEST
+    if not manifest_file.is_file():
+        raise LamraError(f"{runs_dir} has no {MANIFEST}: give a folder written by `lamra-pl retrieve`")
+    manifest = json.loads(manifest_file.read_text())
+    tasks: dict[str, dict[str, Any]] = {}
+    for name, entry in manifest["tasks"].items():
+        run_file, qrels_file = Path(entry["run_file"]), Path(entry["qrels_file"])
+        info = json.loads(Path(entry["task_file"]).read_text())
+        pool_ids = Path(entry["pool_ids"]).read_text().splitlines()
+        run = read_run(run_file)
+        qrels = read_qrels(qrels_file)
+        ranked = _rows(run.ranked, pool_ids, run_file, entry["pool_ids"], max(ks))
+        missing = sorted(set(qrels) - set(run.qids))
+        if missing:
+            raise LamraError(
+                f"{run_file} has no ranking for {len(missing)} queries of {qrels_file}, e.g. {missing[:3]}"
+            )
+        scores = score_task(run.qids, ranked, pool_ids, qrels, ks, str(qrels_file))
+        tasks[name] = {
+            **scores,
+            "reported": f"R@{info['recall_k']}",
+            "run_file": str(run_file),
+            "qrels_file": str(qrels_file),
+            "num_queries": len(run.qids),
+        }
+    return {"pool": manifest["pool"], "tasks": tasks, "average": summarise(tasks, ks)}
+
+
+def _rows(ranked: list[list[str]], pool_ids: list[str], run_file: Path, pool_file: str, depth: int) -> np.ndarray:
+    row_of = {i: row for row, i in enumerate(pool_ids)}
+    width = max(depth, max((len(r) for r in ranked), default=0))
+    out = np.full((len(ranked), width), RANK_PAD, dtype=np.int64)
+    for q, ids in enumerate(ranked):
+        try:
+            out[q, : len(ids)] = [row_of[d] for d in ids]
+        except KeyError as err:
+            raise LamraError(
+                f"{run_file} ranks id {err.args[0]!r}, which is not in the pool searched ({pool_file})"
+            ) from None
+    return out
+
+
+def markdown(results: dict[str, Any], ks: tuple[int, ...] = KS) -> str:
+    head = "| task | queries | " + " | ".join(f"R@{k}" for k in ks) + " | reported |"
+    lines = [head, "|" + "---|" * (len(ks) + 3)]
+    for name, t in results["tasks"].items():
+        cells = " | ".join(f"{100 * t[f'R@{k}']:.1f}" for k in ks)
+        lines.append(f"| {name} | {t['num_queries']} | {cells} | {t['reported']} {100 * t[t['reported']]:.1f} |")
+    avg = results["average"]
+    if avg:
+        cells = " | ".join(f"{100 * avg[f'R@{k}']:.1f}" for k in ks)
+        lines.append(f"| **average** | | {cells} | {100 * avg['reported']:.1f} |")
+    return "\n".join(lines)
+
+
+def save_results(results: dict[str, Any], runs_dir: str | Path, step: int = 0) -> None:
+    """results.json and results.md in `runs_dir`, and the numbers as TensorBoard scalars in `runs_dir/tensorboard`."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    runs_dir = Path(runs_dir)
+    atomic_write(runs_dir / "results.json", json.dumps(results, indent=1))
+    atomic_write(runs_dir / "results.md", markdown(results) + "\n")
+    logger = TensorBoardLogger(str(runs_dir), name="", version="tensorboard", default_hp_metric=False)
+    prefix = f"eval_{results.get('pool', 'pool')}"
+    metrics = {
+        f"{prefix}/{name}/{m}": v for name, t in results["tasks"].items() for m, v in t.items() if m.startswith("R@")
+    }
+    metrics.update({f"{prefix}/average/{m}": v for m, v in results["average"].items()})
+    logger.log_metrics(metrics, step=step)
+    logger.finalize("success")
