@@ -1,0 +1,260 @@
+"""`lamra-pl index / retrieve / evaluate / search` on the converted fixture: resume, exactness, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_recipes.mbeir import convert
+from helpers import LAMRA, ROOT, lamra, scalars
+from lamra_pl.data.schema import encode_candidate
+from lamra_pl.data.shards import write_shards
+from lamra_pl.models.tiny import build_tiny_qwen2vl
+from lamra_pl.retrieval.index import EmbeddingIndex
+from lamra_pl.retrieval.retriever import Retriever
+from lamra_pl.retrieval.runs import read_qrels, read_run
+from lamra_pl.retrieval.search import unit_rows
+
+FIXTURE = Path(__file__).parent / "fixtures" / "mbeir_tiny"
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_backbone, tmp_path_factory) -> dict[str, Path]:
+    """The fixture converted, its global test pool indexed, both pool settings retrieved and evaluated."""
+    root = tmp_path_factory.mktemp("eval")
+    data, index, runs = root / "data", root / "index", root / "runs"
+    convert(str(FIXTURE), str(data))
+    model = str(tiny_backbone)
+    ok(lamra("index", f"--model={model}", f"--pool={data}/eval/test/global_pool", f"--out={index}", "--batch_size=4"))
+    queries = f"{data}/eval/test/*_task*"
+    ok(lamra("retrieve", f"--model={model}", f"--index={index}", f"--queries={queries}", f"--out={runs}", "--k=10"))
+    for pool in ("local", "global"):
+        ok(lamra("evaluate", f"--runs={runs / pool}"))
+    return {"data": data, "index": index, "runs": runs, "model": Path(model)}
+
+
+def test_index_format_is_documented_and_memory_mappable(evaluated):
+    index = EmbeddingIndex(evaluated["index"])
+    meta = json.loads((evaluated["index"] / "index.json").read_text())
+    embeddings = np.load(evaluated["index"] / "embeddings.npy", mmap_mode="r")
+    pool_ids = (evaluated["data"] / "eval/test/global_pool/ids.txt").read_text().splitlines()
+    assert embeddings.dtype == np.float16 and embeddings.shape == (meta["count"], meta["dim"]) == (len(pool_ids), 64)
+    assert index.ids == pool_ids  # rows in shard order
+    assert not (evaluated["index"] / "parts").exists()
+    items = index.items([0, len(index) - 1])
+    assert [i["id"] for i in items] == [pool_ids[0], pool_ids[-1]]
+    images = [i["img"] for i in index.items(list(range(len(index)))) if i["img"]]
+    assert images and all(i.startswith("mbeir_images/") for i in images)  # the source path, for display
+    # Each row is its candidate's embedding: encoding items one by one agrees to float16 precision.
+    retriever = Retriever.from_checkpoint(evaluated["model"])
+    texts = [(row, i["txt"]) for row, i in enumerate(index.items(list(range(len(index))))) if not i["img"]]
+    direct = retriever.encode(texts=[t for _, t in texts])
+    np.testing.assert_allclose(embeddings[[r for r, _ in texts]].astype(np.float32), direct, atol=2e-3)
+
+
+def hand_recall(evaluated: dict[str, Path], task: str, pool: str, k: int) -> float:
+    """From the stored embeddings: float64 scores, sort by (score desc, id), any positive in the top k."""
+    index = EmbeddingIndex(evaluated["index"])
+    queries = EmbeddingIndex(evaluated["runs"] / "queries" / task)
+    qrels = read_qrels(evaluated["data"] / "eval/test" / task / "qrels.txt")
+    if pool == "local":
+        local = set((evaluated["data"] / "eval/test" / task / "pool/ids.txt").read_text().split())
+        rows = [r for r, i in enumerate(index.ids) if i in local]
+    else:
+        rows = list(range(len(index)))
+    c = unit_rows(index.embeddings, np.float64)
+    hits = 0
+    for q, qid in zip(unit_rows(queries.embeddings, np.float64), queries.ids, strict=True):
+        ranked = sorted(rows, key=lambda r: (-float((c[r] * q).sum()), index.ids[r]))
+        hits += any(index.ids[r] in qrels[qid] for r in ranked[:k])
+    return hits / len(queries)
+
+
+@pytest.mark.parametrize("pool", ["local", "global"])
+def test_evaluation_equals_a_hand_computation(evaluated, pool):
+    results = json.loads((evaluated["runs"] / pool / "results.json").read_text())
+    assert set(results["tasks"]) == {"emoji_task0", "emoji_task1", "emoji_task3", "emoji_task7"}
+    for task, got in results["tasks"].items():
+        for k in (1, 5, 10):
+            assert got[f"R@{k}"] == pytest.approx(hand_recall(evaluated, task, pool, k), abs=1e-12), (task, k)
+        assert Path(got["run_file"]).is_file() and Path(got["qrels_file"]).name == "qrels.txt"
+        assert got["num_queries"] == len(read_run(got["run_file"]).qids) and got["reported"] == "R@5"
+        run = read_run(got["run_file"])
+        assert all(len(r) == min(10, len(EmbeddingIndex(evaluated["index"]))) for r in run.ranked) or pool == "local"
+    average = results["average"]
+    assert average["R@1"] == pytest.approx(np.mean([t["R@1"] for t in results["tasks"].values()]))
+    assert (evaluated["runs"] / pool / "results.md").read_text().startswith("| task | queries |")
+    logged = scalars(evaluated["runs"] / pool / "tensorboard")
+    assert logged[f"eval_{pool}/average/R@5"][0][1] == pytest.approx(average["R@5"])
+
+
+def test_evaluation_twice_gives_identical_numbers(evaluated, tmp_path):
+    again = tmp_path / "runs"
+    model, index, data = evaluated["model"], evaluated["index"], evaluated["data"]
+    queries = f"{data}/eval/test/*_task*"
+    ok(lamra("retrieve", f"--model={model}", f"--index={index}", f"--queries={queries}", f"--out={again}", "--k=10"))
+    ok(lamra("evaluate", f"--runs={again / 'local'}"))
+    for task in ("emoji_task0", "emoji_task7"):
+        assert (again / "local" / f"{task}.run").read_bytes() == (evaluated["runs"] / "local" / f"{task}.run").read_bytes()
+    first = json.loads((evaluated["runs"] / "local" / "results.json").read_text())
+    second = json.loads((again / "local" / "results.json").read_text())
+    assert {t: {k: v for k, v in r.items() if k != "run_file"} for t, r in first["tasks"].items()} == {
+        t: {k: v for k, v in r.items() if k != "run_file"} for t, r in second["tasks"].items()
+    }
+    assert first["average"] == second["average"]
+
+
+def test_validate_runs_the_same_evaluation_on_task_pools(evaluated, tmp_path):
+    proc = ok(
+        lamra(
+            "validate",
+            "-c",
+            "experiments/tiny/stage2_instruct.yaml",
+            f"--model.init_args.backbone={evaluated['model']}",
+            f"--data.init_args.val_tasks={evaluated['data']}/eval/test/*_task*",
+            "--data.init_args.eval_batch_size=32",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        )
+    )
+    assert "val/average/R@5" in proc.stdout
+    logged = scalars(next(tmp_path.rglob("events.out.tfevents*")).parent)
+    local = json.loads((evaluated["runs"] / "local" / "results.json").read_text())
+    for task, got in local["tasks"].items():
+        for k in (1, 5, 10):
+            assert logged[f"val/{task}/R@{k}"][-1][1] == pytest.approx(got[f"R@{k}"]), (task, k)
+
+
+def test_search_command_and_python_api(evaluated):
+    index = EmbeddingIndex(evaluated["index"])
+    item = next(i for i in index.items(list(range(len(index)))) if i["txt"] and not i["img"])
+    hits = Retriever.from_checkpoint(evaluated["model"]).search(index, query_text=item["txt"], k=3)
+    assert [h.rank for h in hits] == [1, 2, 3] and hits[0].id == item["id"] and hits[0].score == pytest.approx(1, abs=1e-3)
+    assert hits[0].score >= hits[1].score >= hits[2].score
+    image = next(FIXTURE.rglob("*.png"))
+    proc = ok(
+        lamra("search", f"--model={evaluated['model']}", f"--index={index.path}", f"--text={item['txt']}", "--k=3")
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert len(lines) == 3 and item["id"] in lines[0] and item["txt"] in lines[0]
+    proc = ok(lamra("search", f"--model={evaluated['model']}", f"--index={index.path}", f"--image={image}", "--k=2"))
+    assert sum(line.strip()[:1].isdigit() for line in proc.stdout.splitlines()) == 2
+
+
+# ------------------------------------------------------------------------------------------------ resume
+@pytest.fixture(scope="module")
+def long_pool(tmp_path_factory) -> Path:
+    """60 shards of 5 text candidates of mixed lengths: enough chunks to kill an index run in the middle."""
+    out = tmp_path_factory.mktemp("pool") / "pool"
+    words = "red green blue apple rocket flag cat dog pizza wave thumbs heart star moon sun".split()
+    samples = (
+        encode_candidate(f"{i:06d}", id=f"c:{i}", txt=" ".join(words[(i * j) % len(words)] for j in range(3 + i % 40)), image=None)
+        for i in range(300)
+    )
+    write_shards(samples, out, maxcount=5)
+    return out
+
+
+def index_args(model: Path, pool: Path, out: Path) -> list[str]:
+    return ["index", f"--model={model}", f"--pool={pool}", f"--out={out}", "--batch_size=2", "--num_workers=0"]
+
+
+@pytest.mark.slow
+def test_index_killed_and_resumed_is_byte_identical(tiny_backbone, long_pool, tmp_path):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    ok(lamra(*index_args(tiny_backbone, long_pool, whole)))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([LAMRA, *index_args(tiny_backbone, long_pool, resumed)], cwd=ROOT, env=env)
+    parts = resumed / "parts"
+    deadline = time.time() + 300
+    while len(list(parts.glob("chunk-*.npy"))) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)  # not a polite stop
+    proc.wait()
+    done = len(list(parts.glob("chunk-*.npy")))
+    assert 3 <= done < 60 and not (resumed / "index.json").exists(), f"{done} chunks: kill came too late"
+    # What a kill during a save can leave: a temporary file, and a chunk's items without its embeddings.
+    (parts / ".chunk-000059.npy.tmp-1").write_bytes(b"half a file")
+    (parts / "chunk-000058.jsonl").write_text('{"id": "wrong"}\n')
+    with pytest.raises(Exception, match="not a complete index"):
+        EmbeddingIndex(resumed)
+
+    ok(lamra(*index_args(tiny_backbone, long_pool, resumed)))
+    for name in ("embeddings.npy", "ids.txt", "items.jsonl"):
+        assert (resumed / name).read_bytes() == (whole / name).read_bytes(), name
+    assert not parts.exists()
+
+
+# --------------------------------------------------------------------------------------------- bad input
+@pytest.fixture(scope="module")
+def other_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("others")
+    return {
+        "same_shape": build_tiny_qwen2vl(root / "seed1", seed=1),
+        "narrower": build_tiny_qwen2vl(root / "narrow", hidden_size=32),
+    }
+
+
+@pytest.mark.parametrize("which,needle", [("same_shape", "different model"), ("narrower", "64-d embeddings")])
+def test_an_index_of_another_model_is_refused(evaluated, other_models, tmp_path, which, needle):
+    out = tmp_path / "runs"
+    queries = f"{evaluated['data']}/eval/test/*_task*"
+    model = other_models[which]
+    proc = lamra("retrieve", f"--model={model}", f"--index={evaluated['index']}", f"--queries={queries}", f"--out={out}")
+    clean_error(proc, needle, str(evaluated["index"]))
+    assert not out.exists()
+    proc = lamra("search", f"--model={model}", f"--index={evaluated['index']}", "--text=apple")
+    clean_error(proc, needle)
+    # Resuming someone else's unfinished index, or overwriting a finished one of another model, is refused too.
+    index_copy = tmp_path / "index"
+    shutil.copytree(evaluated["index"], index_copy)
+    before = (index_copy / "embeddings.npy").read_bytes()
+    proc = lamra("index", f"--model={model}", f"--pool={evaluated['data']}/eval/test/global_pool", f"--out={index_copy}")
+    clean_error(proc, needle)
+    assert (index_copy / "embeddings.npy").read_bytes() == before
+
+
+@pytest.mark.parametrize("defect", ["unknown_id", "no_qrels"])
+def test_bad_run_or_qrels_is_a_clear_error_and_nothing_is_overwritten(evaluated, tmp_path, defect):
+    runs = tmp_path / "local"
+    shutil.copytree(evaluated["runs"] / "local", runs)
+    manifest = json.loads((runs / "runs.json").read_text())
+    entry = manifest["tasks"]["emoji_task3"]
+    entry["run_file"] = str(runs / "emoji_task3.run")
+    run_lines = Path(entry["run_file"]).read_text().splitlines()
+    if defect == "unknown_id":
+        fields = run_lines[4].split()
+        fields[2] = "99:12345"
+        run_lines[4] = " ".join(fields)
+        Path(entry["run_file"]).write_text("\n".join(run_lines) + "\n")
+        needles = ["emoji_task3.run", "'99:12345'", "not in the pool"]
+    else:
+        qid = run_lines[0].split()[0]
+        qrels = Path(entry["qrels_file"]).read_text().splitlines()
+        entry["qrels_file"] = str(tmp_path / "qrels.txt")
+        Path(entry["qrels_file"]).write_text("".join(f"{line}\n" for line in qrels if line.split()[0] != qid))
+        needles = ["no positive in", "qrels.txt", qid]
+    (runs / "runs.json").write_text(json.dumps(manifest))
+    before = (runs / "results.json").read_bytes()
+    clean_error(lamra("evaluate", f"--runs={runs}"), *needles)
+    assert (runs / "results.json").read_bytes() == before
