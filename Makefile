@@ -20,13 +20,18 @@ NLI_CSV ?=# a SimCSE NLI csv (sent0,sent1,hard_neg), for make convert-nli
 CKPT ?= $(RUNS)/lamra_ret_stage1/version_0/checkpoints/last.ckpt
 OUT ?= checkpoints/lamra_ret_stage1_merged
 PYTEST_ARGS ?=
+MODEL ?=# a trained retriever (a `fit` checkpoint or a merged folder), for index, retrieve, search
+SPLIT ?= test
+INDEX ?= indexes/$(SPLIT)_global# the index of DATA/eval/SPLIT/global_pool
+EVAL ?= $(RUNS)/eval_$(SPLIT)# run files and results of `make retrieve` / `make evaluate`
 
 backbone_arg = $(if $(BACKBONE),--model.init_args.backbone=$(BACKBONE))
 # quoted: the glob is expanded by lamra-pl, not the shell
 stage1_data = $(if $(DATA),'--data.init_args.train_shards=$(DATA)/train/*_task1')
 stage2_data = $(if $(DATA),'--data.init_args.train_shards=$(DATA)/train')
 
-.PHONY: venv tiny-backbone stage1 stage2 merge convert-mbeir convert-nli emoji test lint demo tensorboard clean
+.PHONY: venv tiny-backbone stage1 stage2 merge convert-mbeir convert-nli emoji index retrieve evaluate eval search \
+	test lint demo tensorboard clean
 
 venv: $(STAMP)
 
@@ -56,6 +61,21 @@ convert-mbeir: venv
 
 convert-nli: venv
 	$(LAMRA) convert-nli --csv $(NLI_CSV) --out $(DATA) $(ARGS)
+
+index: venv  # encode DATA/eval/SPLIT/global_pool with MODEL into INDEX (run again to resume)
+	$(LAMRA) index --model $(MODEL) --pool $(DATA)/eval/$(SPLIT)/global_pool --out $(INDEX) $(ARGS)
+
+retrieve: venv  # every task's queries against its local pool and the global pool: run files in EVAL/{local,global}
+	$(LAMRA) retrieve --model $(MODEL) --index $(INDEX) --queries '$(DATA)/eval/$(SPLIT)/*_task*' --out $(EVAL) $(ARGS)
+
+evaluate: venv  # Recall@K per task and averaged, local and global: EVAL/{local,global}/results.{json,md}
+	$(LAMRA) evaluate --runs $(EVAL)/local
+	$(LAMRA) evaluate --runs $(EVAL)/global
+
+eval: index retrieve evaluate  # the whole M-BEIR evaluation of MODEL on DATA's SPLIT
+
+search: venv  # e.g. make search MODEL=... ARGS='--text "a red apple" --k 5'
+	$(LAMRA) search --model $(MODEL) --index $(INDEX) $(ARGS)
 
 emoji: venv  # the embedded default data set, in M-BEIR format, then converted: make emoji DATA=demo/data
 	$(BIN)/python -m data_recipes.emoji --out demo/mbeir

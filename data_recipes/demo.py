@@ -4,8 +4,10 @@
 2. build a tiny random backbone whose tokenizer is trained on the training texts (`lamra-pl tiny-backbone`);
 3. stage 1, language-only, on the qt->ct pairs (`lamra-pl fit -c experiments/demo/stage1_text.yaml`);
 4. `lamra-pl merge`, then stage 2 on every training task (`experiments/demo/stage2_instruct.yaml`);
-5. evaluate the trained model, the untrained backbone and chance on the held-out concepts, print the table
-   and save it as `runs/demo/results.json`.
+5. for the trained model and the untrained backbone: `lamra-pl index` the global test pool, `lamra-pl retrieve`
+   the held-out queries against each task's local pool and the global pool, `lamra-pl evaluate` the run files;
+   print the table (with chance) and save it as `runs/demo/results.json`;
+6. show one `lamra-pl search` with the trained model.
 
 Each step runs the same command a user would; data and run folders are reused if already built
 (`make clean` removes them). Set DEMO_ARGS to pass extra overrides to both fits.
@@ -16,14 +18,15 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from data_recipes import emoji as emoji_recipe
-from lamra_pl.models.embedding import EmbeddingModule
-from lamra_pl.retrieval.exact import evaluate
+from lamra_pl.retrieval.metrics import chance
+from lamra_pl.retrieval.runs import read_qrels
 
 RUN = Path("runs/demo")
 DATA = Path("demo")
@@ -52,18 +55,54 @@ def training_corpus(mbeir: Path) -> Path:
     return corpus
 
 
+COLUMNS = ("trained", "untrained", "chance", "trained, global pool")
+
+
 def table(results: dict) -> str:
     lines = [
-        "| task | pool | trained R@1 / R@5 / R@10 | untrained R@1 / R@5 / R@10 | chance R@1 / R@5 / R@10 |",
-        "|---|---|---|---|---|",
+        "| task | pool | " + " | ".join(f"{c} R@1 / R@5 / R@10" for c in COLUMNS) + " |",
+        "|---|---|" + "---|" * len(COLUMNS),
     ]
     for key, r in results["tasks"].items():
-        cells = [
-            " / ".join(f"{100 * r[who][f'R@{k}']:.1f}" for k in (1, 5, 10))
-            for who in ("trained", "untrained", "chance")
-        ]
+        cells = [" / ".join(f"{100 * r[who][f'R@{k}']:.1f}" for k in (1, 5, 10)) for who in COLUMNS]
         lines.append(f"| {key} | {r['pool']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def evaluate(who: str, model: Path, data: Path) -> dict[str, dict]:
+    """index -> retrieve (local and global pools) -> evaluate, with the commands a user runs."""
+    index, runs = RUN / "index" / who, RUN / "eval" / who
+    # Derived from the model just trained: rebuilt on every run (an index refuses a different model).
+    shutil.rmtree(index, ignore_errors=True)
+    shutil.rmtree(runs, ignore_errors=True)
+    step(
+        f"indexing the test pool ({who})",
+        "index",
+        f"--model={model}",
+        f"--pool={data}/eval/test/global_pool",
+        f"--out={index}",
+    )
+    queries = f"{data}/eval/test/*_task*"
+    step(
+        f"retrieving ({who})",
+        "retrieve",
+        f"--model={model}",
+        f"--index={index}",
+        f"--queries={queries}",
+        f"--out={runs}",
+    )
+    for pool in ("local", "global"):
+        step(f"evaluating ({who}, {pool} pools)", "evaluate", f"--runs={runs / pool}")
+    return {pool: json.loads((runs / pool / "results.json").read_text())["tasks"] for pool in ("local", "global")}
+
+
+def emoji_recipe_instruction(mbeir: Path) -> str:
+    """The first instruction of the text -> image task (the one the model was trained and evaluated with)."""
+    for row in (mbeir / "instructions/query_instructions.tsv").read_text(encoding="utf-8").splitlines()[1:]:
+        cols = row.split("\t")
+        if cols[:2] == ["text", "image"]:
+            return cols[4]
+    raise SystemExit(f"{mbeir}: no text -> image instruction")
 
 
 def main() -> None:
@@ -92,21 +131,18 @@ def main() -> None:
     step("stage 2 (multimodal instruction tuning)", "fit", "-c", "experiments/demo/stage2_instruct.yaml", *extra)
     trained_at = time.time()
 
-    print("\n== evaluating on held-out concepts", flush=True)
-    trained = EmbeddingModule.load_from_checkpoint(
-        RUN / "stage2/checkpoints/last.ckpt", map_location="cpu", weights_only=True
-    )
-    untrained = EmbeddingModule(str(RUN / "backbone"), lora=None, gradient_checkpointing=False)
-    untrained.configure_model()
+    trained = evaluate("trained", RUN / "stage2/checkpoints/last.ckpt", data)
+    untrained = evaluate("untrained", RUN / "backbone", data)
     results: dict = {"tasks": {}}
     for task_dir in sorted((data / "eval" / "test").glob("*_task*")):
         info = json.loads((task_dir / "task.json").read_text())
+        positives = [len(p) for p in read_qrels(task_dir / "qrels.txt").values()]
         key = f"{info['dataset']}/{TASK_NAMES.get(info['task_id'], info['task_id'])}"
-        ours, base = evaluate(trained, task_dir), evaluate(untrained, task_dir)
         results["tasks"][key] = {
-            "trained": ours["model"],
-            "untrained": base["model"],
-            "chance": ours["chance"],
+            "trained": trained["local"][task_dir.name],
+            "untrained": untrained["local"][task_dir.name],
+            "chance": chance(info["pool"], positives, (1, 5, 10)),
+            "trained, global pool": trained["global"][task_dir.name],
             "pool": info["pool"],
             "queries": info["queries"],
         }
@@ -115,7 +151,17 @@ def main() -> None:
         "data+train": round((trained_at - start) / 60, 1),
     }
     (RUN / "results.json").write_text(json.dumps(results, indent=1))
-    print(table(results))
+    print("\n" + table(results))
+    instruction = emoji_recipe_instruction(mbeir)
+    step(
+        "one search (trained model, global test pool)",
+        "search",
+        f"--model={RUN / 'stage2/checkpoints/last.ckpt'}",
+        f"--index={RUN / 'index' / 'trained'}",
+        "--text=red apple",
+        f"--instruction={instruction}",
+        "--k=5",
+    )
     print(f"\nresults: {RUN / 'results.json'}; TensorBoard: make tensorboard RUNS={RUN}; {results['minutes']} minutes")
 
 

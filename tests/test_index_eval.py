@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from data_recipes.mbeir import convert
-from helpers import LAMRA, ROOT, lamra, scalars
+from helpers import LAMRA, ROOT, lamra, lamra_here, scalars
 from lamra_pl.data.schema import encode_candidate
 from lamra_pl.data.shards import write_shards
 from lamra_pl.models.tiny import build_tiny_qwen2vl
@@ -49,7 +49,7 @@ def evaluated(tiny_backbone, tmp_path_factory) -> dict[str, Path]:
     queries = f"{data}/eval/test/*_task*"
     ok(lamra("retrieve", f"--model={model}", f"--index={index}", f"--queries={queries}", f"--out={runs}", "--k=10"))
     for pool in ("local", "global"):
-        ok(lamra("evaluate", f"--runs={runs / pool}"))
+        ok(lamra_here("evaluate", f"--runs={runs / pool}"))
     return {"data": data, "index": index, "runs": runs, "model": Path(model)}
 
 
@@ -112,10 +112,16 @@ def test_evaluation_twice_gives_identical_numbers(evaluated, tmp_path):
     again = tmp_path / "runs"
     model, index, data = evaluated["model"], evaluated["index"], evaluated["data"]
     queries = f"{data}/eval/test/*_task*"
-    ok(lamra("retrieve", f"--model={model}", f"--index={index}", f"--queries={queries}", f"--out={again}", "--k=10"))
-    ok(lamra("evaluate", f"--runs={again / 'local'}"))
+    ok(
+        lamra_here(
+            "retrieve", f"--model={model}", f"--index={index}", f"--queries={queries}", f"--out={again}", "--k=10"
+        )
+    )
+    ok(lamra_here("evaluate", f"--runs={again / 'local'}"))
     for task in ("emoji_task0", "emoji_task7"):
-        assert (again / "local" / f"{task}.run").read_bytes() == (evaluated["runs"] / "local" / f"{task}.run").read_bytes()
+        assert (again / "local" / f"{task}.run").read_bytes() == (
+            evaluated["runs"] / "local" / f"{task}.run"
+        ).read_bytes()
     first = json.loads((evaluated["runs"] / "local" / "results.json").read_text())
     second = json.loads((again / "local" / "results.json").read_text())
     assert {t: {k: v for k, v in r.items() if k != "run_file"} for t, r in first["tasks"].items()} == {
@@ -148,34 +154,56 @@ def test_search_command_and_python_api(evaluated):
     index = EmbeddingIndex(evaluated["index"])
     item = next(i for i in index.items(list(range(len(index)))) if i["txt"] and not i["img"])
     hits = Retriever.from_checkpoint(evaluated["model"]).search(index, query_text=item["txt"], k=3)
-    assert [h.rank for h in hits] == [1, 2, 3] and hits[0].id == item["id"] and hits[0].score == pytest.approx(1, abs=1e-3)
+    assert (
+        [h.rank for h in hits] == [1, 2, 3] and hits[0].id == item["id"] and hits[0].score == pytest.approx(1, abs=1e-3)
+    )
     assert hits[0].score >= hits[1].score >= hits[2].score
     image = next(FIXTURE.rglob("*.png"))
     proc = ok(
-        lamra("search", f"--model={evaluated['model']}", f"--index={index.path}", f"--text={item['txt']}", "--k=3")
+        lamra_here("search", f"--model={evaluated['model']}", f"--index={index.path}", f"--text={item['txt']}", "--k=3")
     )
     lines = [line for line in proc.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert len(lines) == 3 and item["id"] in lines[0] and item["txt"] in lines[0]
-    proc = ok(lamra("search", f"--model={evaluated['model']}", f"--index={index.path}", f"--image={image}", "--k=2"))
+    proc = ok(
+        lamra_here("search", f"--model={evaluated['model']}", f"--index={index.path}", f"--image={image}", "--k=2")
+    )
     assert sum(line.strip()[:1].isdigit() for line in proc.stdout.splitlines()) == 2
 
 
 # ------------------------------------------------------------------------------------------------ resume
 @pytest.fixture(scope="module")
 def long_pool(tmp_path_factory) -> Path:
-    """60 shards of 5 text candidates of mixed lengths: enough chunks to kill an index run in the middle."""
+    """40 shards of 5 text candidates of mixed lengths: enough chunks to kill an index run in the middle."""
     out = tmp_path_factory.mktemp("pool") / "pool"
-    words = "red green blue apple rocket flag cat dog pizza wave thumbs heart star moon sun".split()
+    words = [
+        "red",
+        "green",
+        "blue",
+        "apple",
+        "rocket",
+        "flag",
+        "cat",
+        "dog",
+        "pizza",
+        "wave",
+        "thumbs",
+        "heart",
+        "star",
+        "moon",
+        "sun",
+    ]
     samples = (
-        encode_candidate(f"{i:06d}", id=f"c:{i}", txt=" ".join(words[(i * j) % len(words)] for j in range(3 + i % 40)), image=None)
-        for i in range(300)
+        encode_candidate(
+            f"{i:06d}", id=f"c:{i}", txt=" ".join(words[(i * j) % len(words)] for j in range(3 + i % 40)), image=None
+        )
+        for i in range(200)
     )
     write_shards(samples, out, maxcount=5)
     return out
 
 
 def index_args(model: Path, pool: Path, out: Path) -> list[str]:
-    return ["index", f"--model={model}", f"--pool={pool}", f"--out={out}", "--batch_size=2", "--num_workers=0"]
+    return ["index", f"--model={model}", f"--pool={pool}", f"--out={out}", "--batch_size=5", "--num_workers=0"]
 
 
 @pytest.mark.slow
@@ -192,10 +220,10 @@ def test_index_killed_and_resumed_is_byte_identical(tiny_backbone, long_pool, tm
     proc.send_signal(signal.SIGKILL)  # not a polite stop
     proc.wait()
     done = len(list(parts.glob("chunk-*.npy")))
-    assert 3 <= done < 60 and not (resumed / "index.json").exists(), f"{done} chunks: kill came too late"
+    assert 3 <= done < 40 and not (resumed / "index.json").exists(), f"{done} chunks: kill came too late"
     # What a kill during a save can leave: a temporary file, and a chunk's items without its embeddings.
-    (parts / ".chunk-000059.npy.tmp-1").write_bytes(b"half a file")
-    (parts / "chunk-000058.jsonl").write_text('{"id": "wrong"}\n')
+    (parts / ".chunk-000039.npy.tmp-1").write_bytes(b"half a file")
+    (parts / "chunk-000038.jsonl").write_text('{"id": "wrong"}\n')
     with pytest.raises(Exception, match="not a complete index"):
         EmbeddingIndex(resumed)
 
@@ -220,16 +248,20 @@ def test_an_index_of_another_model_is_refused(evaluated, other_models, tmp_path,
     out = tmp_path / "runs"
     queries = f"{evaluated['data']}/eval/test/*_task*"
     model = other_models[which]
-    proc = lamra("retrieve", f"--model={model}", f"--index={evaluated['index']}", f"--queries={queries}", f"--out={out}")
+    proc = lamra_here(
+        "retrieve", f"--model={model}", f"--index={evaluated['index']}", f"--queries={queries}", f"--out={out}"
+    )
     clean_error(proc, needle, str(evaluated["index"]))
     assert not out.exists()
-    proc = lamra("search", f"--model={model}", f"--index={evaluated['index']}", "--text=apple")
+    proc = lamra_here("search", f"--model={model}", f"--index={evaluated['index']}", "--text=apple")
     clean_error(proc, needle)
     # Resuming someone else's unfinished index, or overwriting a finished one of another model, is refused too.
     index_copy = tmp_path / "index"
     shutil.copytree(evaluated["index"], index_copy)
     before = (index_copy / "embeddings.npy").read_bytes()
-    proc = lamra("index", f"--model={model}", f"--pool={evaluated['data']}/eval/test/global_pool", f"--out={index_copy}")
+    proc = lamra_here(
+        "index", f"--model={model}", f"--pool={evaluated['data']}/eval/test/global_pool", f"--out={index_copy}"
+    )
     clean_error(proc, needle)
     assert (index_copy / "embeddings.npy").read_bytes() == before
 
@@ -256,5 +288,5 @@ def test_bad_run_or_qrels_is_a_clear_error_and_nothing_is_overwritten(evaluated,
         needles = ["no positive in", "qrels.txt", qid]
     (runs / "runs.json").write_text(json.dumps(manifest))
     before = (runs / "results.json").read_bytes()
-    clean_error(lamra("evaluate", f"--runs={runs}"), *needles)
+    clean_error(lamra_here("evaluate", f"--runs={runs}"), *needles)
     assert (runs / "results.json").read_bytes() == before

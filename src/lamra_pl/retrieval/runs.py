@@ -28,7 +28,9 @@ class Run:
 def format_run(qids: list[str], ranked: list[list[str]], scores: np.ndarray, tag: str) -> str:
     lines = []
     for qid, ids, row in zip(qids, ranked, scores, strict=True):
-        lines.extend(f"{qid} Q0 {did} {rank} {score:.6f} {tag}" for rank, (did, score) in enumerate(zip(ids, row), 1))
+        # `row` may be longer than `ids` (padding where the pool had fewer than k candidates).
+        entries = enumerate(zip(ids, row[: len(ids)], strict=True), start=1)
+        lines.extend(f"{qid} Q0 {did} {rank} {score:.6f} {tag}" for rank, (did, score) in entries)
     return "".join(f"{line}\n" for line in lines)
 
 
