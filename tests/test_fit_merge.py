@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from helpers import lamra, scalars
 from lamra_pl.models.backbone import LoraSpec
 from lamra_pl.models.embedding import EmbeddingModule
 from lamra_pl.models.inputs import EmbeddingCollator
+from lamra_pl.retrieval.retriever import Retriever
 from test_embedding import ITEMS
 
 
@@ -74,6 +76,13 @@ def test_merge_then_reload_gives_the_unmerged_embeddings(trained, tiny_backbone,
         e_adapter, e_merged, e_base = adapter.embed(batch), merged.embed(batch), base.embed(batch)
     torch.testing.assert_close(e_merged, e_adapter, atol=1e-4, rtol=0)
     assert (e_adapter - e_base).abs().max() > 1e-2, "training must have moved the embeddings"
+    # The Retriever loads the checkpoint and the merged folder (with its saved pooling settings) alike.
+    texts = [item.text for item in ITEMS if item.image is None]
+    from_ckpt, from_dir = Retriever.from_checkpoint(ckpt).encode(texts), Retriever.from_checkpoint(out).encode(texts)
+    np.testing.assert_allclose(from_dir, from_ckpt, atol=1e-4)
+    np.testing.assert_allclose(
+        from_ckpt, e_adapter[[i for i, item in enumerate(ITEMS) if item.image is None]], atol=1e-5
+    )
 
 
 @pytest.mark.slow

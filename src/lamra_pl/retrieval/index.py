@@ -150,8 +150,6 @@ class ChunkStore:
 
     def start(self, manifest: dict[str, Any], probe: np.ndarray) -> None:
         """Record what is being encoded; on resume, refuse a different model or different inputs."""
-        if (self.out / "index.json").is_file():
-            raise LamraError(f"{self.out} already holds a complete index; choose another folder")
         path = self.parts / "model.json"
         if path.is_file():
             recorded = json.loads(path.read_text())
