@@ -206,10 +206,17 @@ def index_args(model: Path, pool: Path, out: Path) -> list[str]:
     return ["index", f"--model={model}", f"--pool={pool}", f"--out={out}", "--batch_size=5", "--num_workers=0"]
 
 
+@pytest.fixture(scope="module")
+def whole_index(tiny_backbone, long_pool, tmp_path_factory) -> Path:
+    """The index of `long_pool` from one uninterrupted run on one process."""
+    out = tmp_path_factory.mktemp("whole") / "index"
+    ok(lamra(*index_args(tiny_backbone, long_pool, out)))
+    return out
+
+
 @pytest.mark.slow
-def test_index_killed_and_resumed_is_byte_identical(tiny_backbone, long_pool, tmp_path):
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    ok(lamra(*index_args(tiny_backbone, long_pool, whole)))
+def test_index_killed_and_resumed_is_byte_identical(tiny_backbone, long_pool, whole_index, tmp_path):
+    whole, resumed = whole_index, tmp_path / "resumed"
 
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen([LAMRA, *index_args(tiny_backbone, long_pool, resumed)], cwd=ROOT, env=env)
@@ -290,3 +297,11 @@ def test_bad_run_or_qrels_is_a_clear_error_and_nothing_is_overwritten(evaluated,
     before = (runs / "results.json").read_bytes()
     clean_error(lamra_here("evaluate", f"--runs={runs}"), *needles)
     assert (runs / "results.json").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_index_sharded_over_two_processes_equals_one(tiny_backbone, long_pool, whole_index, tmp_path):
+    one, two = whole_index, tmp_path / "two"
+    ok(lamra(*index_args(tiny_backbone, long_pool, two), "--accelerator=cpu", "--devices=2"))
+    for name in ("embeddings.npy", "ids.txt", "items.jsonl"):
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
