@@ -9,8 +9,15 @@ import webdataset as wds
 
 from conftest import text_to_image_samples
 from lamra_pl.data.datamodule import ShardDataModule
-from lamra_pl.data.schema import decode_record, format_text, with_instruction
-from lamra_pl.data.shards import count_samples, eval_pipeline, expand_shards, train_pipeline, write_shards
+from lamra_pl.data.schema import Item, Record, decode_record, format_text, with_instruction
+from lamra_pl.data.shards import (
+    count_samples,
+    eval_pipeline,
+    evaluation_query,
+    expand_shards,
+    train_pipeline,
+    write_shards,
+)
 from lamra_pl.errors import BadSampleError, LamraError
 
 
@@ -77,3 +84,21 @@ def test_instruction_is_prepended_and_formatted():
         == "Find an image that matches the caption a dog."
     )
     assert with_instruction(None, "raw text") == "raw text"
+
+
+def test_evaluation_instruction_is_deterministic_per_query():
+    records = [
+        Record(
+            key=f"k{i}",
+            qid=f"9:{i}",
+            query=Item(f"9:{i}", text=f"query {i}"),
+            positives=[Item("9:0", text="x")],
+            instructions=["Find A.", "Find B.", "Find C.", "Find D."],
+        )
+        for i in range(40)
+    ]
+    assert all(evaluation_query(r).text == f"Find A. query {i}." for i, r in enumerate(records))  # first prompt
+    seeded = {r.qid: evaluation_query(r, 7).text for r in records}
+    assert {r.qid: evaluation_query(r, 7).text for r in reversed(records)} == seeded  # order does not matter
+    assert len({t.split()[1] for t in seeded.values()}) == 4  # all four prompts drawn across queries
+    assert {r.qid: evaluation_query(r, 8).text for r in records} != seeded
