@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def main() -> None:
     parser.add_argument("--query-batch", type=int, default=1024)
     parser.add_argument("--block-rows", type=int, default=131072)
     parser.add_argument("--backends", nargs="+", default=["faiss", "torch"], choices=["faiss", "torch"])
-    parser.add_argument("--pool", type=Path, default=Path("/tmp/lamra_bench/pool.npy"))
+    parser.add_argument("--pool", type=Path, default=Path(tempfile.gettempdir()) / "lamra_bench" / "pool.npy")
     args = parser.parse_args()
 
     start = time.perf_counter()
