@@ -82,8 +82,8 @@ emoji: venv  # the embedded default data set, in M-BEIR format, then converted: 
 	$(LAMRA) convert-mbeir --root demo/mbeir --out $(or $(DATA),demo/data)
 
 lint: venv
-	$(BIN)/ruff check src tests data_recipes
-	$(BIN)/ruff format --check src tests data_recipes
+	$(BIN)/ruff check src tests data_recipes experiments
+	$(BIN)/ruff format --check src tests data_recipes experiments
 
 test: venv lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

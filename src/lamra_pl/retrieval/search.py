@@ -23,6 +23,7 @@ import torch
 from lamra_pl.errors import LamraError
 
 Backend = Literal["auto", "faiss", "torch"]
+RESCORE_BYTES = 2**27  # memory for the float64 rows of one rescoring pass
 TOLERANCE = 1e-5  # far above float32's error on a dot product of unit vectors, far below real score gaps
 
 
@@ -140,8 +141,9 @@ def _rescore(candidates: np.ndarray, queries: np.ndarray, found: _Found, tie: np
     width = found.rows.shape[1]
     scores = np.full((len(q64), width), -np.inf)
     valid = found.rows >= 0
-    for start in range(0, len(q64), 256):
-        part = slice(start, start + 256)
+    step = max(1, RESCORE_BYTES // (max(width, 1) * q64.shape[1] * 8))  # float64 candidate rows per pass
+    for start in range(0, len(q64), step):
+        part = slice(start, start + step)
         rows = found.rows[part]
         c64 = unit_rows(candidates[np.where(rows >= 0, rows, 0).ravel()], np.float64).reshape(*rows.shape, -1)
         # One elementwise product and sum per (query, candidate): equal vectors get bit-equal scores.
