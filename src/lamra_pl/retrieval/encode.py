@@ -191,15 +191,16 @@ def encode(
     bucket: bool = True,
     instruction_seed: int | None = None,
     trainer: Trainer | None = None,
+    probe: np.ndarray | None = None,
 ) -> bool:
     """Encode every job into its index folder (resuming unfinished ones); True on rank 0, False elsewhere.
 
     `trainer` decides devices and precision (default: one device, no logger). Under DDP every rank encodes its
-    chunks, then rank 0 assembles the indexes.
+    chunks, then rank 0 assembles the indexes. `probe`: the model's `probe_embeddings`, if already computed.
     """
     trainer = trainer or encode_trainer()
     seeds = [instruction_seed if job.kind == "queries" else None for job in jobs]
-    probe = probe_embeddings(module)
+    probe = probe_embeddings(module) if probe is None else probe
     finished = [_finished(job, seed, probe) for job, seed in zip(jobs, seeds, strict=True)]
     jobs = [job for job, done in zip(jobs, finished, strict=True) if not done]
     chunks = plan(jobs)

@@ -34,19 +34,19 @@ MANIFEST = "runs.json"
 def score_task(
     qids: list[str],
     ranked: np.ndarray,
-    pool_ids: list[str],
+    row_of: dict[str, int],
     qrels: dict[str, set[str]],
     ks: tuple[int, ...] = KS,
     qrels_file: str = "qrels",
 ) -> dict[str, float]:
-    """Recall@K of rankings given as [Q, K] row numbers into `pool_ids` (RANK_PAD for missing results).
+    """Recall@K of rankings given as [Q, K] pool row numbers (RANK_PAD for missing results); `row_of` maps each
+    pool id to its row.
 
     Every query needs at least one qrels line. Positives absent from the pool count (they cannot be found).
     """
     no_qrels = [q for q in qids if not qrels.get(q)]
     if no_qrels:
         raise LamraError(f"{len(no_qrels)} queries have no positive in {qrels_file}, e.g. {no_qrels[:3]}")
-    row_of = {i: row for row, i in enumerate(pool_ids)}
     positives = pad_positives([[row_of[d] for d in qrels[q] if d in row_of] for q in qids])
     return recall_at_k(ranked, positives, ks)
 
@@ -81,7 +81,8 @@ def evaluate_embeddings(
             pool.astype(np.float16), queries.astype(np.float16), max(ks), tie_key=id_ranks(pool_ids), backend="torch"
         )
         qrels_file = Path(task_dir) / "qrels.txt"
-        scores = score_task(qids, found.rows, pool_ids, read_qrels(qrels_file), ks, str(qrels_file))
+        row_of = {i: row for row, i in enumerate(pool_ids)}
+        scores = score_task(qids, found.rows, row_of, read_qrels(qrels_file), ks, str(qrels_file))
         tasks[Path(task_dir).name] = {**scores, "reported": f"R@{info['recall_k']}", "num_queries": len(qids)}
     return {"tasks": tasks, "average": summarise(tasks, ks)}
 
@@ -94,19 +95,23 @@ def evaluate_runs(runs_dir: str | Path, ks: tuple[int, ...] = KS) -> dict[str, A
         raise LamraError(f"{runs_dir} has no {MANIFEST}: give a folder written by `lamra-pl retrieve`")
     manifest = json.loads(manifest_file.read_text())
     tasks: dict[str, dict[str, Any]] = {}
+    pools: dict[str, dict[str, int]] = {}  # id -> row per pool file: the global pool is shared by every task
     for name, entry in manifest["tasks"].items():
         run_file, qrels_file = Path(entry["run_file"]), Path(entry["qrels_file"])
         info = json.loads(Path(entry["task_file"]).read_text())
-        pool_ids = Path(entry["pool_ids"]).read_text().splitlines()
+        if entry["pool_ids"] not in pools:
+            ids = Path(entry["pool_ids"]).read_text().splitlines()
+            pools[entry["pool_ids"]] = {i: row for row, i in enumerate(ids)}
+        row_of = pools[entry["pool_ids"]]
         run = read_run(run_file)
         qrels = read_qrels(qrels_file)
-        ranked = _rows(run.ranked, pool_ids, run_file, entry["pool_ids"], max(ks))
+        ranked = _rows(run.ranked, row_of, run_file, entry["pool_ids"], max(ks))
         missing = sorted(set(qrels) - set(run.qids))
         if missing:
             raise LamraError(
                 f"{run_file} has no ranking for {len(missing)} queries of {qrels_file}, e.g. {missing[:3]}"
             )
-        scores = score_task(run.qids, ranked, pool_ids, qrels, ks, str(qrels_file))
+        scores = score_task(run.qids, ranked, row_of, qrels, ks, str(qrels_file))
         tasks[name] = {
             **scores,
             "reported": f"R@{info['recall_k']}",
@@ -117,8 +122,7 @@ def evaluate_runs(runs_dir: str | Path, ks: tuple[int, ...] = KS) -> dict[str, A
     return {"pool": manifest["pool"], "tasks": tasks, "average": summarise(tasks, ks)}
 
 
-def _rows(ranked: list[list[str]], pool_ids: list[str], run_file: Path, pool_file: str, depth: int) -> np.ndarray:
-    row_of = {i: row for row, i in enumerate(pool_ids)}
+def _rows(ranked: list[list[str]], row_of: dict[str, int], run_file: Path, pool_file: str, depth: int) -> np.ndarray:
     width = max(depth, max((len(r) for r in ranked), default=0))
     out = np.full((len(ranked), width), RANK_PAD, dtype=np.int64)
     for q, ids in enumerate(ranked):

@@ -56,7 +56,8 @@ def retrieve(
 ) -> dict[str, Path]:
     """Encode each task's queries, search the index, write run files; returns {pool: run folder} on rank 0."""
     index = EmbeddingIndex(index_dir)
-    index.check_model(probe_embeddings(module))
+    probe = probe_embeddings(module)
+    index.check_model(probe)
     tasks = task_dirs(queries)
     out_dir = Path(out)
     subsets = {t.name: _local_rows(t, index) for t in tasks} if "local" in pools else {}
@@ -69,6 +70,7 @@ def retrieve(
         num_workers=num_workers,
         instruction_seed=instruction_seed,
         trainer=trainer,
+        probe=probe,
     ):
         return {}
     written: dict[str, Path] = {}
