@@ -87,13 +87,15 @@ def load_processor(
     max_pixels: int | None = None,
     padding_side: Literal["left", "right"] | None = None,
     trust_remote_code: bool = False,
+    add_emb_token: bool = True,
 ) -> ProcessorMixin:
-    """The checkpoint's processor with `<emb>` added; image resizing bounds and padding side overridable."""
+    """The checkpoint's processor with `<emb>` added (unless `add_emb_token=False`: the reranker has no use for
+    it); image resizing bounds and padding side overridable."""
     p = checkpoint_dir(path)
     model_type(p)
     processor = AutoProcessor.from_pretrained(p, trust_remote_code=trust_remote_code)
     tokenizer = processor.tokenizer
-    if EMB_TOKEN not in tokenizer.get_vocab():
+    if add_emb_token and EMB_TOKEN not in tokenizer.get_vocab():
         # A normal added token (LamRA's choice): it is never a pooling position itself, so its row stays
         # untrained and is only a marker that the pooled position is the token before it.
         tokenizer.add_tokens([EMB_TOKEN])

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import asdict
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
-from transformers import BatchFeature, get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+from transformers import BatchFeature
 
-from lamra_pl.data.schema import SKIP_REASONS
 from lamra_pl.errors import LamraError
 from lamra_pl.losses import (
     all_gather_no_grad,
@@ -24,12 +20,12 @@ from lamra_pl.losses import (
     info_nce,
     rank_and_world,
 )
-from lamra_pl.models.backbone import EMB_TOKEN, DType, LoraSpec, hf_model, load_backbone, load_processor
+from lamra_pl.models.backbone import EMB_TOKEN, DType, LoraSpec
+from lamra_pl.models.base import BackboneModule, Rope
 from lamra_pl.models.inputs import EmbeddingCollator
 from lamra_pl.retrieval.evaluate import evaluate_embeddings
 
 Pooling = Literal["before_emb", "last_token"]
-Rope = Literal["model", "1d"]
 
 
 def pooling_index(
@@ -50,26 +46,15 @@ def pooling_index(
     return hits.int().argmax(-1) - 1
 
 
-class EmbeddingModule(LightningModule):
+class EmbeddingModule(BackboneModule):
     """Queries and candidates (text, image or both; an optional instruction on the query) -> unit vectors.
 
-    Args:
-        backbone: local directory of a Hugging Face checkpoint (Qwen2-VL, Qwen2.5-VL); never downloaded.
-        lora: LoRA on the language model's linear layers; null for full fine-tuning of the language model.
+    Args (besides those of `BackboneModule`: backbone, lora, rope, min/max_pixels, padding_side, freezing, dtype,
+    attn_implementation, gradient_checkpointing, trust_remote_code, optimizer, warmup_ratio, lr_schedule):
         pooling: "before_emb" (LamRA) or "last_token".
-        rope: "model" uses the backbone's own positions (mRoPE for Qwen2-VL images); "1d" reproduces the LamRA
-            reference, which ran the decoder with plain sequential positions, image patches included.
-            Both count positions over non-padding tokens, so padding never moves them.
         temperature: InfoNCE temperature (LamRA: 0.05); `learnable_temperature` trains it, CLIP-style.
         max_text_tokens: texts are cut to this many tokens before the prompt is built (LamRA: 480).
-        min_pixels, max_pixels: image resizing bounds given to the processor (LamRA: 4*28*28, 300*28*28).
-        padding_side: override the tokenizer's padding side.
-        train_vision_tower, train_projector: unfreeze these (frozen by default, as in LamRA).
-        dtype: weight dtype of the base model ("auto": the checkpoint's). LoRA weights stay float32.
-        gradient_checkpointing: non-reentrant activation checkpointing in the decoder.
-        optimizer: built in `configure_optimizers` from trainable parameters only.
-        warmup_ratio, lr_schedule: linear warmup over this fraction of `trainer.max_steps`, then cosine to 0
-            (or constant).
+        min_pixels, max_pixels: LamRA: 4*28*28, 300*28*28.
     """
 
     def __init__(
@@ -94,84 +79,25 @@ class EmbeddingModule(LightningModule):
         warmup_ratio: float = 0.03,
         lr_schedule: Literal["cosine", "constant"] = "cosine",
     ) -> None:
-        super().__init__()
-        if isinstance(lora, dict):  # from a checkpoint's hyper_parameters
-            lora = LoraSpec(**lora)
         if temperature <= 0:
             raise LamraError(f"model.temperature must be positive, got {temperature}")
-        # Plain values only, so checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters(ignore=["optimizer", "lora"])
-        self.hparams["lora"] = asdict(lora) if lora is not None else None
-        self.lora = lora
-        self.optimizer_factory = optimizer
-        self.processor = load_processor(
-            backbone,
-            min_pixels=min_pixels,
-            max_pixels=max_pixels,
-            padding_side=padding_side,
-            trust_remote_code=trust_remote_code,
-        )
+        super().__init__(lora=lora, optimizer=optimizer, add_emb_token=True)
         self.emb_token_id = self.processor.tokenizer.convert_tokens_to_ids(EMB_TOKEN)
         log_scale = torch.tensor(math.log(1.0 / temperature))
         if learnable_temperature:
             self.log_logit_scale = torch.nn.Parameter(log_scale)
         else:
             self.register_buffer("log_logit_scale", log_scale, persistent=False)
-        self.model: torch.nn.Module | None = None
-        self.skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
         self._retrieval: list[tuple[str, str, list[str], np.ndarray]] = []  # validation embeddings, per batch
-        # Checkpoints hold trainable weights only; `on_load_checkpoint` checks that none is missing.
-        self.strict_loading = False
-
-    # ----------------------------------------------------------------------------------------- model
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        h = self.hparams
-        self.model = load_backbone(
-            h.backbone,
-            vocab_size=len(self.processor.tokenizer),
-            lora=self.lora,
-            train_vision_tower=h.train_vision_tower,
-            train_projector=h.train_projector,
-            dtype=h.dtype,
-            attn_implementation=h.attn_implementation,
-            gradient_checkpointing=h.gradient_checkpointing,
-            trust_remote_code=h.trust_remote_code,
-        )
-        # from_pretrained returns eval mode and Lightning does not call train(): without this, LoRA dropout and
-        # activation checkpointing (both active only in training mode) would silently stay off during fit.
-        self.model.train(self.training)
-
-    @property
-    def trunk(self) -> torch.nn.Module:
-        """The backbone without its LM head: last-layer hidden states are all an embedding needs."""
-        if self.model is None:
-            raise LamraError("the model is not built yet: call configure_model() first")
-        return hf_model(self.model).base_model
 
     def collator(self) -> EmbeddingCollator:
         return EmbeddingCollator(self.processor, max_text_tokens=self.hparams.max_text_tokens)
 
-    def position_ids(self, inputs: BatchFeature) -> torch.Tensor:
-        mask = inputs["attention_mask"]
-        trunk = self.trunk
-        if self.hparams.rope == "model" and "image_grid_thw" in inputs and hasattr(trunk, "get_rope_index"):
-            positions, _ = trunk.get_rope_index(
-                inputs["input_ids"],
-                mm_token_type_ids=inputs["mm_token_type_ids"],
-                image_grid_thw=inputs["image_grid_thw"],
-                attention_mask=mask,
-            )
-            return positions
-        # Sequential positions over real tokens, as generate() builds them for left padding.
-        return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
     def embed(self, inputs: BatchFeature) -> torch.Tensor:
         """L2-normalised float32 embeddings, one per row of a processor batch."""
-        out = self.trunk(**inputs, position_ids=self.position_ids(inputs), use_cache=False)
+        states = self.hidden_states(inputs)
         index = pooling_index(inputs["input_ids"], inputs["attention_mask"], self.emb_token_id, self.hparams.pooling)
-        pooled = out.last_hidden_state[torch.arange(index.numel(), device=index.device), index]
+        pooled = states[torch.arange(index.numel(), device=index.device), index]
         return F.normalize(pooled.float(), dim=-1)
 
     def forward(self, inputs: BatchFeature) -> torch.Tensor:
@@ -258,51 +184,3 @@ class EmbeddingModule(LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         """Embeddings of an encoding batch (`lamra_pl.retrieval.encode`); None for an empty shard."""
         return None if batch["items"] is None else self.embed(batch["items"])
-
-    def _count_skips(self, batch: dict[str, Any]) -> None:
-        skipped = batch.get("skipped")
-        if skipped is not None:
-            self.skipped += skipped.cpu()
-        for reason, count in zip(SKIP_REASONS, self.skipped.tolist(), strict=True):
-            # Cumulative per rank, summed over ranks: equal batch counts per rank make this safe per step.
-            self.log(f"data/skipped_{reason}", float(count), reduce_fx="sum", sync_dist=True, batch_size=1)
-
-    def on_train_end(self) -> None:
-        totals = {
-            reason: int(self.trainer.callback_metrics.get(f"data/skipped_{reason}", 0)) for reason in SKIP_REASONS
-        }
-        rank_zero_info(f"lamra-pl: training samples skipped: {totals}")
-
-    # ------------------------------------------------------------------------------------- optimizer
-    def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
-            raise LamraError("nothing to train: LoRA is off and every part of the backbone is frozen")
-        optimizer = self.optimizer_factory(params)
-        total = self.trainer.max_steps
-        if total is None or total <= 0:
-            raise LamraError(
-                "trainer.max_steps must be set: streamed shards have no length, and the LR schedule needs one"
-            )
-        warmup = math.ceil(self.hparams.warmup_ratio * total)
-        if self.hparams.lr_schedule == "cosine":
-            scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
-        else:
-            scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    # ------------------------------------------------------------------------------------ checkpoints
-    def trainable_names(self) -> set[str]:
-        return {name for name, p in self.named_parameters() if p.requires_grad}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep = self.trainable_names()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        missing = sorted(self.trainable_names() - set(checkpoint["state_dict"]))
-        if missing:
-            raise LamraError(
-                f"checkpoint does not match the model config: {len(missing)} trainable tensors are missing, "
-                f"e.g. {missing[:3]} (is the LoRA rank, target list or freezing the same as in training?)"
-            )
