@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from lamra_pl.data.schema import Example
-from lamra_pl.data.shards import count_samples, eval_pipeline, expand_shards, train_pipeline
+from lamra_pl.data.shards import Collator, count_samples, eval_pipeline, expand_shards, train_pipeline
 from lamra_pl.errors import BadSampleError, LamraError
 from lamra_pl.retrieval.encode import ChunkedItems, Job, plan
 from lamra_pl.retrieval.retrieve import task_dirs
-
-Collate = Callable[[list[Example]], dict[str, Any]]
 
 
 class ShardDataModule(LightningDataModule):
@@ -23,7 +19,8 @@ class ShardDataModule(LightningDataModule):
 
     Training resamples shards endlessly and cuts epochs with `with_epoch`, so every rank sees the same number
     of equal-size batches (DDP needs it). Evaluation reads each sample once, deterministically.
-    The collate function comes from the LightningModule (`collator()`): it knows the prompts and processor.
+    The collator comes from the LightningModule (`collator()`, a `shards.Collator`): it knows how a record becomes
+    an example (the retriever's positive/instruction/negatives, or a reranker sample's chats) and the prompts.
 
     Args:
         train_shards, val_shards, test_shards: a shard folder or a brace pattern of .tar files; validation on
@@ -61,7 +58,7 @@ class ShardDataModule(LightningDataModule):
         if batch_size < 1 or num_negatives < 0 or num_workers < 0:
             raise LamraError("data.batch_size must be >= 1, num_negatives and num_workers >= 0")
         self.save_hyperparameters()
-        self.collate: Collate | None = None
+        self.collate: Collator | None = None
         self.rank, self.world = 0, 1
 
     def setup(self, stage: str) -> None:
@@ -137,7 +134,7 @@ class ShardDataModule(LightningDataModule):
             raise LamraError(f"data.{key} is not set")
         return expand_shards(spec)
 
-    def _collate(self) -> Collate:
+    def _collate(self) -> Collator:
         if self.collate is None:
             raise LamraError("ShardDataModule has no collate function: attach it to a Trainer or set .collate")
         return self.collate

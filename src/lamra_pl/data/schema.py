@@ -10,7 +10,8 @@ One WebDataset sample is one query with its candidates. Its members share a key 
                                                                     # path in the original data set
      "instructions": ["Find an image that matches the caption."],   # choices; may be empty
      "positives": [{"id": "9:4410", "txt": null, "img": "pos0.jpg", "modality": "image"}],   # at least one
-     "negatives": [{"id": "9:77", "txt": null, "img": "neg0.jpg", "modality": "image"}]}     # optional
+     "negatives": [{"id": "9:77", "txt": null, "img": "neg0.jpg", "modality": "image"}],    # optional
+     "rerank": {...}}                    # reranker samples only (`lamra-pl rerank-data`): see rerank_example
 
 * one member per image, named by the record's `img` field (`<key>.query.png`, `<key>.pos0.jpg`, ...), holding
   the encoded image file as it was (never re-encoded).
@@ -63,6 +64,7 @@ class Record:
     negatives: list[Item] = field(default_factory=list)
     instructions: list[str] = field(default_factory=list)
     task_id: int | None = None
+    rerank: dict[str, Any] | None = None  # reranker samples: lamra_pl.models.rerank_inputs.rerank_example
 
 
 @dataclass
@@ -107,10 +109,12 @@ def encode_record(
     negatives: list[dict[str, Any]] = (),  # type: ignore[assignment]
     instructions: list[str] = (),  # type: ignore[assignment]
     task_id: int | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A WebDataset sample dict from a record whose items carry `txt` and `image` (encoded bytes + extension).
 
-    Each item is `{"id", "txt", "image": (bytes, "jpg") | None}`; the query needs no id.
+    Each item is `{"id", "txt", "image": (bytes, "jpg") | None}`; the query needs no id. `extra` adds fields to
+    the record (e.g. "rerank").
     """
     if "." in key:
         raise BadSampleError(f"sample key {key!r} contains a dot; WebDataset splits keys at the first dot")
@@ -139,6 +143,7 @@ def encode_record(
         "instructions": list(instructions),
         "positives": [item(p, f"pos{i}", True) for i, p in enumerate(positives)],
         "negatives": [item(n, f"neg{i}", True) for i, n in enumerate(negatives)],
+        **(extra or {}),
     }
     sample["json"] = json.dumps(record, ensure_ascii=False).encode()
     return sample
@@ -180,6 +185,7 @@ def decode_record(sample: dict[str, Any]) -> Record:
         negatives=[item(n, "", f"negatives[{i}]") for i, n in enumerate(record.get("negatives") or [])],
         instructions=list(record.get("instructions") or []),
         task_id=record.get("task_id"),
+        rerank=record.get("rerank"),
     )
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import braceexpand
 import torch
@@ -96,6 +96,15 @@ def count_samples(urls: list[str]) -> int | None:
     return total
 
 
+class Collator(Protocol):
+    """What a LightningModule's `collator()` gives the data pipelines: how one record becomes a training example
+    (`choose`, seeded by `rng`; `rng=None` is the deterministic evaluation choice) and how examples become a batch."""
+
+    def choose(self, record: Record, rng: random.Random | None, num_negatives: int) -> Any: ...
+
+    def __call__(self, examples: list[Any]) -> dict[str, Any]: ...
+
+
 # ------------------------------------------------------------------------------------ pipeline stages
 @dataclass
 class Skip:
@@ -121,9 +130,15 @@ def to_records(samples: Iterator[dict[str, Any]]) -> Iterator[Record | Skip | Fa
 
 
 def to_examples(
-    records: Iterator[Record | Skip | Failure], *, num_negatives: int, seed: int | None, rank: int
-) -> Iterator[Example | Skip | Failure]:
-    """Pick one positive, one instruction and `num_negatives` hard negatives per query.
+    records: Iterator[Record | Skip | Failure],
+    *,
+    choose: Callable[[Record, random.Random | None, int], Any],
+    num_negatives: int,
+    seed: int | None,
+    rank: int,
+) -> Iterator[Any]:
+    """One example per record, by `choose` (the retriever's: one positive, one instruction, `num_negatives`
+    hard negatives).
 
     `seed=None` is the deterministic evaluation choice (first of each); otherwise choices are random with a
     seed distinct per rank and worker.
@@ -142,7 +157,7 @@ def to_examples(
                 f"data.num_negatives is {num_negatives}"
             )
             continue
-        yield choose_example(record, rng, num_negatives)
+        yield choose(record, rng, num_negatives)
 
 
 def choose_example(record: Record, rng: random.Random | None, num_negatives: int) -> Example:
@@ -180,10 +195,10 @@ def evaluation_query(record: Record, instruction_seed: int | None = None) -> Ite
 
 
 def to_batches(
-    examples: Iterator[Example | Skip | Failure],
+    examples: Iterator[Any],
     *,
     batch_size: int,
-    collate: Callable[[list[Example]], dict[str, Any]],
+    collate: Callable[[list[Any]], dict[str, Any]],
     partial_last: bool,
 ) -> Iterator[dict[str, Any]]:
     """Collated batches, each carrying the counts of samples skipped since the previous batch.
@@ -230,7 +245,7 @@ def train_pipeline(
     urls: list[str],
     *,
     batch_size: int,
-    collate: Callable[[list[Example]], dict[str, Any]],
+    collate: Collator,
     num_negatives: int,
     seed: int,
     rank: int,
@@ -242,7 +257,7 @@ def train_pipeline(
         wds.tarfile_to_samples(),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed + rank),
         partial(to_records),
-        partial(to_examples, num_negatives=num_negatives, seed=seed, rank=rank),
+        partial(to_examples, choose=collate.choose, num_negatives=num_negatives, seed=seed, rank=rank),
         partial(to_batches, batch_size=batch_size, collate=collate, partial_last=False),
     )
 
@@ -251,7 +266,7 @@ def eval_pipeline(
     urls: list[str],
     *,
     batch_size: int,
-    collate: Callable[[list[Example]], dict[str, Any]],
+    collate: Collator,
     num_negatives: int,
     rank: int,
     world: int,
@@ -263,6 +278,6 @@ def eval_pipeline(
         wds.split_by_worker,
         wds.tarfile_to_samples(),
         partial(to_records),
-        partial(to_examples, num_negatives=num_negatives, seed=None, rank=rank),
+        partial(to_examples, choose=collate.choose, num_negatives=num_negatives, seed=None, rank=rank),
         partial(to_batches, batch_size=batch_size, collate=collate, partial_last=True),
     )

@@ -13,6 +13,7 @@ import torch
 from transformers import BatchFeature, ProcessorMixin
 
 from lamra_pl.data.schema import Example, Item
+from lamra_pl.data.shards import choose_example
 from lamra_pl.errors import LamraError
 from lamra_pl.models.backbone import EMB_TOKEN
 
@@ -28,6 +29,16 @@ ASSISTANT = f"{EMB_TOKEN}."
 def stable_id(value: str) -> int:
     """A process-independent non-negative int64 for a string id (Python's hash() is salted per process)."""
     return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
+
+
+def truncate_text(tokenizer: Any, item: Item, max_tokens: int | None) -> Item:
+    """`item` with its text cut to `max_tokens` tokens (an encode/decode round trip, as LamRA does)."""
+    if item.text is None or max_tokens is None:
+        return item
+    ids = tokenizer(item.text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return item
+    return Item(item.id, tokenizer.decode(ids[:max_tokens]), item.image, item.source)
 
 
 def embedding_messages(item: Item) -> list[dict[str, Any]]:
@@ -47,6 +58,8 @@ class EmbeddingCollator:
     Candidates are laid out `[positives (B); negatives (B*k, query-major)]`. Texts longer than
     `max_text_tokens` are cut by tokens before the prompt is built, so `<emb>` can never be cut off.
     """
+
+    choose = staticmethod(choose_example)
 
     def __init__(self, processor: ProcessorMixin, max_text_tokens: int | None = 480) -> None:
         self.processor = processor
@@ -78,13 +91,7 @@ class EmbeddingCollator:
         }
 
     def _truncated(self, item: Item) -> Item:
-        if item.text is None or self.max_text_tokens is None:
-            return item
-        tokenizer = self.processor.tokenizer
-        ids = tokenizer(item.text, add_special_tokens=False)["input_ids"]
-        if len(ids) <= self.max_text_tokens:
-            return item
-        return Item(item.id, tokenizer.decode(ids[: self.max_text_tokens]), item.image, item.source)
+        return truncate_text(self.processor.tokenizer, item, self.max_text_tokens)
 
     def length(self, item: Item) -> int:
         """About how many tokens `item` becomes (text tokens + one per 28x28 image patch): the bucketing key."""

@@ -1,0 +1,229 @@
+"""LamRA-Rank's chat prompts, and the collator that turns reranker examples into labelled processor batches.
+
+Pointwise: the query and one candidate; the assistant answers "Yes" or "No". Listwise: the query and K candidates
+numbered (1)..(K); the assistant answers "Ans: (k)" for the best one. The instruction texts are LamRA's, verbatim
+(including its runs of spaces and the typo "responed"), so that LamRA-Rank checkpoints see the prompts they were
+trained on (spec lamra.md section 4).
+
+Training labels cover the assistant's answer and its end-of-turn token, found from the chat template's own
+structure: the conversation rendered with the answer must extend the prompt rendered with
+`add_generation_prompt=True`, and its tail (everything after the prompt) must tokenize to the same ids inside the
+sequence as alone. Nothing depends on a tokenizer's special-token ids or on the padding side.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import BatchFeature, ProcessorMixin
+
+from lamra_pl.data.schema import Item, Record, with_instruction
+from lamra_pl.errors import BadSampleError, LamraError
+from lamra_pl.models.inputs import truncate_text
+
+POINTWISE_INSTRUCTION = (
+    "I will provide you with a query and a candidate. Please evaluate whether the candidate"
+    + " " * 24
+    + "meets the requirements of the query. If it does, respond with 'Yes'; if it doesn't, responed with 'No'."
+)
+LISTWISE_INSTRUCTION = (
+    "I will provide you with a query followed by multiple candidates in the format: (1) cand1 (2) cand2, etc. "
+    "Each candidate is independent of the others."
+    + " "
+    * 25
+    + "Evaluate each candidate against the query, and respond with the number corresponding to the candidate that "
+    "best meets the requirements of the query."
+)
+YES, NO = "Yes", "No"
+LIST_ANSWER = "Ans: ({})"
+LIST_PREFIX = LIST_ANSWER.split("{}")[0]  # teacher-forced before the index at scoring time
+MAX_LIST = 9  # candidate numbers must be single tokens; "(10)" would be two digits
+IGNORE = -100  # the label of every position the loss skips
+
+
+@dataclass
+class RerankExample:
+    """One query's reranker training chats: pointwise (candidate, is it a match) pairs, and one listwise list
+    whose `answer` (1-based) is the position of the positive, or no list."""
+
+    query: Item
+    pointwise: list[tuple[Item, bool]]
+    listwise: list[Item]
+    answer: int | None
+
+
+def _content(item: Item) -> list[dict[str, Any]]:
+    # The chat template only needs the placeholder; the image rides along (under a key templates ignore) so
+    # that `_images` can hand the processor every image in placeholder order.
+    parts: list[dict[str, Any]] = [{"type": "image", "_image": item.image}] if item.image is not None else []
+    return parts + ([{"type": "text", "text": item.text}] if item.text is not None else [])
+
+
+def pointwise_messages(query: Item, candidate: Item, answer: str | None = None) -> list[dict[str, Any]]:
+    content = [{"type": "text", "text": POINTWISE_INSTRUCTION}, {"type": "text", "text": "Query:"}]
+    content += [*_content(query), {"type": "text", "text": "Candidate:"}, *_content(candidate)]
+    return _chat(content, answer)
+
+
+def listwise_messages(query: Item, candidates: list[Item], answer: int | None = None) -> list[dict[str, Any]]:
+    content = [{"type": "text", "text": LISTWISE_INSTRUCTION}, {"type": "text", "text": "Query:"}]
+    content += [*_content(query), {"type": "text", "text": "Candidates:"}]
+    for i, candidate in enumerate(candidates, start=1):
+        content += [{"type": "text", "text": f"({i}) "}, *_content(candidate)]
+    return _chat(content, None if answer is None else LIST_ANSWER.format(answer))
+
+
+def _chat(content: list[dict[str, Any]], answer: str | None) -> list[dict[str, Any]]:
+    messages = [{"role": "user", "content": content}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
+
+
+def rerank_example(record: Record) -> RerankExample:
+    """The example stored in a `lamra-pl rerank-data` sample (all choices were made, seeded, when it was written).
+
+    The record's `rerank` field refers to its candidates by number: 0 is `positives[0]`, i > 0 is
+    `negatives[i - 1]`: {"pointwise": [[0, true], [1, false]], "listwise": [2, 0, 1], "answer": 2}.
+    """
+    spec = record.rerank
+    if spec is None:
+        raise BadSampleError(
+            f"sample {record.key!r} (qid {record.qid}) has no 'rerank' field: reranker training reads shards "
+            "written by `lamra-pl rerank-data`"
+        )
+    candidates = [record.positives[0], *record.negatives]
+    try:
+        pointwise = [(candidates[i], bool(label)) for i, label in spec.get("pointwise") or []]
+        listwise = [candidates[i] for i in spec.get("listwise") or []]
+    except (IndexError, TypeError, ValueError) as err:
+        raise BadSampleError(f"sample {record.key!r} (qid {record.qid}): malformed 'rerank' field ({err})") from None
+    answer = spec.get("answer") if listwise else None
+    if listwise and not (isinstance(answer, int) and 1 <= answer <= len(listwise)):
+        raise BadSampleError(f"sample {record.key!r}: listwise answer {answer!r} is not in 1..{len(listwise)}")
+    instruction = record.instructions[0] if record.instructions else None
+    query = Item(record.qid, with_instruction(instruction, record.query.text), record.query.image)
+    return RerankExample(query, pointwise, listwise, answer)
+
+
+class RerankCollator:
+    """Reranker examples -> one labelled batch of chats; and unlabelled prompts for scoring.
+
+    Training batches lay rows out as [every pointwise chat; every listwise chat] and carry `labels` (IGNORE
+    except at the answer tokens) and `kinds` (0 pointwise, 1 listwise) per row.
+    """
+
+    def __init__(self, processor: ProcessorMixin, max_text_tokens: int | None = 256) -> None:
+        self.processor = processor
+        self.max_text_tokens = max_text_tokens
+        tokenizer = processor.tokenizer
+        self.yes_id, self.no_id = (self._first_token(w) for w in (YES, NO))
+        if self.yes_id == self.no_id:
+            raise LamraError(f"the tokenizer starts {YES!r} and {NO!r} with the same token: P(Yes) is undefined")
+        prefix = tokenizer(LIST_PREFIX, add_special_tokens=False)["input_ids"]
+        self.index_ids: list[int] = []
+        for k in range(1, MAX_LIST + 1):
+            ids = tokenizer(f"{LIST_PREFIX}{k}", add_special_tokens=False)["input_ids"]
+            if ids[:-1] != prefix:
+                raise LamraError(f"the tokenizer splits {LIST_PREFIX + str(k)!r} so that {k} is not one token")
+            self.index_ids.append(ids[-1])
+
+    # ----------------------------------------------------------------------------------- training
+    @staticmethod
+    def choose(record: Record, rng: random.Random | None, num_negatives: int) -> RerankExample:
+        return rerank_example(record)
+
+    def __call__(self, examples: list[RerankExample]) -> dict[str, Any]:
+        chats: list[list[dict[str, Any]]] = []
+        for e in examples:
+            q = self._truncated(e.query)
+            chats += [pointwise_messages(q, self._truncated(c), YES if match else NO) for c, match in e.pointwise]
+        n_pointwise = len(chats)
+        for e in examples:
+            if e.listwise:
+                q = self._truncated(e.query)
+                chats.append(listwise_messages(q, [self._truncated(c) for c in e.listwise], e.answer))
+        if not chats:
+            raise BadSampleError(f"queries {[e.query.id for e in examples]} have no reranker chat")
+        inputs, labels = self.labelled(chats)
+        kinds = torch.tensor([0] * n_pointwise + [1] * (len(chats) - n_pointwise), dtype=torch.long)
+        return {"inputs": inputs, "labels": labels, "kinds": kinds, "query_ids": [e.query.id for e in examples]}
+
+    def labelled(self, chats: list[list[dict[str, Any]]]) -> tuple[BatchFeature, torch.Tensor]:
+        """Processor batch of whole conversations and labels that keep only each assistant answer (+ end of turn)."""
+        full = self.processor.apply_chat_template(chats, tokenize=False, add_generation_prompt=False)
+        prompts = self.processor.apply_chat_template(
+            [chat[:-1] for chat in chats], tokenize=False, add_generation_prompt=True
+        )
+        tokenizer = self.processor.tokenizer
+        tails = []
+        for text, prompt in zip(full, prompts, strict=True):
+            if not text.startswith(prompt):
+                raise LamraError(
+                    "the chat template renders a conversation that does not extend its generation prompt, so the "
+                    "assistant's answer cannot be located"
+                )
+            ids = tokenizer(text[len(prompt) :], add_special_tokens=False)["input_ids"]
+            # The answer and its end-of-turn marker; the template's whitespace after the turn is not trained.
+            while ids and not tokenizer.decode(ids[-1:]).strip():
+                ids.pop()
+            tails.append(ids)
+        inputs = self._batch(full, chats)
+        labels = torch.full_like(inputs["input_ids"], IGNORE)
+        mask = inputs["attention_mask"].bool()
+        for row, tail in enumerate(tails):
+            real = mask[row].nonzero().flatten()
+            start = self._locate(inputs["input_ids"][row, real].tolist(), tail, row)
+            at = real[start : start + len(tail)]
+            labels[row, at] = inputs["input_ids"][row, at]
+        return inputs, labels
+
+    @staticmethod
+    def _locate(sequence: list[int], tail: list[int], row: int) -> int:
+        """Where the answer tokens start in a row's real tokens: they end where the rendered text's last non-space
+        token does, and must match the answer tokenized alone."""
+        for end in range(len(sequence), 0, -1):
+            if sequence[end - len(tail) : end] == tail:
+                return end - len(tail)
+            if end < len(sequence) - 4:  # only trailing whitespace tokens may follow the answer
+                break
+        raise LamraError(
+            f"row {row}: the assistant's answer tokenizes differently inside the conversation than alone, so its "
+            "label mask cannot be built for this tokenizer"
+        )
+
+    # ------------------------------------------------------------------------------------ scoring
+    def pointwise_inputs(self, pairs: list[tuple[Item, Item]]) -> BatchFeature:
+        """Prompts (generation prompt included) of (query, candidate) pairs, for P(Yes) at their last token."""
+        chats = [pointwise_messages(self._truncated(q), self._truncated(c)) for q, c in pairs]
+        texts = self.processor.apply_chat_template(chats, tokenize=False, add_generation_prompt=True)
+        return self._batch(texts, chats)
+
+    def listwise_inputs(self, lists: list[tuple[Item, list[Item]]]) -> BatchFeature:
+        """Prompts of (query, candidates) lists with the answer's "Ans: (" already written: the next token is the
+        number of the best candidate, so one forward scores every candidate."""
+        too_long = [len(c) for _, c in lists if not 1 <= len(c) <= MAX_LIST]
+        if too_long:
+            raise LamraError(f"a listwise prompt holds 1 to {MAX_LIST} candidates, got {too_long[0]}")
+        chats = [listwise_messages(self._truncated(q), [self._truncated(c) for c in cs]) for q, cs in lists]
+        texts = self.processor.apply_chat_template(chats, tokenize=False, add_generation_prompt=True)
+        return self._batch([t + LIST_PREFIX for t in texts], chats)
+
+    # ------------------------------------------------------------------------------------ helpers
+    def _batch(self, texts: list[str], chats: list[list[dict[str, Any]]]) -> BatchFeature:
+        images = [part_image for chat in chats for part_image in _images(chat)]
+        return self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+
+    def _truncated(self, item: Item) -> Item:
+        return truncate_text(self.processor.tokenizer, item, self.max_text_tokens)
+
+    def _first_token(self, word: str) -> int:
+        return self.processor.tokenizer(word, add_special_tokens=False)["input_ids"][0]
+
+
+def _images(chat: list[dict[str, Any]]) -> list[Any]:
+    """The images of a chat in the order their placeholders appear (the processor pairs them up in order)."""
+    return [part["_image"] for message in chat for part in message["content"] if "_image" in part]
