@@ -8,6 +8,10 @@ mbeir_<dataset>_task<N>_<split>.jsonl`, every pool under `cand_pool/`, `qrels/<s
 
     OUT_DIR/train/<dataset>_task<N>/shard-*.tar        training queries with positives, listed negatives and the
                                                         instructions of (dataset id, query modality, positive modality)
+    OUT_DIR/train/<dataset>_task<N>/{qrels.txt,task.json,pool/ids.txt}   the same folder as an evaluation task on
+                                                        the training pool (for `lamra-pl retrieve` + `rerank-data`)
+    OUT_DIR/train_pool/                                M-BEIR's union training pool (else every candidate the
+                                                        training queries list), with ids.txt
     OUT_DIR/eval/<split>/<dataset>_task<N>/queries/    evaluation queries (same sample schema)
     OUT_DIR/eval/<split>/<dataset>_task<N>/pool/       the task's local candidate pool, one candidate per sample,
                                                         and ids.txt (its ids, in shard order)
@@ -194,6 +198,7 @@ class Converter:
         task = TASKS[(row["query_modality"], positives[0].modality)]
         return {
             "qid": str(row["qid"]),
+            "query_modality": row["query_modality"],
             "task_id": row.get("task_id", task),
             "query": {
                 "txt": row.get("query_txt"),
@@ -212,7 +217,7 @@ class Converter:
         return path.read_bytes(), path.suffix.lstrip(".").lower() or "jpg"
 
     def item(self, c: Candidate) -> dict[str, Any]:
-        return {"id": c.did, "txt": c.txt, "image": self.image(c.img), "img_src": c.img}
+        return {"id": c.did, "txt": c.txt, "image": self.image(c.img), "img_src": c.img, "modality": c.modality}
 
     def group(self, dataset_id: str, task: int) -> str:
         return f"{self.dataset_names.get(dataset_id, dataset_id)}_task{task}"
@@ -229,9 +234,43 @@ class Converter:
                     self.dropped["train_queries"] += 1
                 else:
                     groups[self.group(record["qid"].split(":")[0], record["task_id"])].append(record)
+        pool = self.train_pool(groups)
+        self.write_pool(pool, out / "train_pool")
         for name, records in sorted(groups.items()):
-            samples = (encode_record(f"{i:08d}", **r) for i, r in enumerate(records))
+            samples = (encode_record(f"{i:08d}", **_fields(r)) for i, r in enumerate(records))
             self.written["train_queries"] += sum(write_shards(samples, out / "train" / name).values())
+            self.train_task(out / "train" / name, records, pool)
+
+    def train_pool(self, groups: dict[str, list[dict]]) -> list[Candidate]:
+        """M-BEIR's union training pool, else every candidate the training queries list (positive or negative)."""
+        union = [p for p in self.pool_files if p.name.endswith("union_train_cand_pool.jsonl")]
+        if union:
+            return [self.pool[did] for did in self.pool_files[union[0]]]
+        listed = {c["id"] for rs in groups.values() for r in rs for c in r["positives"] + r["negatives"]}
+        return [c for did, c in self.pool.items() if did in listed]
+
+    def train_task(self, task_dir: Path, records: list[dict], pool: list[Candidate]) -> None:
+        """What makes a training folder an evaluation task too (`lamra-pl retrieve` runs its queries, as
+        `lamra-pl rerank-data` needs): qrels, task.json and its local pool, the training-pool candidates of its
+        dataset and of its positives' modalities (LamRA's per-task rerank pools, spec lamra.md section 4)."""
+        dataset_id = records[0]["qid"].split(":")[0]
+        modalities = {p["modality"] for r in records for p in r["positives"]}
+        ids = [c.did for c in pool if c.modality in modalities and c.did.split(":")[0] == dataset_id]
+        (task_dir / "pool").mkdir(parents=True, exist_ok=True)
+        (task_dir / "pool" / POOL_IDS).write_text("".join(f"{i}\n" for i in ids))
+        qrels = [f"{r['qid']} 0 {p['id']} 1 {r['task_id']}" for r in records for p in r["positives"]]
+        (task_dir / "qrels.txt").write_text("".join(f"{line}\n" for line in qrels))
+        dataset = self.dataset_names.get(dataset_id, dataset_id)
+        info = {
+            "dataset": dataset,
+            "task_id": records[0]["task_id"],
+            "split": "train",
+            "query_modalities": sorted({r["query_modality"] for r in records}),
+            "queries": len(records),
+            "pool": len(ids),
+            "recall_k": 10 if dataset in RECALL_AT_10 else 5,
+        }
+        (task_dir / "task.json").write_text(json.dumps(info, indent=1))
 
     def evaluation(self, out: Path, split: str) -> None:
         union: dict[str, Candidate] = {}
@@ -261,7 +300,7 @@ class Converter:
                     query_modalities.add(row["query_modality"])
             self.written[f"{split}_queries"] += sum(
                 write_shards(
-                    (encode_record(f"{i:08d}", **r) for i, r in enumerate(records)), task_dir / "queries"
+                    (encode_record(f"{i:08d}", **_fields(r)) for i, r in enumerate(records)), task_dir / "queries"
                 ).values()
             )
             self.write_pool(pool.values(), task_dir / "pool")
@@ -300,6 +339,11 @@ class Converter:
         self.written[f"pool:{folder.parent.name}/{folder.name}"] = sum(write_shards(samples, folder).values())
         # The pool's ids in shard order: restricts a search of the global index to this pool without reading it.
         (folder / POOL_IDS).write_text("".join(f"{c.did}\n" for c in candidates))
+
+
+def _fields(record: dict[str, Any]) -> dict[str, Any]:
+    """`encode_record`'s arguments of a converted query (without the bookkeeping kept beside them)."""
+    return {k: v for k, v in record.items() if k != "query_modality"}
 
 
 def convert(root: str, out: str, strict: bool = False, splits: tuple[str, ...] = ("test",)) -> dict[str, Any]:

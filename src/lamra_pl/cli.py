@@ -7,6 +7,10 @@
     lamra-pl retrieve --model CKPT --index indexes/test_global --queries 'data/eval/test/*_task*' --out runs/eval
     lamra-pl evaluate --runs runs/eval/local
     lamra-pl search --model CKPT --index indexes/test_global --text "a red apple" --k 5
+    lamra-pl rerank-data --runs runs/train_retrieval/local --out data/rerank --top_k 100
+    lamra-pl fit -c experiments/lamra_rank/rerank_joint.yaml
+    lamra-pl rerank --model RERANKER_CKPT --runs runs/eval/local --out runs/eval/reranked_local
+    lamra-pl tune-fusion --reranked runs/eval_val/reranked_local --out fusion.yaml
 
 Errors in user input (paths, config keys, data) print as one line and exit with status 2.
 """
@@ -25,7 +29,8 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 import lamra_pl.data.datamodule
-import lamra_pl.models.embedding  # noqa: F401
+import lamra_pl.models.embedding
+import lamra_pl.models.rerank  # noqa: F401
 from lamra_pl.errors import LamraError
 
 
@@ -254,6 +259,92 @@ def search(
         print(f"{hit.rank:>4}  {hit.score:7.4f}  {hit.id:<16} {hit.txt or ''} | {hit.img or ''}")
 
 
+def rerank_data(runs: str, out: str, top_k: int = 100, seed: int = 0) -> None:
+    """Reranker training shards from a retriever's run files on the training queries (LamRA-Rank's data).
+
+    Per query: the pointwise positive, one pointwise negative from the top K minus every positive, and a listwise
+    sample of 2-5 candidates with the positive at a random position. Counts of what was short are in the report.
+
+    Args:
+        runs: a `lamra-pl retrieve` run folder of training tasks (e.g. runs/train_retrieval/local, retrieved
+            with --queries 'DATA/train/*_task*' --k 100).
+        out: the output shard folder (OUT/<task>/shard-*.tar, OUT/report.json): `data.train_shards` of a reranker.
+        top_k: negatives are drawn from each query's top K.
+        seed: seed of the draws (per query, so independent of order).
+    """
+    from lamra_pl.data.rerank_data import make_rerank_data
+
+    print(json.dumps(make_rerank_data(runs, out, top_k=top_k, seed=seed), indent=1))
+
+
+def rerank(
+    model: str,
+    runs: str,
+    out: str,
+    mode: Literal["pointwise", "listwise"] = "pointwise",
+    top_n: int | None = None,
+    fusion: str | None = None,
+    instruction_seed: int | None = None,
+    batch_size: int = 16,
+    num_workers: int = 1,
+    accelerator: str = "auto",
+    devices: int = 1,
+    precision: str | None = None,
+) -> None:
+    """Rerank the top N of each run file with a reranker and fuse: final = retrieval + w * rerank score.
+
+    Args:
+        model: a reranker checkpoint (`lamra-pl fit` .ckpt) or a Hugging Face checkpoint folder (zero-shot).
+        runs: a run folder written by `lamra-pl retrieve` (or by `rerank`).
+        out: output run folder; score it with `lamra-pl evaluate --runs OUT`.
+        mode: pointwise (P(Yes) per candidate) or listwise (one prompt with the top N numbered).
+        top_n: candidates reranked per query (default: 50 pointwise, 5 listwise, as LamRA).
+        fusion: w, as a number for every task or a weights file (task: w, default: w), e.g.
+            experiments/lamra_rank/fusion.yaml (LamRA's) or the output of tune-fusion. Default 1.
+        instruction_seed: the queries' instructions; default: the one the retrieval used.
+        batch_size: prompts per forward pass.
+        num_workers: data loader processes per device.
+        accelerator: cpu, gpu or auto.
+        devices: devices to score on (DDP).
+        precision: Lightning precision, e.g. bf16-mixed (default 32-true).
+    """
+    from lamra_pl.retrieval.encode import encode_trainer
+    from lamra_pl.retrieval.rerank import load_rerank_module
+    from lamra_pl.retrieval.rerank import rerank as run
+
+    written = run(
+        load_rerank_module(model),
+        runs,
+        out,
+        model_path=model,
+        mode=mode,
+        top_n=top_n,
+        fusion=fusion,
+        instruction_seed=instruction_seed,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        trainer=encode_trainer(accelerator, devices, precision),
+    )
+    if written is not None:
+        print(f"reranked run files in {written}; score them with: lamra-pl evaluate --runs {written}")
+
+
+def tune_fusion(reranked: str, out: str) -> None:
+    """Pick the fusion weight w of each task on a validation split (grid 0..2, step 0.05; best reported R@k).
+
+    Args:
+        reranked: a `lamra-pl rerank` output folder of a validation split.
+        out: the weights file to write (YAML), for `lamra-pl rerank --fusion`.
+    """
+    from lamra_pl.retrieval.rerank import tune
+
+    chosen = tune(reranked, out)
+    print("| task | R@k | retrieval | fused | w |\n|---|---|---|---|---|")
+    for name, c in chosen.items():
+        print(f"| {name} | R@{c['k']} | {100 * c['retrieval']:.1f} | {100 * c['fused']:.1f} | {c['w']} |")
+    print(f"\n{out}")
+
+
 def _report(convert: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> None:
     """Run a converter with its per-line warnings on stderr, then print its counts as JSON."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -269,6 +360,9 @@ TOOLS: dict[str, Callable[..., Any]] = {
     "retrieve": retrieve,
     "evaluate": evaluate,
     "search": search,
+    "rerank-data": rerank_data,
+    "rerank": rerank,
+    "tune-fusion": tune_fusion,
 }
 
 

@@ -98,7 +98,9 @@ class RerankModule(BackboneModule):
         """[B, max(sizes)] probability that each candidate is the best of its list (0 beyond a list's size)."""
         width = max(sizes)
         logits = self._head(self._last_states(inputs), self._collator.index_ids[:width]).float()
-        beyond = torch.arange(width, device=logits.device)[None, :] >= torch.tensor(sizes, device=logits.device)[:, None]
+        beyond = (
+            torch.arange(width, device=logits.device)[None, :] >= torch.tensor(sizes, device=logits.device)[:, None]
+        )
         return logits.masked_fill(beyond, float("-inf")).softmax(-1)
 
     # ---------------------------------------------------------------------------------------- loss

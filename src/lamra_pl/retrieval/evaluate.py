@@ -51,6 +51,11 @@ def score_task(
     return recall_at_k(ranked, positives, ks)
 
 
+def query_shards(task_dir: Path) -> Path:
+    """A task's query shard folder: `queries/` in an evaluation task, the folder itself in a training task."""
+    return task_dir / "queries" if (task_dir / "queries").is_dir() else task_dir
+
+
 def task_info(task_dir: Path) -> dict[str, Any]:
     path = task_dir / "task.json"
     if not path.is_file():

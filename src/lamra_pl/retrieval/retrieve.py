@@ -2,7 +2,8 @@
 
     OUT/queries/<task>/      the task's query embeddings (an index folder; reused if complete, resumable)
     OUT/<pool>/<task>.run    TREC run: `qid Q0 did rank score tag`, the top k per query
-    OUT/<pool>/runs.json     per task: run file, qrels file, task file, ids of the pool searched (for `evaluate`)
+    OUT/<pool>/runs.json     per task: run file, qrels file, task file, query shards, ids of the pool searched
+                             (for `evaluate`, `rerank`, `rerank-data`)
 
 Pool settings: "global" searches the whole index (M-BEIR's global pool when the index is of `global_pool/`);
 "local" restricts the search to the task's own pool (`<task>/pool/ids.txt`), as M-BEIR_local does.
@@ -23,7 +24,7 @@ from lamra_pl.errors import LamraError
 from lamra_pl.files import atomic_write
 from lamra_pl.models.embedding import EmbeddingModule
 from lamra_pl.retrieval.encode import Job, encode
-from lamra_pl.retrieval.evaluate import MANIFEST, task_info
+from lamra_pl.retrieval.evaluate import MANIFEST, query_shards, task_info
 from lamra_pl.retrieval.index import EmbeddingIndex, probe_embeddings
 from lamra_pl.retrieval.runs import format_run
 from lamra_pl.retrieval.search import Backend, search
@@ -32,7 +33,8 @@ Pool = Literal["local", "global"]
 
 
 def task_dirs(spec: str) -> list[Path]:
-    """Evaluation task folders from a glob ("data/eval/test/*_task*") or one folder."""
+    """Evaluation task folders from a glob ("data/eval/test/*_task*", or "data/train/*_task*": training folders
+    are tasks on the training pool too) or one folder."""
     found = sorted(Path(p) for p in glob.glob(spec) if (Path(p) / "task.json").is_file())
     if not found:
         raise LamraError(f"no evaluation task folder (with task.json) matches {spec!r}")
@@ -61,7 +63,7 @@ def retrieve(
     tasks = task_dirs(queries)
     out_dir = Path(out)
     subsets = {t.name: _local_rows(t, index) for t in tasks} if "local" in pools else {}
-    jobs = [Job(str(out_dir / "queries" / t.name), (str(t / "queries"),), "queries") for t in tasks]
+    jobs = [Job(str(out_dir / "queries" / t.name), (str(query_shards(t)),), "queries") for t in tasks]
     if not encode(
         module,
         jobs,
@@ -94,6 +96,7 @@ def retrieve(
                 "run_file": str(run_file),
                 "qrels_file": str(task / "qrels.txt"),
                 "task_file": str(task / "task.json"),
+                "queries": str(query_shards(task)),
                 "pool_ids": str(task / "pool" / POOL_IDS) if pool == "local" else str(index.path / "ids.txt"),
             }
         for path, text in files.items():

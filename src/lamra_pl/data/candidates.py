@@ -1,0 +1,99 @@
+"""Random access to the candidates of pool shards by id, without loading the pool.
+
+Shards are plain (uncompressed) tar files, so a member is a byte range. `CandidateStore` reads every shard's
+headers and the `.json` member of each sample once, keeps the byte ranges of the candidates asked for, and later
+reads just those bytes. Memory grows with the candidates asked for, not with the pool; image bytes are read
+when an item is requested, and never re-encoded.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lamra_pl.data.schema import Item, decode_candidate
+from lamra_pl.data.shards import expand_shards
+from lamra_pl.errors import BadSampleError, LamraError
+
+
+@dataclass(frozen=True)
+class Location:
+    url: str
+    key: str
+    members: tuple[tuple[str, int, int], ...]  # (suffix after the key, data offset, size)
+
+
+class CandidateStore:
+    """Candidates of pool shard folders (`lamra-pl index` sources), by id.
+
+    Args:
+        sources: pool shard folders or patterns (see `expand_shards`).
+        wanted: the ids to keep byte ranges for (None: every id; fine for small pools).
+    """
+
+    def __init__(self, sources: Iterable[str], wanted: set[str] | None = None) -> None:
+        self.sources = list(sources)
+        self.locations: dict[str, Location] = {}
+        self.duplicates = 0  # ids seen again in a later sample: the first one is kept
+        self.size = 0  # every candidate in the pool, wanted or not
+        for spec in self.sources:
+            for url in expand_shards(spec):
+                self._scan(url, wanted)
+
+    def _scan(self, url: str, wanted: set[str] | None) -> None:
+        samples: dict[str, list[tuple[str, int, int]]] = {}
+        ids: dict[str, str] = {}
+        with tarfile.open(url, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, suffix = member.name.partition(".")
+                samples.setdefault(key, []).append((suffix, member.offset_data, member.size))
+                if suffix == "json":
+                    raw = tar.extractfile(member).read()
+                    try:
+                        ids[key] = str(json.loads(raw)["id"])
+                    except (json.JSONDecodeError, KeyError, TypeError) as err:
+                        raise BadSampleError(f"shard {url}, sample {key!r}: not a candidate record ({err})") from None
+        for key, members in samples.items():
+            if key not in ids:
+                raise BadSampleError(f"shard {url}, sample {key!r}: no .json member")
+            did = ids[key]
+            self.size += 1
+            if did in self.locations:
+                self.duplicates += 1
+            elif wanted is None or did in wanted:
+                self.locations[did] = Location(url, key, tuple(members))
+
+    def __contains__(self, did: str) -> bool:
+        return did in self.locations
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+    def sample(self, did: str) -> dict[str, Any]:
+        """The candidate's raw WebDataset sample: {"__key__", "__url__", "json": bytes, "img.png": bytes, ...}."""
+        location = self.locations.get(did)
+        if location is None:
+            raise LamraError(f"candidate {did!r} is not in the pool {self.sources}")
+        sample: dict[str, Any] = {"__key__": location.key, "__url__": location.url}
+        with Path(location.url).open("rb") as f:
+            for suffix, offset, size in location.members:
+                f.seek(offset)
+                sample[suffix] = f.read(size)
+        return sample
+
+    def item(self, did: str) -> Item:
+        return decode_candidate(self.sample(did))
+
+    def record_item(self, did: str) -> dict[str, Any]:
+        """The candidate as `encode_record` takes it: {"id", "txt", "image": (bytes, ext) | None, "img_src"}."""
+        sample = self.sample(did)
+        record = json.loads(sample["json"])
+        img = record.get("img")
+        image = (sample[img], img.rsplit(".", 1)[-1]) if img else None
+        return {"id": did, "txt": record.get("txt"), "image": image, "img_src": record.get("img_src")}

@@ -1,0 +1,310 @@
+"""`lamra-pl rerank`: rerank the top N of a run folder with a RerankModule, fuse, write new run files.
+
+    OUT/<task>.run          the fused ranking: the top N by retrieval + w * rerank score (ties in retrieval order),
+                            then the rest of the retrieval run in its order
+    OUT/scores/<task>.tsv   `qid did retrieval_rank retrieval_score rerank_score` for every reranked pair
+    OUT/runs.json           the input manifest with the new run files (so `lamra-pl evaluate --runs OUT` scores
+                            them), each task's `retrieval_run_file`, and what was done ("rerank")
+
+Scoring runs through `Trainer.predict`: query shards are dealt to ranks and data workers, each rank writes its
+scores to `OUT/scores/parts/`, and rank 0 fuses once all are in. Candidates are read by id from the pool shards
+of the index the runs searched (`CandidateStore`); queries get the instruction the retrieval gave them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import webdataset as wds
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader, IterableDataset
+
+from lamra_pl.data.candidates import CandidateStore
+from lamra_pl.data.schema import Item, decode_record
+from lamra_pl.data.shards import evaluation_query, expand_shards
+from lamra_pl.errors import LamraError
+from lamra_pl.files import atomic_write
+from lamra_pl.models.rerank import RerankModule
+from lamra_pl.models.rerank_inputs import MAX_LIST
+from lamra_pl.retrieval.encode import encode_trainer
+from lamra_pl.retrieval.evaluate import MANIFEST, task_info
+from lamra_pl.retrieval.fusion import GRID, fused_ranking, load_weights, tune_fusion, weight_for
+from lamra_pl.retrieval.index import EmbeddingIndex
+from lamra_pl.retrieval.runs import Run, format_run, read_qrels, read_run
+
+Mode = Literal["pointwise", "listwise"]
+DEFAULT_TOP_N: dict[str, int] = {"pointwise": 50, "listwise": 5}  # LamRA's
+SCORES = "scores"
+
+
+def load_rerank_module(path: str | Path) -> RerankModule:
+    """A RerankModule in eval mode from a `lamra-pl fit` checkpoint (.ckpt) or a Hugging Face checkpoint folder
+    (a merged reranker, released LamRA-Rank weights, or an off-the-shelf instruct model for zero-shot reranking)."""
+    p = Path(path)
+    if p.is_file():
+        module = RerankModule.load_from_checkpoint(
+            p, map_location="cpu", weights_only=True, gradient_checkpointing=False
+        )
+    elif p.is_dir():
+        module = RerankModule(str(p), lora=None, gradient_checkpointing=False)
+        module.configure_model()
+    else:
+        raise LamraError(f"reranker {str(path)!r} is neither a checkpoint file nor a checkpoint folder")
+    return module.eval()
+
+
+class RerankBatches(IterableDataset):
+    """Scoring batches of the queries in `units` ((task, query shard) pairs): pointwise, `batch_size` (query,
+    candidate) pairs a batch; listwise, `batch_size` queries a batch."""
+
+    def __init__(
+        self,
+        units: list[tuple[str, str]],
+        heads: dict[str, dict[str, list[str]]],
+        store: CandidateStore,
+        module: RerankModule,
+        mode: Mode,
+        batch_size: int,
+        instruction_seed: int | None,
+    ) -> None:
+        self.units, self.heads, self.store = units, heads, store
+        self.collator = module.collator()
+        self.mode, self.batch_size, self.instruction_seed = mode, batch_size, instruction_seed
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        mine = self.units[info.id :: info.num_workers] if info else self.units
+        pending: list[tuple[str, str, Item, list[str]]] = []
+        for task, url in mine:
+            for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()):
+                query = evaluation_query(decode_record(sample), self.instruction_seed)
+                head = self.heads[task].get(query.id)
+                if not head:
+                    continue
+                if self.mode == "listwise":
+                    pending.append((task, query.id, query, head))
+                    if len(pending) == self.batch_size:
+                        yield self._listwise(pending)
+                        pending = []
+                    continue
+                for did in head:
+                    pending.append((task, query.id, query, [did]))
+                    if len(pending) == self.batch_size:
+                        yield self._pointwise(pending)
+                        pending = []
+        if pending:
+            yield self._listwise(pending) if self.mode == "listwise" else self._pointwise(pending)
+
+    def _pointwise(self, rows: list[tuple[str, str, Item, list[str]]]) -> dict[str, Any]:
+        inputs = self.collator.pointwise_inputs([(q, self.store.item(dids[0])) for _, _, q, dids in rows])
+        return {"mode": "pointwise", "inputs": inputs, "tags": [(t, qid, dids) for t, qid, _, dids in rows]}
+
+    def _listwise(self, rows: list[tuple[str, str, Item, list[str]]]) -> dict[str, Any]:
+        lists = [(q, [self.store.item(d) for d in dids]) for _, _, q, dids in rows]
+        return {
+            "mode": "listwise",
+            "inputs": self.collator.listwise_inputs(lists),
+            "sizes": [len(dids) for _, _, _, dids in rows],
+            "tags": [(t, qid, dids) for t, qid, _, dids in rows],
+        }
+
+
+class ScoreWriter(BasePredictionWriter):
+    """Appends `task qid did score` lines of each batch to this rank's file in `folder`."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(write_interval="batch")
+        self.folder = folder
+        self.file: Any = None
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.file = (self.folder / f"rank-{trainer.global_rank}.tsv").open("w")
+
+    def write_on_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: Any,
+        batch_indices: Any,
+        batch: dict[str, Any],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        scores = prediction.float().cpu().numpy()
+        for row, (task, qid, dids) in enumerate(batch["tags"]):
+            values = scores[row, : len(dids)] if scores.ndim == 2 else [scores[row]]
+            lines = (f"{task}\t{qid}\t{did}\t{value:.8f}\n" for did, value in zip(dids, values, strict=True))
+            self.file.writelines(lines)
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.file.close()
+
+
+class RerankDataModule(LightningDataModule):
+    def __init__(self, units: list[tuple[str, str]], num_workers: int, **batches: Any) -> None:
+        super().__init__()
+        self.units, self.num_workers, self.batches = units, num_workers, batches
+
+    def predict_dataloader(self) -> DataLoader:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        mine = self.units[rank::world]
+        dataset = RerankBatches(mine, module=self.trainer.lightning_module, **self.batches)
+        return DataLoader(dataset, batch_size=None, num_workers=min(self.num_workers, len(mine)))
+
+
+def rerank(
+    module: RerankModule,
+    runs: str,
+    out: str,
+    *,
+    model_path: str,
+    mode: Mode = "pointwise",
+    top_n: int | None = None,
+    fusion: str | float | None = None,
+    instruction_seed: int | None = None,
+    batch_size: int = 16,
+    num_workers: int = 1,
+    trainer: Trainer | None = None,
+) -> Path | None:
+    """Rerank every task of a run folder; returns the output folder on rank 0 (None elsewhere)."""
+    top_n = DEFAULT_TOP_N[mode] if top_n is None else top_n
+    if top_n < 1:
+        raise LamraError(f"top_n must be >= 1, got {top_n}")
+    if mode == "listwise" and top_n > MAX_LIST:
+        raise LamraError(f"listwise reranking numbers candidates (1)..({MAX_LIST}): top_n {top_n} is too many")
+    weights = load_weights(fusion)
+    runs_dir, out_dir = Path(runs), Path(out)
+    manifest_file = runs_dir / MANIFEST
+    if not manifest_file.is_file():
+        raise LamraError(f"{runs_dir} has no {MANIFEST}: give a folder written by `lamra-pl retrieve`")
+    manifest = json.loads(manifest_file.read_text())
+    if instruction_seed is None:
+        instruction_seed = manifest.get("instruction_seed")
+    tasks = manifest["tasks"]
+    retrieved = {name: read_run(entry["run_file"]) for name, entry in tasks.items()}
+    for name in tasks:
+        weight_for(weights, name)  # every task has a weight before any work is done
+    heads = {name: {q: r[:top_n] for q, r in zip(run.qids, run.ranked, strict=True)} for name, run in retrieved.items()}
+    sources = EmbeddingIndex(manifest["index"]).meta["sources"]
+    store = CandidateStore(sources, {d for h in heads.values() for ranked in h.values() for d in ranked})
+    for name, head in heads.items():
+        unknown = sorted({d for ranked in head.values() for d in ranked if d not in store})
+        if unknown:
+            raise LamraError(
+                f"{tasks[name]['run_file']} ranks {len(unknown)} ids that are not in the pool {sources}, "
+                f"e.g. {unknown[:3]}"
+            )
+    units = [(name, url) for name, entry in tasks.items() for url in expand_shards(_queries(entry))]
+    trainer = trainer or encode_trainer()
+    parts = out_dir / SCORES / "parts"
+    trainer.callbacks.append(ScoreWriter(parts))
+    datamodule = RerankDataModule(
+        units,
+        num_workers,
+        heads=heads,
+        store=store,
+        mode=mode,
+        batch_size=batch_size,
+        instruction_seed=instruction_seed,
+    )
+    trainer.predict(module, datamodule=datamodule, return_predictions=False)
+    trainer.strategy.barrier()
+    if not trainer.is_global_zero:
+        return None
+    scores = _read_scores(parts)
+    entries: dict[str, dict[str, Any]] = {}
+    for name, entry in tasks.items():
+        run = retrieved[name]
+        lines, ranked, fused_scores = [], [], []
+        w = weight_for(weights, name)
+        for qid, ids, retrieval in zip(run.qids, run.ranked, run.scores, strict=True):
+            head = ids[:top_n]
+            mine = scores.get((name, qid), {})
+            missing = [d for d in head if d not in mine]
+            if missing:
+                raise LamraError(f"query {qid} of {name}: no rerank score for {missing[:3]} (is it in the queries?)")
+            rerank_scores = np.array([mine[d] for d in head])
+            retrieval_scores = np.array(retrieval, dtype=np.float64)
+            order = fused_ranking(list(range(len(ids))), retrieval_scores, rerank_scores, w)
+            ranked.append([ids[i] for i in order])
+            fused = np.concatenate([retrieval_scores[: len(head)] + w * rerank_scores, retrieval_scores[len(head) :]])
+            fused_scores.append(fused[order])
+            lines += [
+                f"{qid}\t{d}\t{rank}\t{retrieval[rank - 1]:.6f}\t{mine[d]:.6f}\n"
+                for rank, d in enumerate(head, start=1)
+            ]
+        run_file = out_dir / f"{name}.run"
+        atomic_write(run_file, _format(run.qids, ranked, fused_scores, tag=f"lamra-pl-rerank-{mode}"))
+        atomic_write(out_dir / SCORES / f"{name}.tsv", "".join(lines))
+        entries[name] = {**entry, "run_file": str(run_file), "retrieval_run_file": entry["run_file"]}
+    about = {"model": model_path, "mode": mode, "top_n": top_n, "fusion": {n: weight_for(weights, n) for n in tasks}}
+    atomic_write(out_dir / MANIFEST, json.dumps({**manifest, "tasks": entries, "rerank": about}, indent=1))
+    return out_dir
+
+
+def _queries(entry: dict[str, Any]) -> str:
+    # Manifests written before "queries" was recorded: evaluation tasks keep their queries in queries/.
+    return entry.get("queries") or str(Path(entry["task_file"]).parent / "queries")
+
+
+def _format(qids: list[str], ranked: list[list[str]], scores: list[np.ndarray], tag: str) -> str:
+    width = max((len(r) for r in ranked), default=0)
+    padded = np.zeros((len(ranked), width))
+    for row, s in enumerate(scores):
+        padded[row, : len(s)] = s
+    return format_run(qids, ranked, padded, tag)
+
+
+def _read_scores(parts: Path) -> dict[tuple[str, str], dict[str, float]]:
+    scores: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+    for path in sorted(parts.glob("rank-*.tsv")):
+        for line in path.read_text().splitlines():
+            task, qid, did, value = line.split("\t")
+            scores[task, qid][did] = float(value)
+    return scores
+
+
+def read_reranked(folder: str | Path) -> dict[str, list[tuple[list[str], np.ndarray, np.ndarray, set[str]]]]:
+    """Per task of a `rerank` output folder: per query (retrieval ranking, retrieval scores, rerank scores of its
+    head, positives), for `tune_fusion`."""
+    folder = Path(folder)
+    manifest_file = folder / MANIFEST
+    if not manifest_file.is_file() or "rerank" not in json.loads(manifest_file.read_text()):
+        raise LamraError(f"{folder} is not a folder written by `lamra-pl rerank` (no {MANIFEST} with 'rerank')")
+    manifest = json.loads(manifest_file.read_text())
+    out: dict[str, list[tuple[list[str], np.ndarray, np.ndarray, set[str]]]] = {}
+    for name, entry in manifest["tasks"].items():
+        run: Run = read_run(entry["retrieval_run_file"])
+        qrels = read_qrels(entry["qrels_file"])
+        rerank_scores: dict[str, list[float]] = defaultdict(list)
+        for line in (folder / SCORES / f"{name}.tsv").read_text().splitlines():
+            qid, _, _, _, value = line.split("\t")
+            rerank_scores[qid].append(float(value))
+        out[name] = [
+            (ids, np.array(s, dtype=np.float64), np.array(rerank_scores[q]), qrels.get(q, set()))
+            for q, ids, s in zip(run.qids, run.ranked, run.scores, strict=True)
+        ]
+    return out
+
+
+def tune(reranked: str, out: str, grid: tuple[float, ...] = GRID) -> dict[str, dict[str, float]]:
+    """Pick each task's fusion weight on a validation split's `rerank` folder (best M-BEIR reported recall) and
+    write them as a weights file for `lamra-pl rerank --fusion`; returns {task: {"w", "k", recalls}}."""
+    manifest = json.loads((Path(reranked) / MANIFEST).read_text()) if (Path(reranked) / MANIFEST).is_file() else {}
+    chosen: dict[str, dict[str, float]] = {}
+    for name, queries in read_reranked(reranked).items():
+        k = int(task_info(Path(manifest["tasks"][name]["task_file"]).parent)["recall_k"])
+        w, recall = tune_fusion(queries, k, grid)
+        _, alone = tune_fusion(queries, k, (0.0,))
+        chosen[name] = {"w": w, "k": k, "retrieval": alone[0.0], "fused": recall[w]}
+    header = f"# fusion weights tuned by `lamra-pl tune-fusion` on {reranked} (best R@k of each task)\n"
+    atomic_write(out, header + "".join(f"{name}: {c['w']}\n" for name, c in chosen.items()))
+    return chosen
