@@ -24,6 +24,11 @@ MODEL ?=# a trained retriever (a `fit` checkpoint or a merged folder), for index
 SPLIT ?= test
 INDEX ?= indexes/$(SPLIT)_global# the index of DATA/eval/SPLIT/global_pool
 EVAL ?= $(RUNS)/eval_$(SPLIT)# run files and results of `make retrieve` / `make evaluate`
+TRAIN_INDEX ?= indexes/train_pool# MODEL's index of DATA/train_pool, for make rerank-data
+TRAIN_RUNS ?= $(RUNS)/train_retrieval# MODEL's top 100 of the training queries, for make rerank-data
+RERANK_DATA ?= $(if $(DATA),$(DATA)/rerank,data/rerank)# reranker training shards
+RERANKER ?= $(RUNS)/lamra_rank/version_0/checkpoints/last.ckpt# a trained reranker, for make rerank
+FUSION ?= experiments/lamra_rank/fusion.yaml# w of final = retrieval + w * rerank: a number or a weights file
 
 backbone_arg = $(if $(BACKBONE),--model.init_args.backbone=$(BACKBONE))
 # quoted: the glob is expanded by lamra-pl, not the shell
@@ -31,7 +36,7 @@ stage1_data = $(if $(DATA),'--data.init_args.train_shards=$(DATA)/train/*_task1'
 stage2_data = $(if $(DATA),'--data.init_args.train_shards=$(DATA)/train')
 
 .PHONY: venv tiny-backbone stage1 stage2 merge convert-mbeir convert-nli emoji index retrieve evaluate eval search \
-	test lint demo tensorboard clean
+	rerank-data rerank-train rerank tune-fusion test lint demo tensorboard clean
 
 venv: $(STAMP)
 
@@ -76,6 +81,23 @@ eval: index retrieve evaluate  # the whole M-BEIR evaluation of MODEL on DATA's 
 
 search: venv  # e.g. make search MODEL=... ARGS='--text "a red apple" --k 5'
 	$(LAMRA) search --model $(MODEL) --index $(INDEX) $(ARGS)
+
+rerank-data: venv  # MODEL's top 100 of the training queries (each task's training pool) -> RERANK_DATA shards
+	$(LAMRA) index --model $(MODEL) --pool $(DATA)/train_pool --out $(TRAIN_INDEX)
+	$(LAMRA) retrieve --model $(MODEL) --index $(TRAIN_INDEX) --queries '$(DATA)/train/*_task*' --pools '[local]' \
+		--k 100 --out $(TRAIN_RUNS)
+	$(LAMRA) rerank-data --runs $(TRAIN_RUNS)/local --out $(RERANK_DATA) $(ARGS)
+
+rerank-train: CONFIG ?= experiments/lamra_rank/rerank_joint.yaml
+rerank-train: venv  # LamRA-Rank, joint pointwise + listwise, on RERANK_DATA
+	$(LAMRA) fit -c $(CONFIG) $(backbone_arg) --data.init_args.train_shards=$(RERANK_DATA) $(ARGS)
+
+rerank: venv  # rerank EVAL/local (from make retrieve) with RERANKER, fuse with FUSION, evaluate: EVAL/reranked_local
+	$(LAMRA) rerank --model $(RERANKER) --runs $(EVAL)/local --out $(EVAL)/reranked_local --fusion $(FUSION) $(ARGS)
+	$(LAMRA) evaluate --runs $(EVAL)/reranked_local
+
+tune-fusion: venv  # w per task on a validation split's reranked runs: make tune-fusion EVAL=runs/eval_val
+	$(LAMRA) tune-fusion --reranked $(EVAL)/reranked_local --out $(EVAL)/fusion.yaml
 
 emoji: venv  # the embedded default data set, in M-BEIR format, then converted: make emoji DATA=demo/data
 	$(BIN)/python -m data_recipes.emoji --out demo/mbeir
