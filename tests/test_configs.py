@@ -10,9 +10,12 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lamra_pl.cli import LamraCLI
 from lamra_pl.data.datamodule import ShardDataModule
 from lamra_pl.models.embedding import EmbeddingModule
+from lamra_pl.models.rerank import RerankModule
+from lamra_pl.retrieval.fusion import load_weights
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "experiments").rglob("*.yaml"))
+FUSION_WEIGHTS = ROOT / "experiments/lamra_rank/fusion.yaml"  # a weights file for `lamra-pl rerank`, not a CLI config
+CONFIGS = sorted(p for p in (ROOT / "experiments").rglob("*.yaml") if p != FUSION_WEIGHTS)
 
 
 class ParseOnly(LamraCLI):
@@ -38,13 +41,16 @@ def test_configs_exist():
         "lamra_ret/stage2_instruct.yaml",
         "tiny/stage1_text.yaml",
         "tiny/stage2_instruct.yaml",
+        "lamra_rank/rerank_joint.yaml",
+        "tiny/rerank_joint.yaml",
+        "demo/rerank_joint.yaml",
     } <= names
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_config_parses(config):
     parsed = cli(ParseOnly, "-c", str(config)).config
-    assert parsed.model.class_path.endswith("EmbeddingModule")
+    assert parsed.model.class_path.endswith(("EmbeddingModule", "RerankModule"))
     assert parsed.trainer.max_steps > 0
 
 
@@ -54,10 +60,27 @@ def test_paper_recipes():
     assert (stage1.lora.r, stage1.lora.alpha, stage1.optimizer.init_args.lr) == (64, 128, 2e-4)
     assert (stage2.lora.r, stage2.lora.alpha, stage2.optimizer.init_args.lr) == (128, 256, 1e-4)
     assert stage1.warmup_ratio == stage2.warmup_ratio == 0.03 and stage1.lr_schedule == "cosine"
+    rank = cli(ParseOnly, "-c", str(ROOT / "experiments/lamra_rank/rerank_joint.yaml")).config
+    model = rank.model.init_args
+    assert (model.lora.r, model.lora.alpha, model.optimizer.init_args.lr) == (128, 256, 2e-5)
+    assert (model.max_text_tokens, model.loss_reduction, model.pointwise_weight, model.listwise_weight) == (
+        256,
+        "tokens",
+        1.0,
+        1.0,
+    )
+    # 128 queries per step over 16 GPUs, one epoch of M-BEIR's training queries
+    trainer = rank.trainer
+    per_step = rank.data.init_args.batch_size * trainer.accumulate_grad_batches * trainer.devices * trainer.num_nodes
+    assert per_step == 128 and trainer.max_steps == 8600
+
+
+def test_lamra_fusion_weights():
+    assert load_weights(str(FUSION_WEIGHTS)) == {"default": 1.0, "mscoco_task0": 0.5, "mscoco_task3": 0.1}
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "experiments/tiny").glob("*.yaml")), ids=lambda p: p.name)
 def test_tiny_config_instantiates(config, tiny_backbone, shape_shards):
     c = cli(LamraCLI, "-c", str(config), f"--model.init_args.backbone={tiny_backbone}")
-    assert isinstance(c.model, EmbeddingModule) and isinstance(c.datamodule, ShardDataModule)
+    assert isinstance(c.model, EmbeddingModule | RerankModule) and isinstance(c.datamodule, ShardDataModule)
     assert c.trainer.max_steps > 0

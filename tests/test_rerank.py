@@ -349,6 +349,12 @@ def test_make_rerank_targets_train_rerank_and_evaluate(pipeline, tmp_path):
     make("rerank", f"RERANKER={checkpoint}", f"EVAL={eval_dir}", "FUSION=0", "ARGS=--top_n=5")
     reranked = eval_dir / "reranked_local"
     results = json.loads((reranked / "results.json").read_text())
+    about = json.loads((reranked / "runs.json").read_text())["rerank"]
+    pools = {n: json.loads((data / "eval/test" / n / "task.json").read_text())["pool"] for n in results["tasks"]}
+    # the fixture's local pools hold 4 or 5 candidates: every query of a 4-candidate pool has fewer than 5
+    assert about["fewer_than_top_n"] == {
+        n: (results["tasks"][n]["num_queries"] if p < 5 else 0) for n, p in pools.items()
+    }
     assert results["tasks"] and 0.0 <= results["average"]["R@1"] <= 1.0
     # w = 0: the reranked runs rank exactly as the retrieval did, although every head was rescored
     for name, entry in json.loads((reranked / "runs.json").read_text())["tasks"].items():

@@ -9,6 +9,8 @@
 Scoring runs through `Trainer.predict`: query shards are dealt to ranks and data workers, each rank writes its
 scores to `OUT/scores/parts/`, and rank 0 fuses once all are in. Candidates are read by id from the pool shards
 of the index the runs searched (`CandidateStore`); queries get the instruction the retrieval gave them.
+A query with fewer than N retrieved candidates has all of them reranked (counted in runs.json); ids the pool does
+not hold are an error, before any scoring.
 """
 
 from __future__ import annotations
@@ -245,7 +247,14 @@ def rerank(
         atomic_write(run_file, _format(run.qids, ranked, fused_scores, tag=f"lamra-pl-rerank-{mode}"))
         atomic_write(out_dir / SCORES / f"{name}.tsv", "".join(lines))
         entries[name] = {**entry, "run_file": str(run_file), "retrieval_run_file": entry["run_file"]}
-    about = {"model": model_path, "mode": mode, "top_n": top_n, "fusion": {n: weight_for(weights, n) for n in tasks}}
+    about = {
+        "model": model_path,
+        "mode": mode,
+        "top_n": top_n,
+        "fusion": {n: weight_for(weights, n) for n in tasks},
+        # queries whose run holds fewer than top_n candidates (a small pool or a shallow run): all were reranked
+        "fewer_than_top_n": {n: sum(len(r) < top_n for r in retrieved[n].ranked) for n in tasks},
+    }
     atomic_write(out_dir / MANIFEST, json.dumps({**manifest, "tasks": entries, "rerank": about}, indent=1))
     return out_dir
 
