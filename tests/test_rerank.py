@@ -25,6 +25,7 @@ from lamra_pl.models.backbone import hf_model
 from lamra_pl.models.rerank import RerankModule
 from lamra_pl.models.rerank_inputs import IGNORE, LIST_ANSWER, RerankExample
 from lamra_pl.retrieval.fusion import fuse, fused_ranking, tune_fusion
+from lamra_pl.retrieval.rerank import load_rerank_module
 from lamra_pl.retrieval.runs import read_qrels, read_run
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mbeir_tiny"
@@ -102,6 +103,25 @@ def test_loss_does_not_depend_on_the_padding_side(reranker):
             losses.append(reranker.lm_loss(collator(EXAMPLES))[0])
     collator.processor.tokenizer.padding_side = "left"
     assert torch.allclose(losses[0], losses[1], atol=1e-5)
+
+
+def test_answer_only_loss_is_the_stock_causal_lm_loss(reranker):
+    """With equal weights, the joint loss is what the model's own `labels=` loss computes (LamRA's objective)."""
+    text_only = [
+        RerankExample(
+            Item("q0", "red circle"),
+            [(Item("a", "red circle"), True), (Item("b", "blue"), False)],
+            [Item("b", "blue"), Item("a", "red circle")],
+            2,
+        ),
+        RerankExample(Item("q1", "green"), [(Item("c", "green square"), True)], [], None),
+    ]
+    batch = reranker.collator()(text_only)
+    with torch.no_grad():
+        ours, stats = reranker.lm_loss(batch)
+        stock = hf_model(reranker.model)(**batch["inputs"], labels=batch["labels"]).loss
+    assert torch.allclose(ours, stock, atol=1e-5), (ours, stock)
+    assert set(stats) >= {"loss_pointwise", "loss_listwise", "pointwise_acc", "listwise_acc"}
 
 
 def test_p_yes_from_one_forward_equals_the_first_generated_step(reranker):
@@ -311,6 +331,19 @@ def test_rerank_data_and_rerank_refuse_unknown_ids(pipeline, tmp_path):
         "top_n 10",
     )
     clean_error(lamra_here("rerank-data", f"--runs={tmp_path}", "--out=x"), "runs.json")
+    clean_error(
+        lamra_here("rerank-data", f"--runs={pipeline['root'] / 'train_runs/local'}", f"--out={tmp_path}"), "not empty"
+    )
+    clean_error(
+        lamra_here(
+            "rerank",
+            f"--model={checkpoint}",
+            f"--runs={pipeline['root'] / 'test_runs/local'}",
+            "--out=x",
+            "--fusion=-1",
+        ),
+        ">= 0",
+    )
 
 
 @pytest.mark.slow
@@ -345,6 +378,14 @@ def test_make_rerank_targets_train_rerank_and_evaluate(pipeline, tmp_path):
     logged = scalars(runs / "tiny_rerank" / "version_0")
     assert {"train/loss", "train/loss_pointwise", "train/loss_listwise"} <= set(logged)
     checkpoint = runs / "tiny_rerank/version_0/checkpoints/last.ckpt"
+    # the trained LoRA reranker, merged into a full checkpoint folder, scores as the checkpoint does
+    ok(lamra_here("merge", f"--ckpt={checkpoint}", f"--out={tmp_path / 'merged'}"))
+    pairs = [(Item("q", "Find the red circle."), Item("a", None, image("red"))), (Item("q2", "x"), Item("b", "y"))]
+    scores = []
+    for model in (checkpoint, tmp_path / "merged"):
+        module = load_rerank_module(model)
+        scores.append(module.score_pointwise(module.collator().pointwise_inputs(pairs)))
+    assert torch.allclose(scores[0], scores[1], atol=1e-5)
     eval_dir = root / "test_runs"
     make("rerank", f"RERANKER={checkpoint}", f"EVAL={eval_dir}", "FUSION=0", "ARGS=--top_n=5")
     reranked = eval_dir / "reranked_local"
@@ -362,6 +403,24 @@ def test_make_rerank_targets_train_rerank_and_evaluate(pipeline, tmp_path):
         scored = (reranked / "scores" / f"{name}.tsv").read_text().splitlines()
         assert len(scored) == sum(min(5, len(r)) for r in read_run(entry["retrieval_run_file"]).ranked)
         assert all(0.0 <= float(line.split("\t")[4]) <= 1.0 for line in scored)
+    listwise = tmp_path / "listwise"
+    ok(
+        lamra_here(
+            "rerank",
+            f"--model={checkpoint}",
+            f"--runs={eval_dir / 'local'}",
+            f"--out={listwise}",
+            "--mode=listwise",
+            "--top_n=3",
+        )
+    )
+    for name, entry in json.loads((listwise / "runs.json").read_text())["tasks"].items():
+        per_query: dict[str, float] = {}
+        for line in (listwise / "scores" / f"{name}.tsv").read_text().splitlines():
+            qid, *_, value = line.split("\t")
+            per_query[qid] = per_query.get(qid, 0.0) + float(value)
+        assert len(per_query) == len(read_run(entry["run_file"]).qids)
+        assert all(abs(total - 1.0) < 1e-5 for total in per_query.values())  # every candidate of a list scored
     ok(lamra_here("tune-fusion", f"--reranked={reranked}", f"--out={tmp_path / 'fusion.yaml'}"))
     tuned = (tmp_path / "fusion.yaml").read_text()
     assert all(re.search(rf"^{name}: [0-9.]+$", tuned, re.M) for name in results["tasks"])

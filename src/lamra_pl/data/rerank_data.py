@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -79,6 +80,9 @@ def make_rerank_data(runs: str, out: str, top_k: int = 100, seed: int = 0, maxco
     """Write reranker training shards from a `lamra-pl retrieve` run folder of training tasks; returns the report."""
     if top_k < 1:
         raise LamraError(f"top_k must be >= 1, got {top_k}")
+    if Path(out).exists() and any(Path(out).iterdir()):
+        # Training reads every .tar below it: shards of an earlier run would silently join the new ones.
+        raise LamraError(f"{out} is not empty: give a new folder, or delete it first")
     runs_dir = Path(runs)
     manifest_file = runs_dir / MANIFEST
     if not manifest_file.is_file():
@@ -105,6 +109,7 @@ def make_rerank_data(runs: str, out: str, top_k: int = 100, seed: int = 0, maxco
         sizes = write_shards(samples, Path(out) / name, maxcount=maxcount)
         unknown_queries = sorted(set(top) - seen)
         if unknown_queries:
+            shutil.rmtree(Path(out) / name)  # no partial output: the run file does not belong to these queries
             raise LamraError(
                 f"{entry['run_file']} ranks {len(unknown_queries)} queries that are not in {entry['queries']}, "
                 f"e.g. {unknown_queries[:3]}"

@@ -1,4 +1,4 @@
-"""Turn a training checkpoint into a full Hugging Face checkpoint directory.
+"""Turn a training checkpoint (retriever or reranker) into a full Hugging Face checkpoint directory.
 
 LamRA's stage 2 starts from the merged stage-1 model. A LoRA adapter is merged into its base weights in
 float32 (merging in fp16, as the reference does, loses small weights); a fully fine-tuned checkpoint has its
@@ -14,10 +14,14 @@ import torch
 
 from lamra_pl.errors import LamraError
 from lamra_pl.models.backbone import checkpoint_dir
+from lamra_pl.models.base import BackboneModule
 from lamra_pl.models.embedding import EmbeddingModule
+from lamra_pl.models.rerank import RerankModule
 
 SETTINGS_FILE = "lamra_pl_embedding.json"
 EMBEDDING_SETTINGS = ("pooling", "rope", "max_text_tokens", "min_pixels", "max_pixels", "padding_side")
+RERANK_SETTINGS_FILE = "lamra_pl_rerank.json"
+RERANK_SETTINGS = ("rope", "max_text_tokens", "min_pixels", "max_pixels", "padding_side")
 
 
 def base_dtype(path: str | Path) -> torch.dtype:
@@ -31,11 +35,14 @@ def merge(ckpt: str, out: str) -> Path:
 
     Args:
         ckpt: a Lightning checkpoint written by `lamra-pl fit` (adapter weights + hyperparameters).
-        out: directory for the merged model, its processor (with `<emb>`) and chat template.
+        out: directory for the merged model, its processor (a retriever's with `<emb>`) and chat template.
     """
     if not Path(ckpt).is_file():
         raise LamraError(f"checkpoint {ckpt!r} does not exist")
-    module = EmbeddingModule.load_from_checkpoint(
+    hparams = torch.load(ckpt, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    # A reranker's hyperparameters name its loss; everything else is a retriever's.
+    cls: type[BackboneModule] = RerankModule if "loss_reduction" in hparams else EmbeddingModule
+    module = cls.load_from_checkpoint(
         ckpt, map_location="cpu", weights_only=True, dtype="float32", gradient_checkpointing=False
     )
     dtype = base_dtype(module.hparams.backbone)
@@ -43,7 +50,10 @@ def merge(ckpt: str, out: str) -> Path:
     out_dir = Path(out)
     merged.to(dtype).save_pretrained(out_dir)
     module.processor.save_pretrained(out_dir)
-    # How this model embeds (pooling, positions, input limits): read back by Retriever.from_checkpoint.
-    settings = {k: module.hparams[k] for k in EMBEDDING_SETTINGS}
-    (out_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
+    # How this model reads its inputs (pooling, positions, input limits): read back by Retriever.from_checkpoint
+    # and load_rerank_module, so the merged model computes what the checkpoint did.
+    name, keys = (
+        (SETTINGS_FILE, EMBEDDING_SETTINGS) if cls is EmbeddingModule else (RERANK_SETTINGS_FILE, RERANK_SETTINGS)
+    )
+    (out_dir / name).write_text(json.dumps({k: module.hparams[k] for k in keys}, indent=1))
     return out_dir

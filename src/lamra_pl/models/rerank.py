@@ -157,7 +157,8 @@ class RerankModule(BackboneModule):
         n = len(batch["query_ids"])
         self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         for name, value in stats.items():
-            self.log(f"train/{name}", value, batch_size=n, sync_dist=True)
+            # Not synced: a batch may lack one kind of chat, and per-step syncs must be the same on every rank.
+            self.log(f"train/{name}", value, batch_size=n)
         self._count_skips(batch)
         return loss
 
@@ -166,7 +167,7 @@ class RerankModule(BackboneModule):
         n = len(batch["query_ids"])
         self.log("val/loss", loss, batch_size=n, sync_dist=True)
         for name, value in stats.items():
-            self.log(f"val/{name}", value, batch_size=n, sync_dist=True)
+            self.log(f"val/{name}", value, batch_size=n)  # rank 0's (see training_step)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Scores of a reranking batch (`lamra_pl.retrieval.rerank`): [B] P(Yes), or [B, K] listwise."""

@@ -96,11 +96,16 @@ def rerank_example(record: Record) -> RerankExample:
             "written by `lamra-pl rerank-data`"
         )
     candidates = [record.positives[0], *record.negatives]
-    try:
-        pointwise = [(candidates[i], bool(label)) for i, label in spec.get("pointwise") or []]
-        listwise = [candidates[i] for i in spec.get("listwise") or []]
-    except (IndexError, TypeError, ValueError) as err:
-        raise BadSampleError(f"sample {record.key!r} (qid {record.qid}): malformed 'rerank' field ({err})") from None
+    pointwise_refs = spec.get("pointwise") or []
+    listwise_refs = spec.get("listwise") or []
+    refs = [ref[0] if isinstance(ref, list) and ref else ref for ref in pointwise_refs] + list(listwise_refs)
+    if not all(isinstance(i, int) and 0 <= i < len(candidates) for i in refs):
+        raise BadSampleError(
+            f"sample {record.key!r} (qid {record.qid}): the 'rerank' field refers to candidates {refs}, but the "
+            f"sample holds {len(candidates)}"
+        )
+    pointwise = [(candidates[i], bool(label)) for i, label in pointwise_refs]
+    listwise = [candidates[i] for i in listwise_refs]
     answer = spec.get("answer") if listwise else None
     if listwise and not (isinstance(answer, int) and 1 <= answer <= len(listwise)):
         raise BadSampleError(f"sample {record.key!r}: listwise answer {answer!r} is not in 1..{len(listwise)}")

@@ -22,8 +22,11 @@ GRID = tuple(round(0.05 * i, 2) for i in range(41))  # 0, 0.05, ..., 2
 def fuse(retrieval: np.ndarray, rerank: np.ndarray, weight: float) -> tuple[np.ndarray, np.ndarray]:
     """(order, fused scores) of one query's head: `retrieval` and `rerank` scores in retrieval order, [N] each.
 
-    The order sorts by fused score, descending, ties broken by retrieval rank (a stable sort).
+    The order sorts by fused score, descending, ties broken by retrieval rank (a stable sort); w = 0 keeps the
+    retrieval order whatever the scores (even a run whose scores are not sorted, or NaN rerank scores).
     """
+    if weight == 0:
+        return np.arange(len(retrieval)), np.asarray(retrieval, dtype=np.float64).copy()
     fused = np.asarray(retrieval, dtype=np.float64) + weight * np.asarray(rerank, dtype=np.float64)
     order = np.argsort(-fused, kind="stable")
     return order, fused[order]
@@ -34,17 +37,24 @@ def load_weights(spec: str | float | None) -> dict[str, float]:
     if spec is None:
         return {DEFAULT: 1.0}
     if isinstance(spec, int | float):
-        return {DEFAULT: float(spec)}
+        return _checked({DEFAULT: float(spec)}, "--fusion")
     path = Path(spec)
     if not path.is_file():
         try:
-            return {DEFAULT: float(spec)}
+            return _checked({DEFAULT: float(spec)}, "--fusion")
         except ValueError:
             raise LamraError(f"fusion weights {spec!r}: neither a number nor a file") from None
     data = yaml.safe_load(path.read_text())
     if not isinstance(data, dict) or not all(isinstance(v, int | float) for v in data.values()):
         raise LamraError(f"{path}: expected a mapping of task name (or 'default') to a number")
-    return {str(k): float(v) for k, v in data.items()}
+    return _checked({str(k): float(v) for k, v in data.items()}, str(path))
+
+
+def _checked(weights: dict[str, float], where: str) -> dict[str, float]:
+    negative = {k: v for k, v in weights.items() if v < 0}
+    if negative:
+        raise LamraError(f"fusion weights must be >= 0 (a reranker's score adds evidence), {where} has {negative}")
+    return weights
 
 
 def weight_for(weights: dict[str, float], task: str) -> float:

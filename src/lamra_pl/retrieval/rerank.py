@@ -33,6 +33,7 @@ from lamra_pl.data.schema import Item, decode_record
 from lamra_pl.data.shards import evaluation_query, expand_shards
 from lamra_pl.errors import LamraError
 from lamra_pl.files import atomic_write
+from lamra_pl.models.merge import RERANK_SETTINGS_FILE
 from lamra_pl.models.rerank import RerankModule
 from lamra_pl.models.rerank_inputs import MAX_LIST
 from lamra_pl.retrieval.encode import encode_trainer
@@ -55,7 +56,9 @@ def load_rerank_module(path: str | Path) -> RerankModule:
             p, map_location="cpu", weights_only=True, gradient_checkpointing=False
         )
     elif p.is_dir():
-        module = RerankModule(str(p), lora=None, gradient_checkpointing=False)
+        settings_file = p / RERANK_SETTINGS_FILE  # written by `lamra-pl merge` of a reranker
+        settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+        module = RerankModule(str(p), lora=None, gradient_checkpointing=False, **settings)
         module.configure_model()
     else:
         raise LamraError(f"reranker {str(path)!r} is neither a checkpoint file nor a checkpoint folder")
@@ -143,7 +146,7 @@ class ScoreWriter(BasePredictionWriter):
         scores = prediction.float().cpu().numpy()
         for row, (task, qid, dids) in enumerate(batch["tags"]):
             values = scores[row, : len(dids)] if scores.ndim == 2 else [scores[row]]
-            lines = (f"{task}\t{qid}\t{did}\t{value:.8f}\n" for did, value in zip(dids, values, strict=True))
+            lines = (f"{task}\t{qid}\t{did}\t{float(value)!r}\n" for did, value in zip(dids, values, strict=True))
             self.file.writelines(lines)
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -221,7 +224,7 @@ def rerank(
     trainer.strategy.barrier()
     if not trainer.is_global_zero:
         return None
-    scores = _read_scores(parts)
+    scores = _read_scores(parts, trainer.world_size)
     entries: dict[str, dict[str, Any]] = {}
     for name, entry in tasks.items():
         run = retrieved[name]
@@ -240,8 +243,7 @@ def rerank(
             fused = np.concatenate([retrieval_scores[: len(head)] + w * rerank_scores, retrieval_scores[len(head) :]])
             fused_scores.append(fused[order])
             lines += [
-                f"{qid}\t{d}\t{rank}\t{retrieval[rank - 1]:.6f}\t{mine[d]:.6f}\n"
-                for rank, d in enumerate(head, start=1)
+                f"{qid}\t{d}\t{rank}\t{retrieval[rank - 1]!r}\t{mine[d]!r}\n" for rank, d in enumerate(head, start=1)
             ]
         run_file = out_dir / f"{name}.run"
         atomic_write(run_file, _format(run.qids, ranked, fused_scores, tag=f"lamra-pl-rerank-{mode}"))
@@ -272,9 +274,13 @@ def _format(qids: list[str], ranked: list[list[str]], scores: list[np.ndarray], 
     return format_run(qids, ranked, padded, tag)
 
 
-def _read_scores(parts: Path) -> dict[tuple[str, str], dict[str, float]]:
+def _read_scores(parts: Path, world: int) -> dict[tuple[str, str], dict[str, float]]:
+    """This run's scores: the files of its ranks only (a folder reused by a run on more devices has others)."""
     scores: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
-    for path in sorted(parts.glob("rank-*.tsv")):
+    for rank in range(world):
+        path = parts / f"rank-{rank}.tsv"
+        if not path.is_file():
+            raise LamraError(f"{path} is missing: with several nodes, OUT must be on a file system they share")
         for line in path.read_text().splitlines():
             task, qid, did, value = line.split("\t")
             scores[task, qid][did] = float(value)
