@@ -143,3 +143,25 @@ def test_cli_strict_error_is_one_line(mbeir, tmp_path):
     assert "mbeir_union_up_train.jsonl:3: not valid JSON" in proc.stderr
     ok = lamra("convert-mbeir", f"--root={mbeir}", f"--out={tmp_path / 'out2'}")
     assert ok.returncode == 0 and '"malformed_line": 1' in ok.stdout
+
+
+def test_training_folders_are_tasks_on_the_training_pool(mbeir, tmp_path):
+    """What `retrieve` + `rerank-data` need: qrels, task.json and a local pool per training task."""
+    out = tmp_path / "out"
+    convert(str(mbeir), str(out))
+    union = jsonl(mbeir / "cand_pool/global/mbeir_union_train_cand_pool.jsonl")
+    train_pool = (out / "train_pool/ids.txt").read_text().splitlines()
+    assert train_pool == [c["did"] for c in union]
+    assert sorted(decode_candidate(s).id for s in samples(out / "train_pool")) == sorted(train_pool)
+    modality = {c["did"]: c["modality"] for c in union}
+    for task in sorted((out / "train").iterdir()):
+        info = json.loads((task / "task.json").read_text())
+        records = [decode_record(s) for s in samples(task)]
+        qrels = [line.split() for line in (task / "qrels.txt").read_text().splitlines()]
+        assert info["queries"] == len(records) and info["split"] == "train"
+        assert sorted((q, d) for q, _, d, _, _ in qrels) == sorted((r.qid, p.id) for r in records for p in r.positives)
+        pool = (task / "pool/ids.txt").read_text().splitlines()
+        assert info["pool"] == len(pool) > 0 and set(pool) <= set(train_pool)
+        wanted = {modality[p.id] for r in records for p in r.positives}
+        assert {modality[d] for d in pool} == wanted  # the task's candidate modality, nothing else
+        assert {p.id for r in records for p in r.positives} <= set(pool)
