@@ -23,7 +23,6 @@ from transformers import (
 )
 
 from lamra_pl.errors import LamraError
-from lamra_pl.models.rerank_inputs import LISTWISE_INSTRUCTION, POINTWISE_INSTRUCTION
 
 # Qwen2-VL's special tokens, in Qwen2-VL's order.
 SPECIAL_TOKENS = [
@@ -71,11 +70,8 @@ BASE_CORPUS = [
     "Summarize above image and sentence in one word: ",
     "Find an image that matches the given caption.",
     "Retrieve a caption that describes the image.",
+    "Judge whether the candidate matches the query. Answer Yes or No.",
     "user assistant system",
-    # the reranker's prompts and answers (lamra_pl.models.rerank_inputs)
-    POINTWISE_INSTRUCTION,
-    LISTWISE_INSTRUCTION,
-    "Query: Candidate: Candidates: (1) (2) (3) (4) (5) Yes No Ans: (1) Ans: (2) Ans: (3) Ans: (4) Ans: (5)",
 ]
 
 
