@@ -37,3 +37,17 @@ def lamra_here(*args: str) -> subprocess.CompletedProcess:
         except SystemExit as exit_:
             code = exit_.code if isinstance(exit_.code, int) else 1
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """`proc` if it succeeded, else a failure showing what it printed."""
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """`proc` failed with lamra-pl's one-line user error (exit 2, no traceback) that names every needle."""
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr[-3000:]

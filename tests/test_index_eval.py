@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from data_recipes.mbeir import convert
-from helpers import LAMRA, ROOT, lamra, lamra_here, scalars
+from helpers import LAMRA, ROOT, clean_error, lamra, lamra_here, ok, scalars
 from lamra_pl.data.schema import encode_candidate
 from lamra_pl.data.shards import write_shards
 from lamra_pl.models.tiny import build_tiny_qwen2vl
@@ -24,18 +24,6 @@ from lamra_pl.retrieval.runs import read_qrels, read_run
 from lamra_pl.retrieval.search import unit_rows
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mbeir_tiny"
-
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
-
-
-def clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    for needle in needles:
-        assert needle in proc.stderr, proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")

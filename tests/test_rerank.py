@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import shape_image
 from data_recipes.mbeir import convert
-from helpers import ROOT, lamra_here, scalars
+from helpers import ROOT, clean_error, lamra_here, ok, scalars
 from lamra_pl.data.rerank_data import draw
 from lamra_pl.data.schema import Item, decode_record
 from lamra_pl.data.shards import expand_shards
@@ -29,18 +29,6 @@ from lamra_pl.retrieval.rerank import load_rerank_module
 from lamra_pl.retrieval.runs import read_qrels, read_run
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mbeir_tiny"
-
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
-
-
-def clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    for needle in needles:
-        assert needle in proc.stderr, proc.stderr[-3000:]
 
 
 def image(color: str, shape: str = "circle", size: int = 56) -> Image.Image:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lamra_pl.data.schema import Item, decode_candidate
+from lamra_pl.data.schema import Item, decode_candidate, member_image, sample_location
 from lamra_pl.data.shards import expand_shards
 from lamra_pl.errors import BadSampleError, LamraError
 
@@ -94,6 +94,5 @@ class CandidateStore:
         """The candidate as `encode_record` takes it: {"id", "txt", "image": (bytes, ext) | None, "img_src"}."""
         sample = self.sample(did)
         record = json.loads(sample["json"])
-        img = record.get("img")
-        image = (sample[img], img.rsplit(".", 1)[-1]) if img else None
+        image = member_image(sample, record.get("img"), sample_location(sample))
         return {"id": did, "txt": record.get("txt"), "image": image, "img_src": record.get("img_src")}

@@ -32,7 +32,7 @@ from typing import Any
 import webdataset as wds
 
 from lamra_pl.data.candidates import CandidateStore
-from lamra_pl.data.schema import encode_record, sample_location
+from lamra_pl.data.schema import encode_record, member_image, sample_location
 from lamra_pl.data.shards import expand_shards, write_shards
 from lamra_pl.errors import BadSampleError, LamraError
 from lamra_pl.files import atomic_write
@@ -160,8 +160,5 @@ def _samples(
 
 def _member_item(sample: dict[str, Any], entry: dict[str, Any], where: str) -> dict[str, Any]:
     """An item of a query record as `encode_record` takes it, its image bytes taken from the sample as they are."""
-    img = entry.get("img")
-    if img is not None and img not in sample:
-        raise BadSampleError(f"{where}: names image member {img!r}, which is missing")
-    image = (sample[img], img.rsplit(".", 1)[-1]) if img else None
+    image = member_image(sample, entry.get("img"), where)
     return {"id": str(entry.get("id", "")), "txt": entry.get("txt"), "image": image, "img_src": entry.get("img_src")}

@@ -247,6 +247,15 @@ def decode_candidate(sample: dict[str, Any]) -> Item:
     return Item(id=str(record["id"]), text=record.get("txt"), image=image, source=image_source(sample, record))
 
 
+def member_image(sample: dict[str, Any], img: str | None, where: str) -> tuple[bytes, str] | None:
+    """An item's image as stored, (bytes, extension), from the sample member `img` names (never re-encoded)."""
+    if img is None:
+        return None
+    if img not in sample:
+        raise BadSampleError(f"{where}: names image member {img!r}, which is missing")
+    return sample[img], img.rsplit(".", 1)[-1]
+
+
 def image_source(sample: dict[str, Any], entry: dict[str, Any]) -> str | None:
     """Where an item's image came from: its `img_src`, else the shard member (`shard.tar#key.member`)."""
     if not entry.get("img"):

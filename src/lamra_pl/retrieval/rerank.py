@@ -287,15 +287,19 @@ def _read_scores(parts: Path, world: int) -> dict[tuple[str, str], dict[str, flo
     return scores
 
 
-def read_reranked(folder: str | Path) -> dict[str, list[tuple[list[str], np.ndarray, np.ndarray, set[str]]]]:
-    """Per task of a `rerank` output folder: per query (retrieval ranking, retrieval scores, rerank scores of its
-    head, positives), for `tune_fusion`."""
+# per query: retrieval ranking, retrieval scores, rerank scores of its head, positives
+Reranked = list[tuple[list[str], np.ndarray, np.ndarray, set[str]]]
+
+
+def read_reranked(folder: str | Path) -> dict[str, tuple[int, Reranked]]:
+    """Per task of a `rerank` output folder: its reported k, and per query (retrieval ranking, retrieval scores,
+    rerank scores of its head, positives), for `tune_fusion`."""
     folder = Path(folder)
     manifest_file = folder / MANIFEST
     if not manifest_file.is_file() or "rerank" not in json.loads(manifest_file.read_text()):
         raise LamraError(f"{folder} is not a folder written by `lamra-pl rerank` (no {MANIFEST} with 'rerank')")
     manifest = json.loads(manifest_file.read_text())
-    out: dict[str, list[tuple[list[str], np.ndarray, np.ndarray, set[str]]]] = {}
+    out: dict[str, tuple[int, Reranked]] = {}
     for name, entry in manifest["tasks"].items():
         run: Run = read_run(entry["retrieval_run_file"])
         qrels = read_qrels(entry["qrels_file"])
@@ -303,20 +307,22 @@ def read_reranked(folder: str | Path) -> dict[str, list[tuple[list[str], np.ndar
         for line in (folder / SCORES / f"{name}.tsv").read_text().splitlines():
             qid, _, _, _, value = line.split("\t")
             rerank_scores[qid].append(float(value))
-        out[name] = [
-            (ids, np.array(s, dtype=np.float64), np.array(rerank_scores[q]), qrels.get(q, set()))
-            for q, ids, s in zip(run.qids, run.ranked, run.scores, strict=True)
-        ]
+        k = int(task_info(Path(entry["task_file"]).parent)["recall_k"])
+        out[name] = (
+            k,
+            [
+                (ids, np.array(s, dtype=np.float64), np.array(rerank_scores[q]), qrels.get(q, set()))
+                for q, ids, s in zip(run.qids, run.ranked, run.scores, strict=True)
+            ],
+        )
     return out
 
 
 def tune(reranked: str, out: str, grid: tuple[float, ...] = GRID) -> dict[str, dict[str, float]]:
     """Pick each task's fusion weight on a validation split's `rerank` folder (best M-BEIR reported recall) and
     write them as a weights file for `lamra-pl rerank --fusion`; returns {task: {"w", "k", recalls}}."""
-    manifest = json.loads((Path(reranked) / MANIFEST).read_text()) if (Path(reranked) / MANIFEST).is_file() else {}
     chosen: dict[str, dict[str, float]] = {}
-    for name, queries in read_reranked(reranked).items():
-        k = int(task_info(Path(manifest["tasks"][name]["task_file"]).parent)["recall_k"])
+    for name, (k, queries) in read_reranked(reranked).items():
         w, recall = tune_fusion(queries, k, grid)
         _, alone = tune_fusion(queries, k, (0.0,))
         chosen[name] = {"w": w, "k": k, "retrieval": alone[0.0], "fused": recall[w]}
