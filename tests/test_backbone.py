@@ -58,6 +58,14 @@ def test_full_fine_tuning_trains_the_language_model_only(tiny_backbone):
     assert not any(".visual." in n for n in names) and "lm_head.weight" not in names
 
 
+def test_lm_head_unfreezes_on_request_with_or_without_lora(tiny_backbone):
+    full = trainable(load_backbone(tiny_backbone, vocab_size=400, lora=None, train_lm_head=True))
+    assert "lm_head.weight" in full and not any(".visual." in n for n in full)
+    adapters = trainable(load_backbone(tiny_backbone, vocab_size=400, lora=LoraSpec(r=4, alpha=8), train_lm_head=True))
+    # peft freezes the base model: the head must survive that, beside the adapters and nothing else.
+    assert {n for n in adapters if "lora_" not in n} == {"base_model.model.lm_head.weight"}
+
+
 def test_resize_when_the_tokenizer_outgrows_the_embeddings(tiny_backbone):
     model = load_backbone(tiny_backbone, vocab_size=520, lora=None)
     assert model.get_input_embeddings().num_embeddings == 520

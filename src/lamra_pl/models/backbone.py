@@ -119,6 +119,7 @@ def load_backbone(
     lora: LoraSpec | None,
     train_vision_tower: bool = False,
     train_projector: bool = False,
+    train_lm_head: bool = False,
     dtype: DType = "auto",
     attn_implementation: str = "sdpa",
     gradient_checkpointing: bool = False,
@@ -127,7 +128,8 @@ def load_backbone(
     """The model from `path`, resized to `vocab_size` if needed, with LoRA (or full fine-tuning) and freezing.
 
     With `lora=None` the language model is fully trainable (what a randomly initialised backbone needs);
-    otherwise only the adapters are. The vision tower and projector are frozen unless asked for.
+    otherwise only the adapters are. The vision tower, projector and LM head are frozen unless asked for (a tied
+    LM head is the input embedding matrix, so training it trains both).
     """
     p = checkpoint_dir(path)
     family = FAMILIES[model_type(p)]
@@ -150,6 +152,8 @@ def load_backbone(
             _module(model, family.projector).requires_grad_(False)
     if train_projector:
         _module(model, family.projector).requires_grad_(True)
+    if train_lm_head:
+        model.get_output_embeddings().requires_grad_(True)
     if lora is None:
         return model
 

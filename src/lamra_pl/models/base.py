@@ -85,6 +85,8 @@ class BackboneModule(LightningModule):
             lora=self.lora,
             train_vision_tower=h.train_vision_tower,
             train_projector=h.train_projector,
+            # Only the reranker reads the LM head; the retriever pools hidden states and has no such argument.
+            train_lm_head=h.get("train_lm_head", False),
             dtype=h.dtype,
             attn_implementation=h.attn_implementation,
             gradient_checkpointing=h.gradient_checkpointing,

@@ -36,6 +36,9 @@ class RerankModule(BackboneModule):
             weights it is the stock causal-LM loss over the assistant turns; "kinds": the paper's
             L = w_point * mean(pointwise tokens) + w_list * mean(listwise tokens).
         max_text_tokens: query and candidate texts are cut to this many tokens (LamRA: 256).
+        train_lm_head: unfreeze the LM head, which reads the Yes/No and number logits. LamRA keeps a pretrained
+            instruct model's head frozen (LoRA only); a backbone whose head was never trained (the demo's tiny
+            retriever) needs it.
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class RerankModule(BackboneModule):
         padding_side: Literal["left", "right"] | None = None,
         train_vision_tower: bool = False,
         train_projector: bool = False,
+        train_lm_head: bool = False,
         dtype: DType = "auto",
         attn_implementation: str = "sdpa",
         gradient_checkpointing: bool = True,
