@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import webdataset as wds
 
 from conftest import text_to_image_samples
@@ -16,9 +17,9 @@ from lamra_pl.data.shards import (
     eval_pipeline,
     evaluation_query,
     expand_shards,
-    train_pipeline,
     write_shards,
 )
+from lamra_pl.data.stream import SampleIndex, TrainStream
 from lamra_pl.errors import BadSampleError, LamraError
 
 
@@ -60,13 +61,45 @@ def test_evaluation_reads_every_sample_exactly_once(tmp_path, world, workers):
     assert sorted(seen) == sorted(f"q{r}:{i}" for r in range(3) for i in range(12))
 
 
+def train_stream(folder, **kwargs) -> TrainStream:
+    index = SampleIndex.build(expand_shards(str(folder)))
+    settings = {"collate": ids_only, "batch_size": 5, "num_negatives": 0, "seed": 0, "rank": 0, "world": 1}
+    return TrainStream(index, **{**settings, "batches_per_epoch": 7, **kwargs})
+
+
 def test_training_batches_are_full_and_carry_the_requested_negatives(tmp_path):
     write_shards(text_to_image_samples(negatives=3), tmp_path, maxcount=4)
-    pipeline = train_pipeline(
-        expand_shards(str(tmp_path)), batch_size=5, collate=ids_only, num_negatives=2, seed=0, rank=0, shuffle_buffer=8
-    ).with_epoch(7)
-    batches = list(wds.WebLoader(pipeline, batch_size=None, num_workers=0))
+    batches = list(train_stream(tmp_path, num_negatives=2))
     assert len(batches) == 7 and all(len(b["query_ids"]) == 5 and b["n_neg"] == [2] * 5 for b in batches)
+    assert [b["stream_batch"] for b in batches] == list(range(7))
+
+
+@pytest.mark.parametrize("world,workers", [(1, 2), (3, 2)])
+def test_a_pass_uses_every_sample_once_over_ranks_and_the_workers_do_not_change_the_data(tmp_path, world, workers):
+    write_shards(text_to_image_samples(repeat=5), tmp_path, maxcount=7)  # 60 samples in 9 uneven shards
+    per_rank = 60 // (4 * world)
+    seen, alone = [], []
+    for rank in range(world):
+        stream = train_stream(tmp_path, batch_size=4, rank=rank, world=world, batches_per_epoch=per_rank)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
+        seen += [q for b in loader for q in b["query_ids"]]
+        again = train_stream(tmp_path, batch_size=4, rank=rank, world=world, batches_per_epoch=per_rank)
+        alone += [q for b in again for q in b["query_ids"]]
+    assert seen == alone  # worker count and order are invisible in the data
+    assert sorted(seen) == sorted(f"q{r}:{i}" for r in range(5) for i in range(12))
+
+
+def test_stream_started_at_a_batch_equals_the_stream_read_to_it(tmp_path):
+    write_shards(text_to_image_samples(repeat=2), tmp_path, maxcount=5)  # 24 samples: passes of 4.8 batches
+    full = [b["query_ids"] for _, b in zip(range(12), _epochs(train_stream(tmp_path, batches_per_epoch=3)))]
+    later = train_stream(tmp_path, batches_per_epoch=3, start_batch=5, start_entry=5 * 5)
+    assert [b["query_ids"] for _, b in zip(range(7), _epochs(later))] == full[5:]
+    assert full[0] != full[5]  # a new pass is a new order
+
+
+def _epochs(stream: TrainStream):
+    while True:
+        yield from stream
 
 
 def test_too_few_negatives_is_a_clear_error(tmp_path):

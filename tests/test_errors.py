@@ -58,7 +58,7 @@ def test_config_file_key_that_does_not_exist(tiny_backbone, tmp_path):
 
 
 @pytest.mark.slow
-def test_shard_sample_without_positive(tiny_backbone, tmp_path):
+def test_training_sample_without_positive_is_skipped_named_and_counted(tiny_backbone, tmp_path):
     shards = tmp_path / "shards"
     samples = text_to_image_samples()
     record = json.loads(samples[3]["json"])
@@ -66,7 +66,10 @@ def test_shard_sample_without_positive(tiny_backbone, tmp_path):
     samples[3]["json"] = json.dumps(record).encode()
     write_shards(samples, shards)
     proc = fit_tiny(tiny_backbone, shards, tmp_path / "runs", steps=3)
-    assert_clean_error(proc, "shard-000000.tar", "q00_003", "no positive")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "shard-000000.tar, sample 'q00_003': qid q0:3 has no positive candidate" in proc.stderr
+    logged = scalars(tmp_path / "runs" / "tiny_stage2" / "version_0")["data/skipped_bad_sample"]
+    assert logged[-1][1] == proc.stderr.count("(bad_sample)") >= 1  # each skip printed once, and counted
 
 
 def broken_image_shards(folder: Path) -> Path:

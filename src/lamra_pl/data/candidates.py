@@ -1,15 +1,14 @@
 """Random access to the candidates of pool shards by id, without loading the pool.
 
 Shards are plain (uncompressed) tar files, so a member is a byte range. `CandidateStore` reads every shard's
-headers and the `.json` member of each sample once, keeps the byte ranges of the candidates asked for, and later
-reads just those bytes. Memory grows with the candidates asked for, not with the pool; image bytes are read
-when an item is requested, and never re-encoded.
+headers and the `.json` member of each sample once (`tar_index.scan_tar`), keeps the byte ranges of the
+candidates asked for, and later reads just those bytes. Memory grows with the candidates asked for, not with the
+pool; image bytes are read when an item is requested, and never re-encoded.
 """
 
 from __future__ import annotations
 
 import json
-import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 from lamra_pl.data.schema import Item, decode_candidate, member_image, sample_location
 from lamra_pl.data.shards import expand_shards
+from lamra_pl.data.tar_index import scan_tar
 from lamra_pl.errors import BadSampleError, LamraError
 
 
@@ -45,29 +45,22 @@ class CandidateStore:
                 self._scan(url, wanted)
 
     def _scan(self, url: str, wanted: set[str] | None) -> None:
-        samples: dict[str, list[tuple[str, int, int]]] = {}
-        ids: dict[str, str] = {}
-        with tarfile.open(url, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, suffix = member.name.partition(".")
-                samples.setdefault(key, []).append((suffix, member.offset_data, member.size))
-                if suffix == "json":
-                    raw = tar.extractfile(member).read()
-                    try:
-                        ids[key] = str(json.loads(raw)["id"])
-                    except (json.JSONDecodeError, KeyError, TypeError) as err:
-                        raise BadSampleError(f"shard {url}, sample {key!r}: not a candidate record ({err})") from None
-        for key, members in samples.items():
-            if key not in ids:
-                raise BadSampleError(f"shard {url}, sample {key!r}: no .json member")
-            did = ids[key]
+        scan = scan_tar(url, read=("json",))
+        if scan.damage is not None:
+            raise BadSampleError(f"pool shard {url} is damaged: {scan.damage}")
+        for sample in scan.samples:
+            raw = sample.data.get("json")
+            if raw is None:
+                raise BadSampleError(f"shard {url}, sample {sample.key!r}: no .json member")
+            try:
+                did = str(json.loads(raw)["id"])
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise BadSampleError(f"shard {url}, sample {sample.key!r}: not a candidate record ({err})") from None
             self.size += 1
             if did in self.locations:
                 self.duplicates += 1
             elif wanted is None or did in wanted:
-                self.locations[did] = Location(url, key, tuple(members))
+                self.locations[did] = Location(url, sample.key, tuple(sample.members))
 
     def __contains__(self, did: str) -> bool:
         return did in self.locations

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from lamra_pl.data.shards import Collator, count_samples, eval_pipeline, expand_shards, train_pipeline
+from lamra_pl.data.shards import Collator, eval_pipeline, expand_shards
+from lamra_pl.data.stream import SampleIndex, TrainStream
 from lamra_pl.errors import BadSampleError, LamraError
 from lamra_pl.retrieval.encode import ChunkedItems, Job, plan
 from lamra_pl.retrieval.retrieve import task_dirs
@@ -17,8 +18,11 @@ from lamra_pl.retrieval.retrieve import task_dirs
 class ShardDataModule(LightningDataModule):
     """Training, validation and test shards of the sample schema (`lamra_pl.data.schema`).
 
-    Training resamples shards endlessly and cuts epochs with `with_epoch`, so every rank sees the same number
-    of equal-size batches (DDP needs it). Evaluation reads each sample once, deterministically.
+    Training is the stream of `lamra_pl.data.stream`: seeded passes over every sample of the shards, dealt to
+    ranks, in equal full batches (DDP needs them); a batch is a function of its number only, so the state this
+    DataModule saves in checkpoints (the batches consumed) makes `--ckpt_path last` resume with exactly the data
+    the uninterrupted run would have seen, whatever the number of workers. Unusable samples are replaced and
+    counted. Evaluation reads each sample once, deterministically.
     The collator comes from the LightningModule (`collator()`, a `shards.Collator`): it knows how a record becomes
     an example (the retriever's positive/instruction/negatives, or a reranker sample's chats) and the prompts.
 
@@ -34,9 +38,9 @@ class ShardDataModule(LightningDataModule):
         eval_batch_size: queries per evaluation batch (default: batch_size).
         num_negatives: hard negatives per query, drawn from each sample's list.
         num_workers: data loader processes per rank.
-        shuffle_buffer: samples in the training shuffle buffer.
-        seed: seed of shard resampling, shuffling and the per-sample choices.
-        batches_per_epoch: batches per rank per epoch; default from the shards' sizes.json.
+        seed: seed of the passes' order and of the per-sample choices.
+        batches_per_epoch: batches per rank per epoch; default: one pass over the samples.
+        max_image_pixels: training images with more pixels are skipped (counted) before being decoded.
     """
 
     def __init__(
@@ -50,9 +54,9 @@ class ShardDataModule(LightningDataModule):
         eval_batch_size: int | None = None,
         num_negatives: int = 0,
         num_workers: int = 2,
-        shuffle_buffer: int = 1000,
         seed: int = 0,
         batches_per_epoch: int | None = None,
+        max_image_pixels: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or num_negatives < 0 or num_workers < 0:
@@ -60,6 +64,10 @@ class ShardDataModule(LightningDataModule):
         self.save_hyperparameters()
         self.collate: Collator | None = None
         self.rank, self.world = 0, 1
+        self.index: SampleIndex | None = None
+        # Where the training stream stands: batch `consumed` starts at global entry `entry`.
+        self.consumed, self.entry = 0, 0
+        self._stream: TrainStream | None = None
 
     def setup(self, stage: str) -> None:
         if self.trainer is not None:
@@ -69,28 +77,48 @@ class ShardDataModule(LightningDataModule):
 
     def _loader(self, pipeline: Any) -> DataLoader:
         workers = self.hparams.num_workers
-        return DataLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+        # Its own generator: creating an iterator then never draws from the global RNG (which dropout uses and
+        # a resumed run restores), so when epochs start does not change the model's random draws.
+        return DataLoader(
+            pipeline,
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(self.hparams.seed),
+        )
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
-        urls = self._urls("train_shards")
-        per_rank = h.batches_per_epoch
-        if per_rank is None:
-            total = count_samples(urls)
-            if total is None:
-                raise LamraError(f"{h.train_shards}: no sizes.json lists these shards; set data.batches_per_epoch")
-            per_rank = max(1, total // (h.batch_size * self.world))
-        per_worker = math.ceil(per_rank / max(1, h.num_workers))
-        pipeline = train_pipeline(
-            urls,
-            batch_size=h.batch_size,
+        if self.index is None:
+            self.index = SampleIndex.build(self._urls("train_shards"))
+        per_rank = h.batches_per_epoch or max(1, len(self.index) // (h.batch_size * self.world))
+        self._stream = TrainStream(
+            self.index,
             collate=self._collate(),
+            batch_size=h.batch_size,
             num_negatives=h.num_negatives,
             seed=h.seed,
             rank=self.rank,
-            shuffle_buffer=h.shuffle_buffer,
-        ).with_epoch(per_worker)
-        return self._loader(pipeline)
+            world=self.world,
+            batches_per_epoch=per_rank,
+            start_batch=self.consumed,
+            start_entry=self.entry,
+            max_image_pixels=h.max_image_pixels,
+        )
+        return self._loader(self._stream)
+
+    # Lightning saves these in checkpoints and restores them before asking for the dataloaders.
+    def state_dict(self) -> dict[str, Any]:
+        entry = self._stream.entry_of(self.consumed) if self._stream is not None else self.entry
+        return {"consumed": self.consumed, "entry": entry, "seed": self.hparams.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("seed", self.hparams.seed) != self.hparams.seed:
+            raise LamraError(
+                f"the checkpoint's data stream was seeded with data.seed={state['seed']}, this run has "
+                f"{self.hparams.seed}: resume with the same seed, or start a new run"
+            )
+        self.consumed, self.entry = int(state["consumed"]), int(state["entry"])
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         # Neither shards nor tasks means no validation during fit (an empty list is Lightning's "none").
@@ -142,4 +170,6 @@ class ShardDataModule(LightningDataModule):
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         if "error" in batch:
             raise BadSampleError(batch["error"])
+        if "stream_batch" in batch:  # a training batch, about to be used
+            self.consumed = batch.pop("stream_batch") + 1
         return batch

@@ -33,8 +33,18 @@ from lamra_pl.errors import BadSampleError
 
 MODALITIES = ("text", "image", "image,text")
 
-# Reasons a sample is skipped (counted, logged, never silent). Fixed order: it indexes the count tensors.
-SKIP_REASONS = ("unreadable_image",)
+# Reasons a training sample is skipped (counted, logged, never silent). Fixed order: it indexes the count
+# tensors. The `_shard` reasons count shards, the others samples (see lamra_pl.data.stream).
+SKIP_REASONS = (
+    "unreadable_image",
+    "oversized_image",
+    "bad_sample",
+    "sample_error",
+    "damaged_shard",
+    "unreadable_shard",
+)
+# PIL's decompression-bomb bound: larger images are refused before they are decoded.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
 @dataclass
@@ -78,9 +88,11 @@ class Example:
 
 
 class UnreadableImage(Exception):
-    def __init__(self, member: str, cause: Exception) -> None:
-        super().__init__(f"member {member!r} is not a readable image ({type(cause).__name__}: {cause})")
+    def __init__(self, member: str, cause: Exception | str, oversized: bool = False) -> None:
+        why = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
+        super().__init__(f"member {member!r} is not a readable image ({why})")
         self.member = member
+        self.oversized = oversized
 
 
 def format_text(text: str) -> str:
@@ -149,8 +161,9 @@ def encode_record(
     return sample
 
 
-def decode_record(sample: dict[str, Any]) -> Record:
-    """A Record from a raw WebDataset sample (bytes members). Raises BadSampleError or UnreadableImage."""
+def decode_record(sample: dict[str, Any], max_image_pixels: int | None = None) -> Record:
+    """A Record from a raw WebDataset sample (bytes members). Raises BadSampleError or UnreadableImage (also for
+    an image of more than `max_image_pixels`, default MAX_IMAGE_PIXELS, which is never decoded)."""
     where = sample_location(sample)
     record = _json_member(sample, where)
     for required in ("qid", "query", "positives"):
@@ -164,6 +177,8 @@ def decode_record(sample: dict[str, Any]) -> Record:
         modality = entry.get("modality", modality_of(txt, img))
         if modality not in MODALITIES:
             raise BadSampleError(f"{where}: {field_name} has unknown modality {modality!r}; use {MODALITIES}")
+        if img is None and not (txt or "").strip():
+            raise BadSampleError(f"{where}: {field_name} has an empty text and no image")
         if modality != modality_of(txt, img):
             raise BadSampleError(
                 f"{where}: {field_name} says modality {modality!r} but has "
@@ -173,7 +188,7 @@ def decode_record(sample: dict[str, Any]) -> Record:
         if img is not None:
             if img not in sample:
                 raise BadSampleError(f"{where}: {field_name} names image member {img!r}, which is missing")
-            image = _open_image(sample[img], img)
+            image = _open_image(sample[img], img, max_image_pixels)
         return Item(id=str(entry.get("id", default_id)), text=txt, image=image, source=image_source(sample, entry))
 
     qid = str(record["qid"])
@@ -213,11 +228,16 @@ def modality_of(txt: str | None, img: str | None) -> str:
     raise BadSampleError("an item has neither text nor image")
 
 
-def _open_image(data: bytes, member: str) -> Image.Image:
+def _open_image(data: bytes, member: str, max_pixels: int | None = None) -> Image.Image:
+    limit = max_pixels or MAX_IMAGE_PIXELS
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data))  # reads the header only
+        if image.width * image.height > limit:
+            raise UnreadableImage(member, f"{image.width}x{image.height} is over {limit} pixels", oversized=True)
         image.load()
         return image.convert("RGB")
+    except UnreadableImage:
+        raise
     except Exception as err:  # PIL raises many types for corrupt files
         raise UnreadableImage(member, err) from err
 

@@ -134,19 +134,10 @@ def to_examples(
     *,
     choose: Callable[[Record, random.Random | None, int], Any],
     num_negatives: int,
-    seed: int | None,
-    rank: int,
 ) -> Iterator[Any]:
-    """One example per record, by `choose` (the retriever's: one positive, one instruction, `num_negatives`
-    hard negatives).
-
-    `seed=None` is the deterministic evaluation choice (first of each); otherwise choices are random with a
-    seed distinct per rank and worker.
-    """
-    rng = None
-    if seed is not None:
-        info = torch.utils.data.get_worker_info()
-        rng = random.Random(f"{seed}-{rank}-{info.id if info else 0}")
+    """One example per record, by `choose` with `rng=None`: the deterministic evaluation choice (the retriever's:
+    its first positive, first instruction and first `num_negatives` hard negatives). Training makes its
+    random choices in `lamra_pl.data.stream`."""
     for record in records:
         if not isinstance(record, Record):
             yield record
@@ -157,7 +148,7 @@ def to_examples(
                 f"data.num_negatives is {num_negatives}"
             )
             continue
-        yield choose(record, rng, num_negatives)
+        yield choose(record, None, num_negatives)
 
 
 def choose_example(record: Record, rng: random.Random | None, num_negatives: int) -> Example:
@@ -230,36 +221,10 @@ def to_batches(
         yield emit()
 
 
-def _worker_seed(rank: int) -> int:
-    info = torch.utils.data.get_worker_info()
-    return rank * 1000 + (info.id if info else 0)
-
-
 def _split_by_node(src: Iterable[Any], rank: int, world: int) -> Iterator[Any]:
     for i, item in enumerate(src):
         if i % world == rank:
             yield item
-
-
-def train_pipeline(
-    urls: list[str],
-    *,
-    batch_size: int,
-    collate: Collator,
-    num_negatives: int,
-    seed: int,
-    rank: int,
-    shuffle_buffer: int,
-) -> wds.DataPipeline:
-    """Endless, resampled, shuffled training batches; every rank and worker draws its own shard sequence."""
-    return wds.DataPipeline(
-        wds.ResampledShards(urls, seed=seed, worker_seed=partial(_worker_seed, rank), deterministic=True),
-        wds.tarfile_to_samples(),
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed + rank),
-        partial(to_records),
-        partial(to_examples, choose=collate.choose, num_negatives=num_negatives, seed=seed, rank=rank),
-        partial(to_batches, batch_size=batch_size, collate=collate, partial_last=False),
-    )
 
 
 def eval_pipeline(
@@ -278,6 +243,6 @@ def eval_pipeline(
         wds.split_by_worker,
         wds.tarfile_to_samples(),
         partial(to_records),
-        partial(to_examples, choose=collate.choose, num_negatives=num_negatives, seed=None, rank=rank),
+        partial(to_examples, choose=collate.choose, num_negatives=num_negatives),
         partial(to_batches, batch_size=batch_size, collate=collate, partial_last=True),
     )

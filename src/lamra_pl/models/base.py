@@ -10,10 +10,13 @@ import math
 from dataclasses import asdict
 from typing import Any, Literal
 
+import numpy as np
 import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers import BatchFeature, get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from lamra_pl.data.schema import SKIP_REASONS
@@ -42,6 +45,11 @@ class BackboneModule(LightningModule):
         optimizer: built in `configure_optimizers` from trainable parameters only.
         warmup_ratio, lr_schedule: linear warmup over this fraction of `trainer.max_steps`, then cosine to 0
             (or constant).
+        max_nonfinite_steps: a step whose gradients are not finite (NaN/inf loss) is skipped and counted
+            (`train/nonfinite_steps`); more than this many in a row stop the run with an error.
+
+    Checkpoints also hold every rank's RNG state (restored before the first step after a resume, so dropout
+    draws continue exactly) and the skip counts, so a resumed run goes on as the uninterrupted one would.
     """
 
     def __init__(
@@ -71,6 +79,8 @@ class BackboneModule(LightningModule):
         )
         self.model: torch.nn.Module | None = None
         self.skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
+        self.nonfinite_steps, self._nonfinite_in_a_row = 0, 0
+        self._resume_rng: dict[str, Any] | None = None
         # Checkpoints hold trainable weights only; `on_load_checkpoint` checks that none is missing.
         self.strict_loading = False
 
@@ -134,7 +144,37 @@ class BackboneModule(LightningModule):
         totals = {
             reason: int(self.trainer.callback_metrics.get(f"data/skipped_{reason}", 0)) for reason in SKIP_REASONS
         }
-        rank_zero_info(f"lamra-pl: training samples skipped: {totals}")
+        rank_zero_info(
+            f"lamra-pl: training samples skipped: {totals}; non-finite steps skipped: {self.nonfinite_steps}"
+        )
+
+    # ------------------------------------------------------------------------------ non-finite steps
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        finite = bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
+        # Sharded (FSDP) gradients differ per rank: every rank must take the same decision.
+        if self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            self._nonfinite_in_a_row = 0
+        else:
+            for p in self.parameters():
+                p.grad = None  # the optimizer skips parameters without gradients: no update, no moment decay
+            self.nonfinite_steps += 1
+            self._nonfinite_in_a_row += 1
+            rank_zero_warn(f"lamra-pl: step {self.global_step} has non-finite gradients (NaN/inf loss): skipped")
+            if self._nonfinite_in_a_row > self.hparams.max_nonfinite_steps:
+                raise LamraError(
+                    f"{self._nonfinite_in_a_row} steps in a row had non-finite gradients (NaN/inf loss), more than "
+                    f"model.max_nonfinite_steps={self.hparams.max_nonfinite_steps}: lower the learning rate, check "
+                    "the data and the precision, or resume from an earlier checkpoint"
+                )
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=1)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Restored here, not in on_load_checkpoint: creating the dataloader iterator after loading draws from
+        # the global RNG, which the uninterrupted run did not do at this point.
+        if self._resume_rng is not None:
+            _set_rng_states(self._resume_rng)
+            self._resume_rng = None
 
     # ------------------------------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> dict[str, Any]:
@@ -161,11 +201,71 @@ class BackboneModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        # Called on every rank: gather what each rank needs to go on exactly after a resume.
+        mine = {"rng": _safe_rng_states(), "skipped": self.skipped.clone()}
+        ranks = [mine]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            ranks = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, mine)
+        checkpoint[RESUME_KEY] = {
+            "rng": [r["rng"] for r in ranks],
+            "skipped": torch.stack([r["skipped"] for r in ranks]).sum(0),
+            "nonfinite_steps": self.nonfinite_steps,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        missing = sorted(self.trainable_names() - set(checkpoint["state_dict"]))
-        if missing:
-            raise LamraError(
-                f"checkpoint does not match the model config: {len(missing)} trainable tensors are missing, "
-                f"e.g. {missing[:3]} (is the LoRA rank, target list or freezing the same as in training?)"
+        self._check_matches(checkpoint["state_dict"])
+        state = checkpoint.get(RESUME_KEY)
+        if state is None or self._trainer is None:  # loading weights only (merge, predict)
+            return
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        if len(state["rng"]) == world:
+            self._resume_rng = _unsafe_rng_states(state["rng"][rank])
+        else:
+            rank_zero_warn(
+                f"lamra-pl: the checkpoint was written by {len(state['rng'])} processes, this run has {world}: "
+                "random draws (dropout) do not continue exactly"
             )
+        # The totals so far, once (on rank 0): the logged counts are sums over ranks.
+        self.skipped = state["skipped"].clone() if rank == 0 else torch.zeros_like(state["skipped"])
+        self.nonfinite_steps = int(state["nonfinite_steps"])
+
+    def _check_matches(self, saved: dict[str, torch.Tensor]) -> None:
+        """Say what differs between a checkpoint's trainable tensors and this model's, before loading them."""
+        own = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        missing = sorted(set(own) - set(saved))
+        unexpected = sorted(set(saved) - set(dict(self.named_parameters())))
+        shapes = [
+            f"{n}: {tuple(saved[n].shape)} vs {tuple(own[n].shape)}"
+            for n in own
+            if n in saved and saved[n].shape != own[n].shape
+        ]
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} trainable tensors are missing, e.g. {missing[:3]}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} tensors are not in this model, e.g. {unexpected[:3]}")
+        if shapes:
+            problems.append(f"{len(shapes)} tensors have other shapes (checkpoint vs model), e.g. {shapes[:3]}")
+        if problems:
+            raise LamraError(
+                "checkpoint does not match the model config: "
+                + "; ".join(problems)
+                + " (are the backbone, LoRA rank, target list and freezing the same as in training?)"
+            )
+
+
+RESUME_KEY = "lamra_pl_resume"
+
+
+def _safe_rng_states() -> dict[str, Any]:
+    """Lightning's RNG states in types `torch.load(weights_only=True)` accepts (numpy's array as a tensor)."""
+    states = _collect_rng_states()
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    states["numpy"] = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)
+    return states
+
+
+def _unsafe_rng_states(states: dict[str, Any]) -> dict[str, Any]:
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    return {**states, "numpy": (name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss)}

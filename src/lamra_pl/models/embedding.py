@@ -78,6 +78,7 @@ class EmbeddingModule(BackboneModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         warmup_ratio: float = 0.03,
         lr_schedule: Literal["cosine", "constant"] = "cosine",
+        max_nonfinite_steps: int = 5,
     ) -> None:
         if temperature <= 0:
             raise LamraError(f"model.temperature must be positive, got {temperature}")

@@ -63,6 +63,7 @@ class RerankModule(BackboneModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         warmup_ratio: float = 0.03,
         lr_schedule: Literal["cosine", "constant"] = "cosine",
+        max_nonfinite_steps: int = 5,
     ) -> None:
         if min(pointwise_weight, listwise_weight) < 0 or pointwise_weight + listwise_weight == 0:
             raise LamraError(

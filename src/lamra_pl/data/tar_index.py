@@ -1,0 +1,102 @@
+"""Byte ranges of the samples in WebDataset tar shards, for random access without reading a shard through.
+
+Shards are plain (uncompressed) tar files, so a sample (consecutive members sharing a key, as WebDataset groups
+them) is one byte range: from its first member's header to the end of its last member's data. `scan_tar` reads
+only the headers (tarfile seeks over the data), and says when a shard is damaged: a well-formed tar ends with
+at least two zero blocks after its last member, so anything else after the last readable member (a truncated
+file, a corrupt header) is reported, and the last sample before the damage, which may have lost members, is
+left out of the ranges.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BLOCK = tarfile.BLOCKSIZE
+# Python's tarfile and GNU tar pad an archive to 20-block records after the two zero blocks that end it.
+MAX_TAIL = 2 * BLOCK + tarfile.RECORDSIZE
+
+
+@dataclass
+class TarSample:
+    key: str
+    start: int  # offset of its first member's header
+    end: int  # offset just after its last member's (padded) data
+    members: list[tuple[str, int, int]] = field(default_factory=list)  # (suffix after the key, data offset, size)
+    data: dict[str, bytes] = field(default_factory=dict)  # members read during the scan (`read=`)
+
+
+@dataclass
+class TarScan:
+    url: str
+    samples: list[TarSample]
+    damage: str | None = None  # why the shard could not be read to its end (None: it was)
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """WebDataset's split of a member name: the key is everything before the first dot of the base name."""
+    folder, _, base = name.rpartition("/")
+    key, _, suffix = base.partition(".")
+    return (f"{folder}/{key}" if folder else key), suffix
+
+
+def scan_tar(url: str, read: Collection[str] = ()) -> TarScan:
+    """The samples of one tar shard with their byte ranges; members whose suffix is in `read` are read too.
+
+    Raises OSError or tarfile.ReadError when the file cannot be opened as a tar at all.
+    """
+    samples: list[TarSample] = []
+    damage = None
+    size = Path(url).stat().st_size
+    with tarfile.open(url, mode="r:") as tar:
+        try:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, suffix = split_key(member.name)
+                if not samples or samples[-1].key != key:
+                    samples.append(TarSample(key, member.offset, member.offset))
+                sample = samples[-1]
+                sample.members.append((suffix, member.offset_data, member.size))
+                sample.end = member.offset_data + -(-member.size // BLOCK) * BLOCK
+                if suffix in read:
+                    sample.data[suffix] = tar.extractfile(member).read()
+        except tarfile.ReadError as err:
+            damage = f"unreadable after byte {samples[-1].end if samples else 0} ({err})"
+        end = samples[-1].end if samples else 0
+        if damage is None:
+            damage = _tail_damage(tar.fileobj, end, size)
+    if damage is not None and samples:
+        samples.pop()  # it may have lost members to the damage
+    return TarScan(url, samples, damage)
+
+
+def _tail_damage(fileobj: Any, end: int, size: int) -> str | None:
+    tail = size - end
+    if tail < 2 * BLOCK:
+        return f"truncated: {tail} bytes after the last member, where a complete tar has at least {2 * BLOCK}"
+    if tail > MAX_TAIL:
+        return f"{tail} bytes after byte {end} could not be read as tar members"
+    fileobj.seek(end)
+    if fileobj.read(tail).strip(b"\0"):
+        return f"bytes after byte {end} are neither tar members nor the end-of-archive blocks"
+    return None
+
+
+def read_sample(url: str, start: int, end: int) -> dict[str, Any]:
+    """The WebDataset sample in bytes [start, end) of a shard: {"__key__", "__url__", suffix: bytes, ...}."""
+    with open(url, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    sample: dict[str, Any] = {"__url__": url}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            if member.isfile():
+                sample["__key__"], suffix = split_key(member.name)
+                sample[suffix] = tar.extractfile(member).read()
+    return sample
