@@ -15,8 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 LAMRA = str(Path(sys.executable).parent / "lamra-pl")
 
 
-def lamra(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"}
+def lamra(
+    *args: str, cwd: Path | None = None, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run([LAMRA, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT, env=env)
 
 

@@ -403,6 +403,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 subclass_mode_model=True,
                 subclass_mode_data=True,
                 save_config_kwargs={"overwrite": True},
+                trainer_defaults={"plugins": [{"class_path": "lamra_pl.files.AtomicCheckpointIO"}]},
                 args=None if argv is None else args,  # None: LightningCLI reads sys.argv itself
                 parser_kwargs={"prog": "lamra-pl", "epilog": f"tool subcommands: {', '.join(TOOLS)}"},
             )
