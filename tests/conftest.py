@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,15 @@ def shape_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _deterministic() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(2)
+
+
+@pytest.fixture
+def finding(request: pytest.FixtureRequest):
+    """`finding(fault, outcome)`: a row of the README's Reliability table, appended to $LAMRA_FAULT_REPORT (set by
+    `make reliability`) once the test has passed."""
+    rows: list[dict[str, str]] = []
+    yield lambda fault, outcome: rows.append({"fault": fault, "outcome": outcome, "test": request.node.name})
+    report = os.environ.get("LAMRA_FAULT_REPORT")
+    if report and rows:
+        with Path(report).open("a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
