@@ -35,7 +35,7 @@ backbone_arg = $(if $(BACKBONE),--model.init_args.backbone=$(BACKBONE))
 stage1_data = $(if $(DATA),'--data.init_args.train_shards=$(DATA)/train/*_task1')
 stage2_data = $(if $(DATA),'--data.init_args.train_shards=$(DATA)/train')
 
-.PHONY: venv tiny-backbone stage1 stage2 merge convert-mbeir convert-nli emoji index retrieve evaluate eval search \
+.PHONY: reliability venv tiny-backbone stage1 stage2 merge convert-mbeir convert-nli emoji index retrieve evaluate eval search \
 	rerank-data rerank-train rerank tune-fusion test lint demo tensorboard clean
 
 venv: $(STAMP)
@@ -112,6 +112,11 @@ test: venv lint
 
 demo: venv
 	$(BIN)/python -m data_recipes.demo
+
+reliability: venv  # the fault suite, then its findings into the README's Reliability table
+	rm -f $(RUNS)/reliability.jsonl && mkdir -p $(RUNS)
+	LAMRA_FAULT_REPORT=$(abspath $(RUNS))/reliability.jsonl $(BIN)/python -m pytest -q tests/faults
+	$(BIN)/python tests/faults/reliability_table.py $(RUNS)/reliability.jsonl README.md
 
 tensorboard: venv
 	$(BIN)/tensorboard --logdir $(RUNS)

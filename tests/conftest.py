@@ -85,7 +85,8 @@ def finding(request: pytest.FixtureRequest):
     """`finding(fault, outcome)`: a row of the README's Reliability table, appended to $LAMRA_FAULT_REPORT (set by
     `make reliability`) once the test has passed."""
     rows: list[dict[str, str]] = []
-    yield lambda fault, outcome: rows.append({"fault": fault, "outcome": outcome, "test": request.node.name})
+    where = {"file": request.node.path.name, "test": request.node.name}
+    yield lambda fault, outcome: rows.append({"fault": fault, "outcome": outcome, **where})
     report = os.environ.get("LAMRA_FAULT_REPORT")
     if report and rows:
         with Path(report).open("a") as f:

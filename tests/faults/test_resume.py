@@ -81,7 +81,9 @@ def assert_same_run(resumed: dict[int, dict], reference: dict[int, dict]) -> Non
 
 
 @pytest.mark.slow
-def test_killed_mid_step_resumes_with_the_same_data_rng_and_optimizer(reference, tiny_backbone, shape_shards, tmp_path):
+def test_killed_mid_step_resumes_with_the_same_data_rng_and_optimizer(
+    reference, tiny_backbone, shape_shards, tmp_path, finding
+):
     record = tmp_path / "steps.jsonl"
     killed = fit(
         tmp_path, tiny_backbone, shape_shards, record, {"class_path": "inject.KillAt", "init_args": {"step": 5}}
@@ -93,10 +95,16 @@ def test_killed_mid_step_resumes_with_the_same_data_rng_and_optimizer(reference,
     redone = [json.loads(line)["step"] for line in record.read_text().splitlines()]
     assert redone == [1, 2, 3, 4, 5, 4, 5, 6, 7, 8, 9]
     assert_same_run(curve(record), reference)
+    finding(
+        "SIGKILL mid-step (step 5; last checkpoint step 3, mid-epoch, 2 data workers, LoRA dropout)",
+        "`--ckpt_path last` redoes steps 4-5 and runs on: every step's batch and loss equal the uninterrupted run's",
+    )
 
 
 @pytest.mark.slow
-def test_killed_while_writing_a_checkpoint_keeps_the_previous_one(reference, tiny_backbone, shape_shards, tmp_path):
+def test_killed_while_writing_a_checkpoint_keeps_the_previous_one(
+    reference, tiny_backbone, shape_shards, tmp_path, finding
+):
     record = tmp_path / "steps.jsonl"
     killer = {"class_path": "inject.KillDuringSave", "init_args": {"step": 6}}
     killed = fit(tmp_path, tiny_backbone, shape_shards, record, killer)
@@ -108,3 +116,7 @@ def test_killed_while_writing_a_checkpoint_keeps_the_previous_one(reference, tin
     resumed = fit(tmp_path, tiny_backbone, shape_shards, record, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(curve(record), reference)
+    finding(
+        "SIGKILL halfway through writing `last.ckpt`",
+        "the previous `last.ckpt` (step 3) is intact; the resume equals the uninterrupted run",
+    )
