@@ -112,8 +112,8 @@ def test_training_survives_every_fault_and_accounts_for_every_sample(tiny_backbo
     finding("NaN gradients at two steps", "both optimizer steps skipped, counted (`train/nonfinite_steps`)")
     finding(
         "the whole run above",
-        f"finished: all {len(fate['good'])} usable samples trained on once in the pass, and the {replacements} "
-        "unusable ones' places refilled by counted draws",
+        f"finished; all {len(fate['good'])} usable samples were trained on, and the {replacements} places of "
+        "the unusable ones in the pass were refilled by counted draws",
     )
 
 

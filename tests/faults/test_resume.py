@@ -81,23 +81,25 @@ def assert_same_run(resumed: dict[int, dict], reference: dict[int, dict]) -> Non
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kill", [2, 5, 8])  # before any checkpoint; mid-epoch 0 (from step 3); epoch 1 (from 6)
 def test_killed_mid_step_resumes_with_the_same_data_rng_and_optimizer(
-    reference, tiny_backbone, shape_shards, tmp_path, finding
+    kill, reference, tiny_backbone, shape_shards, tmp_path, finding
 ):
     record = tmp_path / "steps.jsonl"
-    killed = fit(
-        tmp_path, tiny_backbone, shape_shards, record, {"class_path": "inject.KillAt", "init_args": {"step": 5}}
-    )
+    killer = {"class_path": "inject.KillAt", "init_args": {"step": kill}}
+    killed = fit(tmp_path, tiny_backbone, shape_shards, record, killer)
     assert killed.returncode == -9
-    assert sorted(curve(record)) == [1, 2, 3, 4, 5]  # steps 4 and 5 are lost: the last checkpoint is step 3
+    assert sorted(curve(record)) == list(range(1, kill + 1))
     resumed = fit(tmp_path, tiny_backbone, shape_shards, record, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    checkpointed = kill // 3 * 3  # the steps after the last checkpoint are lost, and redone
     redone = [json.loads(line)["step"] for line in record.read_text().splitlines()]
-    assert redone == [1, 2, 3, 4, 5, 4, 5, 6, 7, 8, 9]
+    assert redone == [*range(1, kill + 1), *range(checkpointed + 1, STEPS + 1)]
     assert_same_run(curve(record), reference)
     finding(
-        "SIGKILL mid-step (step 5; last checkpoint step 3, mid-epoch, 2 data workers, LoRA dropout)",
-        "`--ckpt_path last` redoes steps 4-5 and runs on: every step's batch and loss equal the uninterrupted run's",
+        f"SIGKILL in step {kill + 1} (last checkpoint: step {checkpointed}; 2 data workers, LoRA dropout)",
+        f"`--ckpt_path last` redoes steps {checkpointed + 1}-{kill}: every step's batch and loss equal the "
+        "uninterrupted run's",
     )
 
 
