@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 ROOT = Path(__file__).resolve().parents[1]
 LAMRA = str(Path(sys.executable).parent / "lamra-pl")
+FAULTS = ROOT / "tests" / "faults"  # inject.py: callbacks that inject faults into a real run
 
 
 def lamra(
@@ -20,6 +22,15 @@ def lamra(
 ) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run([LAMRA, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT, env=env)
+
+
+def fit_tiny_with_callbacks(folder: Path, callbacks: list[dict], *args: str) -> subprocess.CompletedProcess:
+    """`lamra-pl fit` of the tiny stage-2 config with `trainer.callbacks` replaced by `callbacks` (class paths
+    may name `inject.*`), plus `args`."""
+    overlay = folder / f"callbacks-{len(list(folder.glob('callbacks-*')))}.yaml"
+    overlay.write_text(json.dumps({"trainer": {"callbacks": callbacks}}))
+    config = ("-c", "experiments/tiny/stage2_instruct.yaml", "-c", str(overlay))
+    return lamra("fit", *config, *args, env={"PYTHONPATH": str(FAULTS)})
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

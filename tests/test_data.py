@@ -14,7 +14,6 @@ from lamra_pl.data.datamodule import ShardDataModule
 from lamra_pl.data.schema import Item, Record, decode_record, format_text, with_instruction
 from lamra_pl.data.shards import (
     choose_example,
-    count_samples,
     eval_pipeline,
     evaluation_query,
     expand_shards,
@@ -41,7 +40,7 @@ def test_writer_round_trip_and_sizes(tmp_path):
     assert sizes == {"shard-000000.tar": 5, "shard-000001.tar": 5, "shard-000002.tar": 2}
     assert json.loads((tmp_path / "sizes.json").read_text()) == sizes
     urls = expand_shards(str(tmp_path))
-    assert count_samples(urls) == 12
+    assert len(SampleIndex.build(urls)) == 12
     sample = next(iter(wds.DataPipeline(wds.SimpleShardList(urls[:1]), wds.tarfile_to_samples())))
     record = decode_record(sample)
     assert record.query.text == "red circle" and record.query.image is None

@@ -13,7 +13,8 @@ import webdataset as wds
 from data_recipes.mbeir import convert
 from helpers import lamra
 from lamra_pl.data.schema import decode_candidate, decode_record
-from lamra_pl.data.shards import count_samples, expand_shards
+from lamra_pl.data.shards import expand_shards
+from lamra_pl.data.stream import SampleIndex
 from lamra_pl.errors import LamraError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mbeir_tiny"
@@ -74,7 +75,7 @@ def test_round_trip_reads_every_field_back(mbeir, tmp_path):
             (mbeir / f"qrels/test/mbeir_emoji_task{task}_test_qrels.txt").read_text().splitlines()
         )
     assert sorted(decode_candidate(s).id for s in samples(out / "eval/test/global_pool")) == sorted(union)
-    assert count_samples(expand_shards(str(out / "train"))) == len(source)
+    assert len(SampleIndex.build(expand_shards(str(out / "train")))) == len(source)
 
 
 def corrupt_line(path: Path, number: int, change) -> None:

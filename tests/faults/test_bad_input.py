@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 
 from conftest import png, shape_image, text_to_image_samples
-from helpers import lamra, scalars
+from helpers import fit_tiny_with_callbacks, scalars
 from lamra_pl.data.shards import write_shards
 from lamra_pl.data.tar_index import scan_tar
 
-FAULTS = Path(__file__).parent
 SAMPLE_FAULTS = ("unreadable_image", "oversized_image", "bad_sample", "sample_error")
 
 
@@ -49,26 +48,14 @@ def test_training_survives_every_fault_and_accounts_for_every_sample(tiny_backbo
     shards = tmp_path / "shards"
     fate = faulty_shards(shards)
     record, runs = tmp_path / "steps.jsonl", tmp_path / "runs"
-    overlay = tmp_path / "faults.yaml"
-    overlay.write_text(
-        json.dumps(
-            {
-                "trainer": {
-                    "callbacks": [
-                        {"class_path": "inject.Recorder", "init_args": {"path": str(record)}},
-                        {"class_path": "inject.NonFiniteAt", "init_args": {"steps": [2, 3]}},
-                    ]
-                }
-            }
-        )
-    )
+    callbacks = [
+        {"class_path": "inject.Recorder", "init_args": {"path": str(record)}},
+        {"class_path": "inject.NonFiniteAt", "init_args": {"steps": [2, 3]}},
+    ]
     steps = 7  # 21 readable samples / batch 3: exactly one pass
-    proc = lamra(
-        "fit",
-        "-c",
-        "experiments/tiny/stage2_instruct.yaml",
-        "-c",
-        str(overlay),
+    proc = fit_tiny_with_callbacks(
+        tmp_path,
+        callbacks,
         f"--model.init_args.backbone={tiny_backbone}",
         f"--data.init_args.train_shards={shards}",
         "--data.init_args.batch_size=3",
@@ -77,7 +64,6 @@ def test_training_survives_every_fault_and_accounts_for_every_sample(tiny_backbo
         f"--trainer.max_steps={steps}",
         "--trainer.log_every_n_steps=1",
         f"--trainer.logger.init_args.save_dir={runs}",
-        env={"PYTHONPATH": str(FAULTS)},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     logged = {tag: values[-1][1] for tag, values in scalars(runs / "tiny_stage2" / "version_0").items()}
@@ -119,25 +105,16 @@ def test_training_survives_every_fault_and_accounts_for_every_sample(tiny_backbo
 
 @pytest.mark.slow
 def test_too_many_nonfinite_steps_in_a_row_stop_with_a_clear_message(tiny_backbone, shape_shards, tmp_path, finding):
-    overlay = tmp_path / "nan.yaml"
-    overlay.write_text(
-        json.dumps(
-            {"trainer": {"callbacks": [{"class_path": "inject.NonFiniteAt", "init_args": {"steps": list(range(10))}}]}}
-        )
-    )
-    proc = lamra(
-        "fit",
-        "-c",
-        "experiments/tiny/stage2_instruct.yaml",
-        "-c",
-        str(overlay),
+    always = {"class_path": "inject.NonFiniteAt", "init_args": {"steps": list(range(10))}}
+    proc = fit_tiny_with_callbacks(
+        tmp_path,
+        [always],
         f"--model.init_args.backbone={tiny_backbone}",
         "--model.init_args.max_nonfinite_steps=2",
         f"--data.init_args.train_shards={shape_shards}",
         "--data.init_args.batch_size=4",
         "--trainer.max_steps=10",
         f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-        env={"PYTHONPATH": str(FAULTS)},
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "3 steps in a row had non-finite gradients" in proc.stderr

@@ -12,36 +12,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import lamra
+from helpers import fit_tiny_with_callbacks
 
-FAULTS = Path(__file__).parent
 STEPS = 9
 
 
 def fit(tmp: Path, backbone: Path, shards: Path, record: Path, *callbacks: dict, resume: bool = False):
-    overlay = tmp / f"overlay-{len(list(tmp.glob('overlay-*')))}.yaml"
-    overlay.write_text(
-        json.dumps(
-            {
-                "trainer": {
-                    "callbacks": [
-                        {
-                            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                            "init_args": {"save_last": True, "every_n_train_steps": 3},
-                        },
-                        {"class_path": "inject.Recorder", "init_args": {"path": str(record)}},
-                        *callbacks,
-                    ]
-                }
-            }
-        )
-    )
-    return lamra(
-        "fit",
-        "-c",
-        "experiments/tiny/stage2_instruct.yaml",
-        "-c",
-        str(overlay),
+    checkpoints = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"save_last": True, "every_n_train_steps": 3},
+    }
+    recorder = {"class_path": "inject.Recorder", "init_args": {"path": str(record)}}
+    return fit_tiny_with_callbacks(
+        tmp,
+        [checkpoints, recorder, *callbacks],
         f"--model.init_args.backbone={backbone}",
         "--model.init_args.lora.dropout=0.1",
         f"--data.init_args.train_shards={shards}",
@@ -53,7 +37,6 @@ def fit(tmp: Path, backbone: Path, shards: Path, record: Path, *callbacks: dict,
         f"--trainer.logger.init_args.save_dir={tmp / 'runs'}",
         "--trainer.logger.init_args.version=run",
         *(["--ckpt_path=last"] if resume else []),
-        env={"PYTHONPATH": str(FAULTS)},
     )
 
 

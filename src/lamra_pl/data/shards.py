@@ -1,6 +1,7 @@
 """Writing and streaming WebDataset shards of the sample schema in `lamra_pl.data.schema`.
 
-Shard folders carry a `sizes.json` (samples per shard), which the reader uses to size an epoch.
+Shard folders carry a `sizes.json` (samples per shard), a manifest for people and tools; the training stream
+counts samples from the tar headers themselves (`lamra_pl.data.stream.SampleIndex`).
 """
 
 from __future__ import annotations
@@ -79,21 +80,6 @@ def expand_shards(spec: str) -> list[str]:
     if missing:
         raise LamraError(f"shard file {missing[0]!r} does not exist ({len(missing)} of {len(urls)} missing)")
     return urls
-
-
-def count_samples(urls: list[str]) -> int | None:
-    """Total samples of `urls` from their folders' sizes.json, or None if any shard is not listed."""
-    total = 0
-    cache: dict[Path, dict[str, int]] = {}
-    for url in urls:
-        folder = Path(url).parent
-        if folder not in cache:
-            sizes = folder / SIZES_FILE
-            cache[folder] = json.loads(sizes.read_text()) if sizes.is_file() else {}
-        if Path(url).name not in cache[folder]:
-            return None
-        total += cache[folder][Path(url).name]
-    return total
 
 
 class Collator(Protocol):

@@ -20,6 +20,7 @@ reported with the batch; the index's own losses (a damaged or unreadable shard) 
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -32,11 +33,12 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from lamra_pl.data.schema import SKIP_REASONS, UnreadableImage, decode_record
 from lamra_pl.data.shards import Collator
-from lamra_pl.data.tar_index import read_sample, scan_tar
+from lamra_pl.data.tar_index import parse_sample, scan_tar
 from lamra_pl.errors import BadSampleError, LamraError
 
 log = logging.getLogger(__name__)
 
+OPEN_SHARDS = 64  # descriptors a reading process keeps open
 WARNINGS_PER_REASON = 5  # printed per process; later skips are only counted
 
 
@@ -49,6 +51,8 @@ class SampleIndex:
     start: np.ndarray  # [N] int64
     end: np.ndarray  # [N] int64
     lost: Counter[str] = field(default_factory=Counter)  # skip reason -> shards lost while indexing
+    _open: dict[int, int] = field(default_factory=dict, repr=False)  # shard -> descriptor, this process's
+    _pid: int = field(default=-1, repr=False)
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -80,7 +84,22 @@ class SampleIndex:
         return cls(urls, np.asarray(shard, np.int32), np.asarray(start, np.int64), np.asarray(end, np.int64), lost)
 
     def sample(self, i: int) -> dict[str, Any]:
-        return read_sample(self.urls[self.shard[i]], int(self.start[i]), int(self.end[i]))
+        url = self.urls[self.shard[i]]
+        start, end = int(self.start[i]), int(self.end[i])
+        return parse_sample(os.pread(self._descriptor(int(self.shard[i])), end - start, start), url)
+
+    def _descriptor(self, shard: int) -> int:
+        """An open descriptor of a shard, kept per process (pread has no shared offset, so a forked worker may
+        use an inherited one); at most OPEN_SHARDS stay open."""
+        if self._pid != os.getpid():
+            self._pid, self._open = os.getpid(), {}
+        fd = self._open.pop(shard, None)
+        if fd is None:
+            fd = os.open(self.urls[shard], os.O_RDONLY)
+            if len(self._open) >= OPEN_SHARDS:
+                os.close(self._open.pop(next(iter(self._open))))
+        self._open[shard] = fd  # last used last
+        return fd
 
 
 class TrainStream(IterableDataset):

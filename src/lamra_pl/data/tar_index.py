@@ -88,11 +88,8 @@ def _tail_damage(fileobj: Any, end: int, size: int) -> str | None:
     return None
 
 
-def read_sample(url: str, start: int, end: int) -> dict[str, Any]:
-    """The WebDataset sample in bytes [start, end) of a shard: {"__key__", "__url__", suffix: bytes, ...}."""
-    with open(url, "rb") as f:
-        f.seek(start)
-        data = f.read(end - start)
+def parse_sample(data: bytes, url: str) -> dict[str, Any]:
+    """The WebDataset sample held by one sample's byte range: {"__key__", "__url__", suffix: bytes, ...}."""
     sample: dict[str, Any] = {"__url__": url}
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
         for member in tar:

@@ -21,6 +21,7 @@ from transformers import BatchFeature, get_constant_schedule_with_warmup, get_co
 
 from lamra_pl.data.schema import SKIP_REASONS
 from lamra_pl.errors import LamraError
+from lamra_pl.losses import rank_and_world
 from lamra_pl.models.backbone import LoraSpec, hf_model, load_backbone, load_processor
 
 Rope = Literal["model", "1d"]
@@ -203,9 +204,10 @@ class BackboneModule(LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         # Called on every rank: gather what each rank needs to go on exactly after a resume.
         mine = {"rng": _safe_rng_states(), "skipped": self.skipped.clone()}
-        ranks = [mine]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            ranks = [None] * dist.get_world_size()
+        ranks: list[Any] = [mine]
+        _, world = rank_and_world()
+        if world > 1:
+            ranks = [None] * world
             dist.all_gather_object(ranks, mine)
         checkpoint[RESUME_KEY] = {
             "rng": [r["rng"] for r in ranks],
