@@ -1,10 +1,16 @@
-"""Two gloo DDP processes give the same loss and LoRA gradients as one process on the concatenated batch."""
+"""Exact gradients across processes and chunks (lightning.md section 3).
+
+Two gloo DDP processes give the same loss and gradients as one process on the concatenated batch, and GradCache
+(`model.gradcache_chunk_size`) gives the same gradients as encoding the batch on one graph, in one process or
+two, with and without LoRA dropout.
+"""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,28 +19,62 @@ from safetensors.torch import load_file
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_grads.py"
 
+Grads = dict[str, torch.Tensor]
 
-def run(backbone: Path, out: Path, devices: int) -> dict[str, torch.Tensor]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(backbone), str(out), str(devices)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return load_file(out)
+
+@pytest.fixture(scope="module")
+def step_grads(tiny_backbone, tmp_path_factory) -> Callable[[int, str, float], Grads]:
+    """`(devices, mode, lora_dropout) -> gradients of one step` (see scripts/ddp_grads.py), each run once."""
+    out = tmp_path_factory.mktemp("grads")
+    done: dict[tuple[int, str, float], Grads] = {}
+
+    def run(devices: int, mode: str, dropout: float) -> Grads:
+        key = (devices, mode, dropout)
+        if key not in done:
+            path = out / f"{devices}-{mode}-{dropout}.safetensors"
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+            proc = subprocess.run(
+                [sys.executable, str(SCRIPT), str(tiny_backbone), str(path), str(devices), mode, str(dropout)],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                env=env,
+            )
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            done[key] = load_file(path)
+        return done[key]
+
+    return run
+
+
+def assert_same_step(got: Grads, want: Grads) -> None:
+    assert got.keys() == want.keys()
+    lora = [k for k in want if "lora_" in k]
+    assert len(lora) == 28  # 7 projections x 2 layers x (A, B)
+    torch.testing.assert_close(got["__loss__"], want["__loss__"], atol=1e-5, rtol=0)
+    for name in [*lora, "log_logit_scale"]:
+        assert want[name].abs().max() > 1e-6, f"{name}: zero gradient makes the comparison vacuous"
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.slow
-def test_two_process_ddp_equals_one_process_on_concatenated_batch(tiny_backbone, tmp_path):
-    single = run(tiny_backbone, tmp_path / "one.safetensors", 1)
-    double = run(tiny_backbone, tmp_path / "two.safetensors", 2)
-    assert single.keys() == double.keys()
-    lora = [k for k in single if "lora_" in k]
-    assert len(lora) == 28  # 7 projections x 2 layers x (A, B)
-    torch.testing.assert_close(double["__loss__"], single["__loss__"], atol=1e-5, rtol=0)
-    for name in lora:
-        assert single[name].abs().max() > 1e-6, f"{name}: zero gradient makes the comparison vacuous"
-        torch.testing.assert_close(double[name], single[name], atol=1e-5, rtol=1e-4, msg=name)
+def test_two_process_ddp_equals_one_process_on_concatenated_batch(step_grads):
+    assert_same_step(step_grads(2, "full", 0.0), step_grads(1, "full", 0.0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", [1, 2])
+def test_gradcache_gradients_equal_the_full_batch_gradients(step_grads, devices):
+    assert_same_step(step_grads(devices, "gradcache", 0.0), step_grads(1, "full", 0.0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", [1, 2])
+def test_gradcache_replays_the_dropout_draws_of_each_chunk(step_grads, devices):
+    # The reference encodes the same chunks in the same order on one graph, so it draws the same dropout masks
+    # as GradCache's no-graph pass; the re-encoding must replay them (without the per-chunk RNG restore the
+    # gradients differ by several units).
+    with_dropout = step_grads(devices, "gradcache", 0.1)
+    assert_same_step(with_dropout, step_grads(devices, "chunked", 0.1))
+    without = step_grads(1, "full", 0.0)
+    assert not torch.allclose(with_dropout["__loss__"], without["__loss__"]), "dropout was not active"

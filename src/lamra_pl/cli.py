@@ -379,6 +379,13 @@ class LamraCLI(LightningCLI):
             if cause is None:
                 raise
             raise cause from None
+        trainer = self.trainer
+        if not self.model.automatic_optimization and trainer.gradient_clip_val:
+            # Lightning refuses it too, with a traceback that does not say where the setting went.
+            raise LamraError(
+                "trainer.gradient_clip_val is not available with model.gradcache_chunk_size (GradCache steps the "
+                "optimizer itself): set model.gradcache_clip_norm instead"
+            )
 
 
 def _lamra_cause(err: BaseException | None) -> LamraError | None:

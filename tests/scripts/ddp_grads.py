@@ -1,8 +1,11 @@
-"""One training step of the EmbeddingModule; saves the loss and the LoRA gradients (after DDP averaging).
+"""One training step of the EmbeddingModule; saves the loss and the gradients (after DDP averaging).
 
-    python ddp_grads.py BACKBONE OUT.safetensors DEVICES
+    python ddp_grads.py BACKBONE OUT.safetensors DEVICES [MODE [LORA_DROPOUT]]
 
-With DEVICES=2 each gloo rank takes half of the same 8 examples that DEVICES=1 takes in one batch.
+With DEVICES=2 each gloo rank takes half of the same 8 examples that DEVICES=1 takes in one batch. MODE:
+"full" encodes each side of the batch in one forward; "chunked" encodes it in chunks of 2 inputs, all on one
+graph (the same dropout draws, in the same order, as GradCache's first pass); "gradcache" is GradCache with
+chunks of 2. The temperature is learnable, so its gradient is compared too.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from conftest import shape_image
 from lamra_pl.data.schema import Example, Item
 from lamra_pl.models.backbone import LoraSpec
 from lamra_pl.models.embedding import EmbeddingModule
+from lamra_pl.models.inputs import EmbeddingCollator
 
 COLORS = ["red", "green", "blue", "yellow"]
 
@@ -73,14 +77,23 @@ class PerturbedLoRA(EmbeddingModule):
                 param.data = 0.1 * torch.randn(param.shape, generator=generator)
 
 
+class ChunkedOnOneGraph(PerturbedLoRA):
+    def collator(self) -> EmbeddingCollator:
+        return EmbeddingCollator(self.processor, max_text_tokens=self.hparams.max_text_tokens, chunk_size=2)
+
+
 def main() -> None:
     backbone, out, devices = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    mode = sys.argv[4] if len(sys.argv) > 4 else "full"
+    dropout = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
     seed_everything(0)
-    module = PerturbedLoRA(
+    module = (ChunkedOnOneGraph if mode == "chunked" else PerturbedLoRA)(
         backbone,
-        lora=LoraSpec(r=4, alpha=8, dropout=0.0),
+        lora=LoraSpec(r=4, alpha=8, dropout=dropout),
+        learnable_temperature=True,
         gradient_checkpointing=False,
         optimizer=partial(torch.optim.SGD, lr=0.0),
+        gradcache_chunk_size=2 if mode == "gradcache" else None,
     )
     strategy = DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=120)) if devices > 1 else "auto"
     trainer = Trainer(

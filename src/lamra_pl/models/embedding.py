@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.strategies import ParallelStrategy
+from torch.distributed.fsdp import FSDPModule
 from transformers import BatchFeature
 
 from lamra_pl.errors import LamraError
@@ -55,6 +59,11 @@ class EmbeddingModule(BackboneModule):
         temperature: InfoNCE temperature (LamRA: 0.05); `learnable_temperature` trains it, CLIP-style.
         max_text_tokens: texts are cut to this many tokens before the prompt is built (LamRA: 480).
         min_pixels, max_pixels: LamRA: 4*28*28, 300*28*28.
+        gradcache_chunk_size: switches GradCache on (`gradcache_step`): the batch is encoded in chunks of this
+            many inputs, so activation memory is that of one chunk while the loss still sees every in-batch
+            negative. The gradients are exact. Trainer-side gradient clipping and accumulation are unavailable
+            (manual optimisation); use `gradcache_clip_norm` for clipping.
+        gradcache_clip_norm: max total gradient norm under GradCache (None: no clipping).
     """
 
     def __init__(
@@ -79,10 +88,19 @@ class EmbeddingModule(BackboneModule):
         warmup_ratio: float = 0.03,
         lr_schedule: Literal["cosine", "constant"] = "cosine",
         max_nonfinite_steps: int = 5,
+        gradcache_chunk_size: int | None = None,
+        gradcache_clip_norm: float | None = None,
     ) -> None:
         if temperature <= 0:
             raise LamraError(f"model.temperature must be positive, got {temperature}")
+        if gradcache_clip_norm is not None and gradcache_chunk_size is None:
+            raise LamraError(
+                "model.gradcache_clip_norm applies with model.gradcache_chunk_size only; without GradCache use "
+                "trainer.gradient_clip_val"
+            )
         super().__init__(lora=lora, optimizer=optimizer, add_emb_token=True)
+        # GradCache needs several backward passes per optimizer step, which only manual optimisation allows.
+        self.automatic_optimization = gradcache_chunk_size is None
         self.emb_token_id = self.processor.tokenizer.convert_tokens_to_ids(EMB_TOKEN)
         log_scale = torch.tensor(math.log(1.0 / temperature))
         if learnable_temperature:
@@ -92,10 +110,13 @@ class EmbeddingModule(BackboneModule):
         self._retrieval: list[tuple[str, str, list[str], np.ndarray]] = []  # validation embeddings, per batch
 
     def collator(self) -> EmbeddingCollator:
-        return EmbeddingCollator(self.processor, max_text_tokens=self.hparams.max_text_tokens)
+        h = self.hparams
+        return EmbeddingCollator(self.processor, max_text_tokens=h.max_text_tokens, chunk_size=h.gradcache_chunk_size)
 
-    def embed(self, inputs: BatchFeature) -> torch.Tensor:
-        """L2-normalised float32 embeddings, one per row of a processor batch."""
+    def embed(self, inputs: BatchFeature | list[BatchFeature]) -> torch.Tensor:
+        """L2-normalised float32 embeddings, one per row of a processor batch (or of a list of chunks, in order)."""
+        if isinstance(inputs, list):
+            return torch.cat([self.embed(chunk) for chunk in inputs])
         states = self.hidden_states(inputs)
         index = pooling_index(inputs["input_ids"], inputs["attention_mask"], self.emb_token_id, self.hparams.pooling)
         pooled = states[torch.arange(index.numel(), device=index.device), index]
@@ -109,10 +130,19 @@ class EmbeddingModule(BackboneModule):
         return self.log_logit_scale.exp().clamp(max=100.0)
 
     # ------------------------------------------------------------------------------------------ steps
-    def contrastive_loss(self, batch: dict[str, Any], gather: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """InfoNCE of local queries against (gathered) candidates; returns (loss, in-batch top-1 accuracy)."""
-        queries = self.embed(batch["query"])
-        candidates = self.embed(batch["candidates"])
+    def contrastive_loss(
+        self,
+        batch: dict[str, Any],
+        gather: bool,
+        queries: torch.Tensor | None = None,
+        candidates: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """InfoNCE of local queries against (gathered) candidates; returns (loss, in-batch top-1 accuracy).
+
+        The embeddings are computed from the batch unless given (GradCache passes its cached ones).
+        """
+        queries = self.embed(batch["query"]) if queries is None else queries
+        candidates = self.embed(batch["candidates"]) if candidates is None else candidates
         candidate_ids = batch["candidate_ids"]
         rank = 0
         if gather:
@@ -129,7 +159,10 @@ class EmbeddingModule(BackboneModule):
         return loss, accuracy
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss, accuracy = self.contrastive_loss(batch, gather=True)
+        if self.automatic_optimization:
+            loss, accuracy = self.contrastive_loss(batch, gather=True)
+        else:
+            loss, accuracy = self.gradcache_step(batch)
         n = len(batch["query_ids"])
         self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         self.log("train/inbatch_acc", accuracy, batch_size=n, sync_dist=True)
@@ -137,6 +170,73 @@ class EmbeddingModule(BackboneModule):
             self.log("train/temperature", 1.0 / self.logit_scale.detach(), batch_size=n)
         self._count_skips(batch)
         return loss
+
+    def gradcache_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step with GradCache (Gao et al. 2021); returns (loss, in-batch accuracy), detached.
+
+        1. Embed every chunk without a graph, recording the RNG state before each (dropout masks).
+        2. Compute the loss on the cached embeddings, gathered across ranks with gradient, and its gradient with
+           respect to them (and to a learnable temperature).
+        3. Re-embed each chunk with a graph under its recorded RNG state and backpropagate <embedding, gradient>:
+           the parameter gradients sum to exactly those of the full-batch loss.
+        """
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        chunks = [*batch["query"], *batch["candidates"]]
+        device_rng = [self.device] if self.device.type == "cuda" else []
+        states = []
+        with torch.no_grad():
+            cached = []
+            for chunk in chunks:
+                states.append((torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in device_rng]))
+                cached.append(self.embed(chunk))
+        n_query = len(batch["query"])
+        queries = torch.cat(cached[:n_query]).requires_grad_()
+        candidates = torch.cat(cached[n_query:]).requires_grad_()
+        loss, accuracy = self.contrastive_loss(batch, gather=True, queries=queries, candidates=candidates)
+        # Only leaves (and the gather's collective) are on this graph, no parameter of the backbone: no DDP hook.
+        leaves = [queries, candidates]
+        if self.hparams.learnable_temperature:
+            leaves.append(self.log_logit_scale)
+        grads = torch.autograd.grad(loss, leaves)
+        chunk_grads = [*grads[0].split([len(c["input_ids"]) for c in batch["query"]])]
+        chunk_grads += grads[1].split([len(c["input_ids"]) for c in batch["candidates"]])
+        for k, (chunk, grad, (cpu_state, device_states)) in enumerate(zip(chunks, chunk_grads, states, strict=True)):
+            last = k == len(chunks) - 1
+            with self._gradient_sync(enabled=last), torch.random.fork_rng(devices=device_rng):
+                torch.set_rng_state(cpu_state)
+                for d, state in zip(device_rng, device_states, strict=True):
+                    torch.cuda.set_rng_state(state, d)
+                surrogate = (self.embed(chunk) * grad).sum()
+                if last and self.hparams.learnable_temperature:  # its gradient joins the last (synced) backward
+                    surrogate = surrogate + (self.log_logit_scale * grads[2]).sum()
+                self.manual_backward(surrogate)
+        if self.hparams.gradcache_clip_norm is not None:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.hparams.gradcache_clip_norm, gradient_clip_algorithm="norm"
+            )
+        optimizer.step()  # runs on_before_optimizer_step (the non-finite check) first
+        self.lr_schedulers().step()
+        return loss.detach(), accuracy
+
+    @contextmanager
+    def _gradient_sync(self, enabled: bool) -> Iterator[None]:
+        """Reduce gradients across ranks in this backward only if `enabled` (the last GradCache chunk): DDP
+        through `no_sync`, FSDP2 through `set_requires_gradient_sync`; without either it changes nothing."""
+        strategy, trunk = self.trainer.strategy, self.trunk
+        if enabled:
+            yield
+        elif isinstance(trunk, FSDPModule):
+            trunk.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                trunk.set_requires_gradient_sync(True)
+        elif isinstance(strategy, ParallelStrategy):
+            with strategy.block_backward_sync():
+                yield
+        else:
+            yield
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         if "kind" in batch:  # a retrieval task's queries or pool: embed now, search and score at epoch end

@@ -57,13 +57,20 @@ class EmbeddingCollator:
 
     Candidates are laid out `[positives (B); negatives (B*k, query-major)]`. Texts longer than
     `max_text_tokens` are cut by tokens before the prompt is built, so `<emb>` can never be cut off.
+    With `chunk_size` (GradCache), "query" and "candidates" are lists of processor batches of at most that many
+    rows each, in order: each chunk is padded on its own, so no chunk pays for the longest input of the batch.
     """
 
     choose = staticmethod(choose_example)
 
-    def __init__(self, processor: ProcessorMixin, max_text_tokens: int | None = 480) -> None:
+    def __init__(
+        self, processor: ProcessorMixin, max_text_tokens: int | None = 480, chunk_size: int | None = None
+    ) -> None:
+        if chunk_size is not None and chunk_size <= 0:
+            raise LamraError(f"model.gradcache_chunk_size must be positive, got {chunk_size}")
         self.processor = processor
         self.max_text_tokens = max_text_tokens
+        self.chunk_size = chunk_size
 
     def encode(self, items: list[Item]) -> BatchFeature:
         items = [self._truncated(item) for item in items]
@@ -83,12 +90,17 @@ class EmbeddingCollator:
         for row, e in enumerate(examples):
             positive_ids[row, : len(e.positive_ids)] = torch.tensor([stable_id(i) for i in e.positive_ids])
         return {
-            "query": self.encode([e.query for e in examples]),
-            "candidates": self.encode(candidates),
+            "query": self._encode_rows([e.query for e in examples]),
+            "candidates": self._encode_rows(candidates),
             "query_ids": [e.query.id for e in examples],
             "candidate_ids": torch.tensor([stable_id(c.id) for c in candidates], dtype=torch.long),
             "positive_ids": positive_ids,
         }
+
+    def _encode_rows(self, items: list[Item]) -> BatchFeature | list[BatchFeature]:
+        if self.chunk_size is None:
+            return self.encode(items)
+        return [self.encode(items[s : s + self.chunk_size]) for s in range(0, len(items), self.chunk_size)]
 
     def _truncated(self, item: Item) -> Item:
         return truncate_text(self.processor.tokenizer, item, self.max_text_tokens)
