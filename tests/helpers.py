@@ -27,6 +27,7 @@ def lamra(
 def fit_tiny_with_callbacks(folder: Path, callbacks: list[dict], *args: str) -> subprocess.CompletedProcess:
     """`lamra-pl fit` of the tiny stage-2 config with `trainer.callbacks` replaced by `callbacks` (class paths
     may name `inject.*`), plus `args`."""
+    folder.mkdir(parents=True, exist_ok=True)
     overlay = folder / f"callbacks-{len(list(folder.glob('callbacks-*')))}.yaml"
     overlay.write_text(json.dumps({"trainer": {"callbacks": callbacks}}))
     config = ("-c", "experiments/tiny/stage2_instruct.yaml", "-c", str(overlay))

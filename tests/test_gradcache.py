@@ -12,7 +12,6 @@ from helpers import clean_error, fit_tiny_with_callbacks, lamra_here
 
 
 def fit_curve(tmp: Path, backbone: Path, shards: Path, *args: str) -> list[float]:
-    tmp.mkdir()
     record = tmp / "steps.jsonl"
     proc = fit_tiny_with_callbacks(
         tmp,

@@ -20,7 +20,7 @@ def _die() -> None:
 
 
 class Recorder(Callback):
-    """Appends every finished step's loss and query ids to a JSON-lines file, flushed to disk at once."""
+    """Appends every finished step's loss and query ids (and the rank) to a JSON-lines file, flushed at once."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -29,7 +29,12 @@ class Recorder(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, i: int
     ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        row = {"step": trainer.global_step, "loss": float(loss), "qids": list(batch["query_ids"])}
+        row = {
+            "step": trainer.global_step,
+            "rank": trainer.global_rank,
+            "loss": float(loss),
+            "qids": list(batch["query_ids"]),
+        }
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()

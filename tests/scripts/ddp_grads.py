@@ -1,11 +1,13 @@
 """One training step of the EmbeddingModule; saves the loss and the gradients (after DDP averaging).
 
-    python ddp_grads.py BACKBONE OUT.safetensors DEVICES [MODE [LORA_DROPOUT]]
+    python ddp_grads.py BACKBONE OUT.safetensors DEVICES [MODE [LORA_DROPOUT [STRATEGY]]]
 
 With DEVICES=2 each gloo rank takes half of the same 8 examples that DEVICES=1 takes in one batch. MODE:
 "full" encodes each side of the batch in one forward; "chunked" encodes it in chunks of 2 inputs, all on one
 graph (the same dropout draws, in the same order, as GradCache's first pass); "gradcache" is GradCache with
-chunks of 2. The temperature is learnable, so its gradient is compared too.
+chunks of 2. STRATEGY: "ddp" (gloo; the default) or "fsdp2" (FSDP2Strategy; gradients are gathered whole).
+Under DDP the temperature is learnable, so its gradient is compared too (FSDP2 refuses a trainable tensor
+outside the sharded trunk).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
 from lightning.pytorch.strategies import DDPStrategy
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import shape_image
@@ -26,6 +29,7 @@ from lamra_pl.data.schema import Example, Item
 from lamra_pl.models.backbone import LoraSpec
 from lamra_pl.models.embedding import EmbeddingModule
 from lamra_pl.models.inputs import EmbeddingCollator
+from lamra_pl.strategies import FSDP2Strategy
 
 COLORS = ["red", "green", "blue", "yellow"]
 
@@ -59,8 +63,8 @@ class SaveGrads(Callback):
         self.out = out
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
-        self.grads = grads
+        grads = {n: p.grad.detach() for n, p in pl_module.named_parameters() if p.requires_grad}
+        self.grads = {n: (g.full_tensor() if isinstance(g, DTensor) else g).clone() for n, g in grads.items()}
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_rank == 0:
@@ -74,7 +78,11 @@ class PerturbedLoRA(EmbeddingModule):
         generator = torch.Generator().manual_seed(1)
         for name, param in self.named_parameters():
             if "lora_B" in name:  # peft starts B at zero, which would zero the gradient of A
-                param.data = 0.1 * torch.randn(param.shape, generator=generator)
+                value = 0.1 * torch.randn(param.shape, generator=generator)
+                if isinstance(param, DTensor):  # each FSDP2 rank keeps its shard of the same tensor
+                    value = distribute_tensor(value, param.device_mesh, param.placements)
+                with torch.no_grad():
+                    param.copy_(value)
 
 
 class ChunkedOnOneGraph(PerturbedLoRA):
@@ -86,16 +94,19 @@ def main() -> None:
     backbone, out, devices = sys.argv[1], sys.argv[2], int(sys.argv[3])
     mode = sys.argv[4] if len(sys.argv) > 4 else "full"
     dropout = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
+    fsdp2 = len(sys.argv) > 6 and sys.argv[6] == "fsdp2"
     seed_everything(0)
     module = (ChunkedOnOneGraph if mode == "chunked" else PerturbedLoRA)(
         backbone,
         lora=LoraSpec(r=4, alpha=8, dropout=dropout),
-        learnable_temperature=True,
+        learnable_temperature=not fsdp2,
         gradient_checkpointing=False,
         optimizer=partial(torch.optim.SGD, lr=0.0),
         gradcache_chunk_size=2 if mode == "gradcache" else None,
     )
     strategy = DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=120)) if devices > 1 else "auto"
+    if fsdp2:
+        strategy = FSDP2Strategy(process_group_backend="gloo", timeout=timedelta(seconds=120))
     trainer = Trainer(
         accelerator="cpu",
         devices=devices,

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
 from lamra_pl.errors import LamraError
@@ -177,6 +179,28 @@ def load_backbone(
         if name in trainable_before:
             param.requires_grad_(True)
     return peft_model
+
+
+def fully_shard_backbone(model: torch.nn.Module, trunk: torch.nn.Module, mesh: DeviceMesh, bf16: bool) -> None:
+    """FSDP2: shard each decoder layer of the language model (the architecture's `_no_split_modules`), then
+    `trunk`, the module whose forward the LightningModule calls, as the root. With `bf16`, compute in bfloat16 and
+    reduce gradients in float32.
+
+    The vision tower stays in the root group, gathered at every forward: a rank whose batch holds no image skips
+    the vision tower, so separate vision groups would leave the ranks' collectives mismatched (a hang or a gloo
+    size error) on mixed text/image batches. It costs one unsharded vision tower per rank during the forward.
+    """
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    kwargs: dict[str, Any] = {"mesh": mesh, **({"mp_policy": policy} if policy is not None else {})}
+    inner = hf_model(model)
+    blocks = set(inner._no_split_modules or [])
+    language_model = _module(inner, FAMILIES[inner.config.model_type].language_model)
+    layers = [m for m in language_model.modules() if type(m).__name__ in blocks]
+    if not layers:
+        raise LamraError(f"{type(inner).__name__}: no decoder layer ({sorted(blocks)}) found to shard")
+    for layer in layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(trunk, **kwargs)
 
 
 def hf_model(model: torch.nn.Module) -> PreTrainedModel:

@@ -17,12 +17,13 @@ from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.distributed.tensor import DTensor
 from transformers import BatchFeature, get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from lamra_pl.data.schema import SKIP_REASONS
 from lamra_pl.errors import LamraError
 from lamra_pl.losses import rank_and_world
-from lamra_pl.models.backbone import LoraSpec, hf_model, load_backbone, load_processor
+from lamra_pl.models.backbone import LoraSpec, fully_shard_backbone, hf_model, load_backbone, load_processor
 
 Rope = Literal["model", "1d"]
 
@@ -106,6 +107,16 @@ class BackboneModule(LightningModule):
         # from_pretrained returns eval mode and Lightning does not call train(): without this, LoRA dropout and
         # activation checkpointing (both active only in training mode) would silently stay off during fit.
         self.model.train(self.training)
+        if self.device_mesh is not None:  # FSDP2Strategy (ModelParallelStrategy): shard before the optimizer
+            bf16 = str(self.trainer.precision).startswith("bf16")
+            fully_shard_backbone(self.model, self.trunk, self.device_mesh["data_parallel"], bf16=bf16)
+            unsharded = [n for n, p in self.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
+            if unsharded:
+                # Their gradients would never be reduced across ranks: each rank would train its own copy.
+                raise LamraError(
+                    f"FSDP2 shards the backbone's trunk only, but {unsharded} are trainable outside it "
+                    "(learnable_temperature, train_lm_head): turn them off or use DDP"
+                )
 
     @property
     def trunk(self) -> torch.nn.Module:
@@ -151,7 +162,8 @@ class BackboneModule(LightningModule):
 
     # ------------------------------------------------------------------------------ non-finite steps
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        # The local shard of a sharded (FSDP2) gradient; the decision below combines the ranks'.
+        grads = [_local(p.grad) for p in self.parameters() if p.grad is not None]
         finite = bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
         # Sharded (FSDP) gradients differ per rank: every rank must take the same decision.
         if self.trainer.strategy.reduce_boolean_decision(finite, all=True):
@@ -216,7 +228,8 @@ class BackboneModule(LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._check_matches(checkpoint["state_dict"])
+        if "state_dict" in checkpoint:  # FSDP2Strategy has loaded (and checked) the tensors already
+            self.check_checkpoint_matches(checkpoint["state_dict"])
         state = checkpoint.get(RESUME_KEY)
         if state is None or self._trainer is None:  # loading weights only (merge, predict)
             return
@@ -232,7 +245,7 @@ class BackboneModule(LightningModule):
         self.skipped = state["skipped"].clone() if rank == 0 else torch.zeros_like(state["skipped"])
         self.nonfinite_steps = int(state["nonfinite_steps"])
 
-    def _check_matches(self, saved: dict[str, torch.Tensor]) -> None:
+    def check_checkpoint_matches(self, saved: dict[str, torch.Tensor]) -> None:
         """Say what differs between a checkpoint's trainable tensors and this model's, before loading them."""
         own = {name: p for name, p in self.named_parameters() if p.requires_grad}
         missing = sorted(set(own) - set(saved))
@@ -258,6 +271,10 @@ class BackboneModule(LightningModule):
 
 
 RESUME_KEY = "lamra_pl_resume"
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _safe_rng_states() -> dict[str, Any]:
