@@ -35,7 +35,7 @@ backbone_arg = $(if $(BACKBONE),--model.init_args.backbone=$(BACKBONE))
 stage1_data = $(if $(DATA),'--data.init_args.train_shards=$(DATA)/train/*_task1')
 stage2_data = $(if $(DATA),'--data.init_args.train_shards=$(DATA)/train')
 
-.PHONY: reliability venv tiny-backbone stage1 stage2 merge convert-mbeir convert-nli emoji index retrieve evaluate eval search \
+.PHONY: bench-train reliability venv tiny-backbone stage1 stage2 merge convert-mbeir convert-nli emoji index retrieve evaluate eval search \
 	rerank-data rerank-train rerank tune-fusion test lint demo tensorboard clean
 
 venv: $(STAMP)
@@ -106,6 +106,9 @@ emoji: venv  # the embedded default data set, in M-BEIR format, then converted: 
 lint: venv
 	$(BIN)/ruff check src tests data_recipes experiments
 	$(BIN)/ruff format --check src tests data_recipes experiments
+
+bench-train: venv  # retriever training step: throughput, memory, MFU (e.g. ARGS="--shape 2b --batch-sizes 32 64")
+	$(BIN)/python experiments/benchmarks/train_step.py $(ARGS)
 
 test: venv lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

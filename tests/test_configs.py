@@ -15,7 +15,8 @@ from lamra_pl.retrieval.fusion import load_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 FUSION_WEIGHTS = ROOT / "experiments/lamra_rank/fusion.yaml"  # a weights file for `lamra-pl rerank`, not a CLI config
-CONFIGS = sorted(p for p in (ROOT / "experiments").rglob("*.yaml") if p != FUSION_WEIGHTS)
+OVERLAYS = sorted((ROOT / "experiments/strategies").glob("*.yaml"))  # given after a stage config
+CONFIGS = sorted(p for p in (ROOT / "experiments").rglob("*.yaml") if p != FUSION_WEIGHTS and p not in OVERLAYS)
 
 
 class ParseOnly(LamraCLI):
@@ -52,6 +53,14 @@ def test_config_parses(config):
     parsed = cli(ParseOnly, "-c", str(config)).config
     assert parsed.model.class_path.endswith(("EmbeddingModule", "RerankModule"))
     assert parsed.trainer.max_steps > 0
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_strategy_overlays_parse_over_every_stage(overlay):
+    for stage in ("lamra_ret/stage1_text.yaml", "lamra_ret/stage2_instruct.yaml", "lamra_rank/rerank_joint.yaml"):
+        parsed = cli(ParseOnly, "-c", str(ROOT / "experiments" / stage), "-c", str(overlay)).config
+        assert parsed.trainer.strategy.class_path == "lamra_pl.strategies.FSDP2Strategy", stage
+        assert parsed.trainer.precision == "bf16-mixed"
 
 
 def test_paper_recipes():

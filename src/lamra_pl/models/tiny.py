@@ -107,9 +107,14 @@ def build_tiny_qwen2vl(
     num_layers: int = 2,
     num_heads: int = 4,
     num_kv_heads: int = 2,
+    intermediate_size: int | None = None,
     vision_depth: int = 2,
     vision_dim: int = 32,
+    vision_heads: int = 2,
+    vision_mlp_ratio: int = 2,
     vocab_size: int = 512,
+    tie_word_embeddings: bool = False,
+    dtype: torch.dtype = torch.float32,
     min_pixels: int = 56 * 56,
     max_pixels: int = 112 * 112,
     corpus: Iterable[str] = (),
@@ -118,7 +123,8 @@ def build_tiny_qwen2vl(
     """Write a tiny random Qwen2-VL checkpoint to `out` and return its path.
 
     `vocab_size` is the number of embedding rows; the tokenizer is trained to leave a few rows spare (as real
-    Qwen2-VL checkpoints do), so that `<emb>` fits without resizing.
+    Qwen2-VL checkpoints do), so that `<emb>` fits without resizing; it stays small when `vocab_size` is large.
+    The other arguments give any Qwen2-VL shape (the benchmarks build 2B- and 7B-shaped models with them).
     """
     head_dim = hidden_size // num_heads
     if head_dim * num_heads != hidden_size or head_dim % 2:
@@ -126,7 +132,7 @@ def build_tiny_qwen2vl(
     half = head_dim // 2
     # mRoPE sections (temporal, height, width) must sum to head_dim / 2.
     mrope = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
-    tokenizer = train_tokenizer([*BASE_CORPUS, *corpus], vocab_size=vocab_size - 8)
+    tokenizer = train_tokenizer([*BASE_CORPUS, *corpus], vocab_size=min(vocab_size, 4096) - 8)
     processor = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
         video_processor=Qwen2VLVideoProcessor(),
@@ -137,7 +143,7 @@ def build_tiny_qwen2vl(
     config = Qwen2VLConfig(
         text_config={
             "hidden_size": hidden_size,
-            "intermediate_size": 4 * hidden_size,
+            "intermediate_size": intermediate_size or 4 * hidden_size,
             "num_hidden_layers": num_layers,
             "num_attention_heads": num_heads,
             "num_key_value_heads": num_kv_heads,
@@ -153,8 +159,8 @@ def build_tiny_qwen2vl(
             "depth": vision_depth,
             "embed_dim": vision_dim,
             "hidden_size": hidden_size,  # the merger projects into the language model's width
-            "num_heads": 2,
-            "mlp_ratio": 2,
+            "num_heads": vision_heads,
+            "mlp_ratio": vision_mlp_ratio,
             "patch_size": 14,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
@@ -163,10 +169,10 @@ def build_tiny_qwen2vl(
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
+    model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

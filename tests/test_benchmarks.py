@@ -1,0 +1,31 @@
+"""The training-step benchmark script runs (so RESULTS.md's command keeps working) and reports sane figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_reports_every_configuration(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    command = [sys.executable, str(ROOT / "experiments/benchmarks/train_step.py"), "--shape", "tiny"]
+    command += ["--lora-r", "4", "--batch-sizes", "4", "--gradcache", "0", "2", "--warmup", "1", "--steps", "1"]
+    command += ["--image-tokens", "16", "--text-tokens", "32", "--cache", str(tmp_path), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["batch"], r["gradcache"]) for r in rows] == [(4, None), (4, 2)]
+    for row in rows:
+        assert row["samples_s"] > 0 and row["tokens_s"] > row["samples_s"] and row["peak_gb"] > 0
+        assert 0 < row["mfu"] < 1, row  # model FLOPs over time over the measured matmul peak
+        assert row["model_gflops_per_pair"] > 0 and row["peak_tflops"] > 0
+    assert "| tiny | 4 | 2 |" in proc.stdout  # the Markdown table
