@@ -11,6 +11,7 @@
     lamra-pl fit -c experiments/lamra_rank/rerank_joint.yaml
     lamra-pl rerank --model RERANKER_CKPT --runs runs/eval/local --out runs/eval/reranked_local
     lamra-pl tune-fusion --reranked runs/eval_val/reranked_local --out fusion.yaml
+    lamra-pl report runs/ablations
 
 Errors in user input (paths, config keys, data) print as one line and exit with status 2.
 """
@@ -345,6 +346,23 @@ def tune_fusion(reranked: str, out: str) -> None:
     print(f"\n{out}")
 
 
+def report(runs: str) -> None:
+    """Compare the training runs under a folder: a Markdown table and PNG plots, written into that folder.
+
+    Reads each run's TensorBoard event files and config.yaml (or hparams.yaml), not its console output. Rows:
+    runs (finished, unfinished, or unreadable with the reason); columns: the hyperparameters that differ, then
+    the final Recall per task and averaged (best in bold).
+
+    Args:
+        runs: a folder of runs, e.g. runs/ or runs/ablations (searched recursively).
+    """
+    from lamra_pl.report import report as write_report
+
+    written = write_report(runs)
+    print(written["table"])
+    print("\n".join(written["files"]))
+
+
 def _report(convert: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> None:
     """Run a converter with its per-line warnings on stderr, then print its counts as JSON."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -363,6 +381,7 @@ TOOLS: dict[str, Callable[..., Any]] = {
     "rerank-data": rerank_data,
     "rerank": rerank,
     "tune-fusion": tune_fusion,
+    "report": report,
 }
 
 

@@ -1,0 +1,108 @@
+"""`lamra-pl report`: the table and plots come from the runs' event files and configs, exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from helpers import lamra_here, ok
+from lamra_pl.report import FinalMetrics
+
+CURVES = {  # run -> step -> metrics
+    "a": {10: {"val/average/R@5": 0.25, "val/cars/R@5": 0.5}, 20: {"val/average/R@5": 0.375, "val/cars/R@5": 0.625}},
+    "b": {10: {"val/average/R@5": 0.3, "val/cars/R@5": 0.4}},
+}
+
+
+def fake_run(root: Path, version: str, temperature: float, finished: bool) -> None:
+    logger = TensorBoardLogger(root, name="grid", version=version, default_hp_metric=False)
+    config = {"model": {"class_path": "EmbeddingModule", "init_args": {"temperature": temperature, "lr": 1e-4}}}
+    Path(logger.log_dir).mkdir(parents=True, exist_ok=True)
+    (Path(logger.log_dir) / "config.yaml").write_text(yaml.safe_dump(config))
+    for step, metrics in CURVES[version].items():
+        logger.log_metrics(metrics, step)
+    if finished:  # what FinalMetrics logs at the end of fit
+        last = CURVES[version][max(CURVES[version])]
+        logger.log_hyperparams({"temperature": temperature}, {"hp/" + k[4:]: v for k, v in last.items()})
+    logger.finalize("success")
+
+
+def test_report_reproduces_the_logged_numbers(tmp_path):
+    fake_run(tmp_path, "a", 0.05, finished=True)
+    fake_run(tmp_path, "b", 0.1, finished=False)
+    proc = ok(lamra_here("report", "--runs", str(tmp_path)))
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert set(saved) == {"grid/a", "grid/b"}
+    assert saved["grid/a"]["status"] == "finished" and saved["grid/b"]["status"] == "unfinished"
+    for version, curve in CURVES.items():
+        last = curve[max(curve)]  # the final hp/* metrics, or the last val/* values of an unfinished run
+        want = {k[4:]: float(np.float32(v)) for k, v in last.items()}  # event files store float32
+        assert saved[f"grid/{version}"]["metrics"] == want
+    table = (tmp_path / "report.md").read_text()
+    assert table in proc.stdout
+    header, _, row_a, row_b = table.splitlines()
+    assert header == "| run | status | model.temperature | average/R@5 | cars/R@5 |"  # lr is not varied
+    assert row_a == "| grid/a | finished | 0.05 | **37.50** | **62.50** |"
+    assert row_b == "| grid/b | unfinished | 0.1 | 30.00 | 40.00 |"
+    for png in ("val_recall.png", "final_average.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
+def test_a_corrupt_or_empty_event_file_is_reported_not_a_crash(tmp_path):
+    fake_run(tmp_path, "a", 0.05, finished=True)
+    for name, content in (("corrupt", np.random.default_rng(0).bytes(4096)), ("empty", b"")):
+        folder = tmp_path / "grid" / name
+        folder.mkdir(parents=True)
+        (folder / "events.out.tfevents.1.host.0").write_bytes(content)
+    (tmp_path / "grid" / "no_events").mkdir()
+    (tmp_path / "grid" / "no_events" / "hparams.yaml").write_text("temperature: 0.2\n")
+    ok(lamra_here("report", "--runs", str(tmp_path)))
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["grid/a"]["status"] == "finished"
+    for name, status in (("corrupt", "damaged event file"), ("empty", "empty event file")):
+        assert status in saved[f"grid/{name}"]["status"], saved[f"grid/{name}"]
+        assert saved[f"grid/{name}"]["metrics"] == {}
+    assert saved["grid/no_events"]["status"] == "no event file"
+    assert "| grid/corrupt |" in (tmp_path / "report.md").read_text()
+
+
+class OneWeight(LightningModule):
+    def __init__(self, lr: float = 0.1) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def training_step(self, batch, i):
+        return (self.w - batch).pow(2).mean()
+
+    def validation_step(self, batch, i):
+        self.log("val/average/R@1", 1.0 / (1.0 + (self.w - batch).abs().mean()))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+def test_final_metrics_logs_the_last_validation_values_once(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="grid", version="fit", default_hp_metric=False)
+    data = torch.utils.data.DataLoader(torch.zeros(4, 1), batch_size=2)
+    trainer = Trainer(
+        max_steps=4,
+        logger=logger,
+        callbacks=[FinalMetrics()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        val_check_interval=2,
+    )
+    trainer.fit(OneWeight(), data, data)
+    ok(lamra_here("report", "--runs", str(tmp_path)))
+    saved = json.loads((tmp_path / "report.json").read_text())["grid/fit"]
+    assert saved["status"] == "finished"
+    want = float(np.float32(trainer.callback_metrics["val/average/R@1"]))
+    assert saved["metrics"] == {"average/R@1": want} and want > 0.5  # w moved from 1 towards 0
