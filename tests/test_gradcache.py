@@ -23,6 +23,7 @@ def fit_curve(tmp: Path, backbone: Path, shards: Path, *args: str) -> list[float
         "--trainer.max_steps=5",
         "--trainer.enable_checkpointing=false",
         "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp}",  # where the CLI saves config.yaml without a logger
         "--model.init_args.warmup_ratio=0.2",  # step 1 at lr 0: a scheduler that is not stepped never trains
         *args,
     )

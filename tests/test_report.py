@@ -69,6 +69,12 @@ def test_a_corrupt_or_empty_event_file_is_reported_not_a_crash(tmp_path):
         assert status in saved[f"grid/{name}"]["status"], saved[f"grid/{name}"]
         assert saved[f"grid/{name}"]["metrics"] == {}
     assert saved["grid/no_events"]["status"] == "no event file"
+    # A damaged file beside a readable one: the run keeps its metrics and the damage is named.
+    (tmp_path / "grid" / "a" / "events.out.tfevents.2.host.0").write_bytes(b"\x00" * 64)
+    ok(lamra_here("report", "--runs", str(tmp_path)))
+    run_a = json.loads((tmp_path / "report.json").read_text())["grid/a"]
+    assert run_a["status"].startswith("finished; events.out.tfevents.2.host.0: damaged"), run_a
+    assert run_a["metrics"] == {k[4:]: float(np.float32(v)) for k, v in CURVES["a"][20].items()}
     assert "| grid/corrupt |" in (tmp_path / "report.md").read_text()
 
 

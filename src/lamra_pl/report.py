@@ -54,6 +54,7 @@ class Run:
     hparams: dict[str, Any]
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     problem: str | None = None  # why its events could not be read
+    notes: list[str] = field(default_factory=list)  # damaged event files beside readable ones
 
     @property
     def finished(self) -> bool:
@@ -63,7 +64,7 @@ class Run:
     def status(self) -> str:
         if self.problem:
             return self.problem
-        return "finished" if self.finished else "unfinished"
+        return "; ".join(["finished" if self.finished else "unfinished", *self.notes])
 
     def metrics(self) -> dict[str, float]:
         """Metric name (without prefix) -> final value: `hp/*` if finished, else the last `val/*` value."""
@@ -127,6 +128,7 @@ def read_run(folder: Path, root: Path) -> Run:
     if problems and not run.curves:
         run.problem = "; ".join(problems)
         return run
+    run.notes = problems
     for points in run.curves.values():
         points.sort(key=lambda p: p[0])
     if not any(tag.startswith((FINAL, LIVE)) for tag in run.curves):
