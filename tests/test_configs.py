@@ -9,6 +9,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 
 from lamra_pl.cli import LamraCLI
 from lamra_pl.data.datamodule import ShardDataModule
+from lamra_pl.models.clip import CLIPModule
 from lamra_pl.models.embedding import EmbeddingModule
 from lamra_pl.models.rerank import RerankModule
 from lamra_pl.retrieval.fusion import load_weights
@@ -51,7 +52,7 @@ def test_configs_exist():
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_config_parses(config):
     parsed = cli(ParseOnly, "-c", str(config)).config
-    assert parsed.model.class_path.endswith(("EmbeddingModule", "RerankModule"))
+    assert parsed.model.class_path.endswith(("EmbeddingModule", "RerankModule", "CLIPModule"))
     assert parsed.trainer.max_steps > 0
 
 
@@ -90,6 +91,8 @@ def test_lamra_fusion_weights():
 
 @pytest.mark.parametrize("config", sorted((ROOT / "experiments/tiny").glob("*.yaml")), ids=lambda p: p.name)
 def test_tiny_config_instantiates(config, tiny_backbone, shape_shards):
-    c = cli(LamraCLI, "-c", str(config), f"--model.init_args.backbone={tiny_backbone}")
-    assert isinstance(c.model, EmbeddingModule | RerankModule) and isinstance(c.datamodule, ShardDataModule)
+    lmm = "CLIPModule" not in config.read_text()  # the CLIP baseline has no LMM backbone
+    c = cli(LamraCLI, "-c", str(config), *([f"--model.init_args.backbone={tiny_backbone}"] if lmm else []))
+    assert isinstance(c.model, EmbeddingModule | RerankModule | CLIPModule)
+    assert isinstance(c.datamodule, ShardDataModule)
     assert c.trainer.max_steps > 0

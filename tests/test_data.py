@@ -144,3 +144,25 @@ def test_evaluation_instruction_is_deterministic_per_query():
     assert {r.qid: evaluation_query(r, 7).text for r in reversed(records)} == seeded  # order does not matter
     assert len({t.split()[1] for t in seeded.values()}) == 4  # all four prompts drawn across queries
     assert {r.qid: evaluation_query(r, 8).text for r in records} != seeded
+
+
+def test_no_instruction_ablation_leaves_queries_bare_in_training_and_evaluation(tiny_backbone, tmp_path):
+    """`model.instructions: false`: the collator's training choice and every evaluation read drop the
+    instruction, so the model is evaluated as it was trained."""
+    import random
+
+    from lamra_pl.models.embedding import EmbeddingModule
+    from lamra_pl.retrieval.encode import ChunkedItems, Job, plan
+
+    record = decode_record(text_to_image_samples()[0])
+    with_ = EmbeddingModule(str(tiny_backbone)).collator()
+    without = EmbeddingModule(str(tiny_backbone), instructions=False).collator()
+    assert with_.choose(record, random.Random(0), 0).query.text == "Find the picture of this shape. red circle."
+    assert without.choose(record, random.Random(0), 0).query.text == "red circle"
+    assert without.choose(record, None, 0).query.text == "red circle"
+    write_shards(text_to_image_samples(), tmp_path / "queries", maxcount=12)
+    chunks = plan([Job("q", (str(tmp_path / "queries"),), "queries")])
+    texts = [r["txt"] for batch in ChunkedItems(chunks, without, batch_size=4) for r in batch["records"]]
+    assert len(texts) == 12 and not any("Find" in t for t in texts)
+    texts = [r["txt"] for batch in ChunkedItems(chunks, with_, batch_size=4) for r in batch["records"]]
+    assert all(t.startswith("Find the picture of this shape.") for t in texts)

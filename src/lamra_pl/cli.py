@@ -30,6 +30,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 import lamra_pl.data.datamodule
+import lamra_pl.models.clip
 import lamra_pl.models.embedding
 import lamra_pl.models.rerank  # noqa: F401
 from lamra_pl.errors import LamraError

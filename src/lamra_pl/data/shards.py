@@ -137,32 +137,35 @@ def to_examples(
         yield choose(record, None, num_negatives)
 
 
-def choose_example(record: Record, rng: random.Random | None, num_negatives: int) -> Example:
+def choose_example(record: Record, rng: random.Random | None, num_negatives: int, instructions: bool = True) -> Example:
     """One positive, one instruction (prepended to the query text) and `num_negatives` negatives of a record.
 
-    `rng=None` is the deterministic evaluation choice: the first of each.
+    `rng=None` is the deterministic evaluation choice: the first of each. `instructions=False` leaves the query
+    text bare (the "no instruction" ablation).
     """
+    instruction_choices = record.instructions if instructions else []
     if rng is None:
         positive = record.positives[0]
-        instruction = record.instructions[0] if record.instructions else None
+        instruction = instruction_choices[0] if instruction_choices else None
         negatives = record.negatives[:num_negatives]
     else:
         # LamRA's call order: positive, then instruction.
         positive = rng.choice(record.positives)
-        instruction = rng.choice(record.instructions) if record.instructions else None
+        instruction = rng.choice(instruction_choices) if instruction_choices else None
         negatives = rng.sample(record.negatives, num_negatives)
     query = Item(record.qid, with_instruction(instruction, record.query.text), record.query.image)
     return Example(query, positive, negatives, [p.id for p in record.positives])
 
 
-def evaluation_query(record: Record, instruction_seed: int | None = None) -> Item:
+def evaluation_query(record: Record, instruction_seed: int | None = None, instructions: bool = True) -> Item:
     """The query an evaluation encodes, with its instruction chosen deterministically.
 
     `instruction_seed=None`: the task's first instruction (MM-Embed's fixed prompt). An int: one instruction drawn
     by a generator seeded with (seed, qid), so the choice depends on neither the order nor the rank that reads it.
+    `instructions=False`: no instruction (a model trained without them).
     """
     instruction = None
-    if record.instructions:
+    if record.instructions and instructions:
         if instruction_seed is None:
             instruction = record.instructions[0]
         else:

@@ -1,7 +1,9 @@
-"""What every lamra-pl LightningModule on an LMM backbone shares: loading, positions, optimiser, checkpoints.
+"""What every lamra-pl LightningModule shares.
 
-`EmbeddingModule` (the retriever) and `RerankModule` (the reranker) differ in their heads and losses only; the
-backbone, LoRA, freezing, position ids, LR schedule and trainable-only checkpoints are the same code.
+`TrainingModule`: skip counts, the non-finite step guard, the LR schedule, trainable-only checkpoints that resume
+exactly (RNG states included). `BackboneModule` adds what the modules on an LMM backbone share: loading, LoRA,
+freezing, positions. `EmbeddingModule` (the retriever) and `RerankModule` (the reranker) differ in their heads
+and losses only; `CLIPModule` (the dual-encoder baseline) is a `TrainingModule` on open_clip.
 """
 
 from __future__ import annotations
@@ -28,120 +30,34 @@ from lamra_pl.models.backbone import LoraSpec, fully_shard_backbone, hf_model, l
 Rope = Literal["model", "1d"]
 
 
-class BackboneModule(LightningModule):
-    """Base of the modules that train an image-text-to-text backbone (with LoRA or fully).
+class TrainingModule(LightningModule):
+    """Base of every lamra-pl training module: the cross-cutting parts of a step and of a checkpoint.
 
-    Subclasses call `super().__init__` with their hyperparameters saved and implement the steps. Args common to
-    all of them (see the subclasses' docstrings for their own):
+    Subclasses call `super().__init__` (which saves their `__init__` arguments as hyperparameters, except
+    `ignore`) and define `warmup_ratio`, `lr_schedule` and `max_nonfinite_steps` among them:
 
-        backbone: local directory of a Hugging Face checkpoint (Qwen2-VL, Qwen2.5-VL); never downloaded.
-        lora: LoRA on the language model's linear layers; null for full fine-tuning of the language model.
-        rope: "model" uses the backbone's own positions (mRoPE for Qwen2-VL images, as `generate` does); "1d"
-            reproduces the LamRA reference, which ran the decoder with plain sequential positions.
-            Both count positions over non-padding tokens, so padding never moves them.
-        min_pixels, max_pixels: image resizing bounds given to the processor.
-        padding_side: override the tokenizer's padding side.
-        train_vision_tower, train_projector: unfreeze these (frozen by default, as in LamRA).
-        dtype: weight dtype of the base model ("auto": the checkpoint's). LoRA weights stay float32.
-        gradient_checkpointing: non-reentrant activation checkpointing in the decoder.
         optimizer: built in `configure_optimizers` from trainable parameters only.
         warmup_ratio, lr_schedule: linear warmup over this fraction of `trainer.max_steps`, then cosine to 0
             (or constant).
         max_nonfinite_steps: a step whose gradients are not finite (NaN/inf loss) is skipped and counted
             (`train/nonfinite_steps`); more than this many in a row stop the run with an error.
 
-    Checkpoints also hold every rank's RNG state (restored before the first step after a resume, so dropout
-    draws continue exactly) and the skip counts, so a resumed run goes on as the uninterrupted one would.
+    Checkpoints hold the trainable weights only, every rank's RNG state (restored before the first step after a
+    resume, so dropout draws continue exactly) and the skip counts, so a resumed run goes on as the uninterrupted
+    one would.
     """
 
-    def __init__(
-        self,
-        *,
-        lora: LoraSpec | dict | None,
-        optimizer: OptimizerCallable,
-        add_emb_token: bool,
-    ) -> None:
+    def __init__(self, *, optimizer: OptimizerCallable, ignore: tuple[str, ...] = ()) -> None:
         super().__init__()
-        if isinstance(lora, dict):  # from a checkpoint's hyper_parameters
-            lora = LoraSpec(**lora)
-        # Collects the subclass's __init__ arguments too. Plain values only, so checkpoints load with
+        # Collects the subclasses' __init__ arguments too. Plain values only, so checkpoints load with
         # torch.load(weights_only=True).
-        self.save_hyperparameters(ignore=["optimizer", "lora", "add_emb_token"])
-        self.hparams["lora"] = asdict(lora) if lora is not None else None
-        self.lora = lora
+        self.save_hyperparameters(ignore=["optimizer", "ignore", *ignore])
         self.optimizer_factory = optimizer
-        h = self.hparams
-        self.processor = load_processor(
-            h.backbone,
-            min_pixels=h.min_pixels,
-            max_pixels=h.max_pixels,
-            padding_side=h.padding_side,
-            trust_remote_code=h.trust_remote_code,
-            add_emb_token=add_emb_token,
-        )
-        self.model: torch.nn.Module | None = None
         self.skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
         self.nonfinite_steps, self._nonfinite_in_a_row = 0, 0
         self._resume_rng: dict[str, Any] | None = None
         # Checkpoints hold trainable weights only; `on_load_checkpoint` checks that none is missing.
         self.strict_loading = False
-
-    # ----------------------------------------------------------------------------------------- model
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        h = self.hparams
-        self.model = load_backbone(
-            h.backbone,
-            vocab_size=len(self.processor.tokenizer),
-            lora=self.lora,
-            train_vision_tower=h.train_vision_tower,
-            train_projector=h.train_projector,
-            # Only the reranker reads the LM head; the retriever pools hidden states and has no such argument.
-            train_lm_head=h.get("train_lm_head", False),
-            dtype=h.dtype,
-            attn_implementation=h.attn_implementation,
-            gradient_checkpointing=h.gradient_checkpointing,
-            trust_remote_code=h.trust_remote_code,
-        )
-        # from_pretrained returns eval mode and Lightning does not call train(): without this, LoRA dropout and
-        # activation checkpointing (both active only in training mode) would silently stay off during fit.
-        self.model.train(self.training)
-        if self.device_mesh is not None:  # FSDP2Strategy (ModelParallelStrategy): shard before the optimizer
-            bf16 = str(self.trainer.precision).startswith("bf16")
-            fully_shard_backbone(self.model, self.trunk, self.device_mesh["data_parallel"], bf16=bf16)
-            unsharded = [n for n, p in self.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
-            if unsharded:
-                # Their gradients would never be reduced across ranks: each rank would train its own copy.
-                raise LamraError(
-                    f"FSDP2 shards the backbone's trunk only, but {unsharded} are trainable outside it "
-                    "(learnable_temperature, train_lm_head): turn them off or use DDP"
-                )
-
-    @property
-    def trunk(self) -> torch.nn.Module:
-        """The backbone without its LM head: last-layer hidden states."""
-        if self.model is None:
-            raise LamraError("the model is not built yet: call configure_model() first")
-        return hf_model(self.model).base_model
-
-    def position_ids(self, inputs: BatchFeature) -> torch.Tensor:
-        mask = inputs["attention_mask"]
-        trunk = self.trunk
-        if self.hparams.rope == "model" and "image_grid_thw" in inputs and hasattr(trunk, "get_rope_index"):
-            positions, _ = trunk.get_rope_index(
-                inputs["input_ids"],
-                mm_token_type_ids=inputs["mm_token_type_ids"],
-                image_grid_thw=inputs["image_grid_thw"],
-                attention_mask=mask,
-            )
-            return positions
-        # Sequential positions over real tokens, as generate() builds them for left padding.
-        return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-    def hidden_states(self, inputs: BatchFeature) -> torch.Tensor:
-        """[B, L, H] last-layer states (after the final norm), with this module's positions."""
-        return self.trunk(**inputs, position_ids=self.position_ids(inputs), use_cache=False).last_hidden_state
 
     # ---------------------------------------------------------------------------------------- skips
     def _count_skips(self, batch: dict[str, Any]) -> None:
@@ -266,8 +182,108 @@ class BackboneModule(LightningModule):
             raise LamraError(
                 "checkpoint does not match the model config: "
                 + "; ".join(problems)
-                + " (are the backbone, LoRA rank, target list and freezing the same as in training?)"
+                + " (are the model, LoRA rank, target list and freezing the same as in training?)"
             )
+
+
+class BackboneModule(TrainingModule):
+    """Base of the modules that train an image-text-to-text backbone (with LoRA or fully).
+
+    Subclasses call `super().__init__` with their hyperparameters saved and implement the steps. Args common to
+    all of them (see the subclasses' docstrings for their own):
+
+        backbone: local directory of a Hugging Face checkpoint (Qwen2-VL, Qwen2.5-VL); never downloaded.
+        lora: LoRA on the language model's linear layers; null for full fine-tuning of the language model.
+        rope: "model" uses the backbone's own positions (mRoPE for Qwen2-VL images, as `generate` does); "1d"
+            reproduces the LamRA reference, which ran the decoder with plain sequential positions.
+            Both count positions over non-padding tokens, so padding never moves them.
+        min_pixels, max_pixels: image resizing bounds given to the processor.
+        padding_side: override the tokenizer's padding side.
+        train_vision_tower, train_projector: unfreeze these (frozen by default, as in LamRA).
+        dtype: weight dtype of the base model ("auto": the checkpoint's). LoRA weights stay float32.
+        gradient_checkpointing: non-reentrant activation checkpointing in the decoder.
+        optimizer, warmup_ratio, lr_schedule, max_nonfinite_steps: see `TrainingModule`.
+    """
+
+    def __init__(
+        self,
+        *,
+        lora: LoraSpec | dict | None,
+        optimizer: OptimizerCallable,
+        add_emb_token: bool,
+    ) -> None:
+        super().__init__(optimizer=optimizer, ignore=("lora", "add_emb_token"))
+        if isinstance(lora, dict):  # from a checkpoint's hyper_parameters
+            lora = LoraSpec(**lora)
+        self.hparams["lora"] = asdict(lora) if lora is not None else None
+        self.lora = lora
+        h = self.hparams
+        self.processor = load_processor(
+            h.backbone,
+            min_pixels=h.min_pixels,
+            max_pixels=h.max_pixels,
+            padding_side=h.padding_side,
+            trust_remote_code=h.trust_remote_code,
+            add_emb_token=add_emb_token,
+        )
+        self.model: torch.nn.Module | None = None
+
+    # ----------------------------------------------------------------------------------------- model
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        h = self.hparams
+        self.model = load_backbone(
+            h.backbone,
+            vocab_size=len(self.processor.tokenizer),
+            lora=self.lora,
+            train_vision_tower=h.train_vision_tower,
+            train_projector=h.train_projector,
+            # Only the reranker reads the LM head; the retriever pools hidden states and has no such argument.
+            train_lm_head=h.get("train_lm_head", False),
+            dtype=h.dtype,
+            attn_implementation=h.attn_implementation,
+            gradient_checkpointing=h.gradient_checkpointing,
+            trust_remote_code=h.trust_remote_code,
+        )
+        # from_pretrained returns eval mode and Lightning does not call train(): without this, LoRA dropout and
+        # activation checkpointing (both active only in training mode) would silently stay off during fit.
+        self.model.train(self.training)
+        if self.device_mesh is not None:  # FSDP2Strategy (ModelParallelStrategy): shard before the optimizer
+            bf16 = str(self.trainer.precision).startswith("bf16")
+            fully_shard_backbone(self.model, self.trunk, self.device_mesh["data_parallel"], bf16=bf16)
+            unsharded = [n for n, p in self.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
+            if unsharded:
+                # Their gradients would never be reduced across ranks: each rank would train its own copy.
+                raise LamraError(
+                    f"FSDP2 shards the backbone's trunk only, but {unsharded} are trainable outside it "
+                    "(learnable_temperature, train_lm_head): turn them off or use DDP"
+                )
+
+    @property
+    def trunk(self) -> torch.nn.Module:
+        """The backbone without its LM head: last-layer hidden states."""
+        if self.model is None:
+            raise LamraError("the model is not built yet: call configure_model() first")
+        return hf_model(self.model).base_model
+
+    def position_ids(self, inputs: BatchFeature) -> torch.Tensor:
+        mask = inputs["attention_mask"]
+        trunk = self.trunk
+        if self.hparams.rope == "model" and "image_grid_thw" in inputs and hasattr(trunk, "get_rope_index"):
+            positions, _ = trunk.get_rope_index(
+                inputs["input_ids"],
+                mm_token_type_ids=inputs["mm_token_type_ids"],
+                image_grid_thw=inputs["image_grid_thw"],
+                attention_mask=mask,
+            )
+            return positions
+        # Sequential positions over real tokens, as generate() builds them for left padding.
+        return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def hidden_states(self, inputs: BatchFeature) -> torch.Tensor:
+        """[B, L, H] last-layer states (after the final norm), with this module's positions."""
+        return self.trunk(**inputs, position_ids=self.position_ids(inputs), use_cache=False).last_hidden_state
 
 
 RESUME_KEY = "lamra_pl_resume"

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import math
-from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
@@ -17,17 +14,10 @@ from torch.distributed.fsdp import FSDPModule
 from transformers import BatchFeature
 
 from lamra_pl.errors import LamraError
-from lamra_pl.losses import (
-    all_gather_no_grad,
-    all_gather_with_grad,
-    false_negative_mask,
-    info_nce,
-    rank_and_world,
-)
 from lamra_pl.models.backbone import EMB_TOKEN, DType, LoraSpec
 from lamra_pl.models.base import BackboneModule, Rope
+from lamra_pl.models.contrastive import ContrastiveSteps
 from lamra_pl.models.inputs import EmbeddingCollator
-from lamra_pl.retrieval.evaluate import evaluate_embeddings
 
 Pooling = Literal["before_emb", "last_token"]
 
@@ -50,7 +40,7 @@ def pooling_index(
     return hits.int().argmax(-1) - 1
 
 
-class EmbeddingModule(BackboneModule):
+class EmbeddingModule(ContrastiveSteps, BackboneModule):
     """Queries and candidates (text, image or both; an optional instruction on the query) -> unit vectors.
 
     Args (besides those of `BackboneModule`: backbone, lora, rope, min/max_pixels, padding_side, freezing, dtype,
@@ -64,6 +54,8 @@ class EmbeddingModule(BackboneModule):
             negative. The gradients are exact. Trainer-side gradient clipping and accumulation are unavailable
             (manual optimisation); use `gradcache_clip_norm` for clipping.
         gradcache_clip_norm: max total gradient norm under GradCache (None: no clipping).
+        instructions: prepend each query's task instruction (LamRA); false is the "no instruction" ablation, in
+            training and in every evaluation of this model.
     """
 
     def __init__(
@@ -90,6 +82,7 @@ class EmbeddingModule(BackboneModule):
         max_nonfinite_steps: int = 5,
         gradcache_chunk_size: int | None = None,
         gradcache_clip_norm: float | None = None,
+        instructions: bool = True,
     ) -> None:
         if temperature <= 0:
             raise LamraError(f"model.temperature must be positive, got {temperature}")
@@ -102,16 +95,16 @@ class EmbeddingModule(BackboneModule):
         # GradCache needs several backward passes per optimizer step, which only manual optimisation allows.
         self.automatic_optimization = gradcache_chunk_size is None
         self.emb_token_id = self.processor.tokenizer.convert_tokens_to_ids(EMB_TOKEN)
-        log_scale = torch.tensor(math.log(1.0 / temperature))
-        if learnable_temperature:
-            self.log_logit_scale = torch.nn.Parameter(log_scale)
-        else:
-            self.register_buffer("log_logit_scale", log_scale, persistent=False)
-        self._retrieval: list[tuple[str, str, list[str], np.ndarray]] = []  # validation embeddings, per batch
+        self.init_temperature(temperature, learnable_temperature)
 
     def collator(self) -> EmbeddingCollator:
         h = self.hparams
-        return EmbeddingCollator(self.processor, max_text_tokens=h.max_text_tokens, chunk_size=h.gradcache_chunk_size)
+        return EmbeddingCollator(
+            self.processor,
+            max_text_tokens=h.max_text_tokens,
+            chunk_size=h.gradcache_chunk_size,
+            instructions=h.get("instructions", True),  # absent from checkpoints written before it existed
+        )
 
     def embed(self, inputs: BatchFeature | list[BatchFeature]) -> torch.Tensor:
         """L2-normalised float32 embeddings, one per row of a processor batch (or of a list of chunks, in order)."""
@@ -122,55 +115,7 @@ class EmbeddingModule(BackboneModule):
         pooled = states[torch.arange(index.numel(), device=index.device), index]
         return F.normalize(pooled.float(), dim=-1)
 
-    def forward(self, inputs: BatchFeature) -> torch.Tensor:
-        return self.embed(inputs)
-
-    @property
-    def logit_scale(self) -> torch.Tensor:
-        return self.log_logit_scale.exp().clamp(max=100.0)
-
     # ------------------------------------------------------------------------------------------ steps
-    def contrastive_loss(
-        self,
-        batch: dict[str, Any],
-        gather: bool,
-        queries: torch.Tensor | None = None,
-        candidates: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """InfoNCE of local queries against (gathered) candidates; returns (loss, in-batch top-1 accuracy).
-
-        The embeddings are computed from the batch unless given (GradCache passes its cached ones).
-        """
-        queries = self.embed(batch["query"]) if queries is None else queries
-        candidates = self.embed(batch["candidates"]) if candidates is None else candidates
-        candidate_ids = batch["candidate_ids"]
-        rank = 0
-        if gather:
-            rank, _ = rank_and_world()
-            candidates = all_gather_with_grad(candidates)
-            candidate_ids = all_gather_no_grad(candidate_ids)
-        local = batch["candidate_ids"].numel()
-        labels = rank * local + torch.arange(queries.shape[0], device=queries.device)
-        mask = false_negative_mask(batch["positive_ids"], candidate_ids, labels)
-        loss = info_nce(queries, candidates, labels, self.logit_scale, mask)
-        with torch.no_grad():
-            scores = (queries @ candidates.T).masked_fill(mask, float("-inf"))
-            accuracy = (scores.argmax(-1) == labels).float().mean()
-        return loss, accuracy
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        if self.automatic_optimization:
-            loss, accuracy = self.contrastive_loss(batch, gather=True)
-        else:
-            loss, accuracy = self.gradcache_step(batch)
-        n = len(batch["query_ids"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
-        self.log("train/inbatch_acc", accuracy, batch_size=n, sync_dist=True)
-        if self.hparams.learnable_temperature:
-            self.log("train/temperature", 1.0 / self.logit_scale.detach(), batch_size=n)
-        self._count_skips(batch)
-        return loss
-
     def gradcache_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step with GradCache (Gao et al. 2021); returns (loss, in-batch accuracy), detached.
 
@@ -237,51 +182,3 @@ class EmbeddingModule(BackboneModule):
                 yield
         else:
             yield
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        if "kind" in batch:  # a retrieval task's queries or pool: embed now, search and score at epoch end
-            if batch["items"] is not None:
-                ids = [r["id"] for r in batch["records"]]
-                embeddings = self.embed(batch["items"]).float().cpu().numpy()
-                self._retrieval.append((batch["source"], batch["kind"], ids, embeddings))
-            return
-        self._eval_step(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        collected, self._retrieval = self._retrieval, []
-        if self.trainer.sanity_checking:  # a few batches only: pools would be partial, so the numbers meaningless
-            return
-        _, world = rank_and_world()
-        if world > 1:  # once per epoch, on every rank (uneven batch counts make per-step collectives hang)
-            every: list[Any] = [None] * world
-            torch.distributed.all_gather_object(every, collected)
-            collected = [part for rank_parts in every for part in rank_parts]
-        ids: dict[tuple[str, str], list[str]] = defaultdict(list)
-        embeddings: dict[tuple[str, str], list[np.ndarray]] = defaultdict(list)
-        for source, kind, batch_ids, batch_embeddings in collected:
-            ids[source, kind] += batch_ids
-            embeddings[source, kind].append(batch_embeddings)
-        groups: dict[str, dict[str, tuple[list[str], np.ndarray]]] = defaultdict(dict)
-        for (source, kind), group_ids in ids.items():
-            groups[source][kind] = (group_ids, np.concatenate(embeddings[source, kind]))
-        if not groups:
-            return
-        results = evaluate_embeddings(groups)
-        metrics = {f"val/{task}/{m}": v for task, r in results["tasks"].items() for m, v in r.items() if m[:2] == "R@"}
-        metrics.update({f"val/average/{m}": v for m, v in results["average"].items()})
-        self.log_dict(metrics, batch_size=1)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
-        # Ranks may see different numbers of eval batches, so nothing here may be a per-step collective:
-        # negatives are the local batch only, and metrics reduce once at epoch end.
-        loss, accuracy = self.contrastive_loss(batch, gather=False)
-        n = len(batch["query_ids"])
-        self.log(f"{stage}/loss", loss, batch_size=n, sync_dist=True)
-        self.log(f"{stage}/inbatch_acc", accuracy, batch_size=n, sync_dist=True)
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        """Embeddings of an encoding batch (`lamra_pl.retrieval.encode`); None for an empty shard."""
-        return None if batch["items"] is None else self.embed(batch["items"])

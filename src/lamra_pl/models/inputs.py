@@ -7,12 +7,13 @@ embedding is read at the position just before `<emb>`. The collator runs in the 
 from __future__ import annotations
 
 import hashlib
+import random
 from typing import Any
 
 import torch
 from transformers import BatchFeature, ProcessorMixin
 
-from lamra_pl.data.schema import Example, Item
+from lamra_pl.data.schema import Example, Item, Record
 from lamra_pl.data.shards import choose_example
 from lamra_pl.errors import LamraError
 from lamra_pl.models.backbone import EMB_TOKEN
@@ -57,20 +58,27 @@ class EmbeddingCollator:
 
     Candidates are laid out `[positives (B); negatives (B*k, query-major)]`. Texts longer than
     `max_text_tokens` are cut by tokens before the prompt is built, so `<emb>` can never be cut off.
+    `instructions=False` leaves queries without their task instruction, in training and evaluation alike.
     With `chunk_size` (GradCache), "query" and "candidates" are lists of processor batches of at most that many
     rows each, in order: each chunk is padded on its own, so no chunk pays for the longest input of the batch.
     """
 
-    choose = staticmethod(choose_example)
-
     def __init__(
-        self, processor: ProcessorMixin, max_text_tokens: int | None = 480, chunk_size: int | None = None
+        self,
+        processor: ProcessorMixin,
+        max_text_tokens: int | None = 480,
+        chunk_size: int | None = None,
+        instructions: bool = True,
     ) -> None:
         if chunk_size is not None and chunk_size <= 0:
             raise LamraError(f"model.gradcache_chunk_size must be positive, got {chunk_size}")
         self.processor = processor
         self.max_text_tokens = max_text_tokens
         self.chunk_size = chunk_size
+        self.instructions = instructions
+
+    def choose(self, record: Record, rng: random.Random | None, num_negatives: int) -> Example:
+        return choose_example(record, rng, num_negatives, self.instructions)
 
     def encode(self, items: list[Item]) -> BatchFeature:
         items = [self._truncated(item) for item in items]

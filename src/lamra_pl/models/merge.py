@@ -19,7 +19,15 @@ from lamra_pl.models.embedding import EmbeddingModule
 from lamra_pl.models.rerank import RerankModule
 
 SETTINGS_FILE = "lamra_pl_embedding.json"
-EMBEDDING_SETTINGS = ("pooling", "rope", "max_text_tokens", "min_pixels", "max_pixels", "padding_side")
+EMBEDDING_SETTINGS = (
+    "pooling",
+    "rope",
+    "max_text_tokens",
+    "min_pixels",
+    "max_pixels",
+    "padding_side",
+    "instructions",
+)
 RERANK_SETTINGS_FILE = "lamra_pl_rerank.json"
 RERANK_SETTINGS = ("rope", "max_text_tokens", "min_pixels", "max_pixels", "padding_side")
 
@@ -40,6 +48,11 @@ def merge(ckpt: str, out: str) -> Path:
     if not Path(ckpt).is_file():
         raise LamraError(f"checkpoint {ckpt!r} does not exist")
     hparams = torch.load(ckpt, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    if "clip_model" in hparams:
+        raise LamraError(
+            f"{ckpt} is a CLIPModule checkpoint: it holds every weight and has no adapter to merge; "
+            "index, retrieve and search read it as it is"
+        )
     # A reranker's hyperparameters name its loss; everything else is a retriever's.
     cls: type[BackboneModule] = RerankModule if "loss_reduction" in hparams else EmbeddingModule
     module = cls.load_from_checkpoint(
@@ -55,5 +68,5 @@ def merge(ckpt: str, out: str) -> Path:
     name, keys = (
         (SETTINGS_FILE, EMBEDDING_SETTINGS) if cls is EmbeddingModule else (RERANK_SETTINGS_FILE, RERANK_SETTINGS)
     )
-    (out_dir / name).write_text(json.dumps({k: module.hparams[k] for k in keys}, indent=1))
+    (out_dir / name).write_text(json.dumps({k: module.hparams[k] for k in keys if k in module.hparams}, indent=1))
     return out_dir

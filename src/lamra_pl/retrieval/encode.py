@@ -56,14 +56,14 @@ def plan(jobs: list[Job]) -> list[Chunk]:
     return chunks
 
 
-def read_chunk(chunk: Chunk, instruction_seed: int | None) -> list[Item]:
+def read_chunk(chunk: Chunk, instruction_seed: int | None, instructions: bool = True) -> list[Item]:
     items = []
     for sample in wds.DataPipeline(wds.SimpleShardList([chunk.url]), wds.tarfile_to_samples()):
         try:
             items.append(
                 decode_candidate(sample)
                 if chunk.kind == "pool"
-                else evaluation_query(decode_record(sample), instruction_seed)
+                else evaluation_query(decode_record(sample), instruction_seed, instructions)
             )
         except UnreadableImage as err:
             # An index must hold its whole pool: a missing candidate would silently change every metric.
@@ -94,7 +94,8 @@ class ChunkedItems(IterableDataset):
         info = torch.utils.data.get_worker_info()
         mine = self.chunks[info.id :: info.num_workers] if info else self.chunks
         for chunk in mine:
-            items = read_chunk(chunk, self.instruction_seed)
+            # A model trained without instructions (its collator says so) is evaluated without them.
+            items = read_chunk(chunk, self.instruction_seed, self.collator.instructions)
             order = list(range(len(items)))
             if self.bucket:
                 lengths = [self.collator.length(item) for item in items]

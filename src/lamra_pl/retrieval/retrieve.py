@@ -22,7 +22,7 @@ from lightning.pytorch import Trainer
 from lamra_pl.data.shards import POOL_IDS
 from lamra_pl.errors import LamraError
 from lamra_pl.files import atomic_write
-from lamra_pl.models.embedding import EmbeddingModule
+from lamra_pl.models.contrastive import ContrastiveSteps
 from lamra_pl.retrieval.encode import Job, encode
 from lamra_pl.retrieval.evaluate import MANIFEST, query_shards, task_info
 from lamra_pl.retrieval.index import EmbeddingIndex, probe_embeddings
@@ -42,7 +42,7 @@ def task_dirs(spec: str) -> list[Path]:
 
 
 def retrieve(
-    module: EmbeddingModule,
+    module: ContrastiveSteps,
     index_dir: str,
     queries: str,
     out: str,

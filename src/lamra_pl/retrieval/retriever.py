@@ -18,6 +18,8 @@ from PIL import Image
 
 from lamra_pl.data.schema import Item, with_instruction
 from lamra_pl.errors import LamraError
+from lamra_pl.models.clip import CLIPModule
+from lamra_pl.models.contrastive import ContrastiveSteps
 from lamra_pl.models.embedding import EmbeddingModule
 from lamra_pl.models.merge import SETTINGS_FILE
 from lamra_pl.retrieval.index import EmbeddingIndex, probe_embeddings
@@ -35,10 +37,14 @@ class Hit:
     img: str | None
 
 
-def load_embedding_module(path: str | Path) -> EmbeddingModule:
-    """An EmbeddingModule in eval mode from a `lamra-pl fit` checkpoint (.ckpt) or a merged checkpoint folder."""
+def load_embedding_module(path: str | Path) -> ContrastiveSteps:
+    """A retriever in eval mode from a `lamra-pl fit` checkpoint (.ckpt: an EmbeddingModule's or a CLIPModule's)
+    or a merged checkpoint folder (an EmbeddingModule's)."""
     p = Path(path)
     if p.is_file():
+        hparams = torch.load(p, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+        if "clip_model" in hparams:  # the CLIP baseline's (its only model argument)
+            return CLIPModule.load_from_checkpoint(p, map_location="cpu", weights_only=True).eval()
         module = EmbeddingModule.load_from_checkpoint(
             p, map_location="cpu", weights_only=True, gradient_checkpointing=False
         )
@@ -53,9 +59,9 @@ def load_embedding_module(path: str | Path) -> EmbeddingModule:
 
 
 class Retriever:
-    """Encode texts and images with a trained EmbeddingModule and search an index built by the same model."""
+    """Encode texts and images with a trained retriever and search an index built by the same model."""
 
-    def __init__(self, module: EmbeddingModule) -> None:
+    def __init__(self, module: ContrastiveSteps) -> None:
         self.module = module.eval()
         self._checked: set[Path] = set()
 

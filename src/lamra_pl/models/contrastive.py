@@ -1,0 +1,135 @@
+"""The retriever's science, whatever encodes the inputs: InfoNCE steps, validation Recall, prediction.
+
+`ContrastiveSteps` is mixed into a `TrainingModule` that defines `embed(batch) -> unit vectors` and
+`collator()`: the LMM retriever (`EmbeddingModule`) and the CLIP dual encoder (`CLIPModule`) train, validate
+and encode through this same code, so their numbers are comparable by construction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule
+
+from lamra_pl.losses import all_gather_no_grad, all_gather_with_grad, false_negative_mask, info_nce, rank_and_world
+from lamra_pl.retrieval.evaluate import evaluate_embeddings
+
+
+class ContrastiveSteps(LightningModule):
+    """Training, validation, test and predict steps of a retriever (mixed in before a `TrainingModule`).
+
+    The subclass calls `init_temperature` in its `__init__` and defines `embed` and `collator`; its
+    hyperparameters include `learnable_temperature`.
+    """
+
+    def init_temperature(self, temperature: float, learnable: bool) -> None:
+        log_scale = torch.tensor(math.log(1.0 / temperature))
+        if learnable:
+            self.log_logit_scale = torch.nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_logit_scale", log_scale, persistent=False)
+        self._retrieval: list[tuple[str, str, list[str], np.ndarray]] = []  # validation embeddings, per batch
+
+    def embed(self, inputs: Any) -> torch.Tensor:
+        """L2-normalised float32 embeddings, one per row of a collated batch."""
+        raise NotImplementedError
+
+    def forward(self, inputs: Any) -> torch.Tensor:
+        return self.embed(inputs)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.log_logit_scale.exp().clamp(max=100.0)
+
+    def contrastive_loss(
+        self,
+        batch: dict[str, Any],
+        gather: bool,
+        queries: torch.Tensor | None = None,
+        candidates: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """InfoNCE of local queries against (gathered) candidates; returns (loss, in-batch top-1 accuracy).
+
+        The embeddings are computed from the batch unless given (GradCache passes its cached ones).
+        """
+        queries = self.embed(batch["query"]) if queries is None else queries
+        candidates = self.embed(batch["candidates"]) if candidates is None else candidates
+        candidate_ids = batch["candidate_ids"]
+        rank = 0
+        if gather:
+            rank, _ = rank_and_world()
+            candidates = all_gather_with_grad(candidates)
+            candidate_ids = all_gather_no_grad(candidate_ids)
+        local = batch["candidate_ids"].numel()
+        labels = rank * local + torch.arange(queries.shape[0], device=queries.device)
+        mask = false_negative_mask(batch["positive_ids"], candidate_ids, labels)
+        loss = info_nce(queries, candidates, labels, self.logit_scale, mask)
+        with torch.no_grad():
+            scores = (queries @ candidates.T).masked_fill(mask, float("-inf"))
+            accuracy = (scores.argmax(-1) == labels).float().mean()
+        return loss, accuracy
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if self.automatic_optimization:
+            loss, accuracy = self.contrastive_loss(batch, gather=True)
+        else:  # a subclass that optimises by hand (EmbeddingModule's GradCache)
+            loss, accuracy = self.gradcache_step(batch)
+        n = len(batch["query_ids"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
+        self.log("train/inbatch_acc", accuracy, batch_size=n, sync_dist=True)
+        if self.hparams.learnable_temperature:
+            self.log("train/temperature", 1.0 / self.logit_scale.detach(), batch_size=n)
+        self._count_skips(batch)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        if "kind" in batch:  # a retrieval task's queries or pool: embed now, search and score at epoch end
+            if batch["items"] is not None:
+                ids = [r["id"] for r in batch["records"]]
+                embeddings = self.embed(batch["items"]).float().cpu().numpy()
+                self._retrieval.append((batch["source"], batch["kind"], ids, embeddings))
+            return
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        collected, self._retrieval = self._retrieval, []
+        if self.trainer.sanity_checking:  # a few batches only: pools would be partial, so the numbers meaningless
+            return
+        _, world = rank_and_world()
+        if world > 1:  # once per epoch, on every rank (uneven batch counts make per-step collectives hang)
+            every: list[Any] = [None] * world
+            torch.distributed.all_gather_object(every, collected)
+            collected = [part for rank_parts in every for part in rank_parts]
+        ids: dict[tuple[str, str], list[str]] = defaultdict(list)
+        embeddings: dict[tuple[str, str], list[np.ndarray]] = defaultdict(list)
+        for source, kind, batch_ids, batch_embeddings in collected:
+            ids[source, kind] += batch_ids
+            embeddings[source, kind].append(batch_embeddings)
+        groups: dict[str, dict[str, tuple[list[str], np.ndarray]]] = defaultdict(dict)
+        for (source, kind), group_ids in ids.items():
+            groups[source][kind] = (group_ids, np.concatenate(embeddings[source, kind]))
+        if not groups:
+            return
+        results = evaluate_embeddings(groups)
+        metrics = {f"val/{task}/{m}": v for task, r in results["tasks"].items() for m, v in r.items() if m[:2] == "R@"}
+        metrics.update({f"val/average/{m}": v for m, v in results["average"].items()})
+        self.log_dict(metrics, batch_size=1)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+        # Ranks may see different numbers of eval batches, so nothing here may be a per-step collective:
+        # negatives are the local batch only, and metrics reduce once at epoch end.
+        loss, accuracy = self.contrastive_loss(batch, gather=False)
+        n = len(batch["query_ids"])
+        self.log(f"{stage}/loss", loss, batch_size=n, sync_dist=True)
+        self.log(f"{stage}/inbatch_acc", accuracy, batch_size=n, sync_dist=True)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        """Embeddings of an encoding batch (`lamra_pl.retrieval.encode`); None for an empty shard."""
+        return None if batch["items"] is None else self.embed(batch["items"])
