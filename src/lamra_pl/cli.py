@@ -8,6 +8,7 @@
     lamra-pl evaluate --runs runs/eval/local
     lamra-pl search --model CKPT --index indexes/test_global --text "a red apple" --k 5
     lamra-pl rerank-data --runs runs/train_retrieval/local --out data/rerank --top_k 100
+    lamra-pl mine --runs runs/train_mining/global --out data/mined
     lamra-pl fit -c experiments/lamra_rank/rerank_joint.yaml
     lamra-pl rerank --model RERANKER_CKPT --runs runs/eval/local --out runs/eval/reranked_local
     lamra-pl tune-fusion --reranked runs/eval_val/reranked_local --out fusion.yaml
@@ -279,6 +280,36 @@ def rerank_data(runs: str, out: str, top_k: int = 100, seed: int = 0) -> None:
     print(json.dumps(make_rerank_data(runs, out, top_k=top_k, seed=seed), indent=1))
 
 
+def mine(
+    runs: str,
+    out: str,
+    strategy: Literal["modality", "topk", "random"] = "modality",
+    c1: int = 1,
+    c2: int = 1,
+    window: tuple[int, int] = (46, 50),
+    seed: int = 0,
+) -> None:
+    """MM-Embed's modality-aware hard negatives: training shards whose queries carry c1 + c2 mined negatives.
+
+    Args:
+        runs: a `lamra-pl retrieve --pools [global] --k 50` folder of the training queries (DATA/train/*_task*)
+            against an index of the union training pool (DATA/train_pool), e.g. runs/train_mining/global.
+        out: the output shard folder (OUT/<task>/shard-*.tar, OUT/report.json): `data.train_shards` of a retriever
+            with `data.num_negatives` <= c1 + c2.
+        strategy: "modality" (C1: wrong modality ranked above the positive; C2: right modality in the rank
+            window), "topk" (the best-ranked non-positives, modality-blind) or "random" (random pool candidates).
+        c1: negatives per query from C1 (for "topk" and "random": c1 + c2 negatives in all).
+        c2: negatives per query from C2.
+        window: C2's ranks, 1-based and inclusive (MM-Embed: 46-50).
+        seed: seed of the random fill of short lists (per query).
+    """
+    from lamra_pl.data.mining import MiningSpec
+    from lamra_pl.data.mining import mine as mine_negatives
+
+    spec = MiningSpec(strategy=strategy, c1=c1, c2=c2, window=tuple(window), seed=seed)
+    print(json.dumps(mine_negatives(runs, out, spec), indent=1))
+
+
 def rerank(
     model: str,
     runs: str,
@@ -380,6 +411,7 @@ TOOLS: dict[str, Callable[..., Any]] = {
     "evaluate": evaluate,
     "search": search,
     "rerank-data": rerank_data,
+    "mine": mine,
     "rerank": rerank,
     "tune-fusion": tune_fusion,
     "report": report,

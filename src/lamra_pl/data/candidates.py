@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lamra_pl.data.schema import Item, decode_candidate, member_image, sample_location
+from lamra_pl.data.schema import Item, decode_candidate, member_image, modality, sample_location
 from lamra_pl.data.shards import expand_shards
 from lamra_pl.data.tar_index import scan_tar
 from lamra_pl.errors import BadSampleError, LamraError
@@ -25,6 +25,7 @@ class Location:
     url: str
     key: str
     members: tuple[tuple[str, int, int], ...]  # (suffix after the key, data offset, size)
+    modality: str  # "text", "image" or "image,text", from the record (M-BEIR's candidate `modality`)
 
 
 class CandidateStore:
@@ -53,20 +54,28 @@ class CandidateStore:
             if raw is None:
                 raise BadSampleError(f"shard {url}, sample {sample.key!r}: no .json member")
             try:
-                did = str(json.loads(raw)["id"])
+                record = json.loads(raw)
+                did = str(record["id"])
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise BadSampleError(f"shard {url}, sample {sample.key!r}: not a candidate record ({err})") from None
             self.size += 1
             if did in self.locations:
                 self.duplicates += 1
             elif wanted is None or did in wanted:
-                self.locations[did] = Location(url, sample.key, tuple(sample.members))
+                kind = modality(record.get("txt") is not None, bool(record.get("img")))
+                self.locations[did] = Location(url, sample.key, tuple(sample.members), kind)
 
     def __contains__(self, did: str) -> bool:
         return did in self.locations
 
     def __len__(self) -> int:
         return len(self.locations)
+
+    def modality(self, did: str) -> str:
+        location = self.locations.get(did)
+        if location is None:
+            raise LamraError(f"candidate {did!r} is not in the pool {self.sources}")
+        return location.modality
 
     def sample(self, did: str) -> dict[str, Any]:
         """The candidate's raw WebDataset sample: {"__key__", "__url__", "json": bytes, "img.png": bytes, ...}."""

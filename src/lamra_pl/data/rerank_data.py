@@ -129,7 +129,7 @@ def _samples(
         try:
             record = json.loads(sample["json"])
             qid = str(record["qid"])
-            positives = [_member_item(sample, p, where) for p in record["positives"]]
+            positives = [member_item(sample, p, where) for p in record["positives"]]
         except (KeyError, TypeError, json.JSONDecodeError) as err:
             raise BadSampleError(f"{where}: not a query record ({err!r})") from None
         counts["queries"] += 1
@@ -147,7 +147,7 @@ def _samples(
             sample["__key__"],
             qid=qid,
             task_id=record.get("task_id"),
-            query=_member_item(sample, record["query"], where),
+            query=member_item(sample, record["query"], where),
             instructions=[d.instruction] if d.instruction else [],
             positives=[by_id[d.positive]],
             negatives=[store.record_item(i) for i in negatives],
@@ -158,7 +158,7 @@ def _samples(
         )
 
 
-def _member_item(sample: dict[str, Any], entry: dict[str, Any], where: str) -> dict[str, Any]:
+def member_item(sample: dict[str, Any], entry: dict[str, Any], where: str) -> dict[str, Any]:
     """An item of a query record as `encode_record` takes it, its image bytes taken from the sample as they are."""
     image = member_image(sample, entry.get("img"), where)
     return {"id": str(entry.get("id", "")), "txt": entry.get("txt"), "image": image, "img_src": entry.get("img_src")}

@@ -58,9 +58,14 @@ class Item:
 
     @property
     def modality(self) -> str:
-        if self.text is not None and self.image is not None:
-            return "image,text"
-        return "image" if self.image is not None else "text"
+        return modality(self.text is not None, self.image is not None)
+
+
+def modality(has_text: bool, has_image: bool) -> str:
+    """M-BEIR's modality name: "text", "image" or "image,text"."""
+    if has_text and has_image:
+        return "image,text"
+    return "image" if has_image else "text"
 
 
 @dataclass
