@@ -29,13 +29,18 @@ TRAIN_RUNS ?= $(RUNS)/train_retrieval# MODEL's top 100 of the training queries, 
 RERANK_DATA ?= $(if $(DATA),$(DATA)/rerank,data/rerank)# reranker training shards
 RERANKER ?= $(RUNS)/lamra_rank/version_0/checkpoints/last.ckpt# a trained reranker, for make rerank
 FUSION ?= experiments/lamra_rank/fusion.yaml# w of final = retrieval + w * rerank: a number or a weights file
+GRID ?= demo# a grid file experiments/ablations/grids/GRID.yaml, for make ablations
+RUNS_DIR ?= $(RUNS)/ablations/$(GRID)# runs to compare, for make report
+MINE_RUNS ?= $(RUNS)/train_mining# MODEL's top 50 of the training queries in the union training pool, for make mine
+MINED ?= $(if $(DATA),$(DATA)/mined,data/mined)# hard-negative training shards (make mine)
+STRATEGY ?= modality# make mine: modality (MM-Embed), topk (UniIR, modality-blind) or random
 
 backbone_arg = $(if $(BACKBONE),--model.init_args.backbone=$(BACKBONE))
 # quoted: the glob is expanded by lamra-pl, not the shell
 stage1_data = $(if $(DATA),'--data.init_args.train_shards=$(DATA)/train/*_task1')
 stage2_data = $(if $(DATA),'--data.init_args.train_shards=$(DATA)/train')
 
-.PHONY: bench-train reliability venv tiny-backbone stage1 stage2 merge convert-mbeir convert-nli emoji index retrieve evaluate eval search \
+.PHONY: ablations report mine stage-hardneg bench-train reliability venv tiny-backbone stage1 stage2 merge convert-mbeir convert-nli emoji index retrieve evaluate eval search \
 	rerank-data rerank-train rerank tune-fusion test lint demo tensorboard clean
 
 venv: $(STAMP)
@@ -98,6 +103,19 @@ rerank: venv  # rerank EVAL/local (from make retrieve) with RERANKER, fuse with 
 
 tune-fusion: venv  # w per task on a validation split's reranked runs: make tune-fusion EVAL=runs/eval_val
 	$(LAMRA) tune-fusion --reranked $(EVAL)/reranked_local --out $(EVAL)/fusion.yaml
+
+mine: venv  # MODEL's top 50 of the training queries in the union training pool -> hard-negative shards in MINED
+	$(LAMRA) index --model $(MODEL) --pool $(DATA)/train_pool --out $(TRAIN_INDEX)
+	$(LAMRA) retrieve --model $(MODEL) --index $(TRAIN_INDEX) --queries '$(DATA)/train/*_task*' --pools '[global]' \
+		--k 50 --out $(MINE_RUNS)
+	$(LAMRA) mine --runs $(MINE_RUNS)/global --out $(MINED) --strategy $(STRATEGY) $(ARGS)
+
+ablations: venv  # run a grid of fits (experiments/ablations/grids/GRID.yaml; done steps are skipped), then report it
+	$(LAMRA) grid experiments/ablations/grids/$(GRID).yaml $(ARGS)
+	$(LAMRA) report $(RUNS_DIR)
+
+report: venv  # runs' event files and configs -> RUNS_DIR/report.md, report.json, val_recall.png, final_average.png
+	$(LAMRA) report $(RUNS_DIR)
 
 emoji: venv  # the embedded default data set, in M-BEIR format, then converted: make emoji DATA=demo/data
 	$(BIN)/python -m data_recipes.emoji --out demo/mbeir

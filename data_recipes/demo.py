@@ -162,8 +162,10 @@ def emoji_recipe_instruction(mbeir: Path) -> str:
     raise SystemExit(f"{mbeir}: no text -> image instruction")
 
 
-def main() -> None:
-    start = time.time()
+def prepare() -> tuple[Path, Path]:
+    """Steps 1-2: the emoji data (built and converted once) and the tiny backbone; returns (mbeir, data).
+
+    `python -m data_recipes.demo --prepare` runs only these (the ablation grid starts from them)."""
     RUN.mkdir(parents=True, exist_ok=True)
     mbeir, data = DATA / "mbeir", DATA / "data"
     if not (mbeir / "summary.json").is_file():
@@ -172,7 +174,6 @@ def main() -> None:
     if not (data / "train_pool").is_dir():  # (older conversions lack the training pool and task files)
         shutil.rmtree(data, ignore_errors=True)
         step("converting", "convert-mbeir", f"--root={mbeir}", f"--out={data}")
-    extra = shlex.split(os.environ.get("DEMO_ARGS", ""))
     step(
         "tiny backbone",
         "tiny-backbone",
@@ -184,6 +185,13 @@ def main() -> None:
         "--max_pixels=3136",
         f"--corpus={training_corpus(mbeir)}",
     )
+    return mbeir, data
+
+
+def main() -> None:
+    start = time.time()
+    mbeir, data = prepare()
+    extra = shlex.split(os.environ.get("DEMO_ARGS", ""))
     step("stage 1 (language-only)", "fit", "-c", "experiments/demo/stage1_text.yaml", *extra)
     step("merge", "merge", f"--ckpt={RUN / 'stage1/checkpoints/last.ckpt'}", f"--out={RUN / 'stage1_merged'}")
     step("stage 2 (multimodal instruction tuning)", "fit", "-c", "experiments/demo/stage2_instruct.yaml", *extra)
@@ -230,4 +238,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--prepare"]:
+        prepare()
+    elif sys.argv[1:]:
+        raise SystemExit("usage: python -m data_recipes.demo [--prepare]")
+    else:
+        main()

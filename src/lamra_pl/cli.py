@@ -12,7 +12,7 @@
     lamra-pl fit -c experiments/lamra_rank/rerank_joint.yaml
     lamra-pl rerank --model RERANKER_CKPT --runs runs/eval/local --out runs/eval/reranked_local
     lamra-pl tune-fusion --reranked runs/eval_val/reranked_local --out fusion.yaml
-    lamra-pl report runs/ablations
+    lamra-pl grid experiments/ablations/grids/demo.yaml && lamra-pl report runs/ablations/demo
 
 Errors in user input (paths, config keys, data) print as one line and exit with status 2.
 """
@@ -401,6 +401,19 @@ def _report(convert: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -
     print(json.dumps(convert(*args, **kwargs), indent=1))
 
 
+def grid(grid: str, only: list[str] | None = None, dry_run: bool = False) -> None:
+    """Run a grid of fits and tool steps (e.g. experiments/ablations/grids/demo.yaml); done steps are skipped.
+
+    Args:
+        grid: the grid file (format: lamra_pl.grid).
+        only: run only these fits (and every tool step).
+        dry_run: print the commands without running them.
+    """
+    from lamra_pl.grid import run_grid
+
+    print(json.dumps(run_grid(grid, only=only, dry_run=dry_run), indent=1))
+
+
 TOOLS: dict[str, Callable[..., Any]] = {
     "tiny-backbone": tiny_backbone,
     "merge": merge,
@@ -415,6 +428,7 @@ TOOLS: dict[str, Callable[..., Any]] = {
     "rerank": rerank,
     "tune-fusion": tune_fusion,
     "report": report,
+    "grid": grid,
 }
 
 

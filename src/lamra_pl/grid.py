@@ -1,0 +1,159 @@
+"""`lamra-pl grid GRID.yaml`: run a named grid of `lamra-pl` commands, each fit a TensorBoard run of one folder.
+
+A grid file lists steps in order (later ones may use what earlier ones wrote):
+
+    out: runs/ablations/demo          # every fit logs to OUT/<name> (TensorBoardLogger name/version)
+    steps:
+      - run: [mine, --runs=..., --out={out}/mined]   # a lamra-pl tool command, or [python, -m, MODULE, ...]
+        creates: "{out}/mined"                         # skipped when this exists
+      - fit: lamra                                                 # a run name
+        configs: [experiments/demo/stage2_instruct.yaml, experiments/ablations/demo_size.yaml]
+        args: [--model.init_args.backbone={out}/stage1_merged]     # {out} is replaced by OUT
+
+A fit's hyperparameters and final metrics are logged as TensorBoard hparams by `lamra_pl.report.FinalMetrics`
+(in `trainer.callbacks` of every shipped config; a fit without it is an error); `lamra-pl report OUT` then
+compares the runs. Run the grid again after a crash
+or a kill: finished fits (with their final metrics) and steps whose output exists are skipped, and an
+unfinished fit resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lamra_pl.errors import LamraError
+from lamra_pl.report import read_run
+
+LAMRA = str(Path(sys.executable).parent / "lamra-pl")
+
+
+@dataclass
+class Step:
+    name: str  # the fit's run name, or the tool command
+    command: list[str]
+    creates: Path | None = None  # a tool step's output: the step is done when it exists
+    run_dir: Path | None = None  # a fit's TensorBoard folder
+
+
+@dataclass
+class Grid:
+    out: Path
+    steps: list[Step] = field(default_factory=list)
+
+
+def load_grid(path: str | Path, only: list[str] | None = None) -> Grid:
+    """Parse a grid file; `only` keeps the tool steps and the named fits."""
+    file = Path(path)
+    if not file.is_file():
+        raise LamraError(f"grid file {str(path)!r} does not exist")
+    try:
+        spec = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise LamraError(f"{file}: not valid YAML ({err})") from None
+    if not isinstance(spec, dict) or "out" not in spec or not isinstance(spec.get("steps"), list):
+        raise LamraError(f"{file}: a grid needs `out:` and a list of `steps:`")
+    out = Path(spec["out"])
+    grid = Grid(out)
+    names: set[str] = set()
+    for n, entry in enumerate(spec["steps"], start=1):
+        where = f"{file}, step {n}"
+
+        def text(value: Any) -> str:
+            return str(value).replace("{out}", str(out))
+
+        if not isinstance(entry, dict) or ("fit" in entry) == ("run" in entry):
+            raise LamraError(f"{where}: each step is either `fit: NAME` (with configs) or `run: [COMMAND...]`")
+        unknown = set(entry) - {"fit", "configs", "args", "run", "creates"}
+        if unknown:
+            raise LamraError(f"{where}: unknown keys {sorted(unknown)}")
+        if "run" in entry:
+            command = [text(a) for a in entry["run"]]
+            creates = Path(text(entry["creates"])) if entry.get("creates") else None
+            grid.steps.append(Step(" ".join(command[:1]), command, creates=creates))
+            continue
+        name = str(entry["fit"])
+        if name in names:
+            raise LamraError(f"{where}: a second fit named {name!r}")
+        names.add(name)
+        configs = [text(c) for c in entry.get("configs") or []]
+        if not configs:
+            raise LamraError(f"{where}: fit {name!r} has no configs")
+        missing = [c for c in configs if not Path(c).is_file()]
+        if missing:
+            raise LamraError(f"{where}: fit {name!r}: config files {missing} do not exist")
+        command = ["fit", *(a for c in configs for a in ("-c", c)), *(text(a) for a in entry.get("args") or [])]
+        command += [
+            f"--trainer.logger.init_args.save_dir={out.parent}",
+            f"--trainer.logger.init_args.name={out.name}",
+            f"--trainer.logger.init_args.version={name}",
+        ]
+        grid.steps.append(Step(name, command, run_dir=out / name))
+    if only:
+        unknown_names = sorted(set(only) - names)
+        if unknown_names:
+            raise LamraError(f"{file}: no fit named {unknown_names} (fits: {sorted(names)})")
+        grid.steps = [s for s in grid.steps if s.run_dir is None or s.name in only]
+    return grid
+
+
+def fit_state(step: Step) -> str:
+    """ "finished" (final metrics logged), "resume" (a last checkpoint to go on from) or "new"."""
+    assert step.run_dir is not None
+    if step.run_dir.is_dir() and any(step.run_dir.glob("events.out.tfevents.*")):
+        if read_run(step.run_dir, step.run_dir.parent).finished:
+            return "finished"
+        if (step.run_dir / "checkpoints" / "last.ckpt").is_file():
+            return "resume"
+        shutil.rmtree(step.run_dir)  # died before its first checkpoint: start it again, cleanly
+    return "new"
+
+
+def run_grid(path: str | Path, only: list[str] | None = None, dry_run: bool = False) -> dict[str, Any]:
+    """Run every step not yet done; returns {step: "done" | "skipped" | "resumed", seconds}."""
+    grid = load_grid(path, only)
+    grid.out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {}
+    for step in grid.steps:
+        command = list(step.command)
+        if step.run_dir is None:
+            state = "done" if step.creates is not None and step.creates.exists() else "new"
+        else:
+            state = fit_state(step)
+            if state == "resume":
+                command.append(f"--ckpt_path={step.run_dir / 'checkpoints' / 'last.ckpt'}")
+        label = f"{'fit ' if step.run_dir else ''}{step.name}"
+        if state in ("done", "finished"):
+            print(f"== {label}: already done, skipped", flush=True)
+            summary[label] = {"state": "skipped"}
+            continue
+        shown = " ".join(command) if command[0] == "python" else "lamra-pl " + " ".join(command)
+        print(f"== {label}: {shown}", flush=True)
+        if dry_run:
+            summary[label] = {"state": "dry run"}
+            continue
+        start = time.time()
+        argv = [sys.executable, *command[1:]] if command[0] == "python" else [LAMRA, *command]
+        result = subprocess.run(argv)
+        if result.returncode != 0:
+            raise LamraError(
+                f"grid {path}: step {label!r} failed (exit {result.returncode}); fix it and run the grid again, "
+                "finished steps are skipped"
+            )
+        if step.run_dir is not None and not read_run(step.run_dir, grid.out).finished:
+            raise LamraError(
+                f"grid {path}: fit {step.name!r} logged no final metrics to {step.run_dir}: add "
+                "lamra_pl.report.FinalMetrics to its trainer.callbacks (and validation: data.val_tasks)"
+            )
+        minutes = round((time.time() - start) / 60, 2)
+        summary[label] = {"state": "resumed" if state == "resume" else "done", "minutes": minutes}
+    (grid.out / "grid.json").write_text(json.dumps(summary, indent=1))
+    return summary
