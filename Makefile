@@ -111,11 +111,11 @@ mine: venv  # MODEL's top 50 of the training queries in the union training pool 
 	$(LAMRA) mine --runs $(MINE_RUNS)/global --out $(MINED) --strategy $(STRATEGY) $(ARGS)
 
 ablations: venv  # run a grid of fits (experiments/ablations/grids/GRID.yaml; done steps are skipped), then report it
-	$(LAMRA) grid experiments/ablations/grids/$(GRID).yaml $(ARGS)
-	$(LAMRA) report $(RUNS_DIR)
+	$(LAMRA) grid --grid experiments/ablations/grids/$(GRID).yaml $(ARGS)
+	$(LAMRA) report --runs $(RUNS_DIR)
 
 report: venv  # runs' event files and configs -> RUNS_DIR/report.md, report.json, val_recall.png, final_average.png
-	$(LAMRA) report $(RUNS_DIR)
+	$(LAMRA) report --runs $(RUNS_DIR)
 
 emoji: venv  # the embedded default data set, in M-BEIR format, then converted: make emoji DATA=demo/data
 	$(BIN)/python -m data_recipes.emoji --out demo/mbeir

@@ -12,7 +12,7 @@
     lamra-pl fit -c experiments/lamra_rank/rerank_joint.yaml
     lamra-pl rerank --model RERANKER_CKPT --runs runs/eval/local --out runs/eval/reranked_local
     lamra-pl tune-fusion --reranked runs/eval_val/reranked_local --out fusion.yaml
-    lamra-pl grid experiments/ablations/grids/demo.yaml && lamra-pl report runs/ablations/demo
+    lamra-pl grid --grid experiments/ablations/grids/demo.yaml && lamra-pl report --runs runs/ablations/demo
 
 Errors in user input (paths, config keys, data) print as one line and exit with status 2.
 """

@@ -1,4 +1,4 @@
-"""`lamra-pl grid GRID.yaml`: run a named grid of `lamra-pl` commands, each fit a TensorBoard run of one folder.
+"""`lamra-pl grid --grid GRID.yaml`: run a named grid of `lamra-pl` commands, each fit a TensorBoard run.
 
 A grid file lists steps in order (later ones may use what earlier ones wrote):
 
@@ -11,7 +11,7 @@ A grid file lists steps in order (later ones may use what earlier ones wrote):
         args: [--model.init_args.backbone={out}/stage1_merged]     # {out} is replaced by OUT
 
 A fit's hyperparameters and final metrics are logged as TensorBoard hparams by `lamra_pl.report.FinalMetrics`
-(in `trainer.callbacks` of every shipped config; a fit without it is an error); `lamra-pl report OUT` then
+(in `trainer.callbacks` of every shipped config; a fit without it is an error); `lamra-pl report --runs OUT`
 compares the runs. Run the grid again after a crash
 or a kill: finished fits (with their final metrics) and steps whose output exists are skipped, and an
 unfinished fit resumes from its last checkpoint.

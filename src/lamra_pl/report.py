@@ -1,4 +1,4 @@
-"""`lamra-pl report RUNS_DIR`: compare training runs from what they wrote, not from what they printed.
+"""`lamra-pl report --runs RUNS_DIR`: compare training runs from what they wrote, not from what they printed.
 
 A run is a folder with TensorBoard event files (a `TensorBoardLogger` version folder); its hyperparameters are its
 `config.yaml` (LightningCLI) or else its `hparams.yaml`. The report is a Markdown table (one row per run; columns:
