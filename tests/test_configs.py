@@ -17,7 +17,15 @@ from lamra_pl.retrieval.fusion import load_weights
 ROOT = Path(__file__).resolve().parents[1]
 FUSION_WEIGHTS = ROOT / "experiments/lamra_rank/fusion.yaml"  # a weights file for `lamra-pl rerank`, not a CLI config
 OVERLAYS = sorted((ROOT / "experiments/strategies").glob("*.yaml"))  # given after a stage config
-CONFIGS = sorted(p for p in (ROOT / "experiments").rglob("*.yaml") if p != FUSION_WEIGHTS and p not in OVERLAYS)
+ABLATIONS = sorted((ROOT / "experiments/ablations").rglob("*.yaml"))  # overlays and grid files
+GRIDS = [p for p in ABLATIONS if p.parent.name == "grids" and p.name != "demo_size.yaml"]
+CONFIGS = sorted(
+    p for p in (ROOT / "experiments").rglob("*.yaml") if p != FUSION_WEIGHTS and p not in OVERLAYS + ABLATIONS
+)
+# Which stage config each ablation overlay is given after (the paper recipes).
+RETRIEVER = "lamra_ret/stage2_instruct.yaml"
+ABLATION_STAGE = {"rerank_pointwise": "lamra_rank/rerank_joint.yaml", "rerank_listwise": "lamra_rank/rerank_joint.yaml"}
+ABLATION_STAGE["rerank_joint"] = ABLATION_STAGE["rerank_pointwise"]
 
 
 class ParseOnly(LamraCLI):
@@ -96,3 +104,37 @@ def test_tiny_config_instantiates(config, tiny_backbone, shape_shards):
     assert isinstance(c.model, EmbeddingModule | RerankModule | CLIPModule)
     assert isinstance(c.datamodule, ShardDataModule)
     assert c.trainer.max_steps > 0
+
+
+@pytest.mark.parametrize("overlay", [p for p in ABLATIONS if p.parent.name == "ablations"], ids=lambda p: p.name)
+def test_ablation_overlays_parse_over_their_stage_and_change_what_they_name(overlay):
+    stage = ROOT / "experiments" / ABLATION_STAGE.get(overlay.stem, RETRIEVER)
+    base = cli(ParseOnly, "-c", str(stage)).config
+    parsed = cli(ParseOnly, "-c", str(stage), "-c", str(overlay)).config
+    assert parsed != base  # the overlay changes something
+    assert parsed.trainer == base.trainer  # and only the model or the data
+    if overlay.stem == "clip":
+        assert parsed.model.class_path == "lamra_pl.models.clip.CLIPModule"
+        assert parsed.model.init_args.optimizer == base.model.init_args.optimizer  # the stage's recipe is kept
+
+
+def test_every_ablation_of_the_issue_has_an_overlay():
+    names = {p.stem for p in ABLATIONS if p.parent.name == "ablations"}
+    assert {"no_stage1", "no_instruction", "hardneg_off", "hardneg_random", "hardneg_modality", "clip"} <= names
+    assert {"rerank_pointwise", "rerank_listwise", "rerank_joint"} <= names
+    assert any(n.startswith("temperature_") for n in names)
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda p: p.name)
+def test_grid_files_load_and_their_fits_parse(grid, monkeypatch):
+    from lamra_pl.grid import load_grid
+
+    monkeypatch.chdir(ROOT)
+    steps = load_grid(grid).steps
+    fits = [s for s in steps if s.run_dir is not None]
+    assert len(fits) >= 2 and len({s.name for s in fits}) == len(fits)
+    for step in fits:
+        # The fit's command line, as the grid runs it, parses (paths under {out} need not exist yet).
+        parsed = cli(ParseOnly, *step.command[1:]).config
+        assert parsed.trainer.logger.init_args.version == step.name
+        assert any(c.class_path == "lamra_pl.report.FinalMetrics" for c in parsed.trainer.callbacks)

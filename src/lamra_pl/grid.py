@@ -6,15 +6,14 @@ A grid file lists steps in order (later ones may use what earlier ones wrote):
     steps:
       - run: [mine, --runs=..., --out={out}/mined]   # a lamra-pl tool command, or [python, -m, MODULE, ...]
         creates: "{out}/mined"                         # skipped when this exists
-      - fit: lamra                                                 # a run name
-        configs: [experiments/demo/stage2_instruct.yaml, experiments/ablations/demo_size.yaml]
-        args: [--model.init_args.backbone={out}/stage1_merged]     # {out} is replaced by OUT
+      - fit: lamra                                   # a run name
+        configs: [experiments/demo/stage2_instruct.yaml, experiments/ablations/no_instruction.yaml]
+        args: [--model.init_args.backbone={out}/stage1_merged]   # {out} is replaced by OUT
 
 A fit's hyperparameters and final metrics are logged as TensorBoard hparams by `lamra_pl.report.FinalMetrics`
 (in `trainer.callbacks` of every shipped config; a fit without it is an error); `lamra-pl report --runs OUT`
-compares the runs. Run the grid again after a crash
-or a kill: finished fits (with their final metrics) and steps whose output exists are skipped, and an
-unfinished fit resumes from its last checkpoint.
+compares the runs. Run the grid again after a crash or a kill: finished fits (with their final metrics) and
+steps whose output exists are skipped, and an unfinished fit resumes from its last checkpoint.
 """
 
 from __future__ import annotations

@@ -1,0 +1,118 @@
+"""`lamra-pl grid`: a grid file's steps run in order, each fit a finished TensorBoard run; done steps are skipped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from data_recipes.mbeir import convert
+from helpers import ROOT, clean_error, lamra, lamra_here, ok
+from lamra_pl.grid import Step, fit_state, load_grid
+from lamra_pl.report import FinalMetrics, read_run
+
+FIXTURE = Path(__file__).parent / "fixtures" / "mbeir_tiny"
+
+
+def write_grid(path: Path, spec: dict) -> Path:
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_a_grid_runs_its_steps_then_skips_what_is_done(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "grid"
+    convert(str(FIXTURE), str(data))
+    fit_args = [
+        f"--data.init_args.train_shards={data}/train",
+        f"--data.init_args.val_tasks={data}/eval/test/*_task*",
+        "--data.init_args.batch_size=8",
+        "--trainer.max_steps=2",
+        "--data.init_args.batches_per_epoch=2",
+    ]
+    grid = write_grid(
+        tmp_path / "grid.yaml",
+        {
+            "out": str(out),
+            "steps": [
+                {"fit": "clip_t05", "configs": [str(ROOT / "experiments/tiny/clip.yaml")], "args": fit_args},
+                {
+                    "fit": "clip_t02",
+                    "configs": [
+                        str(ROOT / "experiments/tiny/clip.yaml"),
+                        str(ROOT / "experiments/ablations/temperature_0.02.yaml"),
+                    ],
+                    "args": fit_args,
+                },
+                {"run": ["report", "--runs={out}"], "creates": "{out}/report.md"},
+            ],
+        },
+    )
+    proc = ok(lamra("grid", f"--grid={grid}"))
+    summary = json.loads((out / "grid.json").read_text())
+    assert [s["state"] for s in summary.values()] == ["done", "done", "done"], proc.stdout[-2000:]
+    for name, temperature in (("clip_t05", 0.05), ("clip_t02", 0.02)):
+        run = read_run(out / name, out)
+        assert run.finished and "average/R@5" in run.metrics()
+        assert run.hparams["model.temperature"] == temperature
+    # The report step ran after both fits: its table holds both runs and the one varied hyperparameter.
+    table = (out / "report.md").read_text()
+    assert "clip_t05" in table and "clip_t02" in table and "model.temperature" in table
+    ok(lamra_here("grid", f"--grid={grid}"))
+    again = json.loads((out / "grid.json").read_text())
+    assert [s["state"] for s in again.values()] == ["skipped"] * 3
+
+
+def test_unfinished_fits_resume_and_fits_that_died_early_start_again(tmp_path):
+    import torch
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    run_dir = tmp_path / "grid" / "a"
+    logger = TensorBoardLogger(str(tmp_path), name="grid", version="a", default_hp_metric=False)
+    logger.log_metrics({"val/average/R@5": 0.5}, step=10)
+    logger.finalize("success")
+    step = Step("a", ["fit"], run_dir=run_dir)
+    (run_dir / "checkpoints").mkdir()
+    torch.save({}, run_dir / "checkpoints" / "last.ckpt")
+    assert fit_state(step) == "resume"
+    (run_dir / "checkpoints" / "last.ckpt").unlink()
+    assert fit_state(step) == "new" and not run_dir.exists()  # no checkpoint: its partial logs are removed
+    logger = TensorBoardLogger(str(tmp_path), name="grid", version="a", default_hp_metric=False)
+    logger.log_hyperparams({"x": 1}, {"hp/average/R@5": 0.5})
+    logger.finalize("success")
+    assert fit_state(step) == "finished"
+    assert FinalMetrics  # the callback that writes hp/* in real fits (tests/test_report.py)
+
+
+@pytest.mark.parametrize(
+    ("steps", "needle"),
+    [
+        ([{"fit": "a"}], "has no configs"),
+        ([{"fit": "a", "configs": ["nope.yaml"]}], "do not exist"),
+        ([{"fit": "a", "run": ["x"]}], "either `fit: NAME`"),
+        ([{"run": ["report"], "when": 1}], "unknown keys ['when']"),
+        (
+            [
+                {"fit": "a", "configs": [str(ROOT / "experiments/tiny/clip.yaml")]},
+                {"fit": "a", "configs": [str(ROOT / "experiments/tiny/clip.yaml")]},
+            ],
+            "a second fit named 'a'",
+        ),
+    ],
+)
+def test_bad_grid_files_are_named_errors(tmp_path, steps, needle):
+    grid = write_grid(tmp_path / "g.yaml", {"out": str(tmp_path / "out"), "steps": steps})
+    clean_error(lamra_here("grid", f"--grid={grid}"), "g.yaml", needle)
+
+
+def test_only_keeps_the_named_fits_and_every_tool_step(tmp_path):
+    clip = str(ROOT / "experiments/tiny/clip.yaml")
+    spec = {
+        "out": str(tmp_path),
+        "steps": [{"fit": "a", "configs": [clip]}, {"run": ["report"]}, {"fit": "b", "configs": [clip]}],
+    }
+    grid = load_grid(write_grid(tmp_path / "g.yaml", spec), only=["b"])
+    assert [s.name for s in grid.steps] == ["report", "b"]
+    with pytest.raises(Exception, match="no fit named"):
+        load_grid(tmp_path / "g.yaml", only=["c"])
