@@ -76,7 +76,9 @@ def test_gradcache_under_fsdp2_equals_the_full_batch_gradients(step_grads):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("devices", [1, 2])
+# 2 processes only with LAMRA_ALL_TESTS=1: each rank restores its own RNG states, so they add no code path over
+# 1 process, and two more 2-process runs would push `make test` past its time budget.
+@pytest.mark.parametrize("devices", [1, 2] if os.environ.get("LAMRA_ALL_TESTS") else [1])
 def test_gradcache_replays_the_dropout_draws_of_each_chunk(step_grads, devices):
     # The reference encodes the same chunks in the same order on one graph, so it draws the same dropout masks
     # as GradCache's no-graph pass; the re-encoding must replay them (without the per-chunk RNG restore the
