@@ -15,8 +15,11 @@ from helpers import lamra_here, ok
 from lamra_pl.report import FinalMetrics
 
 CURVES = {  # run -> step -> metrics
-    "a": {10: {"val/average/R@5": 0.25, "val/cars/R@5": 0.5}, 20: {"val/average/R@5": 0.375, "val/cars/R@5": 0.625}},
-    "b": {10: {"val/average/R@5": 0.3, "val/cars/R@5": 0.4}},
+    "a": {
+        10: {"val/average/R@5": 0.25, "val/cars/R@5": 0.5, "val/loss": 0.875},
+        20: {"val/average/R@5": 0.375, "val/cars/R@5": 0.625, "val/loss": 0.75},
+    },
+    "b": {10: {"val/average/R@5": 0.3, "val/cars/R@5": 0.4, "val/loss": 0.5}},
 }
 
 
@@ -47,9 +50,10 @@ def test_report_reproduces_the_logged_numbers(tmp_path):
     table = (tmp_path / "report.md").read_text()
     assert table in proc.stdout
     header, _, row_a, row_b = table.splitlines()
-    assert header == "| run | status | model.temperature | average/R@5 | cars/R@5 |"  # lr is not varied
-    assert row_a == "| grid/a | finished | 0.05 | **37.50** | **62.50** |"
-    assert row_b == "| grid/b | unfinished | 0.1 | 30.00 | 40.00 |"
+    assert header == "| run | status | model.temperature | average/R@5 | loss | cars/R@5 |"  # lr is not varied
+    # Recall in %, best = highest; a loss as it is, best = lowest.
+    assert row_a == "| grid/a | finished | 0.05 | **37.50** | 0.75 | **62.50** |"
+    assert row_b == "| grid/b | unfinished | 0.1 | 30.00 | **0.5** | 40.00 |"
     for png in ("val_recall.png", "final_average.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 

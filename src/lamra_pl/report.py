@@ -151,7 +151,11 @@ def metric_order(name: str) -> tuple[int, str, float]:
 def table(runs: list[Run]) -> str:
     keys = varied(runs)
     metrics = sorted({m for r in runs for m in r.metrics()}, key=metric_order)
-    best = {m: max((r.metrics()[m] for r in runs if m in r.metrics()), default=None) for m in metrics}
+    best = {
+        # Lower is better for a loss; higher for Recall and accuracies.
+        m: (min if m.endswith("loss") else max)((r.metrics()[m] for r in runs if m in r.metrics()), default=None)
+        for m in metrics
+    }
     head = ["run", "status", *keys, *metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
@@ -159,10 +163,16 @@ def table(runs: list[Run]) -> str:
         cells = [r.name, r.status, *(str(r.hparams.get(k, "")) for k in keys)]
         for m in metrics:
             value = values.get(m)
-            text = "" if value is None else f"{100 * value:.2f}"
+            text = "" if value is None else _cell(m, value)
             cells.append(f"**{text}**" if value is not None and value == best[m] else text)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(metric: str, value: float) -> str:
+    """Recall and accuracies in %, as the papers print them; anything else (a loss) as it is."""
+    name = metric.rsplit("/", 1)[-1]
+    return f"{100 * value:.2f}" if name.startswith("R@") or "acc" in name or name == "reported" else f"{value:.4g}"
 
 
 def plot(runs: list[Run], out: Path) -> list[Path]:
