@@ -30,15 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import webdataset as wds
-
 from lamra_pl.data.candidates import CandidateStore
-from lamra_pl.data.rerank_data import member_item
+from lamra_pl.data.rerank_data import member_item, query_samples, retrieved_training_runs
 from lamra_pl.data.schema import encode_record, sample_location
-from lamra_pl.data.shards import expand_shards, write_shards
-from lamra_pl.errors import BadSampleError, LamraError
+from lamra_pl.data.shards import write_shards
+from lamra_pl.errors import LamraError
 from lamra_pl.files import atomic_write
-from lamra_pl.retrieval.evaluate import MANIFEST
 from lamra_pl.retrieval.index import EmbeddingIndex
 from lamra_pl.retrieval.runs import read_run
 
@@ -124,13 +121,7 @@ def mine(runs: str, out: str, spec: MiningSpec | None = None, maxcount: int = 10
     lo, hi = spec.window
     if min(spec.c1, spec.c2) < 0 or spec.per_query == 0 or not 1 <= lo <= hi:
         raise LamraError(f"mine: c1, c2 >= 0 with c1 + c2 > 0 and a window 1 <= lo <= hi, got {spec}")
-    if Path(out).exists() and any(Path(out).iterdir()):
-        raise LamraError(f"{out} is not empty: give a new folder, or delete it first")
-    runs_dir = Path(runs)
-    manifest_file = runs_dir / MANIFEST
-    if not manifest_file.is_file():
-        raise LamraError(f"{runs_dir} has no {MANIFEST}: give a folder written by `lamra-pl retrieve`")
-    manifest = json.loads(manifest_file.read_text())
+    runs_dir, manifest = retrieved_training_runs(runs, out)
     if manifest.get("pool") != "global":
         raise LamraError(
             f"{runs_dir} ranks each task's local pool; mining needs the mixed-modality union pool: "
@@ -165,14 +156,8 @@ def _samples(
     spec: MiningSpec,
     counts: Counter[str],
 ) -> Iterator[dict[str, Any]]:
-    for sample in wds.DataPipeline(wds.SimpleShardList(expand_shards(str(queries))), wds.tarfile_to_samples()):
-        where = sample_location(sample)
-        try:
-            record = json.loads(sample["json"])
-            qid = str(record["qid"])
-            positives = [member_item(sample, p, where) for p in record["positives"]]
-        except (KeyError, TypeError, json.JSONDecodeError) as err:
-            raise BadSampleError(f"{where}: not a query record ({err!r})") from None
+    for sample, record, positives in query_samples(queries):
+        where, qid = sample_location(sample), str(record["qid"])
         counts["queries"] += 1
         ranked = top.get(qid)
         if ranked is None:

@@ -76,10 +76,8 @@ def draw(
     return Draw(positive, instruction, pointwise, listed, answer)
 
 
-def make_rerank_data(runs: str, out: str, top_k: int = 100, seed: int = 0, maxcount: int = 1000) -> dict[str, Any]:
-    """Write reranker training shards from a `lamra-pl retrieve` run folder of training tasks; returns the report."""
-    if top_k < 1:
-        raise LamraError(f"top_k must be >= 1, got {top_k}")
+def retrieved_training_runs(runs: str, out: str) -> tuple[Path, dict[str, Any]]:
+    """The folder and manifest of a `lamra-pl retrieve` run folder, after checking that `out` is new or empty."""
     if Path(out).exists() and any(Path(out).iterdir()):
         # Training reads every .tar below it: shards of an earlier run would silently join the new ones.
         raise LamraError(f"{out} is not empty: give a new folder, or delete it first")
@@ -87,7 +85,14 @@ def make_rerank_data(runs: str, out: str, top_k: int = 100, seed: int = 0, maxco
     manifest_file = runs_dir / MANIFEST
     if not manifest_file.is_file():
         raise LamraError(f"{runs_dir} has no {MANIFEST}: give a folder written by `lamra-pl retrieve`")
-    manifest = json.loads(manifest_file.read_text())
+    return runs_dir, json.loads(manifest_file.read_text())
+
+
+def make_rerank_data(runs: str, out: str, top_k: int = 100, seed: int = 0, maxcount: int = 1000) -> dict[str, Any]:
+    """Write reranker training shards from a `lamra-pl retrieve` run folder of training tasks; returns the report."""
+    if top_k < 1:
+        raise LamraError(f"top_k must be >= 1, got {top_k}")
+    runs_dir, manifest = retrieved_training_runs(runs, out)
     rankings = {name: read_run(entry["run_file"]) for name, entry in manifest["tasks"].items()}
     wanted = {d for run in rankings.values() for ranked in run.ranked for d in ranked[:top_k]}
     index = EmbeddingIndex(manifest["index"])
@@ -124,14 +129,8 @@ def make_rerank_data(runs: str, out: str, top_k: int = 100, seed: int = 0, maxco
 def _samples(
     queries: Path, top: dict[str, list[str]], store: CandidateStore, seed: int, counts: Counter[str], seen: set[str]
 ) -> Iterator[dict[str, Any]]:
-    for sample in wds.DataPipeline(wds.SimpleShardList(expand_shards(str(queries))), wds.tarfile_to_samples()):
-        where = sample_location(sample)
-        try:
-            record = json.loads(sample["json"])
-            qid = str(record["qid"])
-            positives = [member_item(sample, p, where) for p in record["positives"]]
-        except (KeyError, TypeError, json.JSONDecodeError) as err:
-            raise BadSampleError(f"{where}: not a query record ({err!r})") from None
+    for sample, record, positives in query_samples(queries):
+        where, qid = sample_location(sample), str(record["qid"])
         counts["queries"] += 1
         seen.add(qid)
         if qid not in top:
@@ -156,6 +155,19 @@ def _samples(
                 "rerank": {"pointwise": pointwise, "listwise": [number[i] for i in d.listwise], "answer": d.answer},
             },
         )
+
+
+def query_samples(queries: Path) -> Iterator[tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]]:
+    """(raw sample, its JSON record, its positives as `encode_record` takes them) for each training query sample."""
+    for sample in wds.DataPipeline(wds.SimpleShardList(expand_shards(str(queries))), wds.tarfile_to_samples()):
+        where = sample_location(sample)
+        try:
+            record = json.loads(sample["json"])
+            record["qid"]
+            positives = [member_item(sample, p, where) for p in record["positives"]]
+        except (KeyError, TypeError, json.JSONDecodeError) as err:
+            raise BadSampleError(f"{where}: not a query record ({err!r})") from None
+        yield sample, record, positives
 
 
 def member_item(sample: dict[str, Any], entry: dict[str, Any], where: str) -> dict[str, Any]:
