@@ -163,7 +163,8 @@ def query_samples(queries: Path) -> Iterator[tuple[dict[str, Any], dict[str, Any
         where = sample_location(sample)
         try:
             record = json.loads(sample["json"])
-            record["qid"]
+            if "qid" not in record:
+                raise KeyError("qid")
             positives = [member_item(sample, p, where) for p in record["positives"]]
         except (KeyError, TypeError, json.JSONDecodeError) as err:
             raise BadSampleError(f"{where}: not a query record ({err!r})") from None
