@@ -116,3 +116,13 @@ def test_final_metrics_logs_the_last_validation_values_once(tmp_path):
     assert saved["status"] == "finished"
     want = float(np.float32(trainer.callback_metrics["val/average/R@1"]))
     assert saved["metrics"] == {"average/R@1": want} and want > 0.5  # w moved from 1 towards 0
+
+
+def test_a_key_only_some_runs_have_is_not_a_column_by_itself():
+    from lamra_pl.report import Run, varied
+
+    lmm = Run("lmm", {"model.class": "EmbeddingModule", "model.temperature": 0.05, "model.rope": "model"})
+    clip = Run("clip", {"model.class": "CLIPModule", "model.temperature": 0.05, "model.clip_model": "ViT-B-32"})
+    other = Run("t", {"model.class": "EmbeddingModule", "model.temperature": 0.1, "model.rope": "model"})
+    assert varied([lmm, clip]) == ["model.class"]
+    assert varied([lmm, clip, other]) == ["model.class", "model.temperature"]

@@ -137,8 +137,10 @@ def read_run(folder: Path, root: Path) -> Run:
 
 
 def varied(runs: list[Run]) -> list[str]:
+    """The hyperparameters that take more than one value among the runs that have them. A key only some runs
+    have (another model class's arguments) is not a difference by itself: the class column shows that one."""
     keys = sorted({k for r in runs for k in r.hparams})
-    return [k for k in keys if len({json.dumps(r.hparams.get(k), sort_keys=True) for r in runs}) > 1]
+    return [k for k in keys if len({json.dumps(r.hparams[k], sort_keys=True) for r in runs if k in r.hparams}) > 1]
 
 
 def metric_order(name: str) -> tuple[int, str, float]:
