@@ -77,7 +77,8 @@ def test_unfinished_fits_resume_and_fits_that_died_early_start_again(tmp_path):
     torch.save({}, run_dir / "checkpoints" / "last.ckpt")
     assert fit_state(step) == "resume"
     (run_dir / "checkpoints" / "last.ckpt").unlink()
-    assert fit_state(step) == "new" and not run_dir.exists()  # no checkpoint: its partial logs are removed
+    assert fit_state(step) == "new" and not run_dir.exists()  # no checkpoint: its partial logs are set aside
+    assert len(list(run_dir.parent.glob("a.incomplete-*/events.out.tfevents.*"))) == 1
     logger = TensorBoardLogger(str(tmp_path), name="grid", version="a", default_hp_metric=False)
     logger.log_hyperparams({"x": 1}, {"hp/average/R@5": 0.5})
     logger.finalize("success")

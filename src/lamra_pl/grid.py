@@ -19,7 +19,6 @@ steps whose output exists are skipped, and an unfinished fit resumes from its la
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -112,7 +111,11 @@ def fit_state(step: Step) -> str:
             return "finished"
         if (step.run_dir / "checkpoints" / "last.ckpt").is_file():
             return "resume"
-        shutil.rmtree(step.run_dir)  # died before its first checkpoint: start it again, cleanly
+        # Died before its first checkpoint: start again in a clean folder, keeping the old one aside (its event
+        # files would otherwise mix into the new run's curves).
+        aside = step.run_dir.with_name(f"{step.run_dir.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
+        step.run_dir.rename(aside)
+        print(f"== fit {step.name}: no checkpoint to resume from; the partial run is kept in {aside}", flush=True)
     return "new"
 
 
