@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -34,9 +35,10 @@ class ContrastiveSteps(LightningModule):
             self.register_buffer("log_logit_scale", log_scale, persistent=False)
         self._retrieval: list[tuple[str, str, list[str], np.ndarray]] = []  # validation embeddings, per batch
 
-    def embed(self, inputs: Any) -> torch.Tensor:
-        """L2-normalised float32 embeddings, one per row of a collated batch."""
-        raise NotImplementedError
+    # Defined by the subclass (declared here for the steps below): L2-normalised float32 embeddings, one per row
+    # of a collated batch; and the collator that builds those batches.
+    embed: Callable[[Any], torch.Tensor]
+    collator: Callable[[], Any]
 
     def forward(self, inputs: Any) -> torch.Tensor:
         return self.embed(inputs)
