@@ -30,7 +30,7 @@ RERANK_DATA ?= $(if $(DATA),$(DATA)/rerank,data/rerank)# reranker training shard
 RERANKER ?= $(RUNS)/lamra_rank/version_0/checkpoints/last.ckpt# a trained reranker, for make rerank
 FUSION ?= experiments/lamra_rank/fusion.yaml# w of final = retrieval + w * rerank: a number or a weights file
 GRID ?= demo# a grid file experiments/ablations/grids/GRID.yaml, for make ablations
-RUNS_DIR ?= $(RUNS)/ablations/$(GRID)# runs to compare, for make report
+RUNS_DIR ?= $(RUNS)/ablations/demo# runs to compare, for make report (the demo grids' folder)
 MINE_RUNS ?= $(RUNS)/train_mining# MODEL's top 50 of the training queries in the union training pool, for make mine
 MINED ?= $(if $(DATA),$(DATA)/mined,data/mined)# hard-negative training shards (make mine)
 STRATEGY ?= modality# make mine: modality (MM-Embed), topk (UniIR, modality-blind) or random
@@ -110,9 +110,8 @@ mine: venv  # MODEL's top 50 of the training queries in the union training pool 
 		--k 50 --out $(MINE_RUNS)
 	$(LAMRA) mine --runs $(MINE_RUNS)/global --out $(MINED) --strategy $(STRATEGY) $(ARGS)
 
-ablations: venv  # run a grid of fits (experiments/ablations/grids/GRID.yaml; done steps are skipped), then report it
+ablations: venv  # run a grid (experiments/ablations/grids/GRID.yaml; done steps are skipped); its last step reports
 	$(LAMRA) grid --grid experiments/ablations/grids/$(GRID).yaml $(ARGS)
-	$(LAMRA) report --runs $(RUNS_DIR)
 
 report: venv  # runs' event files and configs -> RUNS_DIR/report.md, report.json, val_recall.png, final_average.png
 	$(LAMRA) report --runs $(RUNS_DIR)

@@ -130,9 +130,16 @@ def test_grid_files_load_and_their_fits_parse(grid, monkeypatch):
     from lamra_pl.grid import load_grid
 
     monkeypatch.chdir(ROOT)
+    from lamra_pl.cli import TOOLS
+
     steps = load_grid(grid).steps
     fits = [s for s in steps if s.run_dir is not None]
-    assert len(fits) >= 2 and len({s.name for s in fits}) == len(fits)
+    assert steps and len({s.name for s in fits}) == len(fits)
+    assert all(s.command[0] in (*TOOLS, "python") for s in steps if s.run_dir is None)
+    for step in fits:  # a reranker's metrics come from a later `evaluate --log_to` into its run
+        assert not step.metrics_later or any(
+            s.command[:1] == ["evaluate"] and f"--log_to={step.run_dir}" in s.command for s in steps
+        )
     for step in fits:
         # The fit's command line, as the grid runs it, parses (paths under {out} need not exist yet).
         parsed = cli(ParseOnly, *step.command[1:]).config

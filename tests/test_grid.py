@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -12,6 +13,7 @@ from data_recipes.mbeir import convert
 from helpers import ROOT, clean_error, lamra, lamra_here, ok
 from lamra_pl.grid import Step, fit_state, load_grid
 from lamra_pl.report import FinalMetrics, read_run
+from lamra_pl.retrieval.runs import format_run, read_qrels
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mbeir_tiny"
 
@@ -19,6 +21,26 @@ FIXTURE = Path(__file__).parent / "fixtures" / "mbeir_tiny"
 def write_grid(path: Path, spec: dict) -> Path:
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+def perfect_runs(data: Path, out: Path) -> Path:
+    """A `retrieve`-style run folder over the fixture's test tasks that ranks each query's positives first."""
+    entries = {}
+    for task in sorted((data / "eval/test").glob("*_task*")):
+        qrels = read_qrels(task / "qrels.txt")
+        qids = sorted(qrels)
+        ranked = [sorted(qrels[q]) for q in qids]
+        out.mkdir(parents=True, exist_ok=True)
+        scores = np.ones((len(qids), max(map(len, ranked))))
+        (out / f"{task.name}.run").write_text(format_run(qids, ranked, scores, tag="perfect"))
+        entries[task.name] = {
+            "run_file": str(out / f"{task.name}.run"),
+            "qrels_file": str(task / "qrels.txt"),
+            "task_file": str(task / "task.json"),
+            "pool_ids": str(task / "pool" / "ids.txt"),
+        }
+    (out / "runs.json").write_text(json.dumps({"pool": "local", "tasks": entries}))
+    return out
 
 
 def test_a_grid_runs_its_steps_then_skips_what_is_done(tmp_path):
@@ -31,37 +53,45 @@ def test_a_grid_runs_its_steps_then_skips_what_is_done(tmp_path):
         "--trainer.max_steps=2",
         "--data.init_args.batches_per_epoch=2",
     ]
-    grid = write_grid(
-        tmp_path / "grid.yaml",
-        {
-            "out": str(out),
-            "steps": [
-                {"fit": "clip_t05", "configs": [str(ROOT / "experiments/tiny/clip.yaml")], "args": fit_args},
-                {
-                    "fit": "clip_t02",
-                    "configs": [
-                        str(ROOT / "experiments/tiny/clip.yaml"),
-                        str(ROOT / "experiments/ablations/temperature_0.02.yaml"),
-                    ],
-                    "args": fit_args,
-                },
-                {"run": ["report", "--runs={out}"], "creates": "{out}/report.md"},
-            ],
-        },
-    )
-    proc = ok(lamra("grid", f"--grid={grid}"))
-    summary = json.loads((out / "grid.json").read_text())
-    assert [s["state"] for s in summary.values()] == ["done", "done", "done"], proc.stdout[-2000:]
+    later_fit = {  # a fit whose final metrics a later step logs, as a reranker's are (no val_tasks)
+        "fit": "clip_t02",
+        "configs": [
+            str(ROOT / "experiments/tiny/clip.yaml"),
+            str(ROOT / "experiments/ablations/temperature_0.02.yaml"),
+        ],
+        "args": [*fit_args[:1], *fit_args[2:]],
+        "final_metrics": "later",
+    }
+    spec = {
+        "out": str(out),
+        "steps": [
+            {"fit": "clip_t05", "configs": [str(ROOT / "experiments/tiny/clip.yaml")], "args": fit_args},
+            later_fit,
+            {"run": ["report", "--runs={out}"]},
+        ],
+    }
+    grid = write_grid(tmp_path / "grid.yaml", spec)
+    # Without the step that logs clip_t02's final metrics, the grid says so once everything else has run.
+    clean_error(lamra_here("grid", f"--grid={grid}"), "clip_t02", "final_metrics: later")
+    assert read_run(out / "clip_t05", out).finished and not read_run(out / "clip_t02", out).finished
+    evaluations = perfect_runs(data, tmp_path / "perfect")
+    log = {"run": ["evaluate", f"--runs={evaluations}", "--log_to={out}/clip_t02"]}
+    log["creates"] = f"{evaluations}/results.json"
+    spec["steps"].insert(2, log)
+    proc = ok(lamra("grid", f"--grid={write_grid(grid, spec)}"))
+    summary = json.loads((out / "grid.json").read_text())  # OUT/<grid file name>.json
+    assert [s["state"] for s in summary.values()] == ["skipped", "resumed", "done", "done"], proc.stdout[-2000:]
     for name, temperature in (("clip_t05", 0.05), ("clip_t02", 0.02)):
         run = read_run(out / name, out)
         assert run.finished and "average/R@5" in run.metrics()
         assert run.hparams["model.temperature"] == temperature
+    assert read_run(out / "clip_t02", out).metrics()["average/R@1"] == 1.0  # the perfect runs' numbers
     # The report step ran after both fits: its table holds both runs and the one varied hyperparameter.
     table = (out / "report.md").read_text()
     assert "clip_t05" in table and "clip_t02" in table and "model.temperature" in table
     ok(lamra_here("grid", f"--grid={grid}"))
     again = json.loads((out / "grid.json").read_text())
-    assert [s["state"] for s in again.values()] == ["skipped"] * 3
+    assert [s["state"] for s in again.values()] == ["skipped", "skipped", "skipped", "done"]  # report: no `creates`
 
 
 def test_unfinished_fits_resume_and_fits_that_died_early_start_again(tmp_path):
@@ -93,6 +123,7 @@ def test_unfinished_fits_resume_and_fits_that_died_early_start_again(tmp_path):
         ([{"fit": "a", "configs": ["nope.yaml"]}], "do not exist"),
         ([{"fit": "a", "run": ["x"]}], "either `fit: NAME`"),
         ([{"run": ["report"], "when": 1}], "unknown keys ['when']"),
+        ([{"fit": "a", "configs": [str(ROOT / "experiments/tiny/clip.yaml")], "final_metrics": "soon"}], "`later`"),
         (
             [
                 {"fit": "a", "configs": [str(ROOT / "experiments/tiny/clip.yaml")]},

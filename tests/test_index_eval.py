@@ -92,7 +92,7 @@ def test_evaluation_equals_a_hand_computation(evaluated, pool):
     average = results["average"]
     assert average["R@1"] == pytest.approx(np.mean([t["R@1"] for t in results["tasks"].values()]))
     assert (evaluated["runs"] / pool / "results.md").read_text().startswith("| task | queries |")
-    logged = scalars(evaluated["runs"] / pool / "tensorboard")
+    logged = scalars(evaluated["runs"] / pool)
     assert logged[f"eval_{pool}/average/R@5"][0][1] == pytest.approx(average["R@5"])
 
 
@@ -293,3 +293,41 @@ def test_index_sharded_over_two_processes_equals_one(tiny_backbone, long_pool, w
     ok(lamra(*index_args(tiny_backbone, long_pool, two), "--accelerator=cpu", "--devices=2"))
     for name in ("embeddings.npy", "ids.txt", "items.jsonl"):
         assert (two / name).read_bytes() == (one / name).read_bytes(), name
+
+
+def test_modality_bias_equals_a_hand_count_and_the_report_reads_every_evaluation(evaluated, tmp_path):
+    items = [json.loads(line) for line in (evaluated["index"] / "items.jsonl").read_text().splitlines()]
+    names = {(True, False): "text", (False, True): "image", (True, True): "image,text"}
+    kind = {r["id"]: names[r["txt"] is not None, bool(r["img"])] for r in items}
+    assert len(set(kind.values())) > 1  # a mixed pool, or the check below is empty
+    results = json.loads((evaluated["runs"] / "global" / "results.json").read_text())
+    for task, got in results["tasks"].items():
+        qrels = read_qrels(evaluated["data"] / "eval/test" / task / "qrels.txt")
+        run = read_run(got["run_file"])
+        shares = []
+        for qid, ranked in zip(run.qids, run.ranked, strict=True):
+            target = kind[sorted(qrels[qid])[0]]
+            shares.append(sum(kind[d] != target for d in ranked[:10]) / len(ranked[:10]))
+        assert got["wrong_modality@10"] == pytest.approx(np.mean(shares), abs=1e-12), task
+    # Every evaluation is a TensorBoard run with its numbers as final hp/* metrics: `report` tabulates them.
+    shutil.copytree(evaluated["runs"] / "global", tmp_path / "evals" / "global", ignore=shutil.ignore_patterns("*.run"))
+    shutil.copytree(evaluated["runs"] / "local", tmp_path / "evals" / "local", ignore=shutil.ignore_patterns("*.run"))
+    ok(lamra_here("report", f"--runs={tmp_path / 'evals'}"))
+    saved = json.loads((tmp_path / "evals" / "report.json").read_text())
+    assert set(saved) == {"global", "local"} and saved["global"]["status"] == "finished"
+    for pool in ("global", "local"):
+        want = json.loads((evaluated["runs"] / pool / "results.json").read_text())["average"]
+        assert saved[pool]["metrics"]["average/R@5"] == pytest.approx(want["R@5"], rel=1e-6)
+        assert saved[pool]["metrics"]["average/wrong_modality@10"] == pytest.approx(want["wrong_modality@10"], rel=1e-6)
+        assert saved[pool]["hparams"]["pool"] == pool and saved[pool]["hparams"]["retriever"] == str(evaluated["model"])
+    # --log_to: the numbers go into another run (a fit's), which the report then shows as finished.
+    fit = tmp_path / "fits" / "reranker"
+    fit.mkdir(parents=True)
+    (fit / "config.yaml").write_text("model:\n  init_args:\n    listwise_weight: 0.0\n")
+    ok(lamra_here("evaluate", f"--runs={evaluated['runs'] / 'global'}", f"--log_to={fit}"))
+    ok(lamra_here("report", f"--runs={tmp_path / 'fits'}"))
+    row = json.loads((tmp_path / "fits" / "report.json").read_text())["reranker"]
+    assert row["status"] == "finished" and row["hparams"] == {"model.listwise_weight": 0.0}
+    assert row["metrics"]["average/R@1"] == pytest.approx(results["average"]["R@1"], rel=1e-6)
+    bad = lamra_here("evaluate", f"--runs={evaluated['runs'] / 'global'}", f"--log_to={tmp_path}/no")
+    clean_error(bad, "--log_to", "is not a folder")

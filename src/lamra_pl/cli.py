@@ -213,21 +213,25 @@ def retrieve(
         print(f"{pool} pool: run files in {folder}; score them with: lamra-pl evaluate --runs {folder}")
 
 
-def evaluate(runs: str, step: int = 0) -> None:
-    """Score the run files of a `lamra-pl retrieve` folder: M-BEIR Recall@K per task and the average.
+def evaluate(runs: str, step: int = 0, log_to: str | None = None) -> None:
+    """Score the run files of a `lamra-pl retrieve` (or `rerank`) folder: M-BEIR Recall@K per task and the average,
+    and the share of wrong-modality results in the top 10 (MM-Embed's modality bias).
 
-    Writes results.json, results.md and TensorBoard scalars (RUNS/tensorboard) and prints the table.
+    Writes results.json and results.md, logs the numbers to TensorBoard (scalars, and hparams with final `hp/*`
+    metrics for `lamra-pl report`) and prints the table.
 
     Args:
         runs: a run folder written by `lamra-pl retrieve` (holds runs.json).
         step: the TensorBoard step to log the numbers at (e.g. the checkpoint's training step).
+        log_to: a TensorBoard run folder to log into instead of RUNS, e.g. the fit that trained the model, whose
+            report row then shows these numbers (a reranker fit, which validates nothing itself).
     """
     from lamra_pl.retrieval.evaluate import evaluate_runs, markdown, save_results
 
     results = evaluate_runs(runs)
-    save_results(results, runs, step=step)
+    board = save_results(results, runs, step=step, log_to=log_to)
     print(markdown(results))
-    print(f"\n{Path(runs) / 'results.json'}")
+    print(f"\n{Path(runs) / 'results.json'}; TensorBoard: {board}")
 
 
 def search(

@@ -9,10 +9,15 @@ A grid file lists steps in order (later ones may use what earlier ones wrote):
       - fit: lamra                                   # a run name
         configs: [experiments/demo/stage2_instruct.yaml, experiments/ablations/no_instruction.yaml]
         args: [--model.init_args.backbone={out}/stage1_merged]   # {out} is replaced by OUT
+      - fit: rerank_joint                            # a fit that validates nothing itself:
+        configs: [...]
+        final_metrics: later                         # a later `evaluate --log_to={out}/rerank_joint` logs them
 
 A fit's hyperparameters and final metrics are logged as TensorBoard hparams by `lamra_pl.report.FinalMetrics`
-(in `trainer.callbacks` of every shipped config; a fit without it is an error); `lamra-pl report --runs OUT`
-compares the runs. Run the grid again after a crash or a kill: finished fits (with their final metrics) and
+(in `trainer.callbacks` of every shipped config; a fit without it is an error), or, for a fit marked
+`final_metrics: later`, by a later step's `lamra-pl evaluate --log_to RUN` (the grid checks at its end that it
+did); `lamra-pl report --runs OUT` compares the runs. Each grid writes its summary to OUT/<grid file name>.json,
+so several grids may share OUT. Run the grid again after a crash or a kill: finished fits (with their final metrics) and
 steps whose output exists are skipped, and an unfinished fit resumes from its last checkpoint.
 """
 
@@ -40,11 +45,13 @@ class Step:
     command: list[str]
     creates: Path | None = None  # a tool step's output: the step is done when it exists
     run_dir: Path | None = None  # a fit's TensorBoard folder
+    metrics_later: bool = False  # a fit whose final metrics a later step logs (`evaluate --log_to`)
 
 
 @dataclass
 class Grid:
     out: Path
+    name: str  # the grid file's stem: its summary is OUT/<name>.json
     steps: list[Step] = field(default_factory=list)
 
 
@@ -60,7 +67,7 @@ def load_grid(path: str | Path, only: list[str] | None = None) -> Grid:
     if not isinstance(spec, dict) or "out" not in spec or not isinstance(spec.get("steps"), list):
         raise LamraError(f"{file}: a grid needs `out:` and a list of `steps:`")
     out = Path(spec["out"])
-    grid = Grid(out)
+    grid = Grid(out, file.stem)
     names: set[str] = set()
     for n, entry in enumerate(spec["steps"], start=1):
         where = f"{file}, step {n}"
@@ -70,7 +77,7 @@ def load_grid(path: str | Path, only: list[str] | None = None) -> Grid:
 
         if not isinstance(entry, dict) or ("fit" in entry) == ("run" in entry):
             raise LamraError(f"{where}: each step is either `fit: NAME` (with configs) or `run: [COMMAND...]`")
-        unknown = set(entry) - {"fit", "configs", "args", "run", "creates"}
+        unknown = set(entry) - {"fit", "configs", "args", "run", "creates", "final_metrics"}
         if unknown:
             raise LamraError(f"{where}: unknown keys {sorted(unknown)}")
         if "run" in entry:
@@ -94,7 +101,10 @@ def load_grid(path: str | Path, only: list[str] | None = None) -> Grid:
             f"--trainer.logger.init_args.name={out.name}",
             f"--trainer.logger.init_args.version={name}",
         ]
-        grid.steps.append(Step(name, command, run_dir=out / name))
+        later = entry.get("final_metrics", "fit")
+        if later not in ("fit", "later"):
+            raise LamraError(f"{where}: final_metrics is `fit` (FinalMetrics, the default) or `later`, not {later!r}")
+        grid.steps.append(Step(name, command, run_dir=out / name, metrics_later=later == "later"))
     if only:
         unknown_names = sorted(set(only) - names)
         if unknown_names:
@@ -150,12 +160,19 @@ def run_grid(path: str | Path, only: list[str] | None = None, dry_run: bool = Fa
                 f"grid {path}: step {label!r} failed (exit {result.returncode}); fix it and run the grid again, "
                 "finished steps are skipped"
             )
-        if step.run_dir is not None and not read_run(step.run_dir, grid.out).finished:
+        if step.run_dir is not None and not step.metrics_later and not read_run(step.run_dir, grid.out).finished:
             raise LamraError(
                 f"grid {path}: fit {step.name!r} logged no final metrics to {step.run_dir}: add "
                 "lamra_pl.report.FinalMetrics to its trainer.callbacks (and validation: data.val_tasks)"
             )
         minutes = round((time.time() - start) / 60, 2)
         summary[label] = {"state": "resumed" if state == "resume" else "done", "minutes": minutes}
-    (grid.out / "grid.json").write_text(json.dumps(summary, indent=1))
+    (grid.out / f"{grid.name}.json").write_text(json.dumps(summary, indent=1))
+    if not dry_run:
+        unlogged = [s.name for s in grid.steps if s.metrics_later and not read_run(s.run_dir, grid.out).finished]
+        if unlogged:
+            raise LamraError(
+                f"grid {path}: fits {unlogged} are marked `final_metrics: later`, but no later step logged them: "
+                "add a step `[evaluate, --runs=..., --log_to={out}/NAME]`"
+            )
     return summary

@@ -154,8 +154,8 @@ def table(runs: list[Run]) -> str:
     keys = varied(runs)
     metrics = sorted({m for r in runs for m in r.metrics()}, key=metric_order)
     best = {
-        # Lower is better for a loss; higher for Recall and accuracies.
-        m: (min if m.endswith("loss") else max)((r.metrics()[m] for r in runs if m in r.metrics()), default=None)
+        # Lower is better for a loss and the modality bias; higher for Recall and accuracies.
+        m: (min if _lower_is_better(m) else max)((r.metrics()[m] for r in runs if m in r.metrics()), default=None)
         for m in metrics
     }
     head = ["run", "status", *keys, *metrics]
@@ -171,10 +171,15 @@ def table(runs: list[Run]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _lower_is_better(metric: str) -> bool:
+    return metric.endswith("loss") or metric.rsplit("/", 1)[-1].startswith("wrong_modality")
+
+
 def _cell(metric: str, value: float) -> str:
-    """Recall and accuracies in %, as the papers print them; anything else (a loss) as it is."""
+    """Recall, accuracies and shares in %, as the papers print them; anything else (a loss) as it is."""
     name = metric.rsplit("/", 1)[-1]
-    return f"{100 * value:.2f}" if name.startswith("R@") or "acc" in name or name == "reported" else f"{value:.4g}"
+    percent = name.startswith(("R@", "wrong_modality")) or "acc" in name or name == "reported"
+    return f"{100 * value:.2f}" if percent else f"{value:.4g}"
 
 
 def plot(runs: list[Run], out: Path) -> list[Path]:

@@ -11,6 +11,11 @@ results.json:
      "average": {"R@1": x, "R@5": x, "R@10": x, "reported": x}}
 "reported" is M-BEIR's metric for the task (R@10 for Fashion200K and FashionIQ, R@5 elsewhere); the average's
 "reported" is M-BEIR's headline number, the unweighted mean of the tasks' reported metrics.
+
+`evaluate` also measures MM-Embed's modality bias when the run folder's index is at hand (every `retrieve` and
+`rerank` folder names it): "wrong_modality@10", per task and averaged, is the share of each query's top 10 whose
+modality (from the index's items) is not the modality of the query's positives. It matters in a mixed-modality
+(global) pool; a task's local pool usually holds its target modality only, so it reads 0 there.
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ import numpy as np
 
 from lamra_pl.errors import LamraError
 from lamra_pl.files import atomic_write
-from lamra_pl.retrieval.metrics import RANK_PAD, pad_positives, recall_at_k
+from lamra_pl.retrieval.index import EmbeddingIndex
+from lamra_pl.retrieval.metrics import RANK_PAD, pad_positives, recall_at_k, wrong_modality
 from lamra_pl.retrieval.runs import read_qrels, read_run
 from lamra_pl.retrieval.search import id_ranks, search
 
 KS = (1, 5, 10)
+BIAS_K = 10  # wrong_modality@BIAS_K
 MANIFEST = "runs.json"
 
 
@@ -68,6 +75,9 @@ def summarise(tasks: dict[str, dict[str, Any]], ks: tuple[int, ...] = KS) -> dic
         return {}
     average = {f"R@{k}": float(np.mean([t[f"R@{k}"] for t in tasks.values()])) for k in ks}
     average["reported"] = float(np.mean([t[t["reported"]] for t in tasks.values()]))
+    bias = f"wrong_modality@{BIAS_K}"
+    if all(bias in t for t in tasks.values()):
+        average[bias] = float(np.mean([t[bias] for t in tasks.values()]))
     return average
 
 
@@ -99,6 +109,7 @@ def evaluate_runs(runs_dir: str | Path, ks: tuple[int, ...] = KS) -> dict[str, A
     if not manifest_file.is_file():
         raise LamraError(f"{runs_dir} has no {MANIFEST}: give a folder written by `lamra-pl retrieve`")
     manifest = json.loads(manifest_file.read_text())
+    modality_of = _modalities(manifest.get("index"))
     tasks: dict[str, dict[str, Any]] = {}
     pools: dict[str, dict[str, int]] = {}  # id -> row per pool file: the global pool is shared by every task
     for name, entry in manifest["tasks"].items():
@@ -124,7 +135,19 @@ def evaluate_runs(runs_dir: str | Path, ks: tuple[int, ...] = KS) -> dict[str, A
             "qrels_file": str(qrels_file),
             "num_queries": len(run.qids),
         }
+        if modality_of is not None:
+            targets = [next((modality_of[d] for d in qrels.get(q, ()) if d in modality_of), None) for q in run.qids]
+            tasks[name][f"wrong_modality@{BIAS_K}"] = wrong_modality(run.ranked, targets, modality_of, BIAS_K)
     return {"pool": manifest["pool"], "tasks": tasks, "average": summarise(tasks, ks)}
+
+
+def _modalities(index: str | None) -> dict[str, str] | None:
+    """id -> modality of the index a run folder searched, or None when it is not at hand (moved, or a hand-made
+    manifest without one): then there is no modality-bias column, and nothing else changes."""
+    if not index or not (Path(index) / "items.jsonl").is_file():
+        return None
+    found = EmbeddingIndex(index)
+    return dict(zip(found.ids, found.modalities, strict=True))
 
 
 def _rows(ranked: list[list[str]], row_of: dict[str, int], run_file: Path, pool_file: str, depth: int) -> np.ndarray:
@@ -141,30 +164,69 @@ def _rows(ranked: list[list[str]], row_of: dict[str, int], run_file: Path, pool_
 
 
 def markdown(results: dict[str, Any], ks: tuple[int, ...] = KS) -> str:
-    head = "| task | queries | " + " | ".join(f"R@{k}" for k in ks) + " | reported |"
-    lines = [head, "|" + "---|" * (len(ks) + 3)]
+    bias = f"wrong_modality@{BIAS_K}"
+    extra = [bias] if bias in results["average"] else []
+    head = "| task | queries | " + " | ".join([*(f"R@{k}" for k in ks), "reported", *extra]) + " |"
+    lines = [head, "|" + "---|" * (len(ks) + 3 + len(extra))]
     for name, t in results["tasks"].items():
-        cells = " | ".join(f"{100 * t[f'R@{k}']:.1f}" for k in ks)
-        lines.append(f"| {name} | {t['num_queries']} | {cells} | {t['reported']} {100 * t[t['reported']]:.1f} |")
+        cells = [f"{100 * t[f'R@{k}']:.1f}" for k in ks] + [f"{t['reported']} {100 * t[t['reported']]:.1f}"]
+        cells += [f"{100 * t[m]:.1f}" for m in extra]
+        lines.append(f"| {name} | {t['num_queries']} | " + " | ".join(cells) + " |")
     avg = results["average"]
     if avg:
-        cells = " | ".join(f"{100 * avg[f'R@{k}']:.1f}" for k in ks)
-        lines.append(f"| **average** | | {cells} | {100 * avg['reported']:.1f} |")
+        cells = [f"{100 * avg[f'R@{k}']:.1f}" for k in ks] + [f"{100 * avg['reported']:.1f}"]
+        cells += [f"{100 * avg[m]:.1f}" for m in extra]
+        lines.append("| **average** | | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def save_results(results: dict[str, Any], runs_dir: str | Path, step: int = 0) -> None:
-    """results.json and results.md in `runs_dir`, and the numbers as TensorBoard scalars in `runs_dir/tensorboard`."""
+def evaluation_hparams(runs_dir: str | Path) -> dict[str, Any]:
+    """What an evaluation evaluated, from its manifest: the retriever, index, pool and depth, and any reranking."""
+    manifest = json.loads((Path(runs_dir) / MANIFEST).read_text())
+    index = Path(manifest.get("index") or "")
+    meta_file = index / "index.json"
+    model = json.loads(meta_file.read_text())["model"].get("path") if meta_file.is_file() else None
+    hparams = {"retriever": model, "index": str(index), "pool": manifest["pool"], "k": manifest.get("k")}
+    hparams["instruction_seed"] = manifest.get("instruction_seed")
+    rerank = manifest.get("rerank")
+    if rerank:
+        hparams.update({"reranker": rerank["model"], "rerank_mode": rerank["mode"], "rerank_top_n": rerank["top_n"]})
+        weights = set(rerank["fusion"].values())
+        hparams["fusion_w"] = weights.pop() if len(weights) == 1 else json.dumps(rerank["fusion"], sort_keys=True)
+    return hparams
+
+
+def save_results(
+    results: dict[str, Any], runs_dir: str | Path, step: int = 0, log_to: str | Path | None = None
+) -> Path:
+    """results.json and results.md in `runs_dir`, and the numbers to TensorBoard; returns the TensorBoard folder.
+
+    The TensorBoard run is `runs_dir` itself, or `log_to` (e.g. the fit that trained the model evaluated). It gets
+    the numbers as scalars `eval_<pool>/<task>/<metric>` at `step`, and once as hparams with the final metrics
+    `hp/<task>/<metric>` (what `FinalMetrics` logs at the end of a fit), so `lamra-pl report` tabulates either.
+    """
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    from lamra_pl.report import FINAL, read_hparams
+
     runs_dir = Path(runs_dir)
-    atomic_write(runs_dir / "results.json", json.dumps(results, indent=1))
-    atomic_write(runs_dir / "results.md", markdown(results) + "\n")
-    logger = TensorBoardLogger(str(runs_dir), name="", version="tensorboard", default_hp_metric=False)
-    prefix = f"eval_{results.get('pool', 'pool')}"
-    metrics = {
-        f"{prefix}/{name}/{m}": v for name, t in results["tasks"].items() for m, v in t.items() if m.startswith("R@")
-    }
-    metrics.update({f"{prefix}/average/{m}": v for m, v in results["average"].items()})
-    logger.log_metrics(metrics, step=step)
+    board = Path(log_to) if log_to is not None else runs_dir
+    if log_to is not None and not board.is_dir():
+        raise LamraError(f"--log_to {str(log_to)!r} is not a folder (give a run folder, e.g. runs/grid/lamra)")
+    logger = TensorBoardLogger(str(board), name="", version="", default_hp_metric=False)
+    named = {f"{name}/{m}": v for name, t in results["tasks"].items() for m, v in t.items() if _metric(m)}
+    named.update({f"average/{m}": v for m, v in results["average"].items()})
+    logger.log_metrics({f"eval_{results.get('pool', 'pool')}/{m}": v for m, v in named.items()}, step=step)
+    hparams = evaluation_hparams(runs_dir)
+    if log_to is not None:  # the run's own hyperparameters first, so TensorBoard's HParams tab shows them
+        hparams = {**read_hparams(board), **{f"eval.{k}": v for k, v in hparams.items()}}
+    logger.log_hyperparams(hparams, {FINAL + m: v for m, v in named.items()})
     logger.finalize("success")
+    # Last: a grid step is done when results.json exists, so it must not exist before the logging is.
+    atomic_write(runs_dir / "results.md", markdown(results) + "\n")
+    atomic_write(runs_dir / "results.json", json.dumps(results, indent=1))
+    return board
+
+
+def _metric(name: str) -> bool:
+    return name.startswith(("R@", "wrong_modality@"))

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lamra_pl.data.schema import Item
+from lamra_pl.data.schema import Item, modality
 from lamra_pl.errors import LamraError
 from lamra_pl.files import atomic_write
 from lamra_pl.retrieval.search import id_ranks
@@ -112,6 +112,15 @@ class EmbeddingIndex:
     @cached_property
     def id_rank(self) -> np.ndarray:
         return id_ranks(self.ids)
+
+    @cached_property
+    def modalities(self) -> list[str]:
+        """Each row's M-BEIR modality ("text", "image" or "image,text"), from items.jsonl."""
+        with open(self.path / "items.jsonl", encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
+        if len(rows) != len(self):
+            raise LamraError(f"{self.path}/items.jsonl has {len(rows)} lines, index.json says {len(self)}")
+        return [modality(r.get("txt") is not None, bool(r.get("img"))) for r in rows]
 
     def items(self, rows: list[int]) -> list[dict[str, Any]]:
         wanted = set(rows)

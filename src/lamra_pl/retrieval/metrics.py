@@ -7,6 +7,7 @@ This is UniIR's `compute_recall_at_k` (specs/mmembed_mbeir.md 5.7), not |relevan
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -55,3 +56,16 @@ def chance(pool_size: int, positives_per_query: list[int], ks: tuple[int, ...]) 
 
     n = len(positives_per_query)
     return {f"R@{k}": sum(one(p, k) for p in positives_per_query) / n for k in ks}
+
+
+def wrong_modality(
+    ranked: Sequence[Sequence[str]], targets: Sequence[str | None], modality_of: Mapping[str, str], k: int
+) -> float:
+    """MM-Embed's modality bias: the share of each query's top k whose modality is not its target modality, averaged
+    over the queries with a target and a result (1 minus the paper's "retrieval modality accuracy")."""
+    shares = []
+    for ids, target in zip(ranked, targets, strict=True):
+        top = ids[:k]
+        if target is not None and top:
+            shares.append(sum(modality_of[d] != target for d in top) / len(top))
+    return float(np.mean(shares)) if shares else float("nan")
