@@ -34,13 +34,18 @@ RUNS_DIR ?= $(RUNS)/ablations/demo# runs to compare, for make report (the demo g
 MINE_RUNS ?= $(RUNS)/train_mining# MODEL's top 50 of the training queries in the union training pool, for make mine
 MINED ?= $(if $(DATA),$(DATA)/mined,data/mined)# hard-negative training shards (make mine)
 STRATEGY ?= modality# make mine: modality (MM-Embed), topk (UniIR, modality-blind) or random
+TEXT_DATA ?=# text-to-text retrieval shards (e.g. from make convert-nli) for make stage-continual
+MINED_RATIO ?= 1# make stage-continual: the mix of MINED and TEXT_DATA (ratios, normalised)
+TEXT_RATIO ?= 1
 
 backbone_arg = $(if $(BACKBONE),--model.init_args.backbone=$(BACKBONE))
 # quoted: the glob is expanded by lamra-pl, not the shell
 stage1_data = $(if $(DATA),'--data.init_args.train_shards=$(DATA)/train/*_task1')
 stage2_data = $(if $(DATA),'--data.init_args.train_shards=$(DATA)/train')
+comma := ,
+continual_data = $(if $(TEXT_DATA),'--data.init_args.sources={"$(MINED)": $(MINED_RATIO)$(comma) "$(TEXT_DATA)": $(TEXT_RATIO)}')
 
-.PHONY: ablations report mine stage-hardneg bench-train reliability venv tiny-backbone stage1 stage2 merge convert-mbeir convert-nli emoji index retrieve evaluate eval search \
+.PHONY: ablations report mine stage-hardneg stage-continual rerank-zeroshot bench-train reliability venv tiny-backbone stage1 stage2 merge convert-mbeir convert-nli emoji index retrieve evaluate eval search \
 	rerank-data rerank-train rerank tune-fusion test lint demo tensorboard clean
 
 venv: $(STAMP)
@@ -109,6 +114,14 @@ mine: venv  # MODEL's top 50 of the training queries in the union training pool 
 	$(LAMRA) retrieve --model $(MODEL) --index $(TRAIN_INDEX) --queries '$(DATA)/train/*_task*' --pools '[global]' \
 		--k 50 --out $(MINE_RUNS)
 	$(LAMRA) mine --runs $(MINE_RUNS)/global --out $(MINED) --strategy $(STRATEGY) $(ARGS)
+
+stage-hardneg: CONFIG ?= experiments/mm_embed/stage_hardneg.yaml
+stage-hardneg: venv  # MM-Embed's M_hard: stage 2 again from the stage-1 model (BACKBONE) on MINED (make mine)
+	$(LAMRA) fit -c $(CONFIG) $(backbone_arg) --data.init_args.train_shards=$(MINED) $(ARGS)
+
+stage-continual: CONFIG ?= experiments/mm_embed/stage_continual.yaml
+stage-continual: venv  # MM-Embed's continual fine-tuning of M_hard (BACKBONE, merged) on MINED + TEXT_DATA
+	$(LAMRA) fit -c $(CONFIG) $(backbone_arg) $(continual_data) $(ARGS)
 
 ablations: venv  # run a grid (experiments/ablations/grids/GRID.yaml; done steps are skipped); its last step reports
 	$(LAMRA) grid --grid experiments/ablations/grids/$(GRID).yaml $(ARGS)

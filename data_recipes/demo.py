@@ -5,13 +5,15 @@
 3. stage 1, language-only, on the qt->ct pairs (`lamra-pl fit -c experiments/demo/stage1_text.yaml`);
 4. `lamra-pl merge`, then stage 2 on every training task (`experiments/demo/stage2_instruct.yaml`);
 5. for the trained model and the untrained backbone: `lamra-pl index` the global test pool, `lamra-pl retrieve`
-   the held-out queries against each task's local pool and the global pool, `lamra-pl evaluate` the run files;
-   print the table (with chance) and save it as `runs/demo/results.json`;
+   the held-out queries against each task's local pool and the global pool, `lamra-pl evaluate` the run files
+   (each evaluation is a TensorBoard run in runs/demo/eval);
 6. reranking (LamRA-Rank): `lamra-pl index` the training pool and `lamra-pl retrieve` the training queries with
    the trained retriever, `lamra-pl rerank-data` from its top 100, `lamra-pl fit -c experiments/demo/rerank_joint.yaml`
    (initialised from the merged retriever), then `lamra-pl rerank` the test runs (pointwise top 10, and listwise
    top 5) and `lamra-pl evaluate` them;
-7. show one `lamra-pl search` with the trained model.
+7. `lamra-pl report --runs runs/demo/eval`: the final table (one row per evaluation) is the report's, printed with
+   chance per task and saved with the timings as `runs/demo/results.json`;
+8. show one `lamra-pl search` with the trained model.
 
 Each step runs the same command a user would; data and run folders are reused if already built
 (`make clean` removes them). Set DEMO_ARGS to pass extra overrides to both fits.
@@ -36,6 +38,7 @@ RUN = Path("runs/demo")
 DATA = Path("demo")
 LAMRA = str(Path(sys.executable).parent / "lamra-pl")
 TASK_NAMES = {0: "qt->ci", 1: "qt->ct", 3: "qi->ct", 7: "(qi,qt)->ci"}
+RERANK_TOP_N = {"pointwise": 10, "listwise": 5}
 
 
 def step(title: str, *args: str) -> None:
@@ -59,29 +62,7 @@ def training_corpus(mbeir: Path) -> Path:
     return corpus
 
 
-COLUMNS = (
-    "trained",
-    "trained + rerank (pointwise top 10)",
-    "trained + rerank (listwise top 5)",
-    "untrained",
-    "chance",
-    "trained, global pool",
-)
-RERANK_TOP_N = {"pointwise": 10, "listwise": 5}
-
-
-def table(results: dict) -> str:
-    lines = [
-        "| task | pool | " + " | ".join(f"{c} R@1 / R@5 / R@10" for c in COLUMNS) + " |",
-        "|---|---|" + "---|" * len(COLUMNS),
-    ]
-    for key, r in results["tasks"].items():
-        cells = [" / ".join(f"{100 * r[who][f'R@{k}']:.1f}" for k in (1, 5, 10)) for who in COLUMNS]
-        lines.append(f"| {key} | {r['pool']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def evaluate(who: str, model: Path, data: Path) -> dict[str, dict]:
+def evaluate(who: str, model: Path, data: Path) -> None:
     """index -> retrieve (local and global pools) -> evaluate, with the commands a user runs."""
     index, runs = RUN / "index" / who, RUN / "eval" / who
     # Derived from the model just trained: rebuilt on every run (an index refuses a different model).
@@ -105,10 +86,9 @@ def evaluate(who: str, model: Path, data: Path) -> dict[str, dict]:
     )
     for pool in ("local", "global"):
         step(f"evaluating ({who}, {pool} pools)", "evaluate", f"--runs={runs / pool}")
-    return {pool: json.loads((runs / pool / "results.json").read_text())["tasks"] for pool in ("local", "global")}
 
 
-def rerank_stage(data: Path, extra: list[str]) -> dict[str, dict]:
+def rerank_stage(data: Path, extra: list[str]) -> None:
     """LamRA-Rank on the demo: training data from the trained retriever, joint training, reranking the test runs."""
     retriever = RUN / "stage2/checkpoints/last.ckpt"
     train_index, train_runs = RUN / "index" / "train", RUN / "eval" / "train_retrieval"
@@ -134,7 +114,6 @@ def rerank_stage(data: Path, extra: list[str]) -> dict[str, dict]:
     )
     step("reranker training data", "rerank-data", f"--runs={train_runs / 'local'}", f"--out={data / 'rerank'}")
     step("reranker training (pointwise + listwise)", "fit", "-c", "experiments/demo/rerank_joint.yaml", *extra)
-    reranked = {}
     for mode, top_n in RERANK_TOP_N.items():
         out = RUN / "eval" / f"reranked_{mode}"
         shutil.rmtree(out, ignore_errors=True)
@@ -149,8 +128,6 @@ def rerank_stage(data: Path, extra: list[str]) -> dict[str, dict]:
             "--batch_size=64",
         )
         step(f"evaluating ({mode} reranking)", "evaluate", f"--runs={out}")
-        reranked[mode] = json.loads((out / "results.json").read_text())["tasks"]
-    return reranked
 
 
 def emoji_recipe_instruction(mbeir: Path) -> str:
@@ -197,33 +174,32 @@ def main() -> None:
     step("stage 2 (multimodal instruction tuning)", "fit", "-c", "experiments/demo/stage2_instruct.yaml", *extra)
     trained_at = time.time()
 
-    trained = evaluate("trained", RUN / "stage2/checkpoints/last.ckpt", data)
-    untrained = evaluate("untrained", RUN / "backbone", data)
+    evaluate("trained", RUN / "stage2/checkpoints/last.ckpt", data)
+    evaluate("untrained", RUN / "backbone", data)
     evaluated_at = time.time()
-    reranked = rerank_stage(data, extra)
-    results: dict = {"tasks": {}}
+    rerank_stage(data, extra)
+    step("the final table: every evaluation's numbers, from their TensorBoard runs", "report", f"--runs={RUN / 'eval'}")
+    chance_rows = []
     for task_dir in sorted((data / "eval" / "test").glob("*_task*")):
         info = json.loads((task_dir / "task.json").read_text())
         positives = [len(p) for p in read_qrels(task_dir / "qrels.txt").values()]
-        key = f"{info['dataset']}/{TASK_NAMES.get(info['task_id'], info['task_id'])}"
-        results["tasks"][key] = {
-            "trained": trained["local"][task_dir.name],
-            "trained + rerank (pointwise top 10)": reranked["pointwise"][task_dir.name],
-            "trained + rerank (listwise top 5)": reranked["listwise"][task_dir.name],
-            "untrained": untrained["local"][task_dir.name],
-            "chance": chance(info["pool"], positives, (1, 5, 10)),
-            "trained, global pool": trained["global"][task_dir.name],
-            "pool": info["pool"],
-            "queries": info["queries"],
-        }
-    results["minutes"] = {
-        "total": round((time.time() - start) / 60, 1),
-        "data+train": round((trained_at - start) / 60, 1),
-        "evaluation": round((evaluated_at - trained_at) / 60, 1),
-        "reranking (data, training, reranking)": round((time.time() - evaluated_at) / 60, 1),
+        numbers = chance(info["pool"], positives, (1, 5, 10))
+        name = f"{task_dir.name} ({TASK_NAMES.get(info['task_id'], info['task_id'])})"
+        chance_rows.append(
+            f"| {name} | {info['pool']} | " + " / ".join(f"{100 * v:.1f}" for v in numbers.values()) + " |"
+        )
+    results = {
+        "report": json.loads((RUN / "eval" / "report.json").read_text()),
+        "chance (local pools)": chance_rows,
+        "minutes": {
+            "total": round((time.time() - start) / 60, 1),
+            "data+train": round((trained_at - start) / 60, 1),
+            "evaluation": round((evaluated_at - trained_at) / 60, 1),
+            "reranking (data, training, reranking)": round((time.time() - evaluated_at) / 60, 1),
+        },
     }
     (RUN / "results.json").write_text(json.dumps(results, indent=1))
-    print("\n" + table(results))
+    print("\nchance, R@1 / R@5 / R@10 (%):\n| task | local pool | chance |\n|---|---|---|\n" + "\n".join(chance_rows))
     instruction = emoji_recipe_instruction(mbeir)
     step(
         "one search (trained model, global test pool)",

@@ -1,4 +1,4 @@
-"""`make stage1 DATA=...` and `make stage2 DATA=...` train on any folder written by convert-mbeir."""
+"""`make stage1|stage2|stage-hardneg|stage-continual` train on folders written by convert-mbeir."""
 
 from __future__ import annotations
 
@@ -14,9 +14,22 @@ from helpers import ROOT, scalars
 FIXTURE = Path(__file__).parent / "fixtures" / "mbeir_tiny"
 
 
+STAGES = {  # target: (tiny config, Makefile variables for DATA, the data setting the run's config.yaml holds)
+    "stage1": ("stage1_text", "DATA={data}", "train_shards: {data}/train/*_task1"),
+    "stage2": ("stage2_instruct", "DATA={data}", "train_shards: {data}/train"),
+    "stage-hardneg": ("stage2_instruct", "MINED={data}/train", "train_shards: {data}/train"),
+    "stage-continual": (
+        "stage_continual",
+        "MINED={data}/train/emoji_task0 TEXT_DATA={data}/train/emoji_task1 TEXT_RATIO=3",
+        "sources:\n      {data}/train/emoji_task0: 1.0\n      {data}/train/emoji_task1: 3.0",
+    ),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,config", [("stage1", "stage1_text"), ("stage2", "stage2_instruct")])
-def test_make_stage_trains_on_a_converted_folder(stage, config, tiny_backbone, tmp_path):
+@pytest.mark.parametrize("stage", STAGES)
+def test_make_stage_trains_on_a_converted_folder(stage, tiny_backbone, tmp_path):
+    config, variables, expected = STAGES[stage]
     data = tmp_path / "data"
     convert(str(FIXTURE), str(data))
     runs = tmp_path / "runs"
@@ -27,7 +40,7 @@ def test_make_stage_trains_on_a_converted_folder(stage, config, tiny_backbone, t
             "--no-print-directory",
             stage,
             f"VENV={venv}",
-            f"DATA={data}",
+            *variables.format(data=data).split(),
             f"CONFIG=experiments/tiny/{config}.yaml",
             f"BACKBONE={tiny_backbone}",
             f"ARGS=--trainer.max_steps=2 --trainer.log_every_n_steps=1 --data.init_args.batch_size=4 "
@@ -39,8 +52,7 @@ def test_make_stage_trains_on_a_converted_folder(stage, config, tiny_backbone, t
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    logged = scalars(runs / f"tiny_{stage}" / "version_0")
+    run = next((runs).glob("tiny_*/version_0"))
+    logged = scalars(run)
     assert len(logged["train/loss"]) >= 1
-    config_used = (runs / f"tiny_{stage}" / "version_0" / "config.yaml").read_text()
-    expected = f"{data}/train/*_task1" if stage == "stage1" else f"{data}/train"
-    assert f"train_shards: {expected}" in config_used
+    assert expected.format(data=data) in (run / "config.yaml").read_text()

@@ -87,12 +87,18 @@ class ShardDataModule(LightningDataModule):
             generator=torch.Generator().manual_seed(self.hparams.seed),
         )
 
+    def build_index(self) -> SampleIndex:
+        return SampleIndex.build(self._urls("train_shards"))
+
+    def new_stream(self, index: SampleIndex, **settings: Any) -> TrainStream:
+        return TrainStream(index, **settings)
+
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
         if self.index is None:
-            self.index = SampleIndex.build(self._urls("train_shards"))
+            self.index = self.build_index()
         per_rank = h.batches_per_epoch or max(1, len(self.index) // (h.batch_size * self.world))
-        self._stream = TrainStream(
+        self._stream = self.new_stream(
             self.index,
             collate=self._collate(),
             batch_size=h.batch_size,

@@ -159,10 +159,15 @@ class TrainStream(IterableDataset):
             self._permutations[epoch_pass] = np.random.default_rng([self.seed, epoch_pass]).permutation(n)
         return int(self._permutations[epoch_pass][position])
 
-    def batch(self, b: int) -> dict[str, Any]:
+    def draws(self, b: int) -> tuple[list[tuple[int, str]], np.ndarray | None]:
+        """This rank's batch b: (sample number, seed of its choices) per query, and the sample numbers its
+        replacements are drawn from (None: any sample)."""
         first = self.entry_of(b) + self.rank
         entries = [first + j * self.world for j in range(self.batch_size)]
-        draws = [(self._sample_of(k), f"{self.seed}:{k}") for k in entries]
+        return [(self._sample_of(k), f"{self.seed}:{k}") for k in entries], None
+
+    def batch(self, b: int) -> dict[str, Any]:
+        draws, spares = self.draws(b)
         spare = random.Random(f"{self.seed}:replace:{self.rank}:{b}")
         skipped: Counter[str] = Counter()
         examples: list[Any] = []
@@ -175,9 +180,10 @@ class TrainStream(IterableDataset):
                     self._skip(err.reason, str(err), skipped, b)
             missing = self.batch_size - len(examples)
             if missing:
+                picks = [spare.randrange(len(self.index) if spares is None else len(spares)) for _ in range(missing)]
                 draws = [
-                    (spare.randrange(len(self.index)), f"{self.seed}:replace:{self.rank}:{b}:{replaced + i}")
-                    for i in range(missing)
+                    (p if spares is None else int(spares[p]), f"{self.seed}:replace:{self.rank}:{b}:{replaced + i}")
+                    for i, p in enumerate(picks)
                 ]
                 replaced += missing
                 continue
