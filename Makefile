@@ -28,6 +28,7 @@ TRAIN_INDEX ?= indexes/train_pool# MODEL's index of DATA/train_pool, for make re
 TRAIN_RUNS ?= $(RUNS)/train_retrieval# MODEL's top 100 of the training queries, for make rerank-data
 RERANK_DATA ?= $(if $(DATA),$(DATA)/rerank,data/rerank)# reranker training shards
 RERANKER ?= $(RUNS)/lamra_rank/version_0/checkpoints/last.ckpt# a trained reranker, for make rerank
+JUDGE ?=# an off-the-shelf instruct model's checkpoint folder (e.g. a Qwen2-VL-7B-Instruct download), for make rerank-zeroshot
 FUSION ?= experiments/lamra_rank/fusion.yaml# w of final = retrieval + w * rerank: a number or a weights file
 GRID ?= demo# a grid file experiments/ablations/grids/GRID.yaml, for make ablations
 RUNS_DIR ?= $(RUNS)/ablations/demo# runs to compare, for make report (the demo grids' folder)
@@ -105,6 +106,10 @@ rerank-train: venv  # LamRA-Rank, joint pointwise + listwise, on RERANK_DATA
 rerank: venv  # rerank EVAL/local (from make retrieve) with RERANKER, fuse with FUSION, evaluate: EVAL/reranked_local
 	$(LAMRA) rerank --model $(RERANKER) --runs $(EVAL)/local --out $(EVAL)/reranked_local --fusion $(FUSION) $(ARGS)
 	$(LAMRA) evaluate --runs $(EVAL)/reranked_local
+
+rerank-zeroshot: venv  # MM-Embed: an off-the-shelf MLLM (JUDGE, a folder) re-sorts EVAL/local's top 10 by P(True)
+	$(LAMRA) rerank --zero_shot true --model $(JUDGE) --runs $(EVAL)/local --out $(EVAL)/zeroshot_local $(ARGS)
+	$(LAMRA) evaluate --runs $(EVAL)/zeroshot_local
 
 tune-fusion: venv  # w per task on a validation split's reranked runs: make tune-fusion EVAL=runs/eval_val
 	$(LAMRA) tune-fusion --reranked $(EVAL)/reranked_local --out $(EVAL)/fusion.yaml

@@ -21,9 +21,10 @@ from helpers import ROOT, clean_error, lamra_here, ok, scalars
 from lamra_pl.data.rerank_data import draw
 from lamra_pl.data.schema import Item, decode_record
 from lamra_pl.data.shards import expand_shards
+from lamra_pl.errors import LamraError
 from lamra_pl.models.backbone import hf_model
 from lamra_pl.models.rerank import RerankModule
-from lamra_pl.models.rerank_inputs import IGNORE, LIST_ANSWER, RerankExample
+from lamra_pl.models.rerank_inputs import IGNORE, LIST_ANSWER, JudgePrompt, RerankExample
 from lamra_pl.retrieval.fusion import fuse, fused_ranking, tune_fusion
 from lamra_pl.retrieval.rerank import load_rerank_module
 from lamra_pl.retrieval.runs import read_qrels, read_run
@@ -130,6 +131,32 @@ def test_p_yes_from_one_forward_equals_the_first_generated_step(reranker):
     assert len(set(p_yes.tolist())) == 3  # distinct inputs, distinct scores: nothing is constant
     alone = torch.cat([reranker.score_pointwise(collator.pointwise_inputs([pair])) for pair in pairs])
     assert torch.allclose(p_yes, alone, atol=1e-5)  # padding and batching do not change a score
+
+
+def test_zero_shot_p_true_from_one_forward_equals_the_first_generated_step(tiny_backbone):
+    judge = load_rerank_module(tiny_backbone, judge=JudgePrompt())  # as `rerank --zero_shot true` loads a folder
+    collator = judge.collator()
+    pairs = [
+        (Item("q0", "Find the red circle."), Item("a", None, image("red"))),
+        (Item("q1", "a shape", image("blue", "square", 84)), Item("b", "blue square")),
+        (Item("q2", "text only", image("green")), Item("c", "a candidate with text", image("green", "square"))),
+    ]
+    inputs = collator.pointwise_inputs(pairs)
+    prompts = collator.processor.tokenizer.batch_decode(inputs["input_ids"])
+    for prompt, words in zip(prompts, ("image", "text", "image and text"), strict=True):
+        assert f"Does the above {words} match the query? True or False" in prompt  # MM-Embed's question
+    tokenizer = collator.processor.tokenizer
+    first_tokens = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("True", "False")]
+    assert [collator.yes_id, collator.no_id] == first_tokens
+    p_true = judge.score_pointwise(inputs)
+    out = hf_model(judge.model).generate(
+        **inputs, max_new_tokens=1, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    first = out.logits[0][:, [collator.yes_id, collator.no_id]].float().softmax(-1)[:, 0]
+    assert torch.allclose(p_true, first, atol=1e-5), (p_true, first)
+    assert len(set(p_true.tolist())) == 3
+    with pytest.raises(LamraError, match="only placeholder"):
+        JudgePrompt("Is the {query} matched by this {candidate}?")
 
 
 def test_listwise_scores_are_defined_for_every_candidate(reranker):
@@ -409,6 +436,24 @@ def test_make_rerank_targets_train_rerank_and_evaluate(pipeline, tmp_path):
             per_query[qid] = per_query.get(qid, 0.0) + float(value)
         assert len(per_query) == len(read_run(entry["run_file"]).qids)
         assert all(abs(total - 1.0) < 1e-5 for total in per_query.values())  # every candidate of a list scored
+    # MM-Embed's zero-shot reranking: the untrained folder judges each query's top 3; the head is re-sorted by
+    # P(True) alone, ties in retrieval order, and the rest of the run follows unchanged.
+    make("rerank-zeroshot", f"JUDGE={pipeline['model']}", f"EVAL={eval_dir}", "ARGS=--top_n=3")
+    zero = eval_dir / "zeroshot_local"
+    manifest = json.loads((zero / "runs.json").read_text())
+    assert manifest["rerank"]["mode"] == "zero-shot judge" and set(manifest["rerank"]["fusion"].values()) == {"inf"}
+    assert json.loads((zero / "results.json").read_text())["tasks"].keys() == results["tasks"].keys()
+    for name, entry in manifest["tasks"].items():
+        p_true: dict[tuple[str, str], float] = {}
+        for line in (zero / "scores" / f"{name}.tsv").read_text().splitlines():
+            qid, did, _, _, value = line.split("\t")
+            p_true[qid, did] = float(value)
+        retrieved, fused = read_run(entry["retrieval_run_file"]), read_run(entry["run_file"])
+        before = dict(zip(retrieved.qids, retrieved.ranked, strict=True))
+        for qid, ranked in zip(fused.qids, fused.ranked, strict=True):
+            head = before[qid][:3]
+            want = sorted(head, key=lambda d: (-p_true[qid, d], head.index(d)))
+            assert ranked[:3] == want and ranked[3:] == before[qid][3:], (name, qid)
     ok(lamra_here("tune-fusion", f"--reranked={reranked}", f"--out={tmp_path / 'fusion.yaml'}"))
     tuned = (tmp_path / "fusion.yaml").read_text()
     assert all(re.search(rf"^{name}: [0-9.]+$", tuned, re.M) for name in results["tasks"])

@@ -31,10 +31,12 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 import lamra_pl.data.datamodule
+import lamra_pl.data.mix
 import lamra_pl.models.clip
 import lamra_pl.models.embedding
 import lamra_pl.models.rerank  # noqa: F401
 from lamra_pl.errors import LamraError
+from lamra_pl.models.rerank_inputs import JUDGE_QUESTION, JudgePrompt
 
 
 def tiny_backbone(
@@ -327,8 +329,15 @@ def rerank(
     accelerator: str = "auto",
     devices: int = 1,
     precision: str | None = None,
+    zero_shot: bool = False,
+    question: str = JUDGE_QUESTION,
+    answers: tuple[str, str] = ("True", "False"),
 ) -> None:
     """Rerank the top N of each run file with a reranker and fuse: final = retrieval + w * rerank score.
+
+    Zero-shot (MM-Embed): `--zero_shot true --model FOLDER` asks an off-the-shelf model, for each of the top N
+    (default 10), the query, the candidate and `question`; the score is P(True) over {True, False} from one
+    forward pass, and the head is re-sorted by it alone (default fusion "inf"; give --fusion to add retrieval).
 
     Args:
         model: a reranker checkpoint (`lamra-pl fit` .ckpt) or a Hugging Face checkpoint folder (zero-shot).
@@ -344,13 +353,18 @@ def rerank(
         accelerator: cpu, gpu or auto.
         devices: devices to score on (DDP).
         precision: Lightning precision, e.g. bf16-mixed (default 32-true).
+        zero_shot: score with the judge question below instead of LamRA-Rank's prompt (model: a folder).
+        question: the zero-shot question after the query and candidate; {candidate} names the candidate's
+            modality ("image", "text", "image and text").
+        answers: the positive and negative answer words; the score is P(first) over the two.
     """
     from lamra_pl.retrieval.encode import encode_trainer
     from lamra_pl.retrieval.rerank import load_rerank_module
     from lamra_pl.retrieval.rerank import rerank as run
 
+    judge = JudgePrompt(question, *answers) if zero_shot else None
     written = run(
-        load_rerank_module(model),
+        load_rerank_module(model, judge=judge),
         runs,
         out,
         model_path=model,

@@ -21,7 +21,7 @@ from lamra_pl.errors import LamraError
 from lamra_pl.models.backbone import DType, LoraSpec, hf_model
 from lamra_pl.models.base import BackboneModule, Rope
 from lamra_pl.models.embedding import pooling_index
-from lamra_pl.models.rerank_inputs import IGNORE, RerankCollator
+from lamra_pl.models.rerank_inputs import IGNORE, JudgePrompt, RerankCollator
 
 Reduction = Literal["tokens", "kinds"]
 
@@ -76,6 +76,10 @@ class RerankModule(BackboneModule):
     def collator(self) -> RerankCollator:
         return self._collator
 
+    def use_judge(self, prompt: JudgePrompt) -> None:
+        """Score pointwise with a zero-shot yes/no question (MM-Embed) instead of LamRA-Rank's prompt."""
+        self._collator = RerankCollator(self.processor, max_text_tokens=self.hparams.max_text_tokens, judge=prompt)
+
     # ---------------------------------------------------------------------------------------- heads
     def _head(self, states: torch.Tensor, token_ids: list[int] | None = None) -> torch.Tensor:
         """LM-head logits of some hidden states, over the whole vocabulary or only `token_ids` (cheaper)."""
@@ -93,7 +97,7 @@ class RerankModule(BackboneModule):
 
     @torch.no_grad()
     def score_pointwise(self, inputs: BatchFeature) -> torch.Tensor:
-        """[B] P(Yes) of pointwise prompts (`RerankCollator.pointwise_inputs`)."""
+        """[B] P(Yes) of pointwise prompts (`RerankCollator.pointwise_inputs`); P(True) with a judge prompt."""
         c = self._collator
         logits = self._head(self._last_states(inputs), [c.yes_id, c.no_id]).float()
         return logits.softmax(-1)[:, 0]

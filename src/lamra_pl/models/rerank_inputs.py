@@ -5,6 +5,10 @@ numbered (1)..(K); the assistant answers "Ans: (k)" for the best one. The instru
 (including its runs of spaces and the typo "responed"), so that LamRA-Rank checkpoints see the prompts they were
 trained on (spec lamra.md section 4).
 
+Zero-shot judging (MM-Embed, spec mmembed_mbeir.md section 4) is a third prompt, for scoring only: the query, the
+candidate, then a yes/no question (`JudgePrompt`; MM-Embed's True/False question by default); the score is
+P(True) over {True, False} at the answer's first token, as P(Yes) is for LamRA's pointwise prompt.
+
 Training labels cover the assistant's answer and its end-of-turn token, found from the chat template's own
 structure: the conversation rendered with the answer must extend the prompt rendered with
 `add_generation_prompt=True`, and its tail (everything after the prompt) must tokenize to the same ids inside the
@@ -42,6 +46,28 @@ LIST_ANSWER = "Ans: ({})"
 LIST_PREFIX = LIST_ANSWER.split("{}")[0]  # teacher-forced before the index at scoring time
 MAX_LIST = 9  # candidate numbers must be single tokens; "(10)" would be two digits
 IGNORE = -100  # the label of every position the loss skips
+# MM-Embed's judge question, e.g. "Does the above daily-life image match the caption? True or False"; {candidate}
+# becomes the candidate's modality ("image", "text" or "image and text").
+JUDGE_QUESTION = "Does the above {candidate} match the query? True or False"
+CANDIDATE_WORDS = {"text": "text", "image": "image", "image,text": "image and text"}
+
+
+@dataclass(frozen=True)
+class JudgePrompt:
+    """A zero-shot pointwise prompt: "Query:" query, "Candidate:" candidate, then `question` (which may name the
+    candidate's modality as {candidate}); the score is P(yes) over {yes, no} at the answer's first token."""
+
+    question: str = JUDGE_QUESTION
+    yes: str = "True"
+    no: str = "False"
+
+    def __post_init__(self) -> None:
+        try:
+            self.question.format(candidate="image")
+        except (KeyError, IndexError, ValueError) as err:
+            raise LamraError(
+                f"judge question {self.question!r}: the only placeholder it may hold is {{candidate}} ({err!r})"
+            ) from None
 
 
 @dataclass
@@ -74,6 +100,12 @@ def listwise_messages(query: Item, candidates: list[Item], answer: int | None = 
     for i, candidate in enumerate(candidates, start=1):
         content += [{"type": "text", "text": f"({i}) "}, *_content(candidate)]
     return _chat(content, None if answer is None else LIST_ANSWER.format(answer))
+
+
+def judge_messages(query: Item, candidate: Item, prompt: JudgePrompt) -> list[dict[str, Any]]:
+    question = prompt.question.format(candidate=CANDIDATE_WORDS[candidate.modality])
+    content = [{"type": "text", "text": "Query:"}, *_content(query), {"type": "text", "text": "Candidate:"}]
+    return _chat([*content, *_content(candidate), {"type": "text", "text": question}], None)
 
 
 def _chat(content: list[dict[str, Any]], answer: str | None) -> list[dict[str, Any]]:
@@ -118,16 +150,21 @@ class RerankCollator:
     """Reranker examples -> one labelled batch of chats; and unlabelled prompts for scoring.
 
     Training batches lay rows out as [every pointwise chat; every listwise chat] and carry `labels` (IGNORE
-    except at the answer tokens) and `kinds` (0 pointwise, 1 listwise) per row.
+    except at the answer tokens) and `kinds` (0 pointwise, 1 listwise) per row. With a `judge` prompt, pointwise
+    scoring asks its question instead of LamRA's, and `yes_id`/`no_id` are its answer words' first tokens.
     """
 
-    def __init__(self, processor: ProcessorMixin, max_text_tokens: int | None = 256) -> None:
+    def __init__(
+        self, processor: ProcessorMixin, max_text_tokens: int | None = 256, judge: JudgePrompt | None = None
+    ) -> None:
         self.processor = processor
         self.max_text_tokens = max_text_tokens
+        self.judge = judge
         tokenizer = processor.tokenizer
-        self.yes_id, self.no_id = (self._first_token(w) for w in (YES, NO))
+        yes, no = (judge.yes, judge.no) if judge is not None else (YES, NO)
+        self.yes_id, self.no_id = (self._first_token(w) for w in (yes, no))
         if self.yes_id == self.no_id:
-            raise LamraError(f"the tokenizer starts {YES!r} and {NO!r} with the same token: P(Yes) is undefined")
+            raise LamraError(f"the tokenizer starts {yes!r} and {no!r} with the same token: P({yes}) is undefined")
         prefix = tokenizer(LIST_PREFIX, add_special_tokens=False)["input_ids"]
         self.index_ids: list[int] = []
         for k in range(1, MAX_LIST + 1):
@@ -203,7 +240,11 @@ class RerankCollator:
     # ------------------------------------------------------------------------------------ scoring
     def pointwise_inputs(self, pairs: list[tuple[Item, Item]]) -> BatchFeature:
         """Prompts (generation prompt included) of (query, candidate) pairs, for P(Yes) at their last token."""
-        chats = [pointwise_messages(self._truncated(q), self._truncated(c)) for q, c in pairs]
+        if self.judge is not None:
+            judge = self.judge
+            chats = [judge_messages(self._truncated(q), self._truncated(c), judge) for q, c in pairs]
+        else:
+            chats = [pointwise_messages(self._truncated(q), self._truncated(c)) for q, c in pairs]
         texts = self.processor.apply_chat_template(chats, tokenize=False, add_generation_prompt=True)
         return self._batch(texts, chats)
 

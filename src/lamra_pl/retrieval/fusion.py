@@ -3,7 +3,8 @@
 Only the top N of a run are reranked; they are re-sorted by the fused score (ties keep the retrieval order, so
 w = 0 gives back the retrieval ranking exactly) and the rest of the run follows in its retrieval order. w is per
 task: a weights file maps task names to w, with "default" for the others, e.g. LamRA's
-`experiments/lamra_rank/fusion.yaml`. `tune_fusion` picks w per task on a validation split.
+`experiments/lamra_rank/fusion.yaml`. `tune_fusion` picks w per task on a validation split. w = inf ("inf")
+sorts the head by the rerank score alone, ties in retrieval order (MM-Embed's zero-shot reranking).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ def fuse(retrieval: np.ndarray, rerank: np.ndarray, weight: float) -> tuple[np.n
     """
     if weight == 0:
         return np.arange(len(retrieval)), np.asarray(retrieval, dtype=np.float64).copy()
+    if np.isinf(weight):  # the rerank score alone (inf * a score would make ties NaN)
+        order = np.argsort(-np.asarray(rerank, dtype=np.float64), kind="stable")
+        return order, np.asarray(rerank, dtype=np.float64)[order]
     fused = np.asarray(retrieval, dtype=np.float64) + weight * np.asarray(rerank, dtype=np.float64)
     order = np.argsort(-fused, kind="stable")
     return order, fused[order]

@@ -35,22 +35,33 @@ from lamra_pl.errors import LamraError
 from lamra_pl.files import atomic_write
 from lamra_pl.models.merge import RERANK_SETTINGS_FILE
 from lamra_pl.models.rerank import RerankModule
-from lamra_pl.models.rerank_inputs import MAX_LIST
+from lamra_pl.models.rerank_inputs import MAX_LIST, JudgePrompt
 from lamra_pl.retrieval.encode import encode_trainer
 from lamra_pl.retrieval.evaluate import MANIFEST, task_info
-from lamra_pl.retrieval.fusion import GRID, fused_ranking, load_weights, tune_fusion, weight_for
+from lamra_pl.retrieval.fusion import GRID, fuse, load_weights, tune_fusion, weight_for
 from lamra_pl.retrieval.index import EmbeddingIndex
 from lamra_pl.retrieval.runs import Run, format_run, read_qrels, read_run
 
 Mode = Literal["pointwise", "listwise"]
 DEFAULT_TOP_N: dict[str, int] = {"pointwise": 50, "listwise": 5}  # LamRA's
+ZERO_SHOT_TOP_N = 10  # MM-Embed's
 SCORES = "scores"
 
 
-def load_rerank_module(path: str | Path) -> RerankModule:
+def load_rerank_module(path: str | Path, judge: JudgePrompt | None = None) -> RerankModule:
     """A RerankModule in eval mode from a `lamra-pl fit` checkpoint (.ckpt) or a Hugging Face checkpoint folder
-    (a merged reranker, released LamRA-Rank weights, or an off-the-shelf instruct model for zero-shot reranking)."""
+    (a merged reranker, released LamRA-Rank weights, or an off-the-shelf instruct model for zero-shot reranking).
+    With `judge`, an off-the-shelf folder scores with that zero-shot yes/no question (MM-Embed)."""
     p = Path(path)
+    if judge is not None:
+        if not p.is_dir():
+            raise LamraError(
+                f"zero-shot reranking takes an off-the-shelf model's checkpoint folder; {str(path)!r} is not a folder"
+            )
+        module = RerankModule(str(p), lora=None, gradient_checkpointing=False)
+        module.configure_model()
+        module.use_judge(judge)
+        return module.eval()
     if p.is_file():
         module = RerankModule.load_from_checkpoint(
             p, map_location="cpu", weights_only=True, gradient_checkpointing=False
@@ -179,7 +190,16 @@ def rerank(
     num_workers: int = 1,
     trainer: Trainer | None = None,
 ) -> Path | None:
-    """Rerank every task of a run folder; returns the output folder on rank 0 (None elsewhere)."""
+    """Rerank every task of a run folder; returns the output folder on rank 0 (None elsewhere).
+
+    A module with a judge prompt (zero-shot, `load_rerank_module(judge=...)`) scores pointwise, by default the top
+    10 re-sorted by P(True) alone (fusion w = inf), as MM-Embed reranks."""
+    judge = module.collator().judge
+    if judge is not None:
+        if mode != "pointwise":
+            raise LamraError("zero-shot reranking asks one candidate at a time: use --mode pointwise")
+        top_n = ZERO_SHOT_TOP_N if top_n is None else top_n
+        fusion = "inf" if fusion is None else fusion
     top_n = DEFAULT_TOP_N[mode] if top_n is None else top_n
     if top_n < 1:
         raise LamraError(f"top_n must be >= 1, got {top_n}")
@@ -238,10 +258,9 @@ def rerank(
                 raise LamraError(f"query {qid} of {name}: no rerank score for {missing[:3]} (is it in the queries?)")
             rerank_scores = np.array([mine[d] for d in head])
             retrieval_scores = np.array(retrieval, dtype=np.float64)
-            order = fused_ranking(list(range(len(ids))), retrieval_scores, rerank_scores, w)
-            ranked.append([ids[i] for i in order])
-            fused = np.concatenate([retrieval_scores[: len(head)] + w * rerank_scores, retrieval_scores[len(head) :]])
-            fused_scores.append(fused[order])
+            order, fused_head = fuse(retrieval_scores[: len(head)], rerank_scores, w)
+            ranked.append([head[i] for i in order] + ids[len(head) :])
+            fused_scores.append(np.concatenate([fused_head, retrieval_scores[len(head) :]]))
             lines += [
                 f"{qid}\t{d}\t{rank}\t{retrieval[rank - 1]!r}\t{mine[d]!r}\n" for rank, d in enumerate(head, start=1)
             ]
@@ -251,14 +270,19 @@ def rerank(
         entries[name] = {**entry, "run_file": str(run_file), "retrieval_run_file": entry["run_file"]}
     about = {
         "model": model_path,
-        "mode": mode,
+        "mode": "zero-shot judge" if judge is not None else mode,
+        "prompt": judge.question if judge is not None else "LamRA-Rank",
         "top_n": top_n,
-        "fusion": {n: weight_for(weights, n) for n in tasks},
+        "fusion": {n: _weight_text(weight_for(weights, n)) for n in tasks},
         # queries whose run holds fewer than top_n candidates (a small pool or a shallow run): all were reranked
         "fewer_than_top_n": {n: sum(len(r) < top_n for r in retrieved[n].ranked) for n in tasks},
     }
     atomic_write(out_dir / MANIFEST, json.dumps({**manifest, "tasks": entries, "rerank": about}, indent=1))
     return out_dir
+
+
+def _weight_text(w: float) -> float | str:
+    return w if np.isfinite(w) else "inf"  # JSON has no infinity
 
 
 def _queries(entry: dict[str, Any]) -> str:
