@@ -20,6 +20,7 @@ NLI_CSV ?=# a SimCSE NLI csv (sent0,sent1,hard_neg), for make convert-nli
 CKPT ?= $(RUNS)/lamra_ret_stage1/version_0/checkpoints/last.ckpt
 OUT ?= checkpoints/lamra_ret_stage1_merged
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2# pytest-xdist workers for make test (0: one process)
 MODEL ?=# a trained retriever (a `fit` checkpoint or a merged folder), for index, retrieve, search
 SPLIT ?= test
 INDEX ?= indexes/$(SPLIT)_global# the index of DATA/eval/SPLIT/global_pool
@@ -145,8 +146,8 @@ lint: venv
 bench-train: venv  # retriever training step: throughput, memory, MFU (e.g. ARGS="--shape 2b --batch-sizes 32 64")
 	$(BIN)/python experiments/benchmarks/train_step.py $(ARGS)
 
-test: venv lint
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+test: venv lint  # two pytest workers, one per core (a test file's tests stay on one worker: module fixtures once)
+	OMP_NUM_THREADS=$(if $(filter 0 1,$(TEST_WORKERS)),2,1) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 demo: venv
 	$(BIN)/python -m data_recipes.demo

@@ -74,10 +74,14 @@ def shape_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+# `make test` runs two pytest workers (pytest-xdist), one per core: one thread each, then.
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+
+
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture

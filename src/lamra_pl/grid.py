@@ -130,11 +130,11 @@ def fit_state(step: Step) -> str:
 
 
 def run_grid(path: str | Path, only: list[str] | None = None, dry_run: bool = False) -> dict[str, Any]:
-    """Run every step not yet done; returns {step: "done" | "skipped" | "resumed", seconds}."""
+    """Run every step not yet done; returns {"<n> <step>": {"state": done | skipped | resumed, "minutes"}}."""
     grid = load_grid(path, only)
     grid.out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {}
-    for step in grid.steps:
+    for number, step in enumerate(grid.steps, start=1):
         command = list(step.command)
         if step.run_dir is None:
             state = "done" if step.creates is not None and step.creates.exists() else "new"
@@ -142,7 +142,8 @@ def run_grid(path: str | Path, only: list[str] | None = None, dry_run: bool = Fa
             state = fit_state(step)
             if state == "resume":
                 command.append(f"--ckpt_path={step.run_dir / 'checkpoints' / 'last.ckpt'}")
-        label = f"{'fit ' if step.run_dir else ''}{step.name}"
+        # Numbered: a grid runs the same tool (index, evaluate, ...) more than once.
+        label = f"{number:02d} {'fit ' if step.run_dir else ''}{step.name}"
         if state in ("done", "finished"):
             print(f"== {label}: already done, skipped", flush=True)
             summary[label] = {"state": "skipped"}
