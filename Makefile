@@ -32,7 +32,7 @@ RERANKER ?= $(RUNS)/lamra_rank/version_0/checkpoints/last.ckpt# a trained rerank
 JUDGE ?=# an off-the-shelf instruct model's checkpoint folder (e.g. a Qwen2-VL-7B-Instruct download), for make rerank-zeroshot
 FUSION ?= experiments/lamra_rank/fusion.yaml# w of final = retrieval + w * rerank: a number or a weights file
 GRID ?= demo# a grid file experiments/ablations/grids/GRID.yaml, for make ablations
-RUNS_DIR ?= $(RUNS)/ablations/demo# runs to compare, for make report (the demo grids' folder)
+RUNS_DIR ?= $(RUNS)/ablations/demo# runs to compare, for make report (GRID=demo and demo_rerank; demo_bias: demo_global)
 MINE_RUNS ?= $(RUNS)/train_mining# MODEL's top 50 of the training queries in the union training pool, for make mine
 MINED ?= $(if $(DATA),$(DATA)/mined,data/mined)# hard-negative training shards (make mine)
 STRATEGY ?= modality# make mine: modality (MM-Embed), topk (UniIR, modality-blind) or random
@@ -126,7 +126,7 @@ stage-hardneg: venv  # MM-Embed's M_hard: stage 2 again from the stage-1 model (
 	$(LAMRA) fit -c $(CONFIG) $(backbone_arg) --data.init_args.train_shards=$(MINED) $(ARGS)
 
 stage-continual: CONFIG ?= experiments/mm_embed/stage_continual.yaml
-stage-continual: venv  # MM-Embed's continual fine-tuning of M_hard (BACKBONE, merged) on MINED + TEXT_DATA
+stage-continual: venv  # MM-Embed's continual fine-tuning of M_hard (BACKBONE, merged) on MINED + TEXT_DATA (both, or the config's sources)
 	$(LAMRA) fit -c $(CONFIG) $(backbone_arg) $(continual_data) $(ARGS)
 
 ablations: venv  # run a grid (experiments/ablations/grids/GRID.yaml; done steps are skipped); its last step reports

@@ -92,9 +92,18 @@ def test_ranks_share_each_batch_task_and_its_passes_and_batches_are_pure_functio
 
 
 def test_bad_sources_are_named_errors(sources, tmp_path):
-    with pytest.raises(LamraError, match="ratio must be a number > 0"):
+    with pytest.raises(LamraError, match="ratio must be a finite number > 0"):
         stream(sources, {"a": 0.0, "b": 1}, homogeneous=False)
     with pytest.raises(LamraError, match="more than one source"):
         MixDataModule(sources={str(sources / "a"): 1, str(sources / "a/task0"): 1}).build_index()
+    # A resumed run must draw batch b as the interrupted one did: what that depends on is saved and checked.
+    saved = MixDataModule(sources={str(sources / s): 1 for s in "ab"}, homogeneous=True, batch_size=4, num_workers=0)
+    saved.collate = QueryIds()
+    state = saved.state_dict()
+    resumed = MixDataModule(sources={str(sources / s): 1 for s in "ab"}, homogeneous=True, batch_size=8, num_workers=0)
+    resumed.collate = QueryIds()
+    resumed.load_state_dict(state)
+    with pytest.raises(LamraError, match="batch_size"):
+        resumed.train_dataloader()
     with pytest.raises(LamraError, match="not data.train_shards"):
         MixDataModule(sources={str(sources / "a"): 1}, train_shards=str(sources / "b"))

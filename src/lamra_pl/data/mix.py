@@ -64,7 +64,8 @@ class Draws:
 
     def count_before(self, u: int, group: int) -> int:
         i, offset = divmod(u, BLOCK)
-        return int(self.before[i][group] + np.count_nonzero(self._block(i)[:offset] == group)) if u else 0
+        block = self._block(i)  # also fills self.before up to block i
+        return int(self.before[i][group] + np.count_nonzero(block[:offset] == group))
 
 
 class MixStream(TrainStream):
@@ -88,11 +89,6 @@ class MixStream(TrainStream):
             self._passes[key] = np.random.default_rng([self.seed, group, epoch_pass]).permutation(len(members))
         return int(members[self._passes[key][position]])
 
-    def group_of(self, b: int, j: int) -> int:
-        """The group of query j of this rank's batch b."""
-        unit = b if self.homogeneous else (b * self.batch_size + j) * self.world + self.rank
-        return self.mix.group(unit)
-
     def draws(self, b: int) -> tuple[list[tuple[int, str]], np.ndarray | None]:
         size, world = self.batch_size, self.world
         if self.homogeneous:
@@ -113,9 +109,9 @@ def mix_groups(sources: dict[str, float], homogeneous: bool) -> tuple[SampleInde
     """The combined index of every source's shards, and the groups to draw from with their weights."""
     if not sources:
         raise LamraError("data.sources is empty: give {shard folder or pattern: ratio, ...}")
-    bad = {k: v for k, v in sources.items() if not isinstance(v, (int, float)) or not v > 0}
+    bad = {k: v for k, v in sources.items() if not isinstance(v, (int, float)) or not 0 < v < float("inf")}
     if bad:
-        raise LamraError(f"data.sources: every ratio must be a number > 0, got {bad}")
+        raise LamraError(f"data.sources: every ratio must be a finite number > 0, got {bad}")
     urls, source_of = [], []
     for number, spec in enumerate(sources):
         found = expand_shards(spec)
@@ -162,26 +158,32 @@ class MixDataModule(ShardDataModule):
         super().__init__(**kwargs)
         self.groups: list[Group] = []
         self.weights: list[float] = []
-        self.saved_world: int | None = None
+        self.saved: dict[str, Any] | None = None  # the stream settings of a checkpoint being resumed
 
     def build_index(self) -> SampleIndex:
         index, self.groups, self.weights = mix_groups(self.hparams.sources, self.hparams.homogeneous)
         return index
 
     def new_stream(self, index: SampleIndex, **settings: Any) -> TrainStream:
-        if self.saved_world not in (None, self.world):
+        if self.saved is not None and self.saved != self._settings():
+            changed = sorted(k for k in self._settings() if self.saved.get(k) != self._settings()[k])
             raise LamraError(
-                f"the checkpoint's mixed data stream ran on {self.saved_world} ranks, this run has {self.world}: "
-                "resume with the same number of devices"
+                f"the checkpoint's mixed data stream had other {changed} ({ {k: self.saved.get(k) for k in changed} }"
+                f" then, { {k: self._settings()[k] for k in changed} } now): batch b's samples depend on them, so "
+                "resume with the same settings or start a new run"
             )
         return MixStream(
             index, groups=self.groups, weights=self.weights, homogeneous=self.hparams.homogeneous, **settings
         )
 
-    # Batch b's draws depend on the number of ranks (the queries of a global batch are dealt to them).
+    def _settings(self) -> dict[str, Any]:
+        h = self.hparams
+        return {"world": self.world, "batch_size": h.batch_size, "homogeneous": h.homogeneous, "sources": h.sources}
+
+    # Unlike ShardDataModule's stream, batch b's draws are not a position in one sequence: they depend on these.
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "world": self.world}
+        return {**super().state_dict(), "mix": self._settings()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.saved_world = state.get("world")
+        self.saved = state.get("mix")

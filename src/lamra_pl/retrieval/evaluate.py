@@ -136,8 +136,10 @@ def evaluate_runs(runs_dir: str | Path, ks: tuple[int, ...] = KS) -> dict[str, A
             "num_queries": len(run.qids),
         }
         if modality_of is not None:
-            targets = [next((modality_of[d] for d in qrels.get(q, ()) if d in modality_of), None) for q in run.qids]
-            tasks[name][f"wrong_modality@{BIAS_K}"] = wrong_modality(run.ranked, targets, modality_of, BIAS_K)
+            targets = [next((modality_of[d] for d in sorted(qrels[q]) if d in modality_of), None) for q in run.qids]
+            share = wrong_modality(run.ranked, targets, modality_of, BIAS_K)
+            if not np.isnan(share):  # no query with a positive in the index: no measure, rather than NaN
+                tasks[name][f"wrong_modality@{BIAS_K}"] = share
     return {"pool": manifest["pool"], "tasks": tasks, "average": summarise(tasks, ks)}
 
 
@@ -183,10 +185,10 @@ def markdown(results: dict[str, Any], ks: tuple[int, ...] = KS) -> str:
 def evaluation_hparams(runs_dir: str | Path) -> dict[str, Any]:
     """What an evaluation evaluated, from its manifest: the retriever, index, pool and depth, and any reranking."""
     manifest = json.loads((Path(runs_dir) / MANIFEST).read_text())
-    index = Path(manifest.get("index") or "")
-    meta_file = index / "index.json"
-    model = json.loads(meta_file.read_text())["model"].get("path") if meta_file.is_file() else None
-    hparams = {"retriever": model, "index": str(index), "pool": manifest["pool"], "k": manifest.get("k")}
+    index = manifest.get("index")
+    meta_file = Path(index) / "index.json" if index else None
+    model = json.loads(meta_file.read_text())["model"].get("path") if meta_file and meta_file.is_file() else None
+    hparams = {"retriever": model, "index": index, "pool": manifest["pool"], "k": manifest.get("k")}
     hparams["instruction_seed"] = manifest.get("instruction_seed")
     rerank = manifest.get("rerank")
     if rerank:
@@ -207,12 +209,15 @@ def save_results(
     """
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from lamra_pl.report import FINAL, read_hparams
+    from lamra_pl.report import FINAL, read_hparams, read_run
 
     runs_dir = Path(runs_dir)
     board = Path(log_to) if log_to is not None else runs_dir
     if log_to is not None and not board.is_dir():
         raise LamraError(f"--log_to {str(log_to)!r} is not a folder (give a run folder, e.g. runs/grid/lamra)")
+    if log_to is not None and any(board.glob("events.out.tfevents.*")) and read_run(board, board).finished:
+        # hp/<task>/<metric> names carry no pool or split: a second set would silently replace the first.
+        raise LamraError(f"--log_to {str(log_to)!r} already has final metrics (hp/*): log into a run without them")
     logger = TensorBoardLogger(str(board), name="", version="", default_hp_metric=False)
     named = {f"{name}/{m}": v for name, t in results["tasks"].items() for m, v in t.items() if _metric(m)}
     named.update({f"average/{m}": v for m, v in results["average"].items()})

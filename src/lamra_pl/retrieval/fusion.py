@@ -49,13 +49,13 @@ def load_weights(spec: str | float | None) -> dict[str, float]:
         except ValueError:
             raise LamraError(f"fusion weights {spec!r}: neither a number nor a file") from None
     data = yaml.safe_load(path.read_text())
-    if not isinstance(data, dict) or not all(isinstance(v, int | float) for v in data.values()):
-        raise LamraError(f"{path}: expected a mapping of task name (or 'default') to a number")
+    if not isinstance(data, dict) or not all(isinstance(v, int | float) or v == "inf" for v in data.values()):
+        raise LamraError(f"{path}: expected a mapping of task name (or 'default') to a number (or inf)")
     return _checked({str(k): float(v) for k, v in data.items()}, str(path))
 
 
 def _checked(weights: dict[str, float], where: str) -> dict[str, float]:
-    negative = {k: v for k, v in weights.items() if v < 0}
+    negative = {k: v for k, v in weights.items() if not v >= 0}  # NaN too
     if negative:
         raise LamraError(f"fusion weights must be >= 0 (a reranker's score adds evidence), {where} has {negative}")
     return weights

@@ -282,7 +282,7 @@ def rerank(
 
 
 def _weight_text(w: float) -> float | str:
-    return w if np.isfinite(w) else "inf"  # JSON has no infinity
+    return "inf" if w == float("inf") else w  # JSON has no infinity (and NaN weights are refused earlier)
 
 
 def _queries(entry: dict[str, Any]) -> str:
