@@ -143,11 +143,12 @@ def varied(runs: list[Run]) -> list[str]:
     return [k for k in keys if len({json.dumps(r.hparams[k], sort_keys=True) for r in runs if k in r.hparams}) > 1]
 
 
-def metric_order(name: str) -> tuple[int, str, float]:
-    """average first, then tasks alphabetically; within each, R@1 < R@5 < R@10 (numerically)."""
+def metric_order(name: str) -> tuple[int, str, float, str]:
+    """average first, then tasks alphabetically; within each, R@1 < R@5 < R@10 (numerically), then the others by
+    name."""
     group, _, metric = name.rpartition("/")
     k = float(metric[2:]) if metric.startswith("R@") and metric[2:].isdigit() else math.inf
-    return (0 if group == "average" else 1, group, k)
+    return (0 if group == "average" else 1, group, k, metric)
 
 
 def table(runs: list[Run]) -> str:
