@@ -113,3 +113,39 @@ def test_merge_of_a_full_fine_tuning_checkpoint(tiny_backbone, shape_shards, tmp
     with torch.no_grad():
         batch = EmbeddingCollator(trained.processor).encode(ITEMS)
         torch.testing.assert_close(merged.embed(batch), trained.embed(batch), atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_latent_attention_pooling_trains_is_saved_with_the_adapter_and_merged(tiny_backbone, shape_shards, tmp_path):
+    """MM-Embed's pooling (NV-Embed latent attention): its own weights train, ride in the checkpoint beside the LoRA
+    adapter, and `merge` writes them, so the merged folder embeds as the checkpoint does."""
+    runs, out = tmp_path / "runs", tmp_path / "merged"
+    proc = lamra(
+        "fit",
+        "-c",
+        "experiments/tiny/stage2_instruct.yaml",
+        f"--model.init_args.backbone={tiny_backbone}",
+        "--model.init_args.pooling=latent_attention",
+        "--model.init_args.latents=8",
+        "--model.init_args.latent_heads=2",
+        f"--data.init_args.train_shards={shape_shards}",
+        "--data.init_args.batch_size=6",
+        "--trainer.max_steps=2",
+        "--trainer.log_every_n_steps=1",
+        f"--trainer.logger.init_args.save_dir={runs}",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = runs / "tiny_stage2" / "version_0"
+    assert all(np.isfinite(v) for _, v in scalars(run)["train/loss"])
+    ckpt = run / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=True, map_location="cpu")["state_dict"]
+    fresh = EmbeddingModule(str(tiny_backbone), pooling="latent_attention", latents=8, latent_heads=2)
+    fresh.configure_model()
+    hidden = fresh.model.config.get_text_config().hidden_size
+    assert state["latent_pool.latents"].shape == fresh.latent_pool.latents.shape == (8, hidden)
+    assert any("lora_" in k for k in state)
+    assert not torch.equal(state["latent_pool.latents"], fresh.latent_pool.latents.detach())  # it trained
+    assert lamra("merge", f"--ckpt={ckpt}", f"--out={out}").returncode == 0
+    texts = [item.text for item in ITEMS if item.image is None]
+    from_ckpt, from_dir = Retriever.from_checkpoint(ckpt).encode(texts), Retriever.from_checkpoint(out).encode(texts)
+    np.testing.assert_allclose(from_dir, from_ckpt, atol=1e-4)

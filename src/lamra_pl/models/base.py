@@ -257,7 +257,7 @@ class BackboneModule(TrainingModule):
                 # Their gradients would never be reduced across ranks: each rank would train its own copy.
                 raise LamraError(
                     f"FSDP2 shards the backbone's trunk only, but {unsharded} are trainable outside it "
-                    "(learnable_temperature, train_lm_head): turn them off or use DDP"
+                    "(learnable_temperature, train_lm_head, latent_attention pooling): turn them off or use DDP"
                 )
 
     @property

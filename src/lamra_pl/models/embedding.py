@@ -14,12 +14,13 @@ from torch.distributed.fsdp import FSDPModule
 from transformers import BatchFeature
 
 from lamra_pl.errors import LamraError
-from lamra_pl.models.backbone import EMB_TOKEN, DType, LoraSpec
+from lamra_pl.models.backbone import EMB_TOKEN, DType, LoraSpec, hf_model
 from lamra_pl.models.base import BackboneModule, Rope
 from lamra_pl.models.contrastive import ContrastiveSteps
 from lamra_pl.models.inputs import EmbeddingCollator
+from lamra_pl.models.pooling import LatentAttentionPooling
 
-Pooling = Literal["before_emb", "last_token"]
+Pooling = Literal["before_emb", "last_token", "latent_attention"]
 
 
 def pooling_index(
@@ -28,7 +29,8 @@ def pooling_index(
     """Per row, the position whose last-layer state is the embedding.
 
     "before_emb": the token just before the first `<emb>` (LamRA; the `\\n` ending `<|im_start|>assistant\\n`).
-    "last_token": the last non-padding token. Both hold for left and right padding.
+    "last_token": the last non-padding token. Both hold for left and right padding. ("latent_attention" pools
+    every real token: `pooling.LatentAttentionPooling`.)
     """
     if pooling == "last_token":
         # argmax returns the first maximum of the running count, i.e. the last real token.
@@ -45,7 +47,9 @@ class EmbeddingModule(ContrastiveSteps, BackboneModule):
 
     Args (besides those of `BackboneModule`: backbone, lora, rope, min/max_pixels, padding_side, freezing, dtype,
     attn_implementation, gradient_checkpointing, trust_remote_code, optimizer, warmup_ratio, lr_schedule):
-        pooling: "before_emb" (LamRA) or "last_token".
+        pooling: "before_emb" (LamRA), "last_token", or "latent_attention" (NV-Embed's, MM-Embed's pooling: trainable
+            latent cross-attention + MLP + mean over the real tokens, `latents` latents and `latent_heads` heads;
+            its weights train with the adapter and `merge` saves them).
         temperature: InfoNCE temperature (LamRA: 0.05); `learnable_temperature` trains it, CLIP-style.
         max_text_tokens: texts are cut to this many tokens before the prompt is built (LamRA: 480).
         min_pixels, max_pixels: LamRA: 4*28*28, 300*28*28.
@@ -83,6 +87,8 @@ class EmbeddingModule(ContrastiveSteps, BackboneModule):
         gradcache_chunk_size: int | None = None,
         gradcache_clip_norm: float | None = None,
         instructions: bool = True,
+        latents: int = 512,
+        latent_heads: int = 8,
     ) -> None:
         if temperature <= 0:
             raise LamraError(f"model.temperature must be positive, got {temperature}")
@@ -96,6 +102,15 @@ class EmbeddingModule(ContrastiveSteps, BackboneModule):
         self.automatic_optimization = gradcache_chunk_size is None
         self.emb_token_id = self.processor.tokenizer.convert_tokens_to_ids(EMB_TOKEN)
         self.init_temperature(temperature, learnable_temperature)
+        self.latent_pool: LatentAttentionPooling | None = None
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        h = self.hparams
+        if h.pooling == "latent_attention" and self.latent_pool is None:
+            hidden = hf_model(self.model).config.get_text_config().hidden_size
+            self.latent_pool = LatentAttentionPooling(hidden, h.latents, h.latent_heads)
+            self.latent_pool.load_if_saved(h.backbone)  # a merged folder's trained pooling
 
     def collator(self) -> EmbeddingCollator:
         h = self.hparams
@@ -111,6 +126,8 @@ class EmbeddingModule(ContrastiveSteps, BackboneModule):
         if isinstance(inputs, list):
             return torch.cat([self.embed(chunk) for chunk in inputs])
         states = self.hidden_states(inputs)
+        if self.latent_pool is not None:
+            return F.normalize(self.latent_pool(states, inputs["attention_mask"]).float(), dim=-1)
         index = pooling_index(inputs["input_ids"], inputs["attention_mask"], self.emb_token_id, self.hparams.pooling)
         pooled = states[torch.arange(index.numel(), device=index.device), index]
         return F.normalize(pooled.float(), dim=-1)

@@ -27,6 +27,8 @@ EMBEDDING_SETTINGS = (
     "max_pixels",
     "padding_side",
     "instructions",
+    "latents",
+    "latent_heads",
 )
 RERANK_SETTINGS_FILE = "lamra_pl_rerank.json"
 RERANK_SETTINGS = ("rope", "max_text_tokens", "min_pixels", "max_pixels", "padding_side")
@@ -69,4 +71,6 @@ def merge(ckpt: str, out: str) -> Path:
         (SETTINGS_FILE, EMBEDDING_SETTINGS) if cls is EmbeddingModule else (RERANK_SETTINGS_FILE, RERANK_SETTINGS)
     )
     (out_dir / name).write_text(json.dumps({k: module.hparams[k] for k in keys if k in module.hparams}, indent=1))
+    if getattr(module, "latent_pool", None) is not None:  # trained latent-attention pooling: not part of the HF model
+        module.latent_pool.save(out_dir)
     return out_dir
