@@ -16,23 +16,26 @@ from lamra_pl.retrieval.retriever import Retriever
 from test_embedding import ITEMS
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_backbone, shape_shards, tmp_path_factory) -> Path:
-    runs = tmp_path_factory.mktemp("runs")
+def tiny_fit(backbone: Path, shards: Path, runs: Path, *overrides: str) -> Path:
+    """`lamra-pl fit` of the tiny stage-2 config on `shards`; returns its run folder."""
     proc = lamra(
         "fit",
         "-c",
         "experiments/tiny/stage2_instruct.yaml",
-        f"--model.init_args.backbone={tiny_backbone}",
-        f"--data.init_args.train_shards={shape_shards}",
-        "--data.init_args.batch_size=12",
-        "--data.init_args.num_negatives=1",
-        "--trainer.max_steps=60",
+        f"--model.init_args.backbone={backbone}",
+        f"--data.init_args.train_shards={shards}",
         "--trainer.log_every_n_steps=1",
         f"--trainer.logger.init_args.save_dir={runs}",
+        *overrides,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return runs / "tiny_stage2" / "version_0"
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_backbone, shape_shards, tmp_path_factory) -> Path:
+    overrides = ("--data.init_args.batch_size=12", "--data.init_args.num_negatives=1", "--trainer.max_steps=60")
+    return tiny_fit(tiny_backbone, shape_shards, tmp_path_factory.mktemp("runs"), *overrides)
 
 
 @pytest.mark.slow
@@ -87,22 +90,18 @@ def test_merge_then_reload_gives_the_unmerged_embeddings(trained, tiny_backbone,
 
 @pytest.mark.slow
 def test_merge_of_a_full_fine_tuning_checkpoint(tiny_backbone, shape_shards, tmp_path):
-    runs, out = tmp_path / "runs", tmp_path / "merged"
-    proc = lamra(
-        "fit",
-        "-c",
-        "experiments/tiny/stage2_instruct.yaml",
-        f"--model.init_args.backbone={tiny_backbone}",
+    out = tmp_path / "merged"
+    run = tiny_fit(
+        tiny_backbone,
+        shape_shards,
+        tmp_path / "runs",
         "--model.init_args.lora=null",
         "--model.init_args.train_vision_tower=true",
         "--model.init_args.train_projector=true",
-        f"--data.init_args.train_shards={shape_shards}",
         "--data.init_args.batch_size=6",
         "--trainer.max_steps=3",
-        f"--trainer.logger.init_args.save_dir={runs}",
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    ckpt = runs / "tiny_stage2" / "version_0" / "checkpoints" / "last.ckpt"
+    ckpt = run / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, weights_only=True, map_location="cpu")["state_dict"]
     assert any(".visual.blocks." in k for k in state) and not any("lora_" in k for k in state)
     assert lamra("merge", f"--ckpt={ckpt}", f"--out={out}").returncode == 0
@@ -119,23 +118,17 @@ def test_merge_of_a_full_fine_tuning_checkpoint(tiny_backbone, shape_shards, tmp
 def test_latent_attention_pooling_trains_is_saved_with_the_adapter_and_merged(tiny_backbone, shape_shards, tmp_path):
     """MM-Embed's pooling (NV-Embed latent attention): its own weights train, ride in the checkpoint beside the LoRA
     adapter, and `merge` writes them, so the merged folder embeds as the checkpoint does."""
-    runs, out = tmp_path / "runs", tmp_path / "merged"
-    proc = lamra(
-        "fit",
-        "-c",
-        "experiments/tiny/stage2_instruct.yaml",
-        f"--model.init_args.backbone={tiny_backbone}",
+    out = tmp_path / "merged"
+    run = tiny_fit(
+        tiny_backbone,
+        shape_shards,
+        tmp_path / "runs",
         "--model.init_args.pooling=latent_attention",
         "--model.init_args.latents=8",
         "--model.init_args.latent_heads=2",
-        f"--data.init_args.train_shards={shape_shards}",
         "--data.init_args.batch_size=6",
         "--trainer.max_steps=2",
-        "--trainer.log_every_n_steps=1",
-        f"--trainer.logger.init_args.save_dir={runs}",
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    run = runs / "tiny_stage2" / "version_0"
     assert all(np.isfinite(v) for _, v in scalars(run)["train/loss"])
     ckpt = run / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, weights_only=True, map_location="cpu")["state_dict"]

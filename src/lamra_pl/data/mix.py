@@ -123,6 +123,7 @@ def mix_groups(sources: dict[str, float], homogeneous: bool) -> tuple[SampleInde
     index = SampleIndex.build(urls)
     source = np.asarray(source_of)[index.shard]
     total = sum(sources.values())
+    folders = np.asarray([str(Path(u).parent) for u in urls])  # a shard's task: its folder
     groups, weights = [], []
     for number, (spec, ratio) in enumerate(sources.items()):
         members = np.flatnonzero(source == number)
@@ -132,7 +133,7 @@ def mix_groups(sources: dict[str, float], homogeneous: bool) -> tuple[SampleInde
             groups.append(Group(spec, members))
             weights.append(ratio / total)
             continue
-        folder = np.asarray([str(Path(u).parent) for u in urls])[index.shard[members]]
+        folder = folders[index.shard[members]]
         for task in sorted(set(folder)):
             in_task = members[folder == task]
             groups.append(Group(task, in_task))

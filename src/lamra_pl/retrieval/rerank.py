@@ -53,15 +53,10 @@ def load_rerank_module(path: str | Path, judge: JudgePrompt | None = None) -> Re
     (a merged reranker, released LamRA-Rank weights, or an off-the-shelf instruct model for zero-shot reranking).
     With `judge`, an off-the-shelf folder scores with that zero-shot yes/no question (MM-Embed)."""
     p = Path(path)
-    if judge is not None:
-        if not p.is_dir():
-            raise LamraError(
-                f"zero-shot reranking takes an off-the-shelf model's checkpoint folder; {str(path)!r} is not a folder"
-            )
-        module = RerankModule(str(p), lora=None, gradient_checkpointing=False)
-        module.configure_model()
-        module.use_judge(judge)
-        return module.eval()
+    if judge is not None and not p.is_dir():
+        raise LamraError(
+            f"zero-shot reranking takes an off-the-shelf model's checkpoint folder; {str(path)!r} is not a folder"
+        )
     if p.is_file():
         module = RerankModule.load_from_checkpoint(
             p, map_location="cpu", weights_only=True, gradient_checkpointing=False
@@ -73,6 +68,8 @@ def load_rerank_module(path: str | Path, judge: JudgePrompt | None = None) -> Re
         module.configure_model()
     else:
         raise LamraError(f"reranker {str(path)!r} is neither a checkpoint file nor a checkpoint folder")
+    if judge is not None:
+        module.use_judge(judge)
     return module.eval()
 
 
