@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny Qwen2-VL checkpoint on disk and small real WebDataset shards."""
+"""Shared fixtures: tiny Qwen2-VL, LLaVA-Next and text-only checkpoints on disk and small real WebDataset shards."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 
 from lamra_pl.data.schema import encode_record
 from lamra_pl.data.shards import write_shards
-from lamra_pl.models.tiny import build_tiny_qwen2vl
+from lamra_pl.models.tiny import build_tiny_causal_lm, build_tiny_llava_next, build_tiny_qwen2vl
 
 COLORS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (30, 60, 220), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square", "triangle")
@@ -65,6 +65,17 @@ def text_to_image_samples(repeat: int = 1, negatives: int = 0) -> list[dict]:
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_qwen2vl(tmp_path_factory.mktemp("backbone") / "tiny-qwen2vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_next(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llava_next(tmp_path_factory.mktemp("backbone") / "tiny-llava-next")
+
+
+@pytest.fixture(scope="session")
+def tiny_text_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A text-only causal LM (Qwen2): no processor, no vision."""
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("backbone") / "tiny-qwen2")
 
 
 @pytest.fixture(scope="session")

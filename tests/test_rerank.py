@@ -133,17 +133,31 @@ def test_p_yes_from_one_forward_equals_the_first_generated_step(reranker):
     assert torch.allclose(p_yes, alone, atol=1e-5)  # padding and batching do not change a score
 
 
-def test_zero_shot_p_true_from_one_forward_equals_the_first_generated_step(tiny_backbone):
-    judge = load_rerank_module(tiny_backbone, judge=JudgePrompt())  # as `rerank --zero_shot true` loads a folder
+MULTIMODAL_PAIRS = [
+    (Item("q0", "Find the red circle."), Item("a", None, image("red"))),
+    (Item("q1", "a shape", image("blue", "square", 84)), Item("b", "blue square")),
+    (Item("q2", "text only", image("green")), Item("c", "a candidate with text", image("green", "square"))),
+]
+TEXT_PAIRS = [
+    (Item("q0", "Find the red circle."), Item("a", "a red circle")),
+    (Item("q1", "a shape"), Item("b", "blue square")),
+    (Item("q2", "text only"), Item("c", "a longer candidate with more text")),
+]
+
+
+@pytest.mark.parametrize(
+    ("backbone", "pairs"),
+    [("tiny_backbone", MULTIMODAL_PAIRS), ("tiny_llava_next", MULTIMODAL_PAIRS), ("tiny_text_lm", TEXT_PAIRS)],
+)
+def test_zero_shot_p_true_from_one_forward_equals_the_first_generated_step(backbone, pairs, request):
+    """On every backbone family: Qwen2-VL, LLaVA-Next (MM-Embed's judge family) and a text-only causal LM."""
+    path = request.getfixturevalue(backbone)
+    judge = load_rerank_module(path, judge=JudgePrompt())  # as `rerank --zero_shot true` loads a folder
     collator = judge.collator()
-    pairs = [
-        (Item("q0", "Find the red circle."), Item("a", None, image("red"))),
-        (Item("q1", "a shape", image("blue", "square", 84)), Item("b", "blue square")),
-        (Item("q2", "text only", image("green")), Item("c", "a candidate with text", image("green", "square"))),
-    ]
     inputs = collator.pointwise_inputs(pairs)
     prompts = collator.processor.tokenizer.batch_decode(inputs["input_ids"])
-    for prompt, words in zip(prompts, ("image", "text", "image and text"), strict=True):
+    named = ("image", "text", "image and text") if pairs is MULTIMODAL_PAIRS else ("text",) * 3
+    for prompt, words in zip(prompts, named, strict=True):
         assert f"Does the above {words} match the query? True or False" in prompt  # MM-Embed's question
     tokenizer = collator.processor.tokenizer
     first_tokens = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("True", "False")]

@@ -41,6 +41,7 @@ from lamra_pl.models.rerank_inputs import JUDGE_QUESTION, JudgePrompt
 
 def tiny_backbone(
     out: str,
+    model_type: str = "qwen2_vl",
     hidden_size: int = 64,
     num_layers: int = 2,
     vocab_size: int = 512,
@@ -50,38 +51,41 @@ def tiny_backbone(
     corpus: str | None = None,
     seed: int = 0,
 ) -> None:
-    """Write a tiny randomly initialised Qwen2-VL checkpoint (for tests and the CPU demo).
+    """Write a tiny randomly initialised checkpoint (for tests and the CPU demo).
 
     Args:
         out: output directory.
-        hidden_size: language model width (the vision merger projects into it).
+        model_type: "qwen2_vl" (the demo's), "llava_next" (MM-Embed's family), or a text-only causal LM's
+            model_type ("qwen2", "llama", "mistral", ...).
+        hidden_size: language model width (the vision projector maps into it).
         num_layers: decoder layers.
         vocab_size: embedding rows; the byte-level BPE tokenizer is trained to leave a few spare.
-        vision_dim: vision tower width.
-        min_pixels: smallest image area the processor resizes to.
-        max_pixels: largest image area the processor resizes to.
+        vision_dim: vision tower width (multimodal models).
+        min_pixels: smallest image area the processor resizes to (qwen2_vl).
+        max_pixels: largest image area the processor resizes to (qwen2_vl).
         corpus: optional text file (one text per line) to train the tokenizer on besides the prompts.
         seed: weight initialisation seed.
     """
-    from lamra_pl.models.tiny import build_tiny_qwen2vl
+    from lamra_pl.models.backbone import family_of
+    from lamra_pl.models.tiny import build_tiny_causal_lm, build_tiny_llava_next, build_tiny_qwen2vl
 
     lines: list[str] = []
     if corpus is not None:
         if not Path(corpus).is_file():
             raise LamraError(f"corpus file {corpus!r} does not exist")
         lines = Path(corpus).read_text(encoding="utf-8").splitlines()
-    path = build_tiny_qwen2vl(
-        out,
-        hidden_size=hidden_size,
-        num_layers=num_layers,
-        vocab_size=vocab_size,
-        vision_dim=vision_dim,
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
-        corpus=lines,
-        seed=seed,
-    )
-    print(f"tiny Qwen2-VL written to {path}")
+    shape = {"hidden_size": hidden_size, "num_layers": num_layers, "vocab_size": vocab_size}
+    if model_type == "qwen2_vl":
+        path = build_tiny_qwen2vl(
+            out, **shape, vision_dim=vision_dim, min_pixels=min_pixels, max_pixels=max_pixels, corpus=lines, seed=seed
+        )
+    elif model_type == "llava_next":
+        path = build_tiny_llava_next(out, **shape, vision_dim=vision_dim, corpus=lines, seed=seed)
+    elif family_of(model_type, where="--model_type").text_only:
+        path = build_tiny_causal_lm(out, model_type=model_type, **shape, corpus=lines, seed=seed)
+    else:
+        raise LamraError(f"--model_type {model_type!r}: a tiny builder exists for qwen2_vl, llava_next and causal LMs")
+    print(f"tiny {model_type} written to {path}")
 
 
 def merge(ckpt: str, out: str) -> None:

@@ -1,22 +1,37 @@
-"""Load an image-text-to-text backbone and its processor by path, add `<emb>`, apply LoRA, freeze.
+"""Load a backbone and its processor by path, add `<emb>`, apply LoRA, freeze.
 
-This is the one place that touches `from_pretrained`. Architectures differ only in where their parts live,
-which `FAMILIES` records by qualified module name; supporting another one (LLaVA-Next, a text-only causal LM)
-means adding an entry there and, if it has no image-text-to-text auto class, its auto class.
+This is the one place that touches `from_pretrained`. Image-text-to-text architectures differ only in where
+their parts live, which `FAMILIES` records by qualified module name; supporting another one means adding an entry
+there. Any other checkpoint whose `model_type` has a causal-LM class (Llama, Mistral, Qwen2, Gemma, ...) loads as
+a text-only backbone: `AutoModelForCausalLM` and its tokenizer, behind `TextProcessor` so the collators need not
+know (they fail clearly on an image).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    BatchEncoding,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    ProcessorMixin,
+)
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+)
 
 from lamra_pl.errors import LamraError
 
@@ -27,17 +42,28 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 @dataclass(frozen=True)
 class Family:
-    """Where an architecture keeps its parts, as qualified names inside the `from_pretrained` model."""
+    """Where an architecture keeps its parts, as qualified names inside the `from_pretrained` model (None: it has
+    no such part), and whether its image processor takes `min_pixels`/`max_pixels` (Qwen2-VL's dynamic
+    resolution; LLaVA-Next's tiles have the vision tower's fixed size)."""
 
     language_model: str
-    vision_tower: str
-    projector: str
+    vision_tower: str | None
+    projector: str | None
+    pixel_bounds: bool = False
+
+    @property
+    def text_only(self) -> bool:
+        return self.vision_tower is None
 
 
 FAMILIES: dict[str, Family] = {
-    "qwen2_vl": Family("model.language_model", "model.visual", "model.visual.merger"),
-    "qwen2_5_vl": Family("model.language_model", "model.visual", "model.visual.merger"),
+    "qwen2_vl": Family("model.language_model", "model.visual", "model.visual.merger", pixel_bounds=True),
+    "qwen2_5_vl": Family("model.language_model", "model.visual", "model.visual.merger", pixel_bounds=True),
+    "llava_next": Family("model.language_model", "model.vision_tower", "model.multi_modal_projector"),
 }
+# A causal LM keeps its decoder at its `base_model_prefix` ("model" for most, GPT-2's "transformer"): `model_family`
+# reads it from the loaded model.
+TEXT_ONLY = Family("model", None, None)
 
 
 @dataclass
@@ -77,9 +103,63 @@ def checkpoint_dir(path: str | Path) -> Path:
 def model_type(path: str | Path) -> str:
     config = json.loads((checkpoint_dir(path) / "config.json").read_text())
     kind = config.get("model_type")
-    if kind not in FAMILIES:
-        raise LamraError(f"{path}/config.json: model_type {kind!r} is not supported; supported: {sorted(FAMILIES)}")
+    family_of(kind, where=f"{path}/config.json")
     return kind
+
+
+def family_of(kind: str | None, where: str = "the backbone") -> Family:
+    """The family of a `model_type`: a known image-text-to-text one, or any text-only causal LM."""
+    if kind in FAMILIES:
+        return FAMILIES[kind]
+    if kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return TEXT_ONLY
+    raise LamraError(
+        f"{where}: model_type {kind!r} is not supported; supported: {sorted(FAMILIES)} and any text-only causal LM "
+        "(a model_type with an AutoModelForCausalLM class, e.g. llama, mistral, qwen2)"
+    )
+
+
+def model_family(model: PreTrainedModel) -> Family:
+    """The family of a loaded transformers model, a causal LM's decoder found at its `base_model_prefix`."""
+    family = family_of(model.config.model_type)
+    return replace(family, language_model=model.base_model_prefix) if family.text_only else family
+
+
+class TextProcessor:
+    """A text-only backbone's tokenizer behind the part of the processor interface the collators use.
+
+    Chats are flattened to string content (the text parts joined, as Qwen2-VL's template joins them), which every
+    text model's chat template accepts; an image is a clear error rather than a silently dropped input.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, name: str) -> None:
+        self.tokenizer = tokenizer
+        self.name = name
+
+    def apply_chat_template(self, conversations: list[list[dict[str, Any]]], **kwargs: Any) -> Any:
+        flat = [[{"role": m["role"], "content": self._text(m["content"])} for m in chat] for chat in conversations]
+        return self.tokenizer.apply_chat_template(flat, **kwargs)
+
+    def __call__(self, text: list[str], images: list[Any] | None = None, **kwargs: Any) -> BatchEncoding:
+        if images:
+            raise self._image_error()
+        return self.tokenizer(text, **kwargs)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.tokenizer.save_pretrained(path)
+
+    def _text(self, content: str | list[dict[str, Any]]) -> str:
+        if isinstance(content, str):
+            return content
+        if any(part.get("type") == "image" for part in content):
+            raise self._image_error()
+        return "".join(part["text"] for part in content)
+
+    def _image_error(self) -> LamraError:
+        return LamraError(
+            f"backbone {self.name} is a text-only causal LM: it reads no images, but an input holds one. Train and "
+            "evaluate it on text-only data (the language-only stage, text tasks)"
+        )
 
 
 def load_processor(
@@ -90,12 +170,21 @@ def load_processor(
     padding_side: Literal["left", "right"] | None = None,
     trust_remote_code: bool = False,
     add_emb_token: bool = True,
-) -> ProcessorMixin:
+) -> ProcessorMixin | TextProcessor:
     """The checkpoint's processor with `<emb>` added (unless `add_emb_token=False`: the reranker has no use for
     it); image resizing bounds and padding side overridable."""
     p = checkpoint_dir(path)
-    model_type(p)
-    processor = AutoProcessor.from_pretrained(p, trust_remote_code=trust_remote_code)
+    family = family_of(model_type(p))
+    if (min_pixels is not None or max_pixels is not None) and not family.pixel_bounds:
+        raise LamraError(
+            f"{p}: min_pixels/max_pixels apply to Qwen2-VL-style dynamic resolution only; {model_type(p)} images "
+            "have the vision tower's fixed size. Leave them unset (null)"
+        )
+    processor: ProcessorMixin | TextProcessor
+    if family.text_only:
+        processor = TextProcessor(AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code), str(p))
+    else:
+        processor = AutoProcessor.from_pretrained(p, trust_remote_code=trust_remote_code)
     tokenizer = processor.tokenizer
     if add_emb_token and EMB_TOKEN not in tokenizer.get_vocab():
         # A normal added token (LamRA's choice): it is never a pooling position itself, so its row stays
@@ -134,11 +223,15 @@ def load_backbone(
     LM head is the input embedding matrix, so training it trains both).
     """
     p = checkpoint_dir(path)
-    family = FAMILIES[model_type(p)]
+    family = family_of(model_type(p))
+    if family.text_only and (train_vision_tower or train_projector):
+        raise LamraError(f"{p} is a text-only causal LM: it has no vision tower or projector to train")
     torch_dtype: Any = dtype if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForImageTextToText.from_pretrained(
+    auto = AutoModelForCausalLM if family.text_only else AutoModelForImageTextToText
+    model = auto.from_pretrained(
         p, dtype=torch_dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
     )
+    family = model_family(model)
     if vocab_size > model.get_input_embeddings().num_embeddings:
         # Real Qwen2-VL checkpoints have spare rows, so `<emb>` fits without resizing; never shrink.
         model.resize_token_embeddings(vocab_size, mean_resizing=False)
@@ -194,7 +287,7 @@ def fully_shard_backbone(model: torch.nn.Module, trunk: torch.nn.Module, mesh: D
     kwargs: dict[str, Any] = {"mesh": mesh, **({"mp_policy": policy} if policy is not None else {})}
     inner = hf_model(model)
     blocks = set(inner._no_split_modules or [])
-    language_model = _module(inner, FAMILIES[inner.config.model_type].language_model)
+    language_model = _module(inner, model_family(inner).language_model)
     layers = [m for m in language_model.modules() if type(m).__name__ in blocks]
     if not layers:
         raise LamraError(f"{type(inner).__name__}: no decoder layer ({sorted(blocks)}) found to shard")
@@ -209,7 +302,9 @@ def hf_model(model: torch.nn.Module) -> PreTrainedModel:
     return get_base() if get_base is not None else model
 
 
-def _module(model: torch.nn.Module, name: str) -> torch.nn.Module:
+def _module(model: torch.nn.Module, name: str | None) -> torch.nn.Module:
+    if name is None:
+        raise LamraError(f"{type(model).__name__} has no such part (a text-only model has no vision tower)")
     try:
         return model.get_submodule(name)
     except AttributeError as err:

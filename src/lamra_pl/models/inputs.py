@@ -86,7 +86,10 @@ class EmbeddingCollator:
             [embedding_messages(item) for item in items], tokenize=False, add_generation_prompt=False
         )
         images = [item.image for item in items if item.image is not None]
-        return self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+        # The rendered chat holds its special tokens already (a Mistral template writes <s>): add none.
+        return self.processor(
+            text=texts, images=images or None, padding=True, return_tensors="pt", add_special_tokens=False
+        )
 
     def __call__(self, examples: list[Example]) -> dict[str, Any]:
         k = len(examples[0].negatives)

@@ -261,7 +261,10 @@ class RerankCollator:
     # ------------------------------------------------------------------------------------ helpers
     def _batch(self, texts: list[str], chats: list[list[dict[str, Any]]]) -> BatchFeature:
         images = [part_image for chat in chats for part_image in _images(chat)]
-        return self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+        # The rendered chat holds its special tokens already (a Mistral template writes <s>): add none.
+        return self.processor(
+            text=texts, images=images or None, padding=True, return_tensors="pt", add_special_tokens=False
+        )
 
     def _truncated(self, item: Item) -> Item:
         return truncate_text(self.processor.tokenizer, item, self.max_text_tokens)

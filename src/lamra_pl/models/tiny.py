@@ -1,19 +1,29 @@
-"""A tiny, randomly initialised Qwen2-VL checkpoint directory for tests and the CPU demo.
+"""Tiny, randomly initialised checkpoint directories for tests and the CPU demo: Qwen2-VL (the demo's), LLaVA-Next
+(MM-Embed's family) and text-only causal LMs.
 
-It is written the way a real checkpoint is (config.json, model.safetensors, tokenizer and processor files,
+Each is written the way a real checkpoint is (config.json, model.safetensors, tokenizer and processor files,
 chat template), so everything downstream loads it with `from_pretrained(path)`, the same code path as
-Qwen2-VL-7B-Instruct. The tokenizer is a byte-level BPE trained here with `tokenizers`, so any Unicode text
-tokenizes; it carries Qwen2-VL's special tokens and chat template.
+Qwen2-VL-7B-Instruct or llava-v1.6-mistral-7b-hf. The tokenizers are byte-level BPEs trained here with
+`tokenizers`, so any Unicode text tokenizes; each carries its family's special tokens and a chat template of its
+family's shape.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
@@ -75,29 +85,91 @@ BASE_CORPUS = [
 ]
 
 
-def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+# Mistral-Instruct's chat shape ("<s>[INST] ... [/INST] answer</s>"), as LLaVA-v1.6-Mistral uses it, with the
+# image placeholder where the image part is.
+LLAVA_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
+LLAVA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}[INST] "
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %} [/INST]"
+    "{% else %} {% for part in message['content'] %}{{ part['text'] }}{% endfor %}</s>{% endif %}{% endfor %}"
+)
+
+# A text-only Qwen2-Instruct's chat template: string content only, as text models' templates are.
+TEXT_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TEXT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def train_tokenizer(
+    corpus: Iterable[str],
+    vocab_size: int,
+    special_tokens: list[str] = SPECIAL_TOKENS,
+    bos_token: str | None = None,
+    **named: Any,
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE of at most `vocab_size` tokens whose first ids are `special_tokens`; `named` (eos_token,
+    pad_token, extra_special_tokens, ...) goes to `PreTrainedTokenizerFast`, and the default is Qwen2-VL's.
+    With `bos_token`, encoding prepends it, as Llama and Mistral tokenizers do."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        padding_side="left",
-        extra_special_tokens={
+    if bos_token is not None:
+        bos = (bos_token, tokenizer.token_to_id(bos_token))
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos_token} $A", pair=f"{bos_token} $A {bos_token} $B", special_tokens=[bos]
+        )
+    qwen2vl = {
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "extra_special_tokens": {
             "image_token": "<|image_pad|>",
             "video_token": "<|video_pad|>",
             "vision_start_token": "<|vision_start|>",
             "vision_end_token": "<|vision_end|>",
         },
-    )
+    }
+    kwargs = named or qwen2vl
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos_token, padding_side="left", **kwargs)
+
+
+def text_config(
+    model_type: str,
+    *,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    intermediate_size: int | None,
+    vocab_size: int,
+    tokenizer: PreTrainedTokenizerFast,
+) -> dict[str, Any]:
+    """The shape of a tiny decoder, as the keys every Llama-like config (llama, mistral, qwen2, ...) takes."""
+    return {
+        "model_type": model_type,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size or 4 * hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 4096,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "use_cache": False,
+    }
 
 
 def build_tiny_qwen2vl(
@@ -172,7 +244,125 @@ def build_tiny_qwen2vl(
         tie_word_embeddings=tie_word_embeddings,
     )
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
+    return _save(Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype), processor, out)
+
+
+def build_tiny_llava_next(
+    out: str | Path,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int | None = None,
+    vision_dim: int = 32,
+    vision_layers: int = 2,
+    image_size: int = 28,
+    vocab_size: int = 512,
+    corpus: Iterable[str] = (),
+    seed: int = 0,
+) -> Path:
+    """Write a tiny random LLaVA-Next (CLIP vision tower, 2-layer projector, Mistral decoder) to `out`.
+
+    The vision tower sees `image_size`-pixel tiles in patches of 14 (LLaVA-v1.6: 336 and 14) and AnyRes picks
+    among 1x2, 2x1 and 2x2 tiles, so an image costs a few dozen tokens. The tokenizer prepends `<s>` as Mistral's
+    does and the chat template writes it too: a collator must not add special tokens to a rendered chat.
+    """
+    if image_size % 14:
+        raise LamraError(f"image_size {image_size} must be a multiple of the patch size, 14")
+    tokenizer = train_tokenizer(
+        [*BASE_CORPUS, *corpus],
+        vocab_size=min(vocab_size, 4096) - 8,
+        special_tokens=LLAVA_SPECIAL_TOKENS,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    grid = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessor(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+            image_grid_pinpoints=grid,
+        ),
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's class token, which the "default" strategy drops
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    shape = {"hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads}
+    config = LlavaNextConfig(
+        text_config=text_config(
+            "mistral",
+            **shape,
+            num_kv_heads=num_kv_heads,
+            intermediate_size=intermediate_size,
+            vocab_size=vocab_size,
+            tokenizer=tokenizer,
+        ),
+        vision_config={
+            "model_type": "clip_vision_model",
+            "hidden_size": vision_dim,
+            "intermediate_size": 2 * vision_dim,
+            "num_hidden_layers": vision_layers,
+            "num_attention_heads": 2,
+            "image_size": image_size,
+            "patch_size": 14,
+            "projection_dim": vision_dim,
+        },
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=grid,
+        image_seq_length=(image_size // 14) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    torch.manual_seed(seed)
+    return _save(LlavaNextForConditionalGeneration._from_config(config), processor, out)
+
+
+def build_tiny_causal_lm(
+    out: str | Path,
+    *,
+    model_type: str = "qwen2",
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int | None = None,
+    vocab_size: int = 512,
+    corpus: Iterable[str] = (),
+    seed: int = 0,
+) -> Path:
+    """Write a tiny random text-only causal LM (`model_type`: qwen2, llama, mistral, ...) and its tokenizer, with
+    a Qwen2-Instruct chat template (string content), to `out`. No processor: it is what a text checkpoint holds."""
+    tokenizer = train_tokenizer(
+        [*BASE_CORPUS, *corpus],
+        vocab_size=min(vocab_size, 4096) - 8,
+        special_tokens=TEXT_SPECIAL_TOKENS,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = TEXT_CHAT_TEMPLATE
+    shape = text_config(
+        model_type,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        intermediate_size=intermediate_size,
+        vocab_size=vocab_size,
+        tokenizer=tokenizer,
+    )
+    config = AutoConfig.for_model(**shape, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return _save(AutoModelForCausalLM.from_config(config), tokenizer, out)
+
+
+def _save(model: PreTrainedModel, processor: Any, out: str | Path) -> Path:
+    """Save a model and its processor (or tokenizer) to `out`, as a real checkpoint is laid out."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
