@@ -20,7 +20,9 @@ from lamra_pl.models.backbone import LoraSpec, load_backbone, load_processor
 from lamra_pl.models.embedding import EmbeddingModule
 from lamra_pl.models.inputs import EmbeddingCollator
 from lamra_pl.models.rerank import RerankModule
-from lamra_pl.models.rerank_inputs import IGNORE, RerankExample
+from lamra_pl.models.rerank_inputs import IGNORE, JudgePrompt, RerankExample
+from lamra_pl.models.tiny import write_gguf
+from lamra_pl.retrieval.rerank import load_rerank_module
 
 TEXTS = [Item("t0", "red circle"), Item("t1", "a blue square on white"), Item("t2", "green"), Item("t3", "a triangle")]
 IMAGES = [
@@ -148,6 +150,52 @@ def test_a_reranker_trains_on_every_family(backbone, items, request):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in reranker.parameters() if p.requires_grad)
 
 
+def test_a_gguf_causal_lm_loads_as_its_checkpoint_folder_and_trains(tiny_text_lm, text_shards, tmp_path):
+    """A .gguf file (alone in its folder: config, tokenizer and weights all come from it) embeds and judges exactly
+    as the checkpoint folder it was written from, and `fit` trains it and `merge` makes a folder of it."""
+    gguf_path = write_gguf(tiny_text_lm, tmp_path / "gguf" / "tiny-qwen2-f32.gguf")
+    assert sorted(p.name for p in gguf_path.parent.iterdir()) == [gguf_path.name]
+    lora = LoraSpec(r=4, alpha=8, dropout=0.0)
+    paths = (gguf_path, tiny_text_lm)
+    modules = [EmbeddingModule(str(path), lora=lora, gradient_checkpointing=False) for path in paths]
+    batches = [EmbeddingCollator(m.processor).encode(TEXTS) for m in modules]
+    # The same tokenizer, rebuilt from the file (its padding side and `<emb>` id may differ: GGUF stores neither).
+    texts = [
+        [m.processor.tokenizer.decode(r[k.bool()]) for r, k in zip(b["input_ids"], b["attention_mask"], strict=True)]
+        for m, b in zip(modules, batches, strict=True)
+    ]
+    assert texts[0] == texts[1] and all("red circle" in t for t in texts[0][:1])
+    with torch.no_grad():
+        for m in modules:
+            m.configure_model()
+        torch.testing.assert_close(modules[0].embed(batches[0]), modules[1].embed(batches[1]), atol=1e-5, rtol=0)
+        pairs = [(TEXTS[0], TEXTS[1]), (TEXTS[2], TEXTS[3])]
+        judged = [load_rerank_module(path, judge=JudgePrompt()) for path in (gguf_path, tiny_text_lm)]
+        scores = [j.score_pointwise(j.collator().pointwise_inputs(pairs)) for j in judged]
+        torch.testing.assert_close(scores[0], scores[1], atol=1e-5, rtol=0)
+
+    runs, merged = tmp_path / "runs", tmp_path / "merged"
+    ok(
+        lamra_here(
+            "fit",
+            "-c",
+            "experiments/tiny/stage1_text.yaml",
+            f"--model.init_args.backbone={gguf_path}",
+            f"--data.init_args.train_shards={text_shards}",
+            "--data.init_args.batch_size=4",
+            "--trainer.max_steps=1",
+            "--trainer.log_every_n_steps=1",
+            f"--trainer.logger.init_args.save_dir={runs}",
+        )
+    )
+    run = next(runs.glob("*/version_0"))
+    [(_, loss)] = scalars(run)["train/loss"]
+    assert math.isfinite(loss) and loss > 0
+    ok(lamra_here("merge", f"--ckpt={run / 'checkpoints' / 'last.ckpt'}", f"--out={merged}"))
+    config = json.loads((merged / "config.json").read_text())
+    assert config["model_type"] == "qwen2" and "quantization_config" not in config  # an ordinary folder now
+
+
 def test_family_mismatches_are_clear_errors(tiny_text_lm, tiny_llava_next, tmp_path):
     processor = load_processor(tiny_text_lm)
     with pytest.raises(LamraError, match="text-only causal LM: it reads no images"):
@@ -159,3 +207,5 @@ def test_family_mismatches_are_clear_errors(tiny_text_lm, tiny_llava_next, tmp_p
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
     with pytest.raises(LamraError, match=r"model_type 't5' is not supported.*any text-only causal LM"):
         load_processor(tmp_path)
+    with pytest.raises(LamraError, match="GGUF file .* does not exist"):
+        load_processor(tmp_path / "missing.gguf")

@@ -19,11 +19,13 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoProcessor,
     AutoTokenizer,
     BatchEncoding,
+    GgufConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     ProcessorMixin,
@@ -32,6 +34,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
 )
+from transformers.utils import is_gguf_available
 
 from lamra_pl.errors import LamraError
 
@@ -86,24 +89,51 @@ class LoraSpec:
             raise LamraError("lora.targets is empty: name at least one linear layer, e.g. q_proj")
 
 
-def checkpoint_dir(path: str | Path) -> Path:
-    """The checkpoint directory at `path`, or a clear error if it is not one."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a backbone's files are: a Hugging Face checkpoint folder, or a GGUF file (llama.cpp's format, which
+    transformers reads for text-only causal LMs and dequantises) inside `folder`."""
+
+    folder: Path
+    gguf_file: str | None = None
+
+    def load_kwargs(self, model: bool = False) -> dict[str, Any]:
+        """What `from_pretrained(folder, ...)` needs besides the folder. A model's GGUF weights are unpacked to plain
+        tensors: LoRA, training and `save_pretrained` need them so (transformers keeps packed blocks frozen)."""
+        if self.gguf_file is None:
+            return {}
+        unpacked = {"quantization_config": GgufConfig(dequantize=True)} if model else {}
+        return {"gguf_file": self.gguf_file, **unpacked}
+
+    def config(self) -> dict[str, Any]:
+        if self.gguf_file is None:
+            return json.loads((self.folder / "config.json").read_text())
+        return AutoConfig.from_pretrained(self.folder, gguf_file=self.gguf_file).to_dict()
+
+
+def checkpoint(path: str | Path) -> Checkpoint:
+    """The backbone at `path` (a checkpoint folder or a .gguf file), or a clear error if it is neither."""
     p = Path(path).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise LamraError(f"backbone GGUF file {str(path)!r} does not exist")
+        if not is_gguf_available():
+            raise LamraError(f"backbone {str(path)!r} is a GGUF file, which needs the gguf package: pip install gguf")
+        return Checkpoint(p.parent, p.name)
     if not p.is_dir():
         raise LamraError(
             f"backbone path {str(path)!r} does not exist or is not a directory. Give the local directory of a "
-            "Hugging Face checkpoint (config.json + weights + processor files); nothing is downloaded. "
-            "For a tiny test backbone run: lamra-pl tiny-backbone --out DIR"
+            "Hugging Face checkpoint (config.json + weights + processor files) or a .gguf file; nothing is "
+            "downloaded. For a tiny test backbone run: lamra-pl tiny-backbone --out DIR"
         )
     if not (p / "config.json").is_file():
         raise LamraError(f"backbone path {str(p)!r} has no config.json: it is not a Hugging Face checkpoint")
-    return p
+    return Checkpoint(p)
 
 
 def model_type(path: str | Path) -> str:
-    config = json.loads((checkpoint_dir(path) / "config.json").read_text())
-    kind = config.get("model_type")
-    family_of(kind, where=f"{path}/config.json")
+    kind = checkpoint(path).config().get("model_type")
+    family_of(kind, where=f"{path} (config)")
     return kind
 
 
@@ -173,16 +203,18 @@ def load_processor(
 ) -> ProcessorMixin | TextProcessor:
     """The checkpoint's processor with `<emb>` added (unless `add_emb_token=False`: the reranker has no use for
     it); image resizing bounds and padding side overridable."""
-    p = checkpoint_dir(path)
-    family = family_of(model_type(p))
+    ckpt = checkpoint(path)
+    p = ckpt.folder
+    family = family_of(model_type(path))
     if (min_pixels is not None or max_pixels is not None) and not family.pixel_bounds:
         raise LamraError(
-            f"{p}: min_pixels/max_pixels apply to Qwen2-VL-style dynamic resolution only; {model_type(p)} images "
+            f"{p}: min_pixels/max_pixels apply to Qwen2-VL-style dynamic resolution only; {model_type(path)} images "
             "have the vision tower's fixed size. Leave them unset (null)"
         )
     processor: ProcessorMixin | TextProcessor
     if family.text_only:
-        processor = TextProcessor(AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code), str(p))
+        tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code, **ckpt.load_kwargs())
+        processor = TextProcessor(tokenizer, str(path))
     else:
         processor = AutoProcessor.from_pretrained(p, trust_remote_code=trust_remote_code)
     tokenizer = processor.tokenizer
@@ -222,14 +254,18 @@ def load_backbone(
     otherwise only the adapters are. The vision tower, projector and LM head are frozen unless asked for (a tied
     LM head is the input embedding matrix, so training it trains both).
     """
-    p = checkpoint_dir(path)
-    family = family_of(model_type(p))
+    ckpt = checkpoint(path)
+    family = family_of(model_type(path))
     if family.text_only and (train_vision_tower or train_projector):
-        raise LamraError(f"{p} is a text-only causal LM: it has no vision tower or projector to train")
+        raise LamraError(f"{path} is a text-only causal LM: it has no vision tower or projector to train")
     torch_dtype: Any = dtype if dtype == "auto" else getattr(torch, dtype)
     auto = AutoModelForCausalLM if family.text_only else AutoModelForImageTextToText
     model = auto.from_pretrained(
-        p, dtype=torch_dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+        ckpt.folder,
+        dtype=torch_dtype,
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+        **ckpt.load_kwargs(model=True),
     )
     family = model_family(model)
     if vocab_size > model.get_input_embeddings().num_embeddings:

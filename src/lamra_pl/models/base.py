@@ -192,7 +192,8 @@ class BackboneModule(TrainingModule):
     Subclasses call `super().__init__` with their hyperparameters saved and implement the steps. Args common to
     all of them (see the subclasses' docstrings for their own):
 
-        backbone: local directory of a Hugging Face checkpoint (Qwen2-VL, Qwen2.5-VL); never downloaded.
+        backbone: local directory of a Hugging Face checkpoint (Qwen2-VL, Qwen2.5-VL, LLaVA-Next, or any text-only
+            causal LM), or a text-only causal LM's .gguf file; never downloaded.
         lora: LoRA on the language model's linear layers; null for full fine-tuning of the language model.
         rope: "model" uses the backbone's own positions (mRoPE for Qwen2-VL images, as `generate` does); "1d"
             reproduces the LamRA reference, which ran the decoder with plain sequential positions.

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from lamra_pl.errors import LamraError
-from lamra_pl.models.backbone import checkpoint_dir
+from lamra_pl.models.backbone import checkpoint
 from lamra_pl.models.base import BackboneModule
 from lamra_pl.models.embedding import EmbeddingModule
 from lamra_pl.models.rerank import RerankModule
@@ -35,7 +35,7 @@ RERANK_SETTINGS = ("rope", "max_text_tokens", "min_pixels", "max_pixels", "paddi
 
 
 def base_dtype(path: str | Path) -> torch.dtype:
-    config = json.loads((checkpoint_dir(path) / "config.json").read_text())
+    config = checkpoint(path).config()
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
     return getattr(torch, name)
 

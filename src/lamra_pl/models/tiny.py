@@ -10,6 +10,7 @@ family's shape.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -367,4 +368,55 @@ def _save(model: PreTrainedModel, processor: Any, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    return out
+
+
+def write_gguf(folder: str | Path, out: str | Path) -> Path:
+    """Write a tiny Qwen2 causal LM checkpoint folder (`build_tiny_causal_lm`) as one GGUF file, laid out as
+    llama.cpp's converter lays one out: the architecture's metadata, the byte-level BPE vocabulary padded to the
+    embedding rows, its merges and chat template, and float32 tensors under llama.cpp's names."""
+    import gguf
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("model_type") != "qwen2":
+        raise LamraError(f"{folder}: write_gguf writes Qwen2 models only, not {config.get('model_type')!r}")
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    special = {t["content"]: t["id"] for t in spec["added_tokens"]}
+    by_id = {i: t for t, i in {**spec["model"]["vocab"], **special}.items()}
+    rows = config["vocab_size"]
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(rows)]
+    kinds = [
+        gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL if i in by_id else gguf.TokenType.UNUSED
+        for i, t in enumerate(tokens)
+    ]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(out, "qwen2")
+    writer.add_name(folder.name)
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(rows)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(kinds)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    writer.add_eos_token_id(config["eos_token_id"])
+    writer.add_pad_token_id(config["pad_token_id"])
+    writer.add_chat_template((folder / "chat_template.jinja").read_text())
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, config["num_hidden_layers"])
+    for name, tensor in load_file(folder / "model.safetensors").items():
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     return out

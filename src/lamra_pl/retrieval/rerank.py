@@ -50,22 +50,25 @@ SCORES = "scores"
 
 def load_rerank_module(path: str | Path, judge: JudgePrompt | None = None) -> RerankModule:
     """A RerankModule in eval mode from a `lamra-pl fit` checkpoint (.ckpt) or a Hugging Face checkpoint folder
-    (a merged reranker, released LamRA-Rank weights, or an off-the-shelf instruct model for zero-shot reranking).
-    With `judge`, an off-the-shelf folder scores with that zero-shot yes/no question (MM-Embed)."""
+    (a merged reranker, released LamRA-Rank weights, or an off-the-shelf instruct model for zero-shot reranking, which
+    may also be a text-only causal LM's .gguf file). With `judge`, an off-the-shelf model scores with that zero-shot
+    yes/no question (MM-Embed)."""
     p = Path(path)
-    if judge is not None and not p.is_dir():
+    off_the_shelf = p.is_dir() or p.suffix == ".gguf"  # a text-only causal LM's GGUF file is a checkpoint too
+    if judge is not None and not off_the_shelf:
         raise LamraError(
-            f"zero-shot reranking takes an off-the-shelf model's checkpoint folder; {str(path)!r} is not a folder"
+            f"zero-shot reranking takes an off-the-shelf model's checkpoint folder (or .gguf file); {str(path)!r} is "
+            "neither"
         )
-    if p.is_file():
-        module = RerankModule.load_from_checkpoint(
-            p, map_location="cpu", weights_only=True, gradient_checkpointing=False
-        )
-    elif p.is_dir():
+    if off_the_shelf:
         settings_file = p / RERANK_SETTINGS_FILE  # written by `lamra-pl merge` of a reranker
         settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
         module = RerankModule(str(p), lora=None, gradient_checkpointing=False, **settings)
         module.configure_model()
+    elif p.is_file():
+        module = RerankModule.load_from_checkpoint(
+            p, map_location="cpu", weights_only=True, gradient_checkpointing=False
+        )
     else:
         raise LamraError(f"reranker {str(path)!r} is neither a checkpoint file nor a checkpoint folder")
     if judge is not None:
