@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,8 @@ def test_family_mismatches_are_clear_errors(tiny_text_lm, tiny_llava_next, tmp_p
         load_processor(tmp_path)
     with pytest.raises(LamraError, match="GGUF file .* does not exist"):
         load_processor(tmp_path / "missing.gguf")
+    base = tmp_path / "base-lm"  # a base (not instruct) model: no chat template
+    shutil.copytree(tiny_text_lm, base)
+    (base / "chat_template.jinja").unlink()
+    with pytest.raises(LamraError, match="has no chat template"):
+        load_processor(base)

@@ -218,6 +218,11 @@ def load_processor(
     else:
         processor = AutoProcessor.from_pretrained(p, trust_remote_code=trust_remote_code)
     tokenizer = processor.tokenizer
+    if getattr(processor, "chat_template", None) is None and tokenizer.chat_template is None:
+        raise LamraError(
+            f"{path}: the checkpoint has no chat template, and every prompt here is a chat (LamRA's, LamRA-Rank's, the "
+            "judge's). Use an instruct/chat checkpoint, or add a chat_template.jinja to the folder"
+        )
     if add_emb_token and EMB_TOKEN not in tokenizer.get_vocab():
         # A normal added token (LamRA's choice): it is never a pooling position itself, so its row stays
         # untrained and is only a marker that the pooled position is the token before it.
