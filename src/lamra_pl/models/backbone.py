@@ -205,11 +205,12 @@ def load_processor(
     it); image resizing bounds and padding side overridable."""
     ckpt = checkpoint(path)
     p = ckpt.folder
-    family = family_of(model_type(path))
+    kind = model_type(path)
+    family = family_of(kind)
     if (min_pixels is not None or max_pixels is not None) and not family.pixel_bounds:
         raise LamraError(
-            f"{p}: min_pixels/max_pixels apply to Qwen2-VL-style dynamic resolution only; {model_type(path)} images "
-            "have the vision tower's fixed size. Leave them unset (null)"
+            f"{p}: min_pixels/max_pixels apply to Qwen2-VL-style dynamic resolution only; {kind} images have the "
+            "vision tower's fixed size. Leave them unset (null)"
         )
     processor: ProcessorMixin | TextProcessor
     if family.text_only:
