@@ -108,41 +108,31 @@ TEXT_CHAT_TEMPLATE = (
 
 def train_tokenizer(
     corpus: Iterable[str],
-    vocab_size: int,
-    special_tokens: list[str] = SPECIAL_TOKENS,
+    rows: int,
+    special_tokens: list[str],
     bos_token: str | None = None,
     **named: Any,
 ) -> PreTrainedTokenizerFast:
-    """A byte-level BPE of at most `vocab_size` tokens whose first ids are `special_tokens`; `named` (eos_token,
-    pad_token, extra_special_tokens, ...) goes to `PreTrainedTokenizerFast`, and the default is Qwen2-VL's.
-    With `bos_token`, encoding prepends it, as Llama and Mistral tokenizers do."""
+    """A byte-level BPE trained on the prompt scaffolding and `corpus`, whose first ids are `special_tokens`, that
+    leaves a few of the model's `rows` embedding rows spare (as real checkpoints do, so `<emb>` fits without
+    resizing) and stays small when `rows` is large. `named` (eos_token, pad_token, extra_special_tokens, ...) goes
+    to `PreTrainedTokenizerFast`. With `bos_token`, encoding prepends it, as Llama and Mistral tokenizers do."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=min(rows, 4096) - 8,
         special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(corpus, trainer)
+    tokenizer.train_from_iterator([*BASE_CORPUS, *corpus], trainer)
     if bos_token is not None:
         bos = (bos_token, tokenizer.token_to_id(bos_token))
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{bos_token} $A", pair=f"{bos_token} $A {bos_token} $B", special_tokens=[bos]
         )
-    qwen2vl = {
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "extra_special_tokens": {
-            "image_token": "<|image_pad|>",
-            "video_token": "<|video_pad|>",
-            "vision_start_token": "<|vision_start|>",
-            "vision_end_token": "<|vision_end|>",
-        },
-    }
-    kwargs = named or qwen2vl
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos_token, padding_side="left", **kwargs)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos_token, padding_side="left", **named)
 
 
 def text_config(
@@ -205,7 +195,19 @@ def build_tiny_qwen2vl(
     half = head_dim // 2
     # mRoPE sections (temporal, height, width) must sum to head_dim / 2.
     mrope = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
-    tokenizer = train_tokenizer([*BASE_CORPUS, *corpus], vocab_size=min(vocab_size, 4096) - 8)
+    tokenizer = train_tokenizer(
+        corpus,
+        vocab_size,
+        SPECIAL_TOKENS,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={
+            "image_token": "<|image_pad|>",
+            "video_token": "<|video_pad|>",
+            "vision_start_token": "<|vision_start|>",
+            "vision_end_token": "<|vision_end|>",
+        },
+    )
     processor = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
         video_processor=Qwen2VLVideoProcessor(),
@@ -272,9 +274,9 @@ def build_tiny_llava_next(
     if image_size % 14:
         raise LamraError(f"image_size {image_size} must be a multiple of the patch size, 14")
     tokenizer = train_tokenizer(
-        [*BASE_CORPUS, *corpus],
-        vocab_size=min(vocab_size, 4096) - 8,
-        special_tokens=LLAVA_SPECIAL_TOKENS,
+        corpus,
+        vocab_size,
+        LLAVA_SPECIAL_TOKENS,
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
@@ -294,11 +296,12 @@ def build_tiny_llava_next(
         num_additional_image_tokens=1,  # CLIP's class token, which the "default" strategy drops
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
-    shape = {"hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads}
     config = LlavaNextConfig(
         text_config=text_config(
             "mistral",
-            **shape,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             intermediate_size=intermediate_size,
             vocab_size=vocab_size,
@@ -340,14 +343,14 @@ def build_tiny_causal_lm(
     """Write a tiny random text-only causal LM (`model_type`: qwen2, llama, mistral, ...) and its tokenizer, with
     a Qwen2-Instruct chat template (string content), to `out`. No processor: it is what a text checkpoint holds."""
     tokenizer = train_tokenizer(
-        [*BASE_CORPUS, *corpus],
-        vocab_size=min(vocab_size, 4096) - 8,
-        special_tokens=TEXT_SPECIAL_TOKENS,
+        corpus,
+        vocab_size,
+        TEXT_SPECIAL_TOKENS,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
     )
     tokenizer.chat_template = TEXT_CHAT_TEMPLATE
-    shape = text_config(
+    decoder = text_config(
         model_type,
         hidden_size=hidden_size,
         num_layers=num_layers,
@@ -357,7 +360,7 @@ def build_tiny_causal_lm(
         vocab_size=vocab_size,
         tokenizer=tokenizer,
     )
-    config = AutoConfig.for_model(**shape, tie_word_embeddings=False)
+    config = AutoConfig.for_model(**decoder, tie_word_embeddings=False)
     torch.manual_seed(seed)
     return _save(AutoModelForCausalLM.from_config(config), tokenizer, out)
 
