@@ -25,6 +25,7 @@ MODEL ?=# a trained retriever (a `fit` checkpoint or a merged folder), for index
 SPLIT ?= test
 INDEX ?= indexes/$(SPLIT)_global# the index of DATA/eval/SPLIT/global_pool
 EVAL ?= $(RUNS)/eval_$(SPLIT)# run files and results of `make retrieve` / `make evaluate`
+POOL ?= local# make evaluate: local or global
 TRAIN_INDEX ?= indexes/train_pool# MODEL's index of DATA/train_pool, for make rerank-data
 TRAIN_RUNS ?= $(RUNS)/train_retrieval# MODEL's top 100 of the training queries, for make rerank-data
 RERANK_DATA ?= $(if $(DATA),$(DATA)/rerank,data/rerank)# reranker training shards
@@ -40,7 +41,9 @@ TEXT_DATA ?=# text-to-text retrieval shards (e.g. from make convert-nli) for mak
 MINED_RATIO ?= 1# make stage-continual: the mix of MINED and TEXT_DATA (ratios, normalised)
 TEXT_RATIO ?= 1
 
-backbone_arg = $(if $(BACKBONE),--model.init_args.backbone=$(BACKBONE))
+backbone_arg = $(if $(BACKBONE),--model.init_args.backbone.path=$(BACKBONE))
+# a grid's variables from NAME=VALUE words (those with an empty value are left to the grid's defaults)
+vars = $(foreach pair,$(1),$(if $(word 2,$(subst =, ,$(pair))),--variables+=$(pair)))
 # quoted: the glob is expanded by lamra-pl, not the shell
 stage1_data = $(if $(DATA),'--data.init_args.train_shards=$(DATA)/train/*_task1')
 stage2_data = $(if $(DATA),'--data.init_args.train_shards=$(DATA)/train')
@@ -85,41 +88,38 @@ index: venv  # encode DATA/eval/SPLIT/global_pool with MODEL into INDEX (run aga
 retrieve: venv  # every task's queries against its local pool and the global pool: run files in EVAL/{local,global}
 	$(LAMRA) retrieve --model $(MODEL) --index $(INDEX) --queries '$(DATA)/eval/$(SPLIT)/*_task*' --out $(EVAL) $(ARGS)
 
-evaluate: venv  # Recall@K per task and averaged, local and global: EVAL/{local,global}/results.{json,md}
-	$(LAMRA) evaluate --runs $(EVAL)/local
-	$(LAMRA) evaluate --runs $(EVAL)/global
+evaluate: venv  # Recall@K per task and averaged: EVAL/POOL/results.{json,md} (POOL=global for the global pool)
+	$(LAMRA) evaluate --runs $(EVAL)/$(POOL)
 
-eval: index retrieve evaluate  # the whole M-BEIR evaluation of MODEL on DATA's SPLIT
+eval: venv  # the whole M-BEIR evaluation of MODEL on DATA's SPLIT: index, retrieve, evaluate local and global
+	$(LAMRA) grid --grid experiments/pipelines/eval.yaml $(call vars,model=$(MODEL) data=$(DATA) split=$(SPLIT) \
+		index=$(INDEX) runs=$(EVAL)) '--variables+=args=$(ARGS)'
 
 search: venv  # e.g. make search MODEL=... ARGS='--text "a red apple" --k 5'
 	$(LAMRA) search --model $(MODEL) --index $(INDEX) $(ARGS)
 
 rerank-data: venv  # MODEL's top 100 of the training queries (each task's training pool) -> RERANK_DATA shards
-	$(LAMRA) index --model $(MODEL) --pool $(DATA)/train_pool --out $(TRAIN_INDEX)
-	$(LAMRA) retrieve --model $(MODEL) --index $(TRAIN_INDEX) --queries '$(DATA)/train/*_task*' --pools '[local]' \
-		--k 100 --out $(TRAIN_RUNS)
-	$(LAMRA) rerank-data --runs $(TRAIN_RUNS)/local --out $(RERANK_DATA) $(ARGS)
+	$(LAMRA) grid --grid experiments/pipelines/rerank_data.yaml $(call vars,model=$(MODEL) data=$(DATA) \
+		index=$(TRAIN_INDEX) runs=$(TRAIN_RUNS) shards=$(RERANK_DATA)) '--variables+=args=$(ARGS)'
 
 rerank-train: CONFIG ?= experiments/lamra_rank/rerank_joint.yaml
 rerank-train: venv  # LamRA-Rank, joint pointwise + listwise, on RERANK_DATA
 	$(LAMRA) fit -c $(CONFIG) $(backbone_arg) --data.init_args.train_shards=$(RERANK_DATA) $(ARGS)
 
 rerank: venv  # rerank EVAL/local (from make retrieve) with RERANKER, fuse with FUSION, evaluate: EVAL/reranked_local
-	$(LAMRA) rerank --model $(RERANKER) --runs $(EVAL)/local --out $(EVAL)/reranked_local --fusion $(FUSION) $(ARGS)
-	$(LAMRA) evaluate --runs $(EVAL)/reranked_local
+	$(LAMRA) grid --grid experiments/pipelines/rerank.yaml $(call vars,model=$(RERANKER) runs=$(EVAL)/local \
+		out=$(EVAL)/reranked_local) '--variables+=args=--fusion=$(FUSION) $(ARGS)'
 
 rerank-zeroshot: venv  # MM-Embed: an off-the-shelf MLLM (JUDGE, a folder) re-sorts EVAL/local's top 10 by P(True)
-	$(LAMRA) rerank --zero_shot true --model $(JUDGE) --runs $(EVAL)/local --out $(EVAL)/zeroshot_local $(ARGS)
-	$(LAMRA) evaluate --runs $(EVAL)/zeroshot_local
+	$(LAMRA) grid --grid experiments/pipelines/rerank.yaml $(call vars,model=$(JUDGE) runs=$(EVAL)/local \
+		out=$(EVAL)/zeroshot_local) '--variables+=args=--zero_shot=true $(ARGS)'
 
 tune-fusion: venv  # w per task on a validation split's reranked runs: make tune-fusion EVAL=runs/eval_val
 	$(LAMRA) tune-fusion --reranked $(EVAL)/reranked_local --out $(EVAL)/fusion.yaml
 
 mine: venv  # MODEL's top 50 of the training queries in the union training pool -> hard-negative shards in MINED
-	$(LAMRA) index --model $(MODEL) --pool $(DATA)/train_pool --out $(TRAIN_INDEX)
-	$(LAMRA) retrieve --model $(MODEL) --index $(TRAIN_INDEX) --queries '$(DATA)/train/*_task*' --pools '[global]' \
-		--k 50 --out $(MINE_RUNS)
-	$(LAMRA) mine --runs $(MINE_RUNS)/global --out $(MINED) --strategy $(STRATEGY) $(ARGS)
+	$(LAMRA) grid --grid experiments/pipelines/mine.yaml $(call vars,model=$(MODEL) data=$(DATA) index=$(TRAIN_INDEX) \
+		runs=$(MINE_RUNS) shards=$(MINED) strategy=$(STRATEGY)) '--variables+=args=$(ARGS)'
 
 stage-hardneg: CONFIG ?= experiments/mm_embed/stage_hardneg.yaml
 stage-hardneg: venv  # MM-Embed's M_hard: stage 2 again from the stage-1 model (BACKBONE) on MINED (make mine)
@@ -135,13 +135,12 @@ ablations: venv  # run a grid (experiments/ablations/grids/GRID.yaml; done steps
 report: venv  # runs' event files and configs -> RUNS_DIR/report.md, report.json, val_recall.png, final_average.png
 	$(LAMRA) report --runs $(RUNS_DIR)
 
-emoji: venv  # the embedded default data set, in M-BEIR format, then converted: make emoji DATA=demo/data
-	$(BIN)/python -m data_recipes.emoji --out demo/mbeir
-	$(LAMRA) convert-mbeir --root demo/mbeir --out $(or $(DATA),demo/data)
+emoji: venv  # the embedded default data set in M-BEIR format (demo/mbeir), converted into DATA; the tiny backbone
+	$(LAMRA) grid --grid experiments/demo/prepare.yaml --variables+=data=$(or $(DATA),demo/data)
 
 lint: venv
-	$(BIN)/ruff check src tests data_recipes experiments
-	$(BIN)/ruff format --check src tests data_recipes experiments
+	$(BIN)/ruff check src tests experiments
+	$(BIN)/ruff format --check src tests experiments
 
 bench-train: venv  # retriever training step: throughput, memory, MFU (e.g. ARGS="--shape 2b --batch-sizes 32 64")
 	$(BIN)/python experiments/benchmarks/train_step.py $(ARGS)
@@ -149,8 +148,8 @@ bench-train: venv  # retriever training step: throughput, memory, MFU (e.g. ARGS
 test: venv lint  # two pytest workers, one per core (a test file's tests stay on one worker: module fixtures once)
 	OMP_NUM_THREADS=$(if $(filter 0 1,$(TEST_WORKERS)),2,1) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
-demo: venv
-	$(BIN)/python -m data_recipes.demo
+demo: venv  # the whole pipeline on CPU (a grid: run it again after a kill, done steps are skipped)
+	$(LAMRA) grid --grid experiments/demo/demo.yaml $(ARGS)
 
 reliability: venv  # the fault suite, then its findings into the README's Reliability table
 	rm -f $(RUNS)/reliability.jsonl && mkdir -p $(RUNS)

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from lamra_pl.data.schema import encode_record
-from lamra_pl.data.shards import write_shards
-from lamra_pl.models.tiny import build_tiny_causal_lm, build_tiny_llava_next, build_tiny_qwen2vl
+from lamra_pl.formats.sample import encode_record
+from lamra_pl.formats.shards import write_shards
+from lamra_pl.testing.tiny import build_tiny_causal_lm, build_tiny_llava_next, build_tiny_qwen2vl
 
 COLORS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (30, 60, 220), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square", "triangle")

@@ -14,16 +14,16 @@ import torch.nn.functional as F
 
 from conftest import COLORS, SHAPES, shape_image
 from helpers import lamra_here, ok, scalars
-from lamra_pl.data.schema import Item, encode_record
-from lamra_pl.data.shards import write_shards
 from lamra_pl.errors import LamraError
-from lamra_pl.models.backbone import LoraSpec, load_backbone, load_processor
+from lamra_pl.formats.sample import Item, encode_record
+from lamra_pl.formats.shards import write_shards
+from lamra_pl.models.backbone import BackboneSpec, LoraSpec, load_backbone, load_processor
+from lamra_pl.models.checkpoints import load_module, load_reranker
 from lamra_pl.models.embedding import EmbeddingModule
-from lamra_pl.models.inputs import EmbeddingCollator
-from lamra_pl.models.rerank import RerankModule
+from lamra_pl.models.embedding_inputs import EmbeddingCollator
 from lamra_pl.models.rerank_inputs import IGNORE, JudgePrompt, RerankExample
-from lamra_pl.models.tiny import write_gguf
-from lamra_pl.retrieval.rerank import load_rerank_module
+from lamra_pl.models.reranker import RerankModule
+from lamra_pl.testing.tiny import write_gguf
 
 TEXTS = [Item("t0", "red circle"), Item("t1", "a blue square on white"), Item("t2", "green"), Item("t3", "a triangle")]
 IMAGES = [
@@ -71,7 +71,7 @@ def test_each_family_trains_with_a_finite_loss_and_merges(model_type, stage, sha
             "fit",
             "-c",
             f"experiments/tiny/{stage}.yaml",
-            f"--model.init_args.backbone={backbone}",
+            f"--model.init_args.backbone.path={backbone}",
             f"--data.init_args.train_shards={request.getfixturevalue(shards)}",
             "--data.init_args.batch_size=4",
             "--data.init_args.num_negatives=1",
@@ -89,8 +89,8 @@ def test_each_family_trains_with_a_finite_loss_and_merges(model_type, stage, sha
 
     ok(lamra_here("merge", f"--ckpt={ckpt}", f"--out={merged}"))
     assert json.loads((merged / "config.json").read_text())["model_type"] == model_type
-    adapter = EmbeddingModule.load_from_checkpoint(ckpt, weights_only=True, map_location="cpu").eval()
-    reloaded = EmbeddingModule(str(merged), lora=None, gradient_checkpointing=False)
+    adapter = load_module(ckpt)
+    reloaded = EmbeddingModule(BackboneSpec(merged, gradient_checkpointing=False))
     reloaded.configure_model()
     reloaded.eval()
     with torch.no_grad():
@@ -102,12 +102,11 @@ def test_each_family_trains_with_a_finite_loss_and_merges(model_type, stage, sha
 @pytest.mark.parametrize(("backbone", "items"), [("tiny_llava_next", TEXTS + IMAGES), ("tiny_text_lm", TEXTS)])
 def test_every_pooling_embeds_and_backpropagates_on_every_family(backbone, items, pooling, request):
     module = EmbeddingModule(
-        str(request.getfixturevalue(backbone)),
+        BackboneSpec(request.getfixturevalue(backbone), gradient_checkpointing=False),
         lora=LoraSpec(r=4, alpha=8, dropout=0.0),
         pooling=pooling,
         latents=8,
         latent_heads=2,
-        gradient_checkpointing=False,
     )
     module.configure_model()
     batch = EmbeddingCollator(module.processor).encode(items)
@@ -124,7 +123,7 @@ def test_every_pooling_embeds_and_backpropagates_on_every_family(backbone, items
 
 def test_llava_next_chat_carries_one_bos_and_one_placeholder_run_per_image(tiny_llava_next):
     """The Mistral-style template writes <s> and the tokenizer would add another: the collator must not."""
-    processor = load_processor(tiny_llava_next)
+    processor = load_processor(BackboneSpec(tiny_llava_next))
     batch = EmbeddingCollator(processor).encode(TEXTS[:1] + IMAGES)
     tokenizer = processor.tokenizer
     bos, image = tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids("<image>")
@@ -139,7 +138,8 @@ def test_llava_next_chat_carries_one_bos_and_one_placeholder_run_per_image(tiny_
 def test_a_reranker_trains_on_every_family(backbone, items, request):
     """LamRA-Rank's joint pointwise + listwise loss, with its answer-token labels found from each chat template."""
     reranker = RerankModule(
-        str(request.getfixturevalue(backbone)), lora=LoraSpec(r=4, alpha=8, dropout=0.0), gradient_checkpointing=False
+        BackboneSpec(request.getfixturevalue(backbone), gradient_checkpointing=False),
+        lora=LoraSpec(r=4, alpha=8, dropout=0.0),
     )
     reranker.configure_model()
     query = Item("q", "find this one")
@@ -159,7 +159,7 @@ def test_a_gguf_causal_lm_loads_as_its_checkpoint_folder_and_trains(tiny_text_lm
     assert sorted(p.name for p in gguf_path.parent.iterdir()) == [gguf_path.name]
     lora = LoraSpec(r=4, alpha=8, dropout=0.0)
     paths = (gguf_path, tiny_text_lm)
-    modules = [EmbeddingModule(str(path), lora=lora, gradient_checkpointing=False) for path in paths]
+    modules = [EmbeddingModule(BackboneSpec(path, gradient_checkpointing=False), lora=lora) for path in paths]
     batches = [EmbeddingCollator(m.processor).encode(TEXTS) for m in modules]
     # The same tokenizer, rebuilt from the file (its padding side and `<emb>` id may differ: GGUF stores neither).
     texts = [
@@ -172,7 +172,7 @@ def test_a_gguf_causal_lm_loads_as_its_checkpoint_folder_and_trains(tiny_text_lm
             m.configure_model()
         torch.testing.assert_close(modules[0].embed(batches[0]), modules[1].embed(batches[1]), atol=1e-5, rtol=0)
         pairs = [(TEXTS[0], TEXTS[1]), (TEXTS[2], TEXTS[3])]
-        judged = [load_rerank_module(path, judge=JudgePrompt()) for path in (gguf_path, tiny_text_lm)]
+        judged = [load_reranker(path, judge=JudgePrompt()) for path in (gguf_path, tiny_text_lm)]
         scores = [j.score_pointwise(j.collator().pointwise_inputs(pairs)) for j in judged]
         torch.testing.assert_close(scores[0], scores[1], atol=1e-5, rtol=0)
 
@@ -182,7 +182,7 @@ def test_a_gguf_causal_lm_loads_as_its_checkpoint_folder_and_trains(tiny_text_lm
             "fit",
             "-c",
             "experiments/tiny/stage1_text.yaml",
-            f"--model.init_args.backbone={gguf_path}",
+            f"--model.init_args.backbone.path={gguf_path}",
             f"--data.init_args.train_shards={text_shards}",
             "--data.init_args.batch_size=4",
             "--trainer.max_steps=1",
@@ -199,20 +199,20 @@ def test_a_gguf_causal_lm_loads_as_its_checkpoint_folder_and_trains(tiny_text_lm
 
 
 def test_family_mismatches_are_clear_errors(tiny_text_lm, tiny_llava_next, tmp_path):
-    processor = load_processor(tiny_text_lm)
+    processor = load_processor(BackboneSpec(tiny_text_lm))
     with pytest.raises(LamraError, match="text-only causal LM: it reads no images"):
         EmbeddingCollator(processor).encode(TEXTS[:1] + IMAGES[:1])
     with pytest.raises(LamraError, match="no vision tower or projector"):
-        load_backbone(tiny_text_lm, vocab_size=len(processor.tokenizer), lora=None, train_vision_tower=True)
+        load_backbone(BackboneSpec(tiny_text_lm, train_vision_tower=True), vocab_size=len(processor.tokenizer))
     with pytest.raises(LamraError, match="min_pixels/max_pixels apply to Qwen2-VL"):
-        load_processor(tiny_llava_next, max_pixels=112 * 112)
+        load_processor(BackboneSpec(tiny_llava_next, max_pixels=112 * 112))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
     with pytest.raises(LamraError, match=r"model_type 't5' is not supported.*any text-only causal LM"):
-        load_processor(tmp_path)
+        load_processor(BackboneSpec(tmp_path))
     with pytest.raises(LamraError, match="GGUF file .* does not exist"):
-        load_processor(tmp_path / "missing.gguf")
+        load_processor(BackboneSpec(tmp_path / "missing.gguf"))
     base = tmp_path / "base-lm"  # a base (not instruct) model: no chat template
     shutil.copytree(tiny_text_lm, base)
     (base / "chat_template.jinja").unlink()
     with pytest.raises(LamraError, match="has no chat template"):
-        load_processor(base)
+        load_processor(BackboneSpec(base))

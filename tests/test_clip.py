@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from conftest import shape_image
-from data_recipes.mbeir import convert
 from helpers import ROOT, clean_error, lamra, lamra_here, ok, scalars
-from lamra_pl.data.schema import Item
+from lamra_pl.api import Retriever
 from lamra_pl.errors import LamraError
+from lamra_pl.formats.sample import Item
 from lamra_pl.models.clip import CLIPModule
-from lamra_pl.retrieval.retriever import Retriever
+from lamra_pl.recipes.mbeir import convert
 
 TINY_CLIP = str(ROOT / "experiments/clip/tiny_clip.json")
 FIXTURE = Path(__file__).parent / "fixtures" / "mbeir_tiny"

@@ -2,30 +2,39 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
+import yaml
 from lightning.pytorch import LightningDataModule, LightningModule
 
+from lamra_pl.callbacks import FinalMetrics
 from lamra_pl.cli import LamraCLI
 from lamra_pl.data.datamodule import ShardDataModule
 from lamra_pl.models.clip import CLIPModule
 from lamra_pl.models.embedding import EmbeddingModule
-from lamra_pl.models.rerank import RerankModule
-from lamra_pl.retrieval.fusion import load_weights
+from lamra_pl.models.reranker import RerankModule
+from lamra_pl.ranking.fusion import load_weights
+from lamra_pl.strategies import FSDP2Strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 FUSION_WEIGHTS = ROOT / "experiments/lamra_rank/fusion.yaml"  # a weights file for `lamra-pl rerank`, not a CLI config
 OVERLAYS = sorted((ROOT / "experiments/strategies").glob("*.yaml"))  # given after a stage config
 ABLATIONS = sorted((ROOT / "experiments/ablations").rglob("*.yaml"))  # overlays and grid files
-GRIDS = [p for p in ABLATIONS if p.parent.name == "grids" and p.name != "demo_size.yaml"]
+GRIDS = sorted(p for p in (ROOT / "experiments").rglob("*.yaml") if "steps" in (yaml.safe_load(p.read_text()) or {}))
 CONFIGS = sorted(
-    p for p in (ROOT / "experiments").rglob("*.yaml") if p != FUSION_WEIGHTS and p not in OVERLAYS + ABLATIONS
+    p for p in (ROOT / "experiments").rglob("*.yaml") if p != FUSION_WEIGHTS and p not in OVERLAYS + ABLATIONS + GRIDS
 )
 # Which stage config each ablation overlay is given after (the paper recipes).
 RETRIEVER = "lamra_ret/stage2_instruct.yaml"
 ABLATION_STAGE = {"rerank_pointwise": "lamra_rank/rerank_joint.yaml", "rerank_listwise": "lamra_rank/rerank_joint.yaml"}
 ABLATION_STAGE["rerank_joint"] = ABLATION_STAGE["rerank_pointwise"]
+
+
+def resolve(class_path: str) -> object:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 class ParseOnly(LamraCLI):
@@ -68,7 +77,7 @@ def test_config_parses(config):
 def test_strategy_overlays_parse_over_every_stage(overlay):
     for stage in ("lamra_ret/stage1_text.yaml", "lamra_ret/stage2_instruct.yaml", "lamra_rank/rerank_joint.yaml"):
         parsed = cli(ParseOnly, "-c", str(ROOT / "experiments" / stage), "-c", str(overlay)).config
-        assert parsed.trainer.strategy.class_path == "lamra_pl.strategies.FSDP2Strategy", stage
+        assert resolve(parsed.trainer.strategy.class_path) is FSDP2Strategy, stage
         assert parsed.trainer.precision == "bf16-mixed"
 
 
@@ -77,7 +86,8 @@ def test_paper_recipes():
     stage2 = cli(ParseOnly, "-c", str(ROOT / "experiments/lamra_ret/stage2_instruct.yaml")).config.model.init_args
     assert (stage1.lora.r, stage1.lora.alpha, stage1.optimizer.init_args.lr) == (64, 128, 2e-4)
     assert (stage2.lora.r, stage2.lora.alpha, stage2.optimizer.init_args.lr) == (128, 256, 1e-4)
-    assert stage1.warmup_ratio == stage2.warmup_ratio == 0.03 and stage1.lr_schedule == "cosine"
+    assert stage1.schedule.warmup_ratio == stage2.schedule.warmup_ratio == 0.03
+    assert stage1.schedule.lr_schedule == "cosine"
     rank = cli(ParseOnly, "-c", str(ROOT / "experiments/lamra_rank/rerank_joint.yaml")).config
     model = rank.model.init_args
     assert (model.lora.r, model.lora.alpha, model.optimizer.init_args.lr) == (128, 256, 2e-5)
@@ -100,7 +110,7 @@ def test_lamra_fusion_weights():
 @pytest.mark.parametrize("config", sorted((ROOT / "experiments/tiny").glob("*.yaml")), ids=lambda p: p.name)
 def test_tiny_config_instantiates(config, tiny_backbone, shape_shards):
     lmm = "CLIPModule" not in config.read_text()  # the CLIP baseline has no LMM backbone
-    c = cli(LamraCLI, "-c", str(config), *([f"--model.init_args.backbone={tiny_backbone}"] if lmm else []))
+    c = cli(LamraCLI, "-c", str(config), *([f"--model.init_args.backbone.path={tiny_backbone}"] if lmm else []))
     assert isinstance(c.model, EmbeddingModule | RerankModule | CLIPModule)
     assert isinstance(c.datamodule, ShardDataModule)
     assert c.trainer.max_steps > 0
@@ -114,7 +124,7 @@ def test_ablation_overlays_parse_over_their_stage_and_change_what_they_name(over
     assert parsed != base  # the overlay changes something
     assert parsed.trainer == base.trainer  # and only the model or the data
     if overlay.stem == "clip":
-        assert parsed.model.class_path == "lamra_pl.models.clip.CLIPModule"
+        assert resolve(parsed.model.class_path) is CLIPModule
         assert parsed.model.init_args.optimizer == base.model.init_args.optimizer  # the stage's recipe is kept
 
 
@@ -127,15 +137,16 @@ def test_every_ablation_of_the_issue_has_an_overlay():
 
 @pytest.mark.parametrize("grid", GRIDS, ids=lambda p: p.name)
 def test_grid_files_load_and_their_fits_parse(grid, monkeypatch):
-    from lamra_pl.grid import load_grid
+    from lamra_pl.cli import COMMANDS
+    from lamra_pl.tools.grid import load_grid
 
     monkeypatch.chdir(ROOT)
-    from lamra_pl.cli import TOOLS
-
-    steps = load_grid(grid).steps
+    declared = (yaml.safe_load(grid.read_text()) or {}).get("vars") or {}
+    required = {name: f"given-{name}" for name, default in declared.items() if default is None}
+    steps = load_grid(grid, variables=required).steps
     fits = [s for s in steps if s.run_dir is not None]
     assert steps and len({s.name for s in fits}) == len(fits)
-    assert all(s.command[0] in (*TOOLS, "python") for s in steps if s.run_dir is None)
+    assert all(s.command[0] in (*COMMANDS, "python") for s in steps if s.run_dir is None)
     for step in fits:  # a reranker's metrics come from a later `evaluate --log_to` into its run
         assert not step.metrics_later or any(
             s.command[:1] == ["evaluate"] and f"--log_to={step.run_dir}" in s.command for s in steps
@@ -144,4 +155,6 @@ def test_grid_files_load_and_their_fits_parse(grid, monkeypatch):
         # The fit's command line, as the grid runs it, parses (paths under {out} need not exist yet).
         parsed = cli(ParseOnly, *step.command[1:]).config
         assert parsed.trainer.logger.init_args.version == step.name
-        assert any(c.class_path == "lamra_pl.report.FinalMetrics" for c in parsed.trainer.callbacks)
+        assert step.final_metrics != "fit" or any(
+            resolve(c.class_path) is FinalMetrics for c in parsed.trainer.callbacks
+        )

@@ -11,16 +11,12 @@ import webdataset as wds
 
 from conftest import text_to_image_samples
 from lamra_pl.data.datamodule import ShardDataModule
-from lamra_pl.data.schema import Item, Record, decode_record, format_text, with_instruction
-from lamra_pl.data.shards import (
-    choose_example,
-    eval_pipeline,
-    evaluation_query,
-    expand_shards,
-    write_shards,
-)
+from lamra_pl.data.evaluation import eval_pipeline
 from lamra_pl.data.stream import SampleIndex, TrainStream
 from lamra_pl.errors import BadSampleError, LamraError
+from lamra_pl.formats.sample import Item, Record, decode_record, evaluation_query, format_text, with_instruction
+from lamra_pl.formats.shards import expand_shards, write_shards
+from lamra_pl.models.embedding_inputs import choose_example
 
 
 class IdsOnly:
@@ -151,12 +147,13 @@ def test_no_instruction_ablation_leaves_queries_bare_in_training_and_evaluation(
     instruction, so the model is evaluated as it was trained."""
     import random
 
+    from lamra_pl.data.items import ChunkedItems, Job, plan
+    from lamra_pl.models.backbone import BackboneSpec
     from lamra_pl.models.embedding import EmbeddingModule
-    from lamra_pl.retrieval.encode import ChunkedItems, Job, plan
 
     record = decode_record(text_to_image_samples()[0])
-    with_ = EmbeddingModule(str(tiny_backbone)).collator()
-    without = EmbeddingModule(str(tiny_backbone), instructions=False).collator()
+    with_ = EmbeddingModule(BackboneSpec(tiny_backbone)).collator()
+    without = EmbeddingModule(BackboneSpec(tiny_backbone), instructions=False).collator()
     assert with_.choose(record, random.Random(0), 0).query.text == "Find the picture of this shape. red circle."
     assert without.choose(record, random.Random(0), 0).query.text == "red circle"
     assert without.choose(record, None, 0).query.text == "red circle"

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from conftest import shape_image
-from lamra_pl.data.schema import Item
-from lamra_pl.models.backbone import LoraSpec
-from lamra_pl.models.embedding import EmbeddingModule, pooling_index
-from lamra_pl.models.inputs import EmbeddingCollator
+from lamra_pl.formats.sample import Item
+from lamra_pl.models.backbone import BackboneSpec, LoraSpec
+from lamra_pl.models.embedding import EmbeddingModule
+from lamra_pl.models.embedding_inputs import EmbeddingCollator
+from lamra_pl.models.pooling import pooling_index
 
 ITEMS = [
     Item("t", text="a tiny red circle drawn on white paper, seen from above"),
@@ -19,8 +20,9 @@ ITEMS = [
 ]
 
 
-def module(backbone, **kwargs) -> EmbeddingModule:
-    m = EmbeddingModule(str(backbone), lora=LoraSpec(r=4, alpha=8, dropout=0.0), gradient_checkpointing=False, **kwargs)
+def module(backbone, pooling="before_emb", **settings) -> EmbeddingModule:
+    lora = LoraSpec(r=4, alpha=8, dropout=0.0)
+    m = EmbeddingModule(BackboneSpec(backbone, gradient_checkpointing=False, **settings), lora=lora, pooling=pooling)
     m.configure_model()
     return m.eval()
 
@@ -77,7 +79,7 @@ def test_rope_1d_differs_from_mrope_on_images_and_each_is_deterministic(tiny_bac
 def test_mrope_positions_are_the_models_own(tiny_backbone):
     m = module(tiny_backbone)
     batch = EmbeddingCollator(m.processor).encode(ITEMS[1:3])
-    ours = m.position_ids(batch)
+    ours = m.backbone.position_ids(m.model, batch)
     reference, _ = m.trunk.get_rope_index(
         batch["input_ids"],
         mm_token_type_ids=batch["mm_token_type_ids"],

@@ -10,8 +10,10 @@ import webdataset as wds
 
 from conftest import text_to_image_samples
 from helpers import lamra, scalars
-from lamra_pl.data.schema import SKIP_REASONS
-from lamra_pl.data.shards import eval_pipeline, write_shards
+from lamra_pl.data.evaluation import eval_pipeline
+from lamra_pl.formats.sample import SKIP_REASONS
+from lamra_pl.formats.shards import write_shards
+from lamra_pl.models.backbone import BackboneSpec
 from lamra_pl.models.embedding import EmbeddingModule
 
 TINY = "experiments/tiny/stage2_instruct.yaml"
@@ -22,7 +24,7 @@ def fit_tiny(backbone: Path, shards: Path, runs: Path, steps: int):
         "fit",
         "-c",
         TINY,
-        f"--model.init_args.backbone={backbone}",
+        f"--model.init_args.backbone.path={backbone}",
         f"--data.init_args.train_shards={shards}",
         "--data.init_args.batch_size=4",
         f"--trainer.max_steps={steps}",
@@ -39,12 +41,14 @@ def assert_clean_error(proc, *needles: str) -> None:
 
 
 def test_missing_backbone_path(tmp_path):
-    proc = lamra("fit", "-c", TINY, f"--model.init_args.backbone={tmp_path / 'nope'}", "--trainer.max_steps=1")
+    proc = lamra("fit", "-c", TINY, f"--model.init_args.backbone.path={tmp_path / 'nope'}", "--trainer.max_steps=1")
     assert_clean_error(proc, "backbone path", "nope", "does not exist")
 
 
 def test_config_key_that_does_not_exist(tiny_backbone):
-    proc = lamra("fit", "-c", TINY, f"--model.init_args.backbone={tiny_backbone}", "--model.init_args.tempreature=0.1")
+    proc = lamra(
+        "fit", "-c", TINY, f"--model.init_args.backbone.path={tiny_backbone}", "--model.init_args.tempreature=0.1"
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "tempreature" in proc.stderr
 
@@ -52,7 +56,7 @@ def test_config_key_that_does_not_exist(tiny_backbone):
 def test_config_file_key_that_does_not_exist(tiny_backbone, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data:\n  init_args:\n    batch_sise: 4\n")
-    proc = lamra("fit", "-c", TINY, "-c", str(bad), f"--model.init_args.backbone={tiny_backbone}")
+    proc = lamra("fit", "-c", TINY, "-c", str(bad), f"--model.init_args.backbone.path={tiny_backbone}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "batch_sise" in proc.stderr
 
@@ -81,7 +85,7 @@ def broken_image_shards(folder: Path) -> Path:
 
 def test_unreadable_image_is_skipped_and_counted_exactly_once(tiny_backbone, tmp_path):
     shards = broken_image_shards(tmp_path / "shards")
-    collate = EmbeddingModule(str(tiny_backbone)).collator()
+    collate = EmbeddingModule(BackboneSpec(tiny_backbone)).collator()
     pipeline = eval_pipeline(
         [str(shards / "shard-000000.tar")], batch_size=5, collate=collate, num_negatives=0, rank=0, world=1
     )

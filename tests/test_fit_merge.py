@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from helpers import lamra, scalars
-from lamra_pl.models.backbone import LoraSpec
+from lamra_pl.api import Retriever
+from lamra_pl.models.backbone import BackboneSpec, LoraSpec
+from lamra_pl.models.checkpoints import load_module
 from lamra_pl.models.embedding import EmbeddingModule
-from lamra_pl.models.inputs import EmbeddingCollator
-from lamra_pl.retrieval.retriever import Retriever
+from lamra_pl.models.embedding_inputs import EmbeddingCollator
 from test_embedding import ITEMS
 
 
@@ -22,7 +23,7 @@ def tiny_fit(backbone: Path, shards: Path, runs: Path, *overrides: str) -> Path:
         "fit",
         "-c",
         "experiments/tiny/stage2_instruct.yaml",
-        f"--model.init_args.backbone={backbone}",
+        f"--model.init_args.backbone.path={backbone}",
         f"--data.init_args.train_shards={shards}",
         "--trainer.log_every_n_steps=1",
         f"--trainer.logger.init_args.save_dir={runs}",
@@ -66,11 +67,11 @@ def test_merge_then_reload_gives_the_unmerged_embeddings(trained, tiny_backbone,
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
 
-    adapter = EmbeddingModule.load_from_checkpoint(ckpt, weights_only=True, map_location="cpu").eval()
-    merged = EmbeddingModule(str(out), lora=None, gradient_checkpointing=False)
+    adapter = load_module(ckpt)
+    merged = EmbeddingModule(BackboneSpec(out, gradient_checkpointing=False))
     merged.configure_model()
     merged.eval()
-    base = EmbeddingModule(str(tiny_backbone), lora=LoraSpec(r=32, alpha=64, dropout=0.0))
+    base = EmbeddingModule(BackboneSpec(tiny_backbone), lora=LoraSpec(r=32, alpha=64, dropout=0.0))
     base.configure_model()
     base.eval()
     assert merged.emb_token_id == adapter.emb_token_id
@@ -96,8 +97,8 @@ def test_merge_of_a_full_fine_tuning_checkpoint(tiny_backbone, shape_shards, tmp
         shape_shards,
         tmp_path / "runs",
         "--model.init_args.lora=null",
-        "--model.init_args.train_vision_tower=true",
-        "--model.init_args.train_projector=true",
+        "--model.init_args.backbone.train_vision_tower=true",
+        "--model.init_args.backbone.train_projector=true",
         "--data.init_args.batch_size=6",
         "--trainer.max_steps=3",
     )
@@ -105,8 +106,8 @@ def test_merge_of_a_full_fine_tuning_checkpoint(tiny_backbone, shape_shards, tmp
     state = torch.load(ckpt, weights_only=True, map_location="cpu")["state_dict"]
     assert any(".visual.blocks." in k for k in state) and not any("lora_" in k for k in state)
     assert lamra("merge", f"--ckpt={ckpt}", f"--out={out}").returncode == 0
-    trained = EmbeddingModule.load_from_checkpoint(ckpt, weights_only=True, map_location="cpu").eval()
-    merged = EmbeddingModule(str(out), lora=None, gradient_checkpointing=False)
+    trained = load_module(ckpt)
+    merged = EmbeddingModule(BackboneSpec(out, gradient_checkpointing=False))
     merged.configure_model()
     merged.eval()
     with torch.no_grad():
@@ -132,7 +133,7 @@ def test_latent_attention_pooling_trains_is_saved_with_the_adapter_and_merged(ti
     assert all(np.isfinite(v) for _, v in scalars(run)["train/loss"])
     ckpt = run / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, weights_only=True, map_location="cpu")["state_dict"]
-    fresh = EmbeddingModule(str(tiny_backbone), pooling="latent_attention", latents=8, latent_heads=2)
+    fresh = EmbeddingModule(BackboneSpec(tiny_backbone), pooling="latent_attention", latents=8, latent_heads=2)
     fresh.configure_model()
     hidden = fresh.model.config.get_text_config().hidden_size
     assert state["latent_pool.latents"].shape == fresh.latent_pool.latents.shape == (8, hidden)

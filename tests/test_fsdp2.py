@@ -23,14 +23,14 @@ def fit(tmp: Path, backbone: Path, shards: Path, strategy: tuple[str, ...], step
         *strategy,
         "--trainer.precision=32-true",  # on CPU; the shipped overlay says bf16-mixed for GPUs
         "--trainer.devices=2",
-        f"--model.init_args.backbone={backbone}",
+        f"--model.init_args.backbone.path={backbone}",
         f"--data.init_args.train_shards={shards}",
         "--data.init_args.batch_size=4",
         "--data.init_args.num_workers=0",
         f"--trainer.max_steps={steps}",
         # The first FSDP2 run stops at step 2 and the resume goes on to 4: a constant LR keeps one schedule.
-        "--model.init_args.lr_schedule=constant",
-        "--model.init_args.warmup_ratio=0",
+        "--model.init_args.schedule.lr_schedule=constant",
+        "--model.init_args.schedule.warmup_ratio=0",
         f"--trainer.logger.init_args.save_dir={tmp / 'runs'}",
         "--trainer.logger.init_args.version=run",
         *(["--ckpt_path=last"] if resume else []),

@@ -16,7 +16,7 @@ def fit_curve(tmp: Path, backbone: Path, shards: Path, *args: str) -> list[float
     proc = fit_tiny_with_callbacks(
         tmp,
         [{"class_path": "inject.Recorder", "init_args": {"path": str(record)}}],
-        f"--model.init_args.backbone={backbone}",
+        f"--model.init_args.backbone.path={backbone}",
         f"--data.init_args.train_shards={shards}",
         "--data.init_args.batch_size=8",
         "--data.init_args.num_workers=0",
@@ -24,7 +24,7 @@ def fit_curve(tmp: Path, backbone: Path, shards: Path, *args: str) -> list[float
         "--trainer.enable_checkpointing=false",
         "--trainer.logger=false",
         f"--trainer.default_root_dir={tmp}",  # where the CLI saves config.yaml without a logger
-        "--model.init_args.warmup_ratio=0.2",  # step 1 at lr 0: a scheduler that is not stepped never trains
+        "--model.init_args.schedule.warmup_ratio=0.2",  # step 1 at lr 0: a scheduler that is not stepped never trains
         *args,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -42,8 +42,8 @@ def test_gradcache_fit_follows_the_plain_fit_with_clipping_and_schedule(tiny_bac
         tmp_path / "cached",
         tiny_backbone,
         shape_shards,
-        "--model.init_args.gradcache_chunk_size=3",
-        f"--model.init_args.gradcache_clip_norm={clip}",
+        "--model.init_args.gradcache.chunk_size=3",
+        f"--model.init_args.gradcache.clip_norm={clip}",
     )
     unclipped = fit_curve(tmp_path / "unclipped", tiny_backbone, shape_shards)
     assert cached == pytest.approx(plain, rel=1e-4, abs=1e-5)
@@ -51,10 +51,11 @@ def test_gradcache_fit_follows_the_plain_fit_with_clipping_and_schedule(tiny_bac
     assert plain[-1] < plain[0], "the curve did not move: the comparison is vacuous"
 
 
-def test_gradcache_refuses_trainer_clipping_and_clip_norm_without_gradcache(tiny_backbone):
-    config = ("fit", "-c", "experiments/tiny/stage2_instruct.yaml", f"--model.init_args.backbone={tiny_backbone}")
+def test_gradcache_refuses_trainer_clipping_and_a_clip_norm_without_chunks(tiny_backbone):
+    config = ("fit", "-c", "experiments/tiny/stage2_instruct.yaml", f"--model.init_args.backbone.path={tiny_backbone}")
     clean_error(
-        lamra_here(*config, "--model.init_args.gradcache_chunk_size=4", "--trainer.gradient_clip_val=1.0"),
-        "model.gradcache_clip_norm",
+        lamra_here(*config, "--model.init_args.gradcache.chunk_size=4", "--trainer.gradient_clip_val=1.0"),
+        "model.gradcache.clip_norm",
     )
-    clean_error(lamra_here(*config, "--model.init_args.gradcache_clip_norm=1.0"), "trainer.gradient_clip_val")
+    # GradCache's clip norm lives in its settings group: without a chunk size there is no GradCache to clip in.
+    clean_error(lamra_here(*config, "--model.init_args.gradcache.clip_norm=1.0"), "chunk_size")

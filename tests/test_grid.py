@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import yaml
 
-from data_recipes.mbeir import convert
 from helpers import ROOT, clean_error, lamra, lamra_here, ok
-from lamra_pl.grid import Step, fit_state, load_grid
-from lamra_pl.report import FinalMetrics, read_run
-from lamra_pl.retrieval.runs import format_run, read_qrels
+from lamra_pl.callbacks import FinalMetrics
+from lamra_pl.formats.runs import format_run
+from lamra_pl.formats.task import read_qrels
+from lamra_pl.formats.tensorboard import read_board
+from lamra_pl.recipes.mbeir import convert
+from lamra_pl.tools.grid import Step, fit_state, load_grid
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mbeir_tiny"
 
@@ -73,7 +75,7 @@ def test_a_grid_runs_its_steps_then_skips_what_is_done(tmp_path):
     grid = write_grid(tmp_path / "grid.yaml", spec)
     # Without the step that logs clip_t02's final metrics, the grid says so once everything else has run.
     clean_error(lamra_here("grid", f"--grid={grid}"), "clip_t02", "final_metrics: later")
-    assert read_run(out / "clip_t05", out).finished and not read_run(out / "clip_t02", out).finished
+    assert read_board(out / "clip_t05", out).finished and not read_board(out / "clip_t02", out).finished
     evaluations = perfect_runs(data, tmp_path / "perfect")
     log = {"run": ["evaluate", f"--runs={evaluations}", "--log_to={out}/clip_t02"]}
     log["creates"] = f"{evaluations}/results.json"
@@ -82,10 +84,10 @@ def test_a_grid_runs_its_steps_then_skips_what_is_done(tmp_path):
     summary = json.loads((out / "grid.json").read_text())  # OUT/<grid file name>.json
     assert [s["state"] for s in summary.values()] == ["skipped", "resumed", "done", "done"], proc.stdout[-2000:]
     for name, temperature in (("clip_t05", 0.05), ("clip_t02", 0.02)):
-        run = read_run(out / name, out)
+        run = read_board(out / name, out)
         assert run.finished and "average/R@5" in run.metrics()
         assert run.hparams["model.temperature"] == temperature
-    assert read_run(out / "clip_t02", out).metrics()["average/R@1"] == 1.0  # the perfect runs' numbers
+    assert read_board(out / "clip_t02", out).metrics()["average/R@1"] == 1.0  # the perfect runs' numbers
     # The report step ran after both fits: its table holds both runs and the one varied hyperparameter.
     table = (out / "report.md").read_text()
     assert "clip_t05" in table and "clip_t02" in table and "model.temperature" in table

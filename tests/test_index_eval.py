@@ -13,15 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_recipes.mbeir import convert
 from helpers import LAMRA, ROOT, clean_error, lamra, lamra_here, ok, scalars
-from lamra_pl.data.schema import encode_candidate
-from lamra_pl.data.shards import write_shards
-from lamra_pl.models.tiny import build_tiny_qwen2vl
-from lamra_pl.retrieval.index import EmbeddingIndex
-from lamra_pl.retrieval.retriever import Retriever
-from lamra_pl.retrieval.runs import read_qrels, read_run
-from lamra_pl.retrieval.search import unit_rows
+from lamra_pl.api import Retriever
+from lamra_pl.formats.index import EmbeddingIndex
+from lamra_pl.formats.runs import read_run_file
+from lamra_pl.formats.sample import encode_candidate
+from lamra_pl.formats.shards import write_shards
+from lamra_pl.formats.task import read_qrels
+from lamra_pl.ranking.search import unit_rows
+from lamra_pl.recipes.mbeir import convert
+from lamra_pl.testing.tiny import build_tiny_qwen2vl
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mbeir_tiny"
 
@@ -86,8 +87,8 @@ def test_evaluation_equals_a_hand_computation(evaluated, pool):
         for k in (1, 5, 10):
             assert got[f"R@{k}"] == pytest.approx(hand_recall(evaluated, task, pool, k), abs=1e-12), (task, k)
         assert Path(got["run_file"]).is_file() and Path(got["qrels_file"]).name == "qrels.txt"
-        assert got["num_queries"] == len(read_run(got["run_file"]).qids) and got["reported"] == "R@5"
-        run = read_run(got["run_file"])
+        assert got["num_queries"] == len(read_run_file(got["run_file"]).qids) and got["reported"] == "R@5"
+        run = read_run_file(got["run_file"])
         assert all(len(r) == min(10, len(EmbeddingIndex(evaluated["index"]))) for r in run.ranked) or pool == "local"
     average = results["average"]
     assert average["R@1"] == pytest.approx(np.mean([t["R@1"] for t in results["tasks"].values()]))
@@ -124,7 +125,7 @@ def test_validate_runs_the_same_evaluation_on_task_pools(evaluated, tmp_path):
             "validate",
             "-c",
             "experiments/tiny/stage2_instruct.yaml",
-            f"--model.init_args.backbone={evaluated['model']}",
+            f"--model.init_args.backbone.path={evaluated['model']}",
             f"--data.init_args.val_tasks={evaluated['data']}/eval/test/*_task*",
             "--data.init_args.eval_batch_size=32",
             f"--trainer.logger.init_args.save_dir={tmp_path}",
@@ -290,7 +291,7 @@ def test_bad_run_or_qrels_is_a_clear_error_and_nothing_is_overwritten(evaluated,
 @pytest.mark.slow
 def test_index_sharded_over_two_processes_equals_one(tiny_backbone, long_pool, whole_index, tmp_path):
     one, two = whole_index, tmp_path / "two"
-    ok(lamra(*index_args(tiny_backbone, long_pool, two), "--accelerator=cpu", "--devices=2"))
+    ok(lamra(*index_args(tiny_backbone, long_pool, two), "--trainer.accelerator=cpu", "--trainer.devices=2"))
     for name in ("embeddings.npy", "ids.txt", "items.jsonl"):
         assert (two / name).read_bytes() == (one / name).read_bytes(), name
 
@@ -303,7 +304,7 @@ def test_modality_bias_equals_a_hand_count_and_the_report_reads_every_evaluation
     results = json.loads((evaluated["runs"] / "global" / "results.json").read_text())
     for task, got in results["tasks"].items():
         qrels = read_qrels(evaluated["data"] / "eval/test" / task / "qrels.txt")
-        run = read_run(got["run_file"])
+        run = read_run_file(got["run_file"])
         shares = []
         for qid, ranked in zip(run.qids, run.ranked, strict=True):
             target = kind[sorted(qrels[qid])[0]]

@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import shape_image
-from lamra_pl.data.schema import Example, Item
-from lamra_pl.losses import false_negative_mask, info_nce
-from lamra_pl.models.backbone import LoraSpec
+from lamra_pl.formats.sample import Item
+from lamra_pl.models.backbone import BackboneSpec, LoraSpec
+from lamra_pl.models.base import ScheduleSpec
 from lamra_pl.models.embedding import EmbeddingModule
-from lamra_pl.models.inputs import stable_id
+from lamra_pl.models.embedding_inputs import Example, stable_id
+from lamra_pl.models.losses import false_negative_mask, info_nce
 
 
 def hand_info_nce(q: list[list[float]], c: list[list[float]], labels: list[int], tau: float, masked: set) -> float:
@@ -45,7 +46,9 @@ def test_info_nce_matches_hand_computation_with_hard_negatives_and_duplicate():
 
 def test_module_loss_is_info_nce_over_its_own_embeddings(tiny_backbone):
     m = EmbeddingModule(
-        str(tiny_backbone), lora=LoraSpec(r=4, alpha=8, dropout=0.0), gradient_checkpointing=False, temperature=0.07
+        BackboneSpec(str(tiny_backbone), gradient_checkpointing=False),
+        lora=LoraSpec(r=4, alpha=8, dropout=0.0),
+        temperature=0.07,
     )
     m.configure_model()
     m.eval()
@@ -77,11 +80,11 @@ def test_optimizer_and_schedule_use_trainable_parameters_only(tiny_backbone):
     from lightning.pytorch import Trainer
 
     m = EmbeddingModule(
-        str(tiny_backbone),
+        BackboneSpec(str(tiny_backbone)),
         lora=LoraSpec(r=4, alpha=8),
         learnable_temperature=True,
         optimizer=partial(torch.optim.AdamW, lr=0.1),
-        warmup_ratio=0.1,
+        schedule=ScheduleSpec(warmup_ratio=0.1),
     )
     m.configure_model()
     m.trainer = Trainer(max_steps=100, logger=False, enable_checkpointing=False)
@@ -99,7 +102,9 @@ def test_optimizer_and_schedule_use_trainable_parameters_only(tiny_backbone):
 
 
 def test_learnable_temperature_gets_a_gradient(tiny_backbone):
-    m = EmbeddingModule(str(tiny_backbone), lora=LoraSpec(r=4, alpha=8, dropout=0.0), learnable_temperature=True)
+    m = EmbeddingModule(
+        BackboneSpec(str(tiny_backbone)), lora=LoraSpec(r=4, alpha=8, dropout=0.0), learnable_temperature=True
+    )
     m.configure_model()
     examples = [
         Example(Item(f"q{i}", text=f"{c} circle"), Item(f"img:{c}", image=shape_image(c, "circle")), [], [f"img:{c}"])

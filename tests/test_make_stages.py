@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from data_recipes.mbeir import convert
 from helpers import ROOT, scalars
+from lamra_pl.recipes.mbeir import convert
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mbeir_tiny"
 

@@ -1,4 +1,4 @@
-"""The M-BEIR converter on the committed tiny fixture (made by data_recipes/emoji.py): round trip and bad input."""
+"""The M-BEIR converter on the committed tiny fixture (made by lamra_pl/recipes/emoji.py): round trip and bad input."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from data_recipes.mbeir import convert
 from helpers import lamra
-from lamra_pl.data.schema import decode_candidate, decode_record
-from lamra_pl.data.shards import expand_shards
 from lamra_pl.data.stream import SampleIndex
 from lamra_pl.errors import LamraError
+from lamra_pl.formats.sample import decode_candidate, decode_record
+from lamra_pl.formats.shards import expand_shards
+from lamra_pl.recipes.mbeir import convert
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mbeir_tiny"
 

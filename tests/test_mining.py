@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from data_recipes.mbeir import convert
 from helpers import clean_error, lamra_here, ok
 from lamra_pl.data.candidates import CandidateStore
-from lamra_pl.data.mining import MiningSpec, mine_query
-from lamra_pl.data.schema import decode_record
-from lamra_pl.data.shards import expand_shards
-from lamra_pl.retrieval.runs import read_run
+from lamra_pl.formats.runs import read_run_file
+from lamra_pl.formats.sample import decode_record
+from lamra_pl.formats.shards import expand_shards
+from lamra_pl.pipelines.mine import MiningSpec, mine_query
+from lamra_pl.recipes.mbeir import convert
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mbeir_tiny"
 MODALITIES = ("text", "image", "image,text")
@@ -108,7 +108,7 @@ def test_mine_writes_shards_that_follow_the_rules(retrieved, tmp_path):
     spec = MiningSpec(c1=1, c2=1, window=(15, 19))
     seen = short = written = 0
     for task, entry in manifest["tasks"].items():
-        run = read_run(entry["run_file"])
+        run = read_run_file(entry["run_file"])
         ranked = dict(zip(run.qids, run.ranked, strict=True))
         originals = {
             decode_record(s).qid: decode_record(s)

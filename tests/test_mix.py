@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from lamra_pl.data.mix import MixDataModule
-from lamra_pl.data.schema import Record, encode_record
-from lamra_pl.data.shards import write_shards
 from lamra_pl.errors import LamraError
+from lamra_pl.formats.sample import Record, encode_record
+from lamra_pl.formats.shards import write_shards
 
 TASKS = {"a/task0": 30, "a/task1": 10, "b/task1": 20}  # source/task folder: samples
 

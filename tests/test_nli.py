@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import webdataset as wds
 
-from data_recipes.nli import convert, text_id
-from lamra_pl.data.schema import decode_record
-from lamra_pl.data.shards import expand_shards
+from lamra_pl.formats.sample import decode_record
+from lamra_pl.formats.shards import expand_shards
+from lamra_pl.recipes.nli import convert, text_id
 
 CSV = """sent0,sent1,hard_neg
 "Two dogs run, on grass.",Animals are outside.,The dogs sleep indoors.

@@ -12,7 +12,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from helpers import lamra_here, ok
-from lamra_pl.report import FinalMetrics
+from lamra_pl.callbacks import FinalMetrics
 
 CURVES = {  # run -> step -> metrics
     "a": {
@@ -119,10 +119,11 @@ def test_final_metrics_logs_the_last_validation_values_once(tmp_path):
 
 
 def test_a_key_only_some_runs_have_is_not_a_column_by_itself():
-    from lamra_pl.report import Run, varied
+    from lamra_pl.formats.tensorboard import Board
+    from lamra_pl.tools.report import varied
 
-    lmm = Run("lmm", {"model.class": "EmbeddingModule", "model.temperature": 0.05, "model.rope": "model"})
-    clip = Run("clip", {"model.class": "CLIPModule", "model.temperature": 0.05, "model.clip_model": "ViT-B-32"})
-    other = Run("t", {"model.class": "EmbeddingModule", "model.temperature": 0.1, "model.rope": "model"})
+    lmm = Board("lmm", {"model.class": "EmbeddingModule", "model.temperature": 0.05, "model.rope": "model"})
+    clip = Board("clip", {"model.class": "CLIPModule", "model.temperature": 0.05, "model.clip_model": "ViT-B-32"})
+    other = Board("t", {"model.class": "EmbeddingModule", "model.temperature": 0.1, "model.rope": "model"})
     assert varied([lmm, clip]) == ["model.class"]
     assert varied([lmm, clip, other]) == ["model.class", "model.temperature"]

@@ -16,18 +16,19 @@ import torch
 from PIL import Image
 
 from conftest import shape_image
-from data_recipes.mbeir import convert
 from helpers import ROOT, clean_error, lamra_here, ok, scalars
-from lamra_pl.data.rerank_data import draw
-from lamra_pl.data.schema import Item, decode_record
-from lamra_pl.data.shards import expand_shards
 from lamra_pl.errors import LamraError
-from lamra_pl.models.backbone import hf_model
-from lamra_pl.models.rerank import RerankModule
+from lamra_pl.formats.runs import read_run_file
+from lamra_pl.formats.sample import Item, decode_record
+from lamra_pl.formats.shards import expand_shards
+from lamra_pl.formats.task import read_qrels
+from lamra_pl.models.backbone import BackboneSpec, hf_model
+from lamra_pl.models.checkpoints import load_reranker
 from lamra_pl.models.rerank_inputs import IGNORE, LIST_ANSWER, JudgePrompt, RerankExample
-from lamra_pl.retrieval.fusion import fuse, fused_ranking, tune_fusion
-from lamra_pl.retrieval.rerank import load_rerank_module
-from lamra_pl.retrieval.runs import read_qrels, read_run
+from lamra_pl.models.reranker import RerankModule
+from lamra_pl.pipelines.rerank_data import draw
+from lamra_pl.ranking.fusion import fuse, fused_ranking, tune_fusion
+from lamra_pl.recipes.mbeir import convert
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mbeir_tiny"
 
@@ -38,7 +39,7 @@ def image(color: str, shape: str = "circle", size: int = 56) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def reranker(tiny_backbone) -> RerankModule:
-    module = RerankModule(str(tiny_backbone), gradient_checkpointing=False, dtype="float32")
+    module = RerankModule(BackboneSpec(tiny_backbone, gradient_checkpointing=False, dtype="float32"))
     module.configure_model()
     return module.eval()
 
@@ -152,7 +153,7 @@ TEXT_PAIRS = [
 def test_zero_shot_p_true_from_one_forward_equals_the_first_generated_step(backbone, pairs, request):
     """On every backbone family: Qwen2-VL, LLaVA-Next (MM-Embed's judge family) and a text-only causal LM."""
     path = request.getfixturevalue(backbone)
-    judge = load_rerank_module(path, judge=JudgePrompt())  # as `rerank --zero_shot true` loads a folder
+    judge = load_reranker(path, judge=JudgePrompt())  # as `rerank --zero_shot true` loads a folder
     collator = judge.collator()
     inputs = collator.pointwise_inputs(pairs)
     prompts = collator.processor.tokenizer.batch_decode(inputs["input_ids"])
@@ -288,7 +289,7 @@ def test_rerank_data_samples_hold_no_positive_as_negative(pipeline):
     total = 0
     for task in sorted((data / "train").iterdir()):
         qrels = read_qrels(task / "qrels.txt")
-        run = read_run(pipeline["root"] / "train_runs/local" / f"{task.name}.run")
+        run = read_run_file(pipeline["root"] / "train_runs/local" / f"{task.name}.run")
         top = dict(zip(run.qids, run.ranked, strict=True))
         for sample in wds.DataPipeline(
             wds.SimpleShardList(expand_shards(str(out / task.name))), wds.tarfile_to_samples()
@@ -316,7 +317,7 @@ def test_rerank_data_fallbacks_are_counted(pipeline, tmp_path):
     task = "emoji_task0"
     entry = manifest["tasks"][task]
     qrels = read_qrels(entry["qrels_file"])
-    run = read_run(entry["run_file"])
+    run = read_run_file(entry["run_file"])
     lines = []
     only_positives, unranked = run.qids[0], run.qids[1]
     for qid, ranked in zip(run.qids, run.ranked, strict=True):
@@ -412,7 +413,7 @@ def test_make_rerank_targets_train_rerank_and_evaluate(pipeline, tmp_path):
     pairs = [(Item("q", "Find the red circle."), Item("a", None, image("red"))), (Item("q2", "x"), Item("b", "y"))]
     scores = []
     for model in (checkpoint, tmp_path / "merged"):
-        module = load_rerank_module(model)
+        module = load_reranker(model)
         scores.append(module.score_pointwise(module.collator().pointwise_inputs(pairs)))
     assert torch.allclose(scores[0], scores[1], atol=1e-5)
     eval_dir = root / "test_runs"
@@ -428,9 +429,9 @@ def test_make_rerank_targets_train_rerank_and_evaluate(pipeline, tmp_path):
     assert results["tasks"] and 0.0 <= results["average"]["R@1"] <= 1.0
     # w = 0: the reranked runs rank exactly as the retrieval did, although every head was rescored
     for name, entry in json.loads((reranked / "runs.json").read_text())["tasks"].items():
-        assert read_run(entry["run_file"]).ranked == read_run(entry["retrieval_run_file"]).ranked
+        assert read_run_file(entry["run_file"]).ranked == read_run_file(entry["retrieval_run_file"]).ranked
         scored = (reranked / "scores" / f"{name}.tsv").read_text().splitlines()
-        assert len(scored) == sum(min(5, len(r)) for r in read_run(entry["retrieval_run_file"]).ranked)
+        assert len(scored) == sum(min(5, len(r)) for r in read_run_file(entry["retrieval_run_file"]).ranked)
         assert all(0.0 <= float(line.split("\t")[4]) <= 1.0 for line in scored)
     listwise = tmp_path / "listwise"
     ok(
@@ -448,7 +449,7 @@ def test_make_rerank_targets_train_rerank_and_evaluate(pipeline, tmp_path):
         for line in (listwise / "scores" / f"{name}.tsv").read_text().splitlines():
             qid, *_, value = line.split("\t")
             per_query[qid] = per_query.get(qid, 0.0) + float(value)
-        assert len(per_query) == len(read_run(entry["run_file"]).qids)
+        assert len(per_query) == len(read_run_file(entry["run_file"]).qids)
         assert all(abs(total - 1.0) < 1e-5 for total in per_query.values())  # every candidate of a list scored
     # MM-Embed's zero-shot reranking: the untrained folder judges each query's top 3; the head is re-sorted by
     # P(True) alone, ties in retrieval order, and the rest of the run follows unchanged.
@@ -462,7 +463,7 @@ def test_make_rerank_targets_train_rerank_and_evaluate(pipeline, tmp_path):
         for line in (zero / "scores" / f"{name}.tsv").read_text().splitlines():
             qid, did, _, _, value = line.split("\t")
             p_true[qid, did] = float(value)
-        retrieved, fused = read_run(entry["retrieval_run_file"]), read_run(entry["run_file"])
+        retrieved, fused = read_run_file(entry["retrieval_run_file"]), read_run_file(entry["run_file"])
         before = dict(zip(retrieved.qids, retrieved.ranked, strict=True))
         for qid, ranked in zip(fused.qids, fused.ranked, strict=True):
             head = before[qid][:3]

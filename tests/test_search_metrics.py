@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from lamra_pl.errors import LamraError
-from lamra_pl.retrieval.metrics import chance, pad_positives, recall_at_k
-from lamra_pl.retrieval.runs import read_qrels, read_run, write_run
-from lamra_pl.retrieval.search import TOLERANCE, id_ranks, search, unit_rows
+from lamra_pl.formats.index import id_ranks
+from lamra_pl.formats.runs import read_run_file, write_run
+from lamra_pl.formats.task import read_qrels
+from lamra_pl.ranking.metrics import chance, pad_positives, recall_at_k
+from lamra_pl.ranking.search import TOLERANCE, search, unit_rows
 
 
 def reference_top_k(candidates: np.ndarray, queries: np.ndarray, k: int, ids: list[str]) -> list[list[int]]:
@@ -106,10 +108,10 @@ def test_run_file_round_trip_and_qrels(tmp_path):
         tmp_path / "t.run", ["9:1", "9:2"], [["9:4", "9:3"], ["9:3"]], np.array([[0.9, 0.5], [0.7, 0.0]]), "x"
     )
     assert path.read_text().splitlines()[0] == "9:1 Q0 9:4 1 0.900000 x"
-    run = read_run(path)
+    run = read_run_file(path)
     assert run.qids == ["9:1", "9:2"] and run.ranked == [["9:4", "9:3"], ["9:3"]]
     (tmp_path / "q.txt").write_text("9:1 0 9:4 1 0\n9:1 0 9:5 0 0\n9:2 0 9:3 1 3\n")
     assert read_qrels(tmp_path / "q.txt") == {"9:1": {"9:4"}, "9:2": {"9:3"}}
     (tmp_path / "bad.run").write_text("9:1 Q0 9:4 one 0.9 x\n")
     with pytest.raises(LamraError, match="bad.run:1: expected 'qid Q0 did rank score tag'"):
-        read_run(tmp_path / "bad.run")
+        read_run_file(tmp_path / "bad.run")

@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lamra_pl.data.schema import encode_candidate
-from lamra_pl.data.shards import write_shards
+from lamra_pl.data.items import ChunkedItems, Job, plan
+from lamra_pl.formats.sample import encode_candidate
+from lamra_pl.formats.shards import write_shards
+from lamra_pl.models.backbone import BackboneSpec
 from lamra_pl.models.embedding import EmbeddingModule
-from lamra_pl.models.tiny import build_tiny_qwen2vl
-from lamra_pl.retrieval.encode import ChunkedItems, Job, plan
+from lamra_pl.testing.tiny import build_tiny_qwen2vl
 
 
 def random_texts(n: int, min_words: int, max_words: int, vocabulary: int, seed: int = 0) -> list[str]:
@@ -83,7 +84,7 @@ def main() -> None:
         write_shards(samples, shards, maxcount=args.shard_size)
 
         module = EmbeddingModule(
-            str(backbone), lora=None, gradient_checkpointing=False, max_text_tokens=args.max_text_tokens
+            BackboneSpec(backbone, gradient_checkpointing=False), max_text_tokens=args.max_text_tokens
         )
         module.configure_model()
         module.eval()

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from lamra_pl.retrieval.metrics import pad_positives, recall_at_k
+from lamra_pl.ranking.metrics import pad_positives, recall_at_k
 
 
 def best_of(repeats: int, fn: Callable[[], Any]) -> tuple[float, Any]:

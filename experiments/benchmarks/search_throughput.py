@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lamra_pl.retrieval.search import faiss_module, search
+from lamra_pl.ranking.search import faiss_module, search
 
 
 def make_pool(path: Path, n: int, dim: int, seed: int = 0, rows_per_step: int = 65536) -> np.ndarray:

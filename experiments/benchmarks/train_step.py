@@ -44,10 +44,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from lamra_pl.data.schema import Example, Item
-from lamra_pl.models.backbone import LoraSpec
+from lamra_pl.formats.sample import Item
+from lamra_pl.models.backbone import BackboneSpec, LoraSpec
 from lamra_pl.models.embedding import EmbeddingModule
-from lamra_pl.models.tiny import build_tiny_qwen2vl
+from lamra_pl.models.embedding_inputs import Example
+from lamra_pl.models.gradcache import GradCacheSpec
+from lamra_pl.testing.tiny import build_tiny_qwen2vl
 
 # Qwen2-VL-2B/7B-Instruct's published config.json values (language model and vision tower).
 SHAPES: dict[str, dict[str, Any]] = {
@@ -144,16 +146,19 @@ class StepTimer(Callback):
 
 def make_module(backbone: Path, args: argparse.Namespace, *, gradcache: int, count: bool) -> EmbeddingModule:
     cuda = args.device == "cuda"
-    return EmbeddingModule(
-        str(backbone),
-        lora=LoraSpec(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.05),
-        max_text_tokens=args.text_tokens,
+    spec = BackboneSpec(
+        backbone,
         min_pixels=4 * 28 * 28,
         max_pixels=args.image_tokens * 28 * 28,
         dtype="bfloat16" if cuda else "float32",
         attn_implementation="eager" if count else "sdpa",
         gradient_checkpointing=not count,
-        gradcache_chunk_size=gradcache or None,
+    )
+    return EmbeddingModule(
+        spec,
+        lora=LoraSpec(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.05),
+        max_text_tokens=args.text_tokens,
+        gradcache=GradCacheSpec(gradcache) if gradcache else None,
     )
 
 

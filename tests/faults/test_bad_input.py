@@ -11,8 +11,8 @@ import pytest
 
 from conftest import png, shape_image, text_to_image_samples
 from helpers import fit_tiny_with_callbacks, scalars
-from lamra_pl.data.shards import write_shards
-from lamra_pl.data.tar_index import scan_tar
+from lamra_pl.formats.shards import write_shards
+from lamra_pl.formats.tar_index import scan_tar
 
 SAMPLE_FAULTS = ("unreadable_image", "oversized_image", "bad_sample", "sample_error")
 
@@ -56,7 +56,7 @@ def test_training_survives_every_fault_and_accounts_for_every_sample(tiny_backbo
     proc = fit_tiny_with_callbacks(
         tmp_path,
         callbacks,
-        f"--model.init_args.backbone={tiny_backbone}",
+        f"--model.init_args.backbone.path={tiny_backbone}",
         f"--data.init_args.train_shards={shards}",
         "--data.init_args.batch_size=3",
         "--data.init_args.num_workers=2",
@@ -106,11 +106,11 @@ def test_training_survives_every_fault_and_accounts_for_every_sample(tiny_backbo
 @pytest.mark.slow
 def test_too_many_nonfinite_steps_in_a_row_stop_with_a_clear_message(tiny_backbone, shape_shards, tmp_path, finding):
     always = {"class_path": "inject.NonFiniteAt", "init_args": {"steps": list(range(10))}}
+    guard = {"class_path": "lamra_pl.NonFiniteGuard", "init_args": {"max_in_a_row": 2}}
     proc = fit_tiny_with_callbacks(
         tmp_path,
-        [always],
-        f"--model.init_args.backbone={tiny_backbone}",
-        "--model.init_args.max_nonfinite_steps=2",
+        [always, guard],
+        f"--model.init_args.backbone.path={tiny_backbone}",
         f"--data.init_args.train_shards={shape_shards}",
         "--data.init_args.batch_size=4",
         "--trainer.max_steps=10",
@@ -118,5 +118,7 @@ def test_too_many_nonfinite_steps_in_a_row_stop_with_a_clear_message(tiny_backbo
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "3 steps in a row had non-finite gradients" in proc.stderr
-    assert "model.max_nonfinite_steps=2" in proc.stderr
-    finding("NaN gradients at every step", "stops after `model.max_nonfinite_steps` in a row, with a one-line error")
+    assert "NonFiniteGuard callback's max_in_a_row=2" in proc.stderr
+    finding(
+        "NaN gradients at every step", "stops after `NonFiniteGuard`'s `max_in_a_row` in a row, with a one-line error"
+    )

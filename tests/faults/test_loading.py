@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 
 from lamra_pl.errors import LamraError
-from lamra_pl.models.backbone import LoraSpec
+from lamra_pl.models.backbone import BackboneSpec, LoraSpec
 from lamra_pl.models.embedding import EmbeddingModule
 
 
 def module(backbone, **lora) -> EmbeddingModule:
-    m = EmbeddingModule(str(backbone), lora=LoraSpec(**{"r": 4, "alpha": 8, **lora}), gradient_checkpointing=False)
+    m = EmbeddingModule(
+        BackboneSpec(backbone, gradient_checkpointing=False), lora=LoraSpec(**{"r": 4, "alpha": 8, **lora})
+    )
     m.configure_model()
     return m
 

@@ -26,7 +26,7 @@ def fit(tmp: Path, backbone: Path, shards: Path, record: Path, *callbacks: dict,
     return fit_tiny_with_callbacks(
         tmp,
         [checkpoints, recorder, *callbacks],
-        f"--model.init_args.backbone={backbone}",
+        f"--model.init_args.backbone.path={backbone}",
         "--model.init_args.lora.dropout=0.1",
         f"--data.init_args.train_shards={shards}",
         "--data.init_args.batch_size=4",

@@ -25,10 +25,11 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import shape_image
-from lamra_pl.data.schema import Example, Item
-from lamra_pl.models.backbone import LoraSpec
+from lamra_pl.formats.sample import Item
+from lamra_pl.models.backbone import BackboneSpec, LoraSpec
 from lamra_pl.models.embedding import EmbeddingModule
-from lamra_pl.models.inputs import EmbeddingCollator
+from lamra_pl.models.embedding_inputs import EmbeddingCollator, Example
+from lamra_pl.models.gradcache import GradCacheSpec
 from lamra_pl.strategies import FSDP2Strategy
 
 COLORS = ["red", "green", "blue", "yellow"]
@@ -97,12 +98,11 @@ def main() -> None:
     fsdp2 = len(sys.argv) > 6 and sys.argv[6] == "fsdp2"
     seed_everything(0)
     module = (ChunkedOnOneGraph if mode == "chunked" else PerturbedLoRA)(
-        backbone,
+        BackboneSpec(backbone, gradient_checkpointing=False),
         lora=LoraSpec(r=4, alpha=8, dropout=dropout),
         learnable_temperature=not fsdp2,
-        gradient_checkpointing=False,
         optimizer=partial(torch.optim.SGD, lr=0.0),
-        gradcache_chunk_size=2 if mode == "gradcache" else None,
+        gradcache=GradCacheSpec(chunk_size=2) if mode == "gradcache" else None,
     )
     strategy = DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=120)) if devices > 1 else "auto"
     if fsdp2:

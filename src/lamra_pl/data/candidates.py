@@ -1,7 +1,7 @@
 """Random access to the candidates of pool shards by id, without loading the pool.
 
 Shards are plain (uncompressed) tar files, so a member is a byte range. `CandidateStore` reads every shard's
-headers and the `.json` member of each sample once (`tar_index.scan_tar`), keeps the byte ranges of the
+headers and the `.json` member of each sample once (`lamra_pl.formats.tar_index.scan_tar`), keeps the byte ranges of the
 candidates asked for, and later reads just those bytes. Memory grows with the candidates asked for, not with the
 pool; image bytes are read when an item is requested, and never re-encoded.
 """
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lamra_pl.data.schema import Item, decode_candidate, member_image, modality, sample_location
-from lamra_pl.data.shards import expand_shards
-from lamra_pl.data.tar_index import scan_tar
 from lamra_pl.errors import BadSampleError, LamraError
+from lamra_pl.formats.sample import Item, decode_candidate, member_image, modality, sample_location
+from lamra_pl.formats.shards import expand_shards
+from lamra_pl.formats.tar_index import scan_tar
 
 
 @dataclass(frozen=True)

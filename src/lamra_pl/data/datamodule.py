@@ -8,23 +8,29 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from lamra_pl.data.shards import Collator, eval_pipeline, expand_shards
+from lamra_pl.data.collate import Collator
+from lamra_pl.data.evaluation import eval_pipeline
+from lamra_pl.data.items import ChunkedItems, Job, plan
 from lamra_pl.data.stream import SampleIndex, TrainStream
 from lamra_pl.errors import BadSampleError, LamraError
-from lamra_pl.retrieval.encode import ChunkedItems, Job, plan
-from lamra_pl.retrieval.retrieve import task_dirs
+from lamra_pl.formats.shards import expand_shards
+from lamra_pl.formats.task import POOL, QUERIES, task_dirs
+
+# What validation on task folders encodes: each task's queries and its local pool.
+RETRIEVAL_PARTS = (("queries", QUERIES), ("pool", POOL))
 
 
 class ShardDataModule(LightningDataModule):
-    """Training, validation and test shards of the sample schema (`lamra_pl.data.schema`).
+    """Training, validation and test shards of the sample layout (`lamra_pl.formats.sample`).
 
     Training is the stream of `lamra_pl.data.stream`: seeded passes over every sample of the shards, dealt to
     ranks, in equal full batches (DDP needs them); a batch is a function of its number only, so the state this
     DataModule saves in checkpoints (the batches consumed) makes `--ckpt_path last` resume with exactly the data
     the uninterrupted run would have seen, whatever the number of workers. Unusable samples are replaced and
     counted. Evaluation reads each sample once, deterministically.
-    The collator comes from the LightningModule (`collator()`, a `shards.Collator`): it knows how a record becomes
-    an example (the retriever's positive/instruction/negatives, or a reranker sample's chats) and the prompts.
+    The DataModule is handed the module's collator (`connect(module.collator())`; `lamra-pl fit|validate|test` do
+    this), a `collate.Collator`: it knows how a record becomes an example (the retriever's positive/instruction/
+    negatives, or a reranker sample's chats) and the prompts.
 
     Args:
         train_shards, val_shards, test_shards: a shard folder or a brace pattern of .tar files; validation on
@@ -62,18 +68,20 @@ class ShardDataModule(LightningDataModule):
         if batch_size < 1 or num_negatives < 0 or num_workers < 0:
             raise LamraError("data.batch_size must be >= 1, num_negatives and num_workers >= 0")
         self.save_hyperparameters()
-        self.collate: Collator | None = None
+        self.collate: Collator | None = None  # the module's collator: `connect`
         self.rank, self.world = 0, 1
         self.index: SampleIndex | None = None
         # Where the training stream stands: batch `consumed` starts at global entry `entry`.
         self.consumed, self.entry = 0, 0
         self._stream: TrainStream | None = None
 
+    def connect(self, collator: Collator) -> None:
+        """Hand this DataModule the collator of the module it feeds (before the Trainer runs)."""
+        self.collate = collator
+
     def setup(self, stage: str) -> None:
         if self.trainer is not None:
             self.rank, self.world = self.trainer.global_rank, self.trainer.world_size
-            if self.collate is None:
-                self.collate = self.trainer.lightning_module.collator()
 
     def _loader(self, pipeline: Any) -> DataLoader:
         workers = self.hparams.num_workers
@@ -138,7 +146,7 @@ class ShardDataModule(LightningDataModule):
 
     def _retrieval_loader(self, spec: str) -> DataLoader:
         """Each task's queries and local pool, dealt to ranks by shard, batches tagged with task and kind."""
-        jobs = [Job(str(t), (str(t / kind),), kind) for t in task_dirs(spec) for kind in ("queries", "pool")]
+        jobs = [Job(str(t), (str(t / folder),), kind) for t in task_dirs(spec) for kind, folder in RETRIEVAL_PARTS]
         chunks = [c for c in plan(jobs) if c.number % self.world == self.rank]
         h = self.hparams
         dataset = ChunkedItems(
@@ -170,7 +178,10 @@ class ShardDataModule(LightningDataModule):
 
     def _collate(self) -> Collator:
         if self.collate is None:
-            raise LamraError("ShardDataModule has no collate function: attach it to a Trainer or set .collate")
+            raise LamraError(
+                "ShardDataModule has no collator: call datamodule.connect(module.collator()) before the Trainer runs "
+                "(`lamra-pl fit` does)"
+            )
         return self.collate
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:

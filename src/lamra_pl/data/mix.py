@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from lamra_pl.data.datamodule import ShardDataModule
-from lamra_pl.data.shards import expand_shards
 from lamra_pl.data.stream import SampleIndex, TrainStream
 from lamra_pl.errors import LamraError
+from lamra_pl.formats.shards import expand_shards
 
 log = logging.getLogger(__name__)
 

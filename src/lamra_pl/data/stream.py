@@ -1,6 +1,7 @@
 """The training stream: batches that are a pure function of (seed, rank, batch number), so resuming is exact.
 
-Every training sample gets an index entry (its shard and byte range, `tar_index`) when the DataModule sets up.
+Every training sample gets an index entry (its shard and byte range, `lamra_pl.formats.tar_index`) when the
+DataModule sets up.
 The stream is an endless sequence of passes over that index, each pass in its own seeded permutation; the
 sequence is dealt to ranks in turn (entry k goes to rank k mod world), and batch b is the next `batch_size`
 entries of every rank's share, read by byte range. Hence:
@@ -31,10 +32,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lamra_pl.data.schema import SKIP_REASONS, UnreadableImage, decode_record
-from lamra_pl.data.shards import Collator
-from lamra_pl.data.tar_index import parse_sample, scan_tar
+from lamra_pl.data.collate import Collator
 from lamra_pl.errors import BadSampleError, LamraError
+from lamra_pl.formats.sample import SKIP_REASONS, UnreadableImage, decode_record
+from lamra_pl.formats.tar_index import parse_sample, scan_tar
 
 log = logging.getLogger(__name__)
 

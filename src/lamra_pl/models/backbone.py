@@ -1,4 +1,5 @@
-"""Load a backbone and its processor by path, add `<emb>`, apply LoRA, freeze.
+"""The LMM backbone as a component of a module: which checkpoint and how it trains (`BackboneSpec`), loading it and
+its processor by path, `<emb>`, LoRA, freezing, positions and last-layer states (`Backbone`).
 
 This is the one place that touches `from_pretrained`. Image-text-to-text architectures differ only in where
 their parts live, which `FAMILIES` records by qualified module name; supporting another one means adding an entry
@@ -11,13 +12,15 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch import LightningModule
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -25,6 +28,7 @@ from transformers import (
     AutoProcessor,
     AutoTokenizer,
     BatchEncoding,
+    BatchFeature,
     GgufConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -41,6 +45,7 @@ from lamra_pl.errors import LamraError
 EMB_TOKEN = "<emb>"
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+Rope = Literal["model", "1d"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,57 @@ class LoraSpec:
             raise LamraError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if not self.targets:
             raise LamraError("lora.targets is empty: name at least one linear layer, e.g. q_proj")
+
+
+@dataclass
+class BackboneSpec:
+    """Which checkpoint a module is built on, and how it is loaded and trained (`model.backbone` in a config).
+
+    Args:
+        path: local directory of a Hugging Face checkpoint (Qwen2-VL, Qwen2.5-VL, LLaVA-Next, or any text-only causal
+            LM), or a text-only causal LM's .gguf file; never downloaded.
+        rope: "model" uses the backbone's own positions (mRoPE for Qwen2-VL images, as `generate` does); "1d"
+            reproduces the LamRA reference, which ran the decoder with plain sequential positions. Both count
+            positions over non-padding tokens, so padding never moves them.
+        dtype: weight dtype of the base model ("auto": the checkpoint's). LoRA weights stay float32.
+        attn_implementation: the transformers attention implementation ("sdpa", "eager", "flash_attention_2").
+        gradient_checkpointing: non-reentrant activation checkpointing in the decoder.
+        trust_remote_code: let transformers run code shipped with the checkpoint (off unless you set it).
+        min_pixels, max_pixels: image resizing bounds given to the processor (Qwen2-VL's dynamic resolution;
+            LamRA: 4*28*28, 300*28*28).
+        padding_side: override the tokenizer's padding side.
+        train_vision_tower, train_projector: unfreeze these (frozen by default, as in LamRA).
+        train_lm_head: unfreeze the LM head (a tied head is the input embedding matrix, so training it trains both);
+            only the reranker reads it.
+    """
+
+    path: str
+    rope: Rope = "model"
+    dtype: DType = "auto"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = True
+    trust_remote_code: bool = False
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    padding_side: Literal["left", "right"] | None = None
+    train_vision_tower: bool = False
+    train_projector: bool = False
+    train_lm_head: bool = False
+
+    def __post_init__(self) -> None:
+        self.path = str(self.path)
+
+    @classmethod
+    def of(cls, value: BackboneSpec | dict[str, Any]) -> BackboneSpec:
+        """The spec itself, or one from its hyperparameters (a mapping of its fields)."""
+        if isinstance(value, BackboneSpec):
+            return value
+        if not isinstance(value, dict) or "path" not in value:
+            raise LamraError(f"model.backbone must be a mapping with at least a 'path', got {value!r}")
+        unknown = sorted(set(value) - {f.name for f in fields(cls)})
+        if unknown:
+            raise LamraError(f"model.backbone has no settings {unknown}")
+        return cls(**value)
 
 
 @dataclass(frozen=True)
@@ -192,17 +248,11 @@ class TextProcessor:
         )
 
 
-def load_processor(
-    path: str | Path,
-    *,
-    min_pixels: int | None = None,
-    max_pixels: int | None = None,
-    padding_side: Literal["left", "right"] | None = None,
-    trust_remote_code: bool = False,
-    add_emb_token: bool = True,
-) -> ProcessorMixin | TextProcessor:
+def load_processor(spec: BackboneSpec, add_emb_token: bool = True) -> ProcessorMixin | TextProcessor:
     """The checkpoint's processor with `<emb>` added (unless `add_emb_token=False`: the reranker has no use for
-    it); image resizing bounds and padding side overridable."""
+    it); image resizing bounds and padding side as the spec says."""
+    path, min_pixels, max_pixels, padding_side = spec.path, spec.min_pixels, spec.max_pixels, spec.padding_side
+    trust_remote_code = spec.trust_remote_code
     ckpt = checkpoint(path)
     p = ckpt.folder
     kind = model_type(path)
@@ -241,25 +291,15 @@ def load_processor(
     return processor
 
 
-def load_backbone(
-    path: str | Path,
-    *,
-    vocab_size: int,
-    lora: LoraSpec | None,
-    train_vision_tower: bool = False,
-    train_projector: bool = False,
-    train_lm_head: bool = False,
-    dtype: DType = "auto",
-    attn_implementation: str = "sdpa",
-    gradient_checkpointing: bool = False,
-    trust_remote_code: bool = False,
-) -> PreTrainedModel:
-    """The model from `path`, resized to `vocab_size` if needed, with LoRA (or full fine-tuning) and freezing.
+def load_backbone(spec: BackboneSpec, vocab_size: int, lora: LoraSpec | None = None) -> PreTrainedModel:
+    """The model at `spec.path`, resized to `vocab_size` if needed, with LoRA (or full fine-tuning) and freezing.
 
     With `lora=None` the language model is fully trainable (what a randomly initialised backbone needs);
     otherwise only the adapters are. The vision tower, projector and LM head are frozen unless asked for (a tied
     LM head is the input embedding matrix, so training it trains both).
     """
+    path, dtype = spec.path, spec.dtype
+    train_vision_tower, train_projector = spec.train_vision_tower, spec.train_projector
     ckpt = checkpoint(path)
     family = family_of(model_type(path))
     if family.text_only and (train_vision_tower or train_projector):
@@ -269,15 +309,15 @@ def load_backbone(
     model = auto.from_pretrained(
         ckpt.folder,
         dtype=torch_dtype,
-        attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code,
+        attn_implementation=spec.attn_implementation,
+        trust_remote_code=spec.trust_remote_code,
         **ckpt.load_kwargs(model=True),
     )
     family = model_family(model)
     if vocab_size > model.get_input_embeddings().num_embeddings:
         # Real Qwen2-VL checkpoints have spare rows, so `<emb>` fits without resizing; never shrink.
         model.resize_token_embeddings(vocab_size, mean_resizing=False)
-    if gradient_checkpointing:
+    if spec.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     model.requires_grad_(False)
@@ -289,7 +329,7 @@ def load_backbone(
             _module(model, family.projector).requires_grad_(False)
     if train_projector:
         _module(model, family.projector).requires_grad_(True)
-    if train_lm_head:
+    if spec.train_lm_head:
         model.get_output_embeddings().requires_grad_(True)
     if lora is None:
         return model
@@ -314,6 +354,68 @@ def load_backbone(
         if name in trainable_before:
             param.requires_grad_(True)
     return peft_model
+
+
+class Backbone:
+    """An LMM backbone as a part of a LightningModule: its processor from the start, its model built on demand
+    (`build`, from the module's `configure_model`), and its last-layer states under the spec's positions.
+
+    `lora`: LoRA on the language model's linear layers; None for full fine-tuning of the language model. The module
+    keeps the built model as its `model` attribute (so checkpoints name its tensors `model.*`); the methods here take
+    it as an argument.
+    """
+
+    def __init__(self, spec: BackboneSpec, lora: LoraSpec | dict[str, Any] | None, add_emb_token: bool) -> None:
+        self.spec = spec
+        self.lora = LoraSpec(**lora) if isinstance(lora, dict) else lora  # a dict: from a checkpoint's hparams
+        self.processor = load_processor(spec, add_emb_token=add_emb_token)
+
+    def build(self, module: LightningModule) -> PreTrainedModel:
+        """The model, with LoRA and freezing, in the module's training mode, and sharded when the module runs
+        under FSDP2 (its `device_mesh`)."""
+        model = load_backbone(self.spec, vocab_size=len(self.processor.tokenizer), lora=self.lora)
+        # from_pretrained returns eval mode and Lightning does not call train(): without this, LoRA dropout and
+        # activation checkpointing (both active only in training mode) would silently stay off during fit.
+        model.train(module.training)
+        if module.device_mesh is not None:  # FSDP2Strategy (ModelParallelStrategy): shard before the optimizer
+            bf16 = str(module.trainer.precision).startswith("bf16")
+            fully_shard_backbone(model, trunk(model), module.device_mesh["data_parallel"], bf16=bf16)
+        return model
+
+    def position_ids(self, model: torch.nn.Module, inputs: BatchFeature) -> torch.Tensor:
+        mask = inputs["attention_mask"]
+        base = trunk(model)
+        if self.spec.rope == "model" and "image_grid_thw" in inputs and hasattr(base, "get_rope_index"):
+            positions, _ = base.get_rope_index(
+                inputs["input_ids"],
+                mm_token_type_ids=inputs["mm_token_type_ids"],
+                image_grid_thw=inputs["image_grid_thw"],
+                attention_mask=mask,
+            )
+            return positions
+        # Sequential positions over real tokens, as generate() builds them for left padding.
+        return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def hidden_states(self, model: torch.nn.Module, inputs: BatchFeature) -> torch.Tensor:
+        """[B, L, H] last-layer states (after the final norm), with the spec's positions."""
+        positions = self.position_ids(model, inputs)
+        return trunk(model)(**inputs, position_ids=positions, use_cache=False).last_hidden_state
+
+
+def refuse_unsharded_trainables(module: torch.nn.Module) -> None:
+    """Under FSDP2, every trainable tensor must be sharded: a replicated one's gradients would never be reduced
+    across ranks, so each rank would train its own copy."""
+    unsharded = [n for n, p in module.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
+    if unsharded:
+        raise LamraError(
+            f"FSDP2 shards the backbone's trunk only, but {unsharded} are trainable outside it "
+            "(learnable_temperature, backbone.train_lm_head, latent_attention pooling): turn them off or use DDP"
+        )
+
+
+def trunk(model: torch.nn.Module) -> torch.nn.Module:
+    """The backbone without its LM head (its forward gives last-layer hidden states)."""
+    return hf_model(model).base_model
 
 
 def fully_shard_backbone(model: torch.nn.Module, trunk: torch.nn.Module, mesh: DeviceMesh, bf16: bool) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import open_clip
 import torch
@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from transformers import BatchFeature
 
-from lamra_pl.data.schema import Item
 from lamra_pl.errors import LamraError
-from lamra_pl.models.base import TrainingModule
+from lamra_pl.formats.sample import Item
+from lamra_pl.models.base import ScheduleSpec, TrainingModule
 from lamra_pl.models.contrastive import ContrastiveSteps
-from lamra_pl.models.inputs import EmbeddingCollator
+from lamra_pl.models.embedding_inputs import EmbeddingCollator
 
 # Configs whose towers or tokenizer come from the Hugging Face hub would be fetched at creation.
 HUB_KEYS = ("hf_model_name", "hf_tokenizer_name", "timm_model_name")
@@ -99,11 +99,13 @@ class CLIPModule(ContrastiveSteps, TrainingModule):
             `experiments/clip/tiny_clip.json`); randomly initialised unless `checkpoint` is given.
         checkpoint: a local open_clip weights file (.pt, .bin or .safetensors) for that config; nothing is ever
             downloaded. Its `logit_scale` is not used: the temperature is this module's, as for the LMM.
-        temperature, learnable_temperature: InfoNCE temperature (as `EmbeddingModule`'s).
+        temperature: InfoNCE temperature (as `EmbeddingModule`'s).
+        learnable_temperature: train the temperature.
         precision: open_clip's weight precision ("fp32", "bf16", ...); Trainer precision still applies.
         instructions: prepend each query's task instruction (UniIR's CLIP-SF trains with them; as for
             `EmbeddingModule`).
-        optimizer, warmup_ratio, lr_schedule, max_nonfinite_steps: see `TrainingModule`.
+        optimizer: built from every parameter but open_clip's own logit scale.
+        schedule: the learning-rate schedule (`ScheduleSpec`: warmup_ratio, lr_schedule).
     """
 
     def __init__(
@@ -113,15 +115,14 @@ class CLIPModule(ContrastiveSteps, TrainingModule):
         temperature: float = 0.05,
         learnable_temperature: bool = False,
         precision: str = "fp32",
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        warmup_ratio: float = 0.03,
-        lr_schedule: Literal["cosine", "constant"] = "cosine",
-        max_nonfinite_steps: int = 5,
         instructions: bool = True,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        schedule: ScheduleSpec | None = None,
     ) -> None:
         if temperature <= 0:
             raise LamraError(f"model.temperature must be positive, got {temperature}")
-        super().__init__(optimizer=optimizer)
+        super().__init__(optimizer=optimizer, schedule=schedule)
+        self.instructions = instructions
         name = open_clip_name(clip_model)
         if checkpoint is not None and not Path(checkpoint).is_file():
             # open_clip would read any other string as a pretrained tag and try to download it.
@@ -139,7 +140,7 @@ class CLIPModule(ContrastiveSteps, TrainingModule):
         self.init_temperature(temperature, learnable_temperature)
 
     def collator(self) -> CLIPCollator:
-        return CLIPCollator(self.tokenizer, self.preprocess, self.hparams.instructions)
+        return CLIPCollator(self.tokenizer, self.preprocess, self.instructions)
 
     def embed(self, inputs: BatchFeature | dict[str, torch.Tensor]) -> torch.Tensor:
         """Unit vectors: each item's normalised text and/or image embedding, summed, normalised."""

@@ -1,4 +1,4 @@
-"""The retriever's science, whatever encodes the inputs: InfoNCE steps, validation Recall, prediction.
+"""The retriever's science, whatever encodes the inputs: InfoNCE steps, validation Recall, prediction, the probe.
 
 `ContrastiveSteps` is mixed into a `TrainingModule` that defines `embed(batch) -> unit vectors` and
 `collator()`: the LMM retriever (`EmbeddingModule`) and the CLIP dual encoder (`CLIPModule`) train, validate
@@ -16,19 +16,27 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 
-from lamra_pl.losses import all_gather_no_grad, all_gather_with_grad, false_negative_mask, info_nce, rank_and_world
-from lamra_pl.retrieval.evaluate import evaluate_embeddings
+from lamra_pl.formats.index import PROBE_TEXTS
+from lamra_pl.formats.sample import Item
+from lamra_pl.models.losses import (
+    all_gather_no_grad,
+    all_gather_with_grad,
+    false_negative_mask,
+    info_nce,
+    rank_and_world,
+)
+from lamra_pl.ranking.metrics import evaluate_embeddings
 
 
 class ContrastiveSteps(LightningModule):
     """Training, validation, test and predict steps of a retriever (mixed in before a `TrainingModule`).
 
-    The subclass calls `init_temperature` in its `__init__` and defines `embed` and `collator`; its
-    hyperparameters include `learnable_temperature`.
+    The subclass calls `init_temperature` in its `__init__` and defines `embed` and `collator`.
     """
 
     def init_temperature(self, temperature: float, learnable: bool) -> None:
         log_scale = torch.tensor(math.log(1.0 / temperature))
+        self.learnable_temperature = learnable
         if learnable:
             self.log_logit_scale = torch.nn.Parameter(log_scale)
         else:
@@ -39,6 +47,9 @@ class ContrastiveSteps(LightningModule):
     # of a collated batch; and the collator that builds those batches.
     embed: Callable[[Any], torch.Tensor]
     collator: Callable[[], Any]
+    # Defined by a subclass that turns automatic optimisation off (EmbeddingModule's GradCache): one optimizer step
+    # on a batch, returning (loss, in-batch accuracy).
+    optimised_step: Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
 
     def forward(self, inputs: Any) -> torch.Tensor:
         return self.embed(inputs)
@@ -46,6 +57,17 @@ class ContrastiveSteps(LightningModule):
     @property
     def logit_scale(self) -> torch.Tensor:
         return self.log_logit_scale.exp().clamp(max=100.0)
+
+    @torch.no_grad()
+    def probe_embeddings(self) -> np.ndarray:
+        """[len(PROBE_TEXTS), D] embeddings of fixed texts: the fingerprint of what this model computes, which an
+        index records (`lamra_pl.formats.index`)."""
+        batch = self.collator().encode([Item(f"probe{i}", t) for i, t in enumerate(PROBE_TEXTS)])
+        was_training = self.training
+        self.eval()
+        out = self.embed(batch.to(self.device)).float().cpu().numpy()
+        self.train(was_training)
+        return out
 
     def contrastive_loss(
         self,
@@ -78,14 +100,13 @@ class ContrastiveSteps(LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         if self.automatic_optimization:
             loss, accuracy = self.contrastive_loss(batch, gather=True)
-        else:  # a subclass that optimises by hand (EmbeddingModule's GradCache)
-            loss, accuracy = self.gradcache_step(batch)
+        else:  # EmbeddingModule's GradCache
+            loss, accuracy = self.optimised_step(batch)
         n = len(batch["query_ids"])
         self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         self.log("train/inbatch_acc", accuracy, batch_size=n, sync_dist=True)
-        if self.hparams.learnable_temperature:
+        if self.learnable_temperature:
             self.log("train/temperature", 1.0 / self.logit_scale.detach(), batch_size=n)
-        self._count_skips(batch)
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -133,5 +154,5 @@ class ContrastiveSteps(LightningModule):
         self.log(f"{stage}/inbatch_acc", accuracy, batch_size=n, sync_dist=True)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        """Embeddings of an encoding batch (`lamra_pl.retrieval.encode`); None for an empty shard."""
+        """Embeddings of an encoding batch (`lamra_pl.data.items`); None for an empty shard."""
         return None if batch["items"] is None else self.embed(batch["items"])

@@ -1,21 +1,49 @@
-"""NV-Embed's latent-attention pooling, MM-Embed's (spec mmembed_mbeir.md section 1.1).
+"""Every pooling of last-layer states into one embedding per input.
 
-The last-layer hidden states are the queries of a multi-head cross-attention whose keys and values are one
-trainable latent array (r latents; NV-Embed: 512 latents, 8 heads); an MLP (Linear, GELU, Linear) follows, then
-the mean over the real tokens. Its weights train with the adapter, are saved in the `fit` checkpoint, and
-`lamra-pl merge` writes them beside the merged model as POOLING_FILE, from where a model built on that folder
-loads them.
+* "before_emb" (LamRA): the state of the token just before the first `<emb>` (the `\\n` ending
+  `<|im_start|>assistant\\n`); "last_token": the state of the last non-padding token. Both are a position per row
+  (`pooling_index`) and hold for left and right padding.
+* "latent_attention" (NV-Embed's, MM-Embed's; spec mmembed_mbeir.md section 1.1): the last-layer states are the
+  queries of a multi-head cross-attention whose keys and values are one trainable latent array (r latents;
+  NV-Embed: 512 latents, 8 heads); an MLP (Linear, GELU, Linear) follows, then the mean over the real tokens
+  (`LatentAttentionPooling`). Its weights train with the adapter, are saved in the `fit` checkpoint, and
+  `lamra-pl merge` writes them beside the merged model (`formats.settings.POOLING_FILE`), from where a model built on
+  that folder loads them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-POOLING_FILE = "lamra_pl_pooling.safetensors"
+from lamra_pl.errors import LamraError
+from lamra_pl.formats.settings import POOLING_FILE
+from lamra_pl.models.backbone import EMB_TOKEN
+
+Pooling = Literal["before_emb", "last_token", "latent_attention"]
+
+
+def pooling_index(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, emb_token_id: int, pooling: Pooling
+) -> torch.Tensor:
+    """Per row, the position whose last-layer state is the embedding ("before_emb" or "last_token")."""
+    if pooling == "last_token":
+        # argmax returns the first maximum of the running count, i.e. the last real token.
+        return attention_mask.long().cumsum(-1).argmax(-1)
+    hits = (input_ids == emb_token_id) & attention_mask.bool()
+    missing = (~hits.any(-1)).nonzero().flatten().tolist()
+    if missing:
+        raise LamraError(f"rows {missing} of the batch have no {EMB_TOKEN} token to pool before")
+    return hits.int().argmax(-1) - 1
+
+
+def states_at(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[B, H]: row b's state at position index[b] of [B, L, H] states."""
+    return states[torch.arange(index.numel(), device=index.device), index]
 
 
 class LatentAttentionPooling(nn.Module):

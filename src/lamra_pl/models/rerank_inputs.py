@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from transformers import BatchFeature, ProcessorMixin
 
-from lamra_pl.data.schema import Item, Record, with_instruction
 from lamra_pl.errors import BadSampleError, LamraError
-from lamra_pl.models.inputs import truncate_text
+from lamra_pl.formats.sample import Item, Record, with_instruction
+from lamra_pl.models.embedding_inputs import truncate_text
 
 POINTWISE_INSTRUCTION = (
     "I will provide you with a query and a candidate. Please evaluate whether the candidate"

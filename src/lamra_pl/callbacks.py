@@ -1,0 +1,188 @@
+"""Training policies that cut across every lamra-pl module, as Lightning callbacks.
+
+    SkipCounts       the training samples the data stream replaced, per reason: logged, reported, resumed
+    NonFiniteGuard   a step with non-finite gradients is skipped and counted; too many in a row stop the run
+    RngResume        every rank's RNG states ride in checkpoints, so random draws continue exactly after a resume
+    FinalMetrics     the hyperparameters and the final `val/*` metrics as TensorBoard hparams (`hp/*`) at fit end
+
+The shipped configs name them in `trainer.callbacks` (where their settings live); a lamra-pl module adds the first
+three itself when a Trainer has none of that type (`missing_policies`), so a module trained from Python, or with a
+callback list of its own, keeps them. Their state is saved under one checkpoint key, RESUME_KEY.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from torch.distributed.tensor import DTensor
+
+from lamra_pl.errors import LamraError
+from lamra_pl.formats.sample import SKIP_REASONS
+from lamra_pl.formats.tensorboard import FINAL, LIVE
+
+RESUME_KEY = "lamra_pl_resume"  # {"rng": [per rank], "skipped": [reasons], "nonfinite_steps": n}
+
+
+def _gather(trainer: Trainer, value: Any) -> list[Any]:
+    """`value` of every rank, in rank order (a collective: every rank calls it)."""
+    if trainer.world_size == 1 or not dist.is_initialized():
+        return [value]
+    every: list[Any] = [None] * trainer.world_size
+    dist.all_gather_object(every, value)
+    return every
+
+
+class SkipCounts(Callback):
+    """Counts the training samples the data stream skipped and replaced (each batch carries its counts under
+    "skipped", one per `SKIP_REASONS`), logs the running totals as `data/skipped_<reason>` (summed over ranks) and
+    reports them when training ends. A resumed run goes on from the checkpoint's totals."""
+
+    def __init__(self) -> None:
+        self.skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        skipped = batch.get("skipped") if isinstance(batch, dict) else None
+        if skipped is not None:
+            self.skipped += skipped.cpu()
+        for reason, count in zip(SKIP_REASONS, self.skipped.tolist(), strict=True):
+            # Cumulative per rank, summed over ranks: equal batch counts per rank make this safe per step.
+            pl_module.log(f"data/skipped_{reason}", float(count), reduce_fx="sum", sync_dist=True, batch_size=1)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        totals = {reason: int(trainer.callback_metrics.get(f"data/skipped_{reason}", 0)) for reason in SKIP_REASONS}
+        rank_zero_info(f"lamra-pl: training samples skipped: {totals}")
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        total = torch.stack(_gather(trainer, self.skipped.clone())).sum(0)
+        checkpoint.setdefault(RESUME_KEY, {})["skipped"] = total
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(RESUME_KEY, {}).get("skipped")
+        if saved is not None:  # the totals so far, once (on rank 0): the logged counts are sums over ranks
+            self.skipped = saved.clone() if trainer.global_rank == 0 else torch.zeros_like(saved)
+
+
+class NonFiniteGuard(Callback):
+    """A step whose gradients are not finite (a NaN/inf loss) is skipped: no update, no moment decay. It is counted
+    (`train/nonfinite_steps`), and more than `max_in_a_row` such steps in a row stop the run with an error.
+
+    Args:
+        max_in_a_row: non-finite steps in a row tolerated before the run stops.
+    """
+
+    def __init__(self, max_in_a_row: int = 5) -> None:
+        if max_in_a_row < 0:
+            raise LamraError(f"NonFiniteGuard.max_in_a_row must be >= 0, got {max_in_a_row}")
+        self.max_in_a_row = max_in_a_row
+        self.steps, self.in_a_row = 0, 0
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        # The local shard of a sharded (FSDP2) gradient; the decision below combines the ranks'.
+        grads = [_local(p.grad) for p in pl_module.parameters() if p.grad is not None]
+        finite = bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
+        # Sharded (FSDP) gradients differ per rank: every rank must take the same decision.
+        if trainer.strategy.reduce_boolean_decision(finite, all=True):
+            self.in_a_row = 0
+        else:
+            for p in pl_module.parameters():
+                p.grad = None  # the optimizer skips parameters without gradients: no update, no moment decay
+            self.steps += 1
+            self.in_a_row += 1
+            rank_zero_warn(f"lamra-pl: step {trainer.global_step} has non-finite gradients (NaN/inf loss): skipped")
+            if self.in_a_row > self.max_in_a_row:
+                raise LamraError(
+                    f"{self.in_a_row} steps in a row had non-finite gradients (NaN/inf loss), more than the "
+                    f"NonFiniteGuard callback's max_in_a_row={self.max_in_a_row}: lower the learning rate, check the "
+                    "data and the precision, or resume from an earlier checkpoint"
+                )
+        pl_module.log("train/nonfinite_steps", float(self.steps), batch_size=1)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        rank_zero_info(f"lamra-pl: non-finite steps skipped: {self.steps}")
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint.setdefault(RESUME_KEY, {})["nonfinite_steps"] = self.steps
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.steps = int(checkpoint.get(RESUME_KEY, {}).get("nonfinite_steps", 0))
+
+
+class RngResume(Callback):
+    """Every rank's RNG states (torch, CUDA, numpy, Python) are saved with each checkpoint and restored before the
+    first training batch after a resume, so random draws (LoRA dropout) continue as in the uninterrupted run."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, Any] | None = None
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint.setdefault(RESUME_KEY, {})["rng"] = _gather(trainer, _safe_rng_states())
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get(RESUME_KEY, {}).get("rng")
+        if states is None:
+            return
+        if len(states) == trainer.world_size:
+            self.pending = _unsafe_rng_states(states[trainer.global_rank])
+        else:
+            rank_zero_warn(
+                f"lamra-pl: the checkpoint was written by {len(states)} processes, this run has "
+                f"{trainer.world_size}: random draws (dropout) do not continue exactly"
+            )
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        # Restored here, not when loading: creating the dataloader iterator after loading draws from the global RNG,
+        # which the uninterrupted run did not do at this point.
+        if self.pending is not None:
+            _set_rng_states(self.pending)
+            self.pending = None
+
+
+class FinalMetrics(Callback):
+    """At the end of a successful fit, log the hyperparameters once with the final `val/*` metrics as `hp/*`
+    (TensorBoard's HParams tab; use `TensorBoardLogger(default_hp_metric=False)`)."""
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.interrupted or not isinstance(trainer.logger, TensorBoardLogger):
+            return
+        metrics = {
+            FINAL + name[len(LIVE) :]: float(value)
+            for name, value in trainer.callback_metrics.items()
+            if name.startswith(LIVE)
+        }
+        hparams = {**pl_module.hparams, **(trainer.datamodule.hparams if trainer.datamodule else {})}
+        trainer.logger.log_hyperparams(hparams, metrics)
+
+
+POLICIES = (SkipCounts, NonFiniteGuard, RngResume)
+
+
+def missing_policies(callbacks: list[Callback]) -> list[Callback]:
+    """Default instances of the POLICIES that `callbacks` lacks (for `LightningModule.configure_callbacks`)."""
+    return [policy() for policy in POLICIES if not any(isinstance(c, policy) for c in callbacks)]
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _safe_rng_states() -> dict[str, Any]:
+    """Lightning's RNG states in types `torch.load(weights_only=True)` accepts (numpy's array as a tensor)."""
+    states = _collect_rng_states()
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    states["numpy"] = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)
+    return states
+
+
+def _unsafe_rng_states(states: dict[str, Any]) -> dict[str, Any]:
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    return {**states, "numpy": (name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss)}

@@ -1,0 +1,325 @@
+"""A shard sample: the record of one query with its candidates (training and evaluation shards), or one pool
+candidate (pool shards); and the query an evaluation encodes from a record.
+
+Layout version VERSION. One WebDataset sample is one query with its candidates. Its members share a key (no dots
+in it):
+
+* `<key>.json`, the record::
+
+    {"qid": "9:17",                      # query id, unique in the data set
+     "task_id": 0,                       # M-BEIR task id, or null
+     "query": {"txt": "a dog", "img": null, "modality": "text"},   # items may carry "img_src": the image's
+                                                                    # path in the original data set
+     "instructions": ["Find an image that matches the caption."],   # choices; may be empty
+     "positives": [{"id": "9:4410", "txt": null, "img": "pos0.jpg", "modality": "image"}],   # at least one
+     "negatives": [{"id": "9:77", "txt": null, "img": "neg0.jpg", "modality": "image"}],    # optional
+     "rerank": {...}}                    # reranker samples only (`lamra-pl rerank-data`): see rerank_example
+
+* one member per image, named by the record's `img` field (`<key>.query.png`, `<key>.pos0.jpg`, ...), holding
+  the encoded image file as it was (never re-encoded).
+
+A pool candidate sample is `<key>.json` = {"id", "txt", "img", "modality"[, "img_src"]} and its image member.
+
+`modality` is one of M-BEIR's "text", "image", "image,text" and must agree with which of `txt`/`img` is set.
+Candidate ids are strings (M-BEIR's "dataset:n"); in-batch duplicates of a positive are masked by id.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from lamra_pl.errors import BadSampleError
+from lamra_pl.formats.shards import expand_shards, read_samples
+
+VERSION = 1
+MODALITIES = ("text", "image", "image,text")
+
+# Reasons a training sample is skipped (counted, logged as `data/skipped_<reason>`, never silent). Fixed order: it
+# indexes the count tensors. The `_shard` reasons count shards, the others samples (see lamra_pl.data.stream).
+SKIP_REASONS = (
+    "unreadable_image",
+    "oversized_image",
+    "bad_sample",
+    "sample_error",
+    "damaged_shard",
+    "unreadable_shard",
+)
+# PIL's decompression-bomb bound: larger images are refused before they are decoded.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
+@dataclass
+class Item:
+    """A query or candidate: text, image, or both."""
+
+    id: str
+    text: str | None = None
+    image: Image.Image | None = None
+    source: str | None = None  # where the image came from (a path in the original data set), for display
+
+    @property
+    def modality(self) -> str:
+        return modality(self.text is not None, self.image is not None)
+
+
+def modality(has_text: bool, has_image: bool) -> str:
+    """M-BEIR's modality name: "text", "image" or "image,text"."""
+    if has_text and has_image:
+        return "image,text"
+    return "image" if has_image else "text"
+
+
+@dataclass
+class Record:
+    """A decoded shard sample: a query, its instruction choices, positives and hard negatives."""
+
+    key: str
+    qid: str
+    query: Item
+    positives: list[Item]
+    negatives: list[Item] = field(default_factory=list)
+    instructions: list[str] = field(default_factory=list)
+    task_id: int | None = None
+    rerank: dict[str, Any] | None = None  # reranker samples: lamra_pl.models.rerank_inputs.rerank_example
+
+
+class UnreadableImage(Exception):
+    def __init__(self, member: str, cause: Exception | str, oversized: bool = False) -> None:
+        why = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
+        super().__init__(f"member {member!r} is not a readable image ({why})")
+        self.member = member
+        self.oversized = oversized
+
+
+def format_text(text: str) -> str:
+    """UniIR's `format_string`: strip, drop quotes and CRs, capitalise, end with punctuation."""
+    text = text.replace("\r", "").strip().strip('"').strip()
+    if text:
+        text = text[0].upper() + text[1:]
+        if text[-1] not in ".?!":
+            text += "."
+    return text
+
+
+def with_instruction(instruction: str | None, text: str | None) -> str | None:
+    """The query text the model sees: the task instruction prepended as LamRA/UniIR do."""
+    if not instruction:
+        return text
+    return format_text(f"{instruction} {text or ''}")
+
+
+def evaluation_query(record: Record, instruction_seed: int | None = None, instructions: bool = True) -> Item:
+    """The query an evaluation encodes, with its instruction chosen deterministically.
+
+    `instruction_seed=None`: the task's first instruction (MM-Embed's fixed prompt). An int: one instruction drawn
+    by a generator seeded with (seed, qid), so the choice depends on neither the order nor the rank that reads it.
+    `instructions=False`: no instruction (a model trained without them).
+    """
+    instruction = None
+    if record.instructions and instructions:
+        if instruction_seed is None:
+            instruction = record.instructions[0]
+        else:
+            instruction = random.Random(f"{instruction_seed}:{record.qid}").choice(record.instructions)
+    q = record.query
+    return Item(record.qid, with_instruction(instruction, q.text), q.image, source=q.source)
+
+
+def encode_record(
+    key: str,
+    *,
+    qid: str,
+    query: dict[str, Any],
+    positives: list[dict[str, Any]],
+    negatives: list[dict[str, Any]] = (),  # type: ignore[assignment]
+    instructions: list[str] = (),  # type: ignore[assignment]
+    task_id: int | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A WebDataset sample dict from a record whose items carry `txt` and `image` (encoded bytes + extension).
+
+    Each item is `{"id", "txt", "image": (bytes, "jpg") | None}`; the query needs no id. `extra` adds fields to
+    the record (e.g. "rerank").
+    """
+    if "." in key:
+        raise BadSampleError(f"sample key {key!r} contains a dot; WebDataset splits keys at the first dot")
+    if not positives:
+        raise BadSampleError(f"sample {key!r} (qid {qid}) has no positive candidate")
+    sample: dict[str, Any] = {"__key__": key}
+
+    def item(entry: dict[str, Any], member: str, with_id: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {"txt": entry.get("txt"), "img": None}
+        if with_id:
+            out["id"] = str(entry["id"])
+        image = entry.get("image")
+        if image is not None:
+            data, ext = image
+            out["img"] = f"{member}.{ext}"
+            sample[out["img"]] = data
+            if entry.get("img_src"):
+                out["img_src"] = entry["img_src"]
+        out["modality"] = modality_of(out["txt"], out["img"])
+        return out
+
+    record = {
+        "qid": qid,
+        "task_id": task_id,
+        "query": item(query, "query", with_id=False),
+        "instructions": list(instructions),
+        "positives": [item(p, f"pos{i}", True) for i, p in enumerate(positives)],
+        "negatives": [item(n, f"neg{i}", True) for i, n in enumerate(negatives)],
+        **(extra or {}),
+    }
+    sample["json"] = json.dumps(record, ensure_ascii=False).encode()
+    return sample
+
+
+def decode_record(sample: dict[str, Any], max_image_pixels: int | None = None) -> Record:
+    """A Record from a raw WebDataset sample (bytes members). Raises BadSampleError or UnreadableImage (also for
+    an image of more than `max_image_pixels`, default MAX_IMAGE_PIXELS, which is never decoded)."""
+    where = sample_location(sample)
+    record = _json_member(sample, where)
+    for required in ("qid", "query", "positives"):
+        if required not in record:
+            raise BadSampleError(f"{where}: the record has no {required!r} field")
+    if not record["positives"]:
+        raise BadSampleError(f"{where}: qid {record['qid']} has no positive candidate ('positives' is empty)")
+
+    def item(entry: dict[str, Any], default_id: str, field_name: str) -> Item:
+        txt, img = entry.get("txt"), entry.get("img")
+        modality = entry.get("modality", modality_of(txt, img))
+        if modality not in MODALITIES:
+            raise BadSampleError(f"{where}: {field_name} has unknown modality {modality!r}; use {MODALITIES}")
+        if img is None and not (txt or "").strip():
+            raise BadSampleError(f"{where}: {field_name} has an empty text and no image")
+        if modality != modality_of(txt, img):
+            raise BadSampleError(
+                f"{where}: {field_name} says modality {modality!r} but has "
+                f"{'text' if txt is not None else 'no text'} and {'an image' if img else 'no image'}"
+            )
+        image = None
+        if img is not None:
+            if img not in sample:
+                raise BadSampleError(f"{where}: {field_name} names image member {img!r}, which is missing")
+            image = _open_image(sample[img], img, max_image_pixels)
+        return Item(id=str(entry.get("id", default_id)), text=txt, image=image, source=image_source(sample, entry))
+
+    qid = str(record["qid"])
+    return Record(
+        key=str(sample.get("__key__")),
+        qid=qid,
+        query=item(record["query"], qid, "query"),
+        positives=[item(p, "", f"positives[{i}]") for i, p in enumerate(record["positives"])],
+        negatives=[item(n, "", f"negatives[{i}]") for i, n in enumerate(record.get("negatives") or [])],
+        instructions=list(record.get("instructions") or []),
+        task_id=record.get("task_id"),
+        rerank=record.get("rerank"),
+    )
+
+
+def sample_location(sample: dict[str, Any]) -> str:
+    return f"shard {sample.get('__url__', '?')}, sample {sample.get('__key__', '?')!r}"
+
+
+def _json_member(sample: dict[str, Any], where: str) -> dict[str, Any]:
+    raw = sample.get("json")
+    if raw is None:
+        raise BadSampleError(f"{where}: no .json member (see lamra_pl.formats.sample for the sample layout)")
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise BadSampleError(f"{where}: .json member is not valid JSON ({err})") from err
+
+
+def modality_of(txt: str | None, img: str | None) -> str:
+    if txt is not None and img is not None:
+        return "image,text"
+    if img is not None:
+        return "image"
+    if txt is not None:
+        return "text"
+    raise BadSampleError("an item has neither text nor image")
+
+
+def _open_image(data: bytes, member: str, max_pixels: int | None = None) -> Image.Image:
+    limit = max_pixels or MAX_IMAGE_PIXELS
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+        if image.width * image.height > limit:
+            raise UnreadableImage(member, f"{image.width}x{image.height} is over {limit} pixels", oversized=True)
+        image.load()
+        return image.convert("RGB")
+    except UnreadableImage:
+        raise
+    except Exception as err:  # PIL raises many types for corrupt files
+        raise UnreadableImage(member, err) from err
+
+
+def encode_candidate(
+    key: str, *, id: str, txt: str | None, image: tuple[bytes, str] | None, img_src: str | None = None
+) -> dict[str, Any]:
+    """A candidate-pool sample: `<key>.json` = {"id", "txt", "img", "modality"[, "img_src"]} and the image member."""
+    sample: dict[str, Any] = {"__key__": key}
+    img = None
+    if image is not None:
+        img = f"img.{image[1]}"
+        sample[img] = image[0]
+    record = {"id": id, "txt": txt, "img": img, "modality": modality_of(txt, img)}
+    if img is not None and img_src:
+        record["img_src"] = img_src
+    sample["json"] = json.dumps(record, ensure_ascii=False).encode()
+    return sample
+
+
+def decode_candidate(sample: dict[str, Any]) -> Item:
+    record = _json_member(sample, sample_location(sample))
+    img = record.get("img")
+    if img is not None and img not in sample:
+        raise BadSampleError(f"{sample_location(sample)}: names image member {img!r}, which is missing")
+    image = _open_image(sample[img], img) if img else None
+    return Item(id=str(record["id"]), text=record.get("txt"), image=image, source=image_source(sample, record))
+
+
+def member_image(sample: dict[str, Any], img: str | None, where: str) -> tuple[bytes, str] | None:
+    """An item's image as stored, (bytes, extension), from the sample member `img` names (never re-encoded)."""
+    if img is None:
+        return None
+    if img not in sample:
+        raise BadSampleError(f"{where}: names image member {img!r}, which is missing")
+    return sample[img], img.rsplit(".", 1)[-1]
+
+
+def image_source(sample: dict[str, Any], entry: dict[str, Any]) -> str | None:
+    """Where an item's image came from: its `img_src`, else the shard member (`shard.tar#key.member`)."""
+    if not entry.get("img"):
+        return None
+    return entry.get("img_src") or f"{sample.get('__url__', '?')}#{sample.get('__key__')}.{entry['img']}"
+
+
+def member_item(sample: dict[str, Any], entry: dict[str, Any], where: str) -> dict[str, Any]:
+    """An item of a query record as `encode_record` takes it, its image bytes taken from the sample as they are."""
+    image = member_image(sample, entry.get("img"), where)
+    return {"id": str(entry.get("id", "")), "txt": entry.get("txt"), "image": image, "img_src": entry.get("img_src")}
+
+
+def query_samples(queries: str | Path) -> Iterator[tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]]:
+    """(raw sample, its JSON record, its positives as `encode_record` takes them) for each query sample of a shard
+    folder, for tools that rewrite records (`rerank-data`, `mine`) without decoding their images."""
+    for sample in read_samples(expand_shards(str(queries))):
+        where = sample_location(sample)
+        try:
+            record = json.loads(sample["json"])
+            if "qid" not in record:
+                raise KeyError("qid")
+            positives = [member_item(sample, p, where) for p in record["positives"]]
+        except (KeyError, TypeError, json.JSONDecodeError) as err:
+            raise BadSampleError(f"{where}: not a query record ({err!r})") from None
+        yield sample, record, positives

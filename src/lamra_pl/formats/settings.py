@@ -1,0 +1,69 @@
+"""The settings file of a model folder: which lamra-pl module a folder of weights is, and how it reads its inputs.
+
+A folder written by `lamra-pl merge` is a Hugging Face checkpoint folder (config.json, weights, processor files,
+chat template) plus, layout version VERSION:
+
+    MODEL/
+      lamra_pl.json                  {"format": "lamra-pl-settings", "version": 2, "class_path": CLASS,
+                                      "init_args": {...}}: the module's own arguments (its typed groups, as its
+                                      checkpoint's hyperparameters hold them) that say how the weights read their
+                                      inputs; `lamra_pl.models.checkpoints` builds the module from them
+      lamra_pl_pooling.safetensors   trained pooling weights that are not part of the Hugging Face model (NV-Embed's
+                                      latent attention), when the module has them
+
+Version 1 folders (before the re-layout) carry `lamra_pl_embedding.json` (a retriever) or `lamra_pl_rerank.json`
+(a reranker) instead: a flat mapping of the module's arguments of that time; they read as version 1 with the class
+their name says. A folder with no settings file is a plain checkpoint, read with the module's defaults.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lamra_pl.errors import LamraError
+from lamra_pl.files import atomic_write
+
+FORMAT, VERSION = "lamra-pl-settings", 2
+SETTINGS_FILE = "lamra_pl.json"
+POOLING_FILE = "lamra_pl_pooling.safetensors"
+# Version 1 file name -> the class it names.
+LEGACY_FILES = {
+    "lamra_pl_embedding.json": "lamra_pl.models.embedding.EmbeddingModule",
+    "lamra_pl_rerank.json": "lamra_pl.models.rerank.RerankModule",
+}
+
+
+def write_settings(folder: str | Path, class_path: str, init_args: dict[str, Any]) -> Path:
+    return atomic_write(
+        Path(folder) / SETTINGS_FILE,
+        json.dumps({"format": FORMAT, "version": VERSION, "class_path": class_path, "init_args": init_args}, indent=1),
+    )
+
+
+def read_settings(folder: str | Path) -> tuple[str, dict[str, Any], int] | None:
+    """(class path, init args, layout version) of a model folder's settings file; None when it has none."""
+    folder = Path(folder)
+    path = folder / SETTINGS_FILE
+    if path.is_file():
+        data = _json(path)
+        if data.get("format") != FORMAT or data.get("version") != VERSION:
+            raise LamraError(f"{path}: not a {FORMAT} file of version {VERSION}")
+        if not isinstance(data.get("class_path"), str) or not isinstance(data.get("init_args"), dict):
+            raise LamraError(f"{path}: needs a 'class_path' string and an 'init_args' mapping")
+        return data["class_path"], data["init_args"], VERSION
+    for name, class_path in LEGACY_FILES.items():
+        if (folder / name).is_file():
+            data = _json(folder / name)
+            if not isinstance(data, dict):
+                raise LamraError(f"{folder / name}: expected a mapping of settings")
+            return class_path, data, 1
+    return None
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise LamraError(f"{path}: not valid JSON ({err})") from None

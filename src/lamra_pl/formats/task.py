@@ -1,0 +1,108 @@
+"""An evaluation task folder: one task's queries, its local pool and its qrels (written by `convert-mbeir`).
+
+Layout version VERSION:
+
+    TASK/                    named <dataset>_task<N>, e.g. eval/test/mscoco_task0
+      task.json              {"format": "lamra-pl-task", "version": 1, "dataset", "task_id", "split",
+                              "query_modalities", "queries": n, "pool": n, "recall_k": 5 | 10}
+                             (folders written before the version field read as version 1)
+      qrels.txt              M-BEIR qrels, one line per positive: `qid 0 did relevance task_id` (relevance > 0 counts)
+      queries/               the query shards (`lamra_pl.formats.sample` records); a training task folder holds
+                             its shards at its top level instead
+      pool/ids.txt           the ids of the task's local pool; an evaluation task's pool/ also holds the pool's
+                             candidate shards
+
+`recall_k` is M-BEIR's reported metric for the task (R@10 for Fashion200K and FashionIQ, R@5 elsewhere).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from lamra_pl.errors import LamraError
+from lamra_pl.formats.shards import POOL_IDS, write_pool_ids
+
+FORMAT, VERSION = "lamra-pl-task", 1
+TASK_FILE = "task.json"
+QRELS_FILE = "qrels.txt"
+QUERIES = "queries"
+POOL = "pool"
+
+
+def task_dirs(spec: str) -> list[Path]:
+    """Task folders from a glob ("data/eval/test/*_task*", or "data/train/*_task*": training folders are tasks on
+    the training pool too) or one folder."""
+    found = sorted(Path(p) for p in glob.glob(spec) if (Path(p) / TASK_FILE).is_file())
+    if not found:
+        raise LamraError(f"no evaluation task folder (with {TASK_FILE}) matches {spec!r}")
+    return found
+
+
+def task_info(task_dir: str | Path) -> dict[str, Any]:
+    """The task's task.json."""
+    path = Path(task_dir) / TASK_FILE
+    if not path.is_file():
+        raise LamraError(f"{task_dir} is not an evaluation task folder (no {TASK_FILE}; see `lamra-pl convert-mbeir`)")
+    info = json.loads(path.read_text())
+    if info.get("version", VERSION) != VERSION:
+        raise LamraError(f"{path}: a {FORMAT} of version {info['version']}; this lamra-pl reads version {VERSION}")
+    return info
+
+
+def query_shards(task_dir: str | Path) -> Path:
+    """A task's query shard folder: `queries/` in an evaluation task, the folder itself in a training task."""
+    task_dir = Path(task_dir)
+    return task_dir / QUERIES if (task_dir / QUERIES).is_dir() else task_dir
+
+
+def qrels_file(task_dir: str | Path) -> Path:
+    return Path(task_dir) / QRELS_FILE
+
+
+def pool_ids_file(task_dir: str | Path) -> Path:
+    return Path(task_dir) / POOL / POOL_IDS
+
+
+def pool_ids(task_dir: str | Path) -> list[str]:
+    """The ids of the task's local pool, in shard order."""
+    path = pool_ids_file(task_dir)
+    if not path.is_file():
+        raise LamraError(f"{path} does not exist: convert the data again with `lamra-pl convert-mbeir`")
+    return path.read_text().splitlines()
+
+
+def write_task(
+    task_dir: str | Path, info: dict[str, Any], qrels: Iterable[str], pool: Iterable[str] | None = None
+) -> Path:
+    """task.json (with this layout's format and version), qrels.txt (lines as given) and, if given, pool/ids.txt."""
+    task_dir = Path(task_dir)
+    task_dir.mkdir(parents=True, exist_ok=True)
+    if pool is not None:
+        write_pool_ids(task_dir / POOL, pool)
+    qrels_file(task_dir).write_text("".join(f"{line}\n" for line in qrels))
+    (task_dir / TASK_FILE).write_text(json.dumps({"format": FORMAT, "version": VERSION, **info}, indent=1))
+    return task_dir
+
+
+def read_qrels(path: str | Path) -> dict[str, set[str]]:
+    """qid -> its positive ids, from an M-BEIR qrels file."""
+    path = Path(path)
+    if not path.is_file():
+        raise LamraError(f"qrels file {path} does not exist")
+    qrels: dict[str, set[str]] = defaultdict(set)
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split()
+        try:
+            qid, did, relevance = fields[0], fields[2], int(fields[3])
+        except (IndexError, ValueError):
+            raise LamraError(f"{path}:{number}: expected 'qid 0 did relevance task_id', got {line!r}") from None
+        if relevance > 0:
+            qrels[qid].add(did)
+    return dict(qrels)

@@ -1,0 +1,193 @@
+"""The one loader: what is at a path, which module class it is, its settings; and the merged folder it becomes.
+
+A path is one of:
+
+* a `lamra-pl fit` checkpoint (a Lightning .ckpt: trainable tensors + hyperparameters). Its class is the class path
+  LightningCLI stored (`_class_path`), one of MODULES; a checkpoint without one (a module built in Python) is told
+  apart by its hyperparameters' keys. Hyperparameters of checkpoints written before the typed groups existed (flat
+  `backbone: PATH`, `rope`, `min_pixels`, ...) are migrated (`migrate`).
+* a model folder: a Hugging Face checkpoint folder, `merge`d (with its settings file, `lamra_pl.formats.settings`,
+  naming the class and how it reads inputs) or not (a released or off-the-shelf checkpoint: the caller's default
+  class with its defaults);
+* a text-only causal LM's .gguf file (a folder's worth of checkpoint in one file).
+
+Loading builds the module from its own typed arguments and loads the tensors; nothing a file names is imported or
+called: a class path outside MODULES is refused, and the optimizer a checkpoint records is never built.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lamra_pl.errors import LamraError
+from lamra_pl.formats.settings import read_settings, write_settings
+from lamra_pl.models.backbone import BackboneSpec, checkpoint
+from lamra_pl.models.base import ScheduleSpec, TrainingModule
+from lamra_pl.models.clip import CLIPModule
+from lamra_pl.models.contrastive import ContrastiveSteps
+from lamra_pl.models.embedding import EmbeddingModule
+from lamra_pl.models.rerank_inputs import JudgePrompt
+from lamra_pl.models.reranker import RerankModule
+
+# Every class path a checkpoint or settings file may name: today's, the package-top alias, and earlier ones.
+MODULES: dict[str, type[TrainingModule]] = {
+    "lamra_pl.models.embedding.EmbeddingModule": EmbeddingModule,
+    "lamra_pl.EmbeddingModule": EmbeddingModule,
+    "lamra_pl.models.reranker.RerankModule": RerankModule,
+    "lamra_pl.models.rerank.RerankModule": RerankModule,
+    "lamra_pl.RerankModule": RerankModule,
+    "lamra_pl.models.clip.CLIPModule": CLIPModule,
+    "lamra_pl.CLIPModule": CLIPModule,
+}
+# Hyperparameters that are the Trainer's business or Lightning's bookkeeping, never a module's argument here.
+NOT_ARGUMENTS = ("_class_path", "_instantiator", "optimizer", "max_nonfinite_steps")
+# What a folder of merged weights changes about the module that wrote it: the adapter is merged (no LoRA), the dtype
+# is the folder's own, nothing trains, and code is never trusted from a file.
+FOLDER = {"dtype": "auto", "gradient_checkpointing": False, "trust_remote_code": False}
+
+
+def class_path_of(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def module_class(class_path: str, where: str) -> type[TrainingModule]:
+    if class_path not in MODULES:
+        raise LamraError(
+            f"{where} names the class {class_path!r}, which is not a lamra-pl module (one of "
+            f"{sorted({class_path_of(c) for c in MODULES.values()})}); nothing else is loaded from a file"
+        )
+    return MODULES[class_path]
+
+
+def migrate(cls: type[TrainingModule], args: dict[str, Any]) -> dict[str, Any]:
+    """A module's arguments in today's typed groups, from hyperparameters or settings of any lamra-pl version.
+
+    Before the groups (version 1), the backbone's settings, the schedule and GradCache were flat arguments
+    (`backbone: PATH`, `rope`, `min_pixels`, ..., `warmup_ratio`, `gradcache_chunk_size`)."""
+    args = {k: v for k, v in args.items() if k not in NOT_ARGUMENTS}
+    if issubclass(cls, (EmbeddingModule, RerankModule)) and not isinstance(args.get("backbone", {}), dict):
+        spec = {f.name for f in fields(BackboneSpec)} - {"path"}
+        args["backbone"] = {"path": args.pop("backbone"), **{k: args.pop(k) for k in spec & set(args)}}
+    schedule = {f.name for f in fields(ScheduleSpec)} & set(args)
+    if schedule:
+        args["schedule"] = {k: args.pop(k) for k in schedule}
+    if "gradcache_chunk_size" in args:
+        chunk, clip = args.pop("gradcache_chunk_size"), args.pop("gradcache_clip_norm", None)
+        args["gradcache"] = None if chunk is None else {"chunk_size": chunk, "clip_norm": clip}
+    return args
+
+
+def build(cls: type[TrainingModule], args: dict[str, Any], where: str) -> TrainingModule:
+    """`cls(**args)`, after checking that every argument is one of its own."""
+    unknown = sorted(set(args) - set(inspect.signature(cls).parameters))
+    if unknown:
+        raise LamraError(f"{where}: {unknown} are not arguments of {cls.__name__}")
+    return cls(**args)
+
+
+def read_checkpoint(path: str | Path) -> tuple[type[TrainingModule], dict[str, Any], dict[str, Any]]:
+    """(class, its arguments, the checkpoint) of a `lamra-pl fit` checkpoint, loaded with weights_only=True."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # not a zip/pickle at all, truncated, or a pickle weights_only refuses
+        raise LamraError(f"{path} is not a readable lamra-pl checkpoint ({type(err).__name__}: {err})") from None
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    if "_class_path" in hparams:
+        cls = module_class(hparams["_class_path"], f"checkpoint {path}")
+    elif "clip_model" in hparams:  # the CLIP baseline's (its only model argument)
+        cls = CLIPModule
+    elif "loss_reduction" in hparams:  # a reranker's hyperparameters name its loss
+        cls = RerankModule
+    else:
+        cls = EmbeddingModule
+    return cls, migrate(cls, hparams), ckpt
+
+
+def load_module(
+    path: str | Path, default: type[TrainingModule] = EmbeddingModule, backbone: dict[str, Any] | None = None
+) -> TrainingModule:
+    """The module at `path` (a checkpoint, a model folder or a .gguf file), built and loaded, in eval mode.
+
+    `default`: the class of a model folder without a settings file. `backbone`: settings that override the
+    backbone's (e.g. {"dtype": "float32"}). Activation checkpointing is off: a loaded module is not trained.
+    """
+    p = Path(path)
+    overrides = {"gradient_checkpointing": False, **(backbone or {})}
+    if p.is_file() and p.suffix != ".gguf":
+        cls, args, ckpt = read_checkpoint(p)
+        if "backbone" in args:
+            args["backbone"] = {**args["backbone"], **overrides}
+        module = build(cls, args, f"checkpoint {p}")
+        module.configure_model()
+        module.on_load_checkpoint(ckpt)
+        module.load_state_dict(ckpt["state_dict"], strict=False)  # trainable tensors only, checked just above
+        return module.eval()
+    if p.is_dir() or p.suffix == ".gguf":
+        checkpoint(p)  # a clear error if it is neither a checkpoint folder nor an existing .gguf file
+        found = read_settings(p) if p.is_dir() else None
+        cls, args = default, {}
+        if found is not None:
+            class_path, args, _ = found
+            cls = module_class(class_path, f"settings of {p}")
+            args = migrate(cls, {"backbone": str(p), **args} if "backbone" not in args else args)
+        folder = {**args.get("backbone", {}), "path": str(p), **FOLDER, **overrides}
+        if "lora" in args:
+            args["lora"] = None
+        module = build(cls, {**args, "backbone": folder}, f"settings of {p}")
+        module.configure_model()
+        return module.eval()
+    raise LamraError(f"model {str(path)!r} is neither a checkpoint file nor a checkpoint folder")
+
+
+def load_retriever(path: str | Path) -> ContrastiveSteps:
+    """A retriever in eval mode: a `fit` checkpoint (an EmbeddingModule's or a CLIPModule's) or a model folder."""
+    module = load_module(path, default=EmbeddingModule)
+    if not isinstance(module, ContrastiveSteps):
+        raise LamraError(f"{path} holds a {type(module).__name__}, not a retriever")
+    return module
+
+
+def load_reranker(path: str | Path, judge: JudgePrompt | None = None) -> RerankModule:
+    """A reranker in eval mode from a `fit` checkpoint or a model folder (a merged reranker, released LamRA-Rank
+    weights, or an off-the-shelf instruct model for zero-shot reranking, which may also be a text-only causal LM's
+    .gguf file). With `judge`, an off-the-shelf model scores with that zero-shot yes/no question (MM-Embed)."""
+    p = Path(path)
+    if judge is not None and not (p.is_dir() or p.suffix == ".gguf"):
+        raise LamraError(
+            f"zero-shot reranking takes an off-the-shelf model's checkpoint folder (or .gguf file); {str(path)!r} is "
+            "neither"
+        )
+    module = load_module(p, default=RerankModule)
+    if not isinstance(module, RerankModule):
+        raise LamraError(f"{path} holds a {type(module).__name__}, not a reranker")
+    if judge is not None:
+        module.use_judge(judge)
+    return module
+
+
+def module_arguments(module: TrainingModule) -> dict[str, Any]:
+    """The module's own arguments, as its hyperparameters hold them (typed groups as mappings)."""
+    return migrate(type(module), {k: v for k, v in module.hparams.items()})
+
+
+def save_merged(module: EmbeddingModule | RerankModule, out: str | Path, dtype: torch.dtype) -> Path:
+    """Write `module` as a model folder: its LoRA adapter merged into the base weights (or its trained weights
+    written over them), saved in `dtype`; its processor; the settings file; trained pooling weights."""
+    merged = module.model.merge_and_unload() if module.backbone.lora is not None else module.model
+    out_dir = Path(out)
+    merged.to(dtype).save_pretrained(out_dir)
+    module.processor.save_pretrained(out_dir)
+    args = module_arguments(module)
+    args.pop("lora", None)  # merged
+    args["backbone"] = {k: v for k, v in asdict(module.backbone.spec).items() if k != "path" and k not in FOLDER}
+    write_settings(out_dir, class_path_of(type(module)), json.loads(json.dumps(args)))
+    latent_pool = getattr(module, "latent_pool", None)
+    if latent_pool is not None:  # trained latent-attention pooling: not part of the HF model
+        latent_pool.save(out_dir)
+    return out_dir

@@ -1,0 +1,157 @@
+"""LamRA's embedding prompts, the retriever's choice of a training example from a record, and the collator that
+turns examples into processor batches.
+
+Every input is a two-turn chat whose assistant turn is the literal `<emb>.` (LamRA, spec section 1); the
+embedding is read at the position just before `<emb>`. The collator runs in the data workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import BatchFeature, ProcessorMixin
+
+from lamra_pl.errors import LamraError
+from lamra_pl.formats.sample import Item, Record, with_instruction
+from lamra_pl.models.backbone import EMB_TOKEN
+
+# LamRA's user-turn templates; note the trailing space.
+PROMPTS = {
+    "text": "{text}\nSummarize above sentence in one word: ",
+    "image": "\nSummarize above image in one word: ",
+    "image,text": "{text}\nSummarize above image and sentence in one word: ",
+}
+ASSISTANT = f"{EMB_TOKEN}."
+
+
+@dataclass
+class Example:
+    """One training example after sampling: the query (instruction applied), one positive, k negatives."""
+
+    query: Item
+    positive: Item
+    negatives: list[Item]
+    positive_ids: list[str]
+
+
+def choose_example(record: Record, rng: random.Random | None, num_negatives: int, instructions: bool = True) -> Example:
+    """One positive, one instruction (prepended to the query text) and `num_negatives` negatives of a record.
+
+    `rng=None` is the deterministic evaluation choice: the first of each. `instructions=False` leaves the query
+    text bare (the "no instruction" ablation).
+    """
+    instruction_choices = record.instructions if instructions else []
+    if rng is None:
+        positive = record.positives[0]
+        instruction = instruction_choices[0] if instruction_choices else None
+        negatives = record.negatives[:num_negatives]
+    else:
+        # LamRA's call order: positive, then instruction.
+        positive = rng.choice(record.positives)
+        instruction = rng.choice(instruction_choices) if instruction_choices else None
+        negatives = rng.sample(record.negatives, num_negatives)
+    query = Item(record.qid, with_instruction(instruction, record.query.text), record.query.image)
+    return Example(query, positive, negatives, [p.id for p in record.positives])
+
+
+def stable_id(value: str) -> int:
+    """A process-independent non-negative int64 for a string id (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
+
+
+def truncate_text(tokenizer: Any, item: Item, max_tokens: int | None) -> Item:
+    """`item` with its text cut to `max_tokens` tokens (an encode/decode round trip, as LamRA does)."""
+    if item.text is None or max_tokens is None:
+        return item
+    ids = tokenizer(item.text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return item
+    return Item(item.id, tokenizer.decode(ids[:max_tokens]), item.image, item.source)
+
+
+def embedding_messages(item: Item) -> list[dict[str, Any]]:
+    content: list[dict[str, Any]] = []
+    if item.image is not None:
+        content.append({"type": "image"})
+    content.append({"type": "text", "text": PROMPTS[item.modality].format(text=item.text)})
+    return [
+        {"role": "user", "content": content},
+        {"role": "assistant", "content": [{"type": "text", "text": ASSISTANT}]},
+    ]
+
+
+class EmbeddingCollator:
+    """Examples -> {"query": BatchFeature, "candidates": BatchFeature, ids} for the EmbeddingModule.
+
+    Candidates are laid out `[positives (B); negatives (B*k, query-major)]`. Texts longer than
+    `max_text_tokens` are cut by tokens before the prompt is built, so `<emb>` can never be cut off.
+    `instructions=False` leaves queries without their task instruction, in training and evaluation alike.
+    With `chunk_size` (GradCache), "query" and "candidates" are lists of processor batches of at most that many
+    rows each, in order: each chunk is padded on its own, so no chunk pays for the longest input of the batch.
+    """
+
+    def __init__(
+        self,
+        processor: ProcessorMixin,
+        max_text_tokens: int | None = 480,
+        chunk_size: int | None = None,
+        instructions: bool = True,
+    ) -> None:
+        self.processor = processor
+        self.max_text_tokens = max_text_tokens
+        self.chunk_size = chunk_size
+        self.instructions = instructions
+
+    def choose(self, record: Record, rng: random.Random | None, num_negatives: int) -> Example:
+        return choose_example(record, rng, num_negatives, self.instructions)
+
+    def encode(self, items: list[Item]) -> BatchFeature:
+        items = [self._truncated(item) for item in items]
+        texts = self.processor.apply_chat_template(
+            [embedding_messages(item) for item in items], tokenize=False, add_generation_prompt=False
+        )
+        images = [item.image for item in items if item.image is not None]
+        # The rendered chat holds its special tokens already (a Mistral template writes <s>): add none.
+        return self.processor(
+            text=texts, images=images or None, padding=True, return_tensors="pt", add_special_tokens=False
+        )
+
+    def __call__(self, examples: list[Example]) -> dict[str, Any]:
+        k = len(examples[0].negatives)
+        if any(len(e.negatives) != k for e in examples):
+            raise LamraError("all examples of a batch must carry the same number of hard negatives")
+        candidates = [e.positive for e in examples] + [n for e in examples for n in e.negatives]
+        width = max(len(e.positive_ids) for e in examples)
+        positive_ids = torch.full((len(examples), width), -1, dtype=torch.long)
+        for row, e in enumerate(examples):
+            positive_ids[row, : len(e.positive_ids)] = torch.tensor([stable_id(i) for i in e.positive_ids])
+        return {
+            "query": self._encode_rows([e.query for e in examples]),
+            "candidates": self._encode_rows(candidates),
+            "query_ids": [e.query.id for e in examples],
+            "candidate_ids": torch.tensor([stable_id(c.id) for c in candidates], dtype=torch.long),
+            "positive_ids": positive_ids,
+        }
+
+    def _encode_rows(self, items: list[Item]) -> BatchFeature | list[BatchFeature]:
+        if self.chunk_size is None:
+            return self.encode(items)
+        return [self.encode(items[s : s + self.chunk_size]) for s in range(0, len(items), self.chunk_size)]
+
+    def _truncated(self, item: Item) -> Item:
+        return truncate_text(self.processor.tokenizer, item, self.max_text_tokens)
+
+    def length(self, item: Item) -> int:
+        """About how many tokens `item` becomes (text tokens + one per 28x28 image patch): the bucketing key."""
+        n = 0
+        if item.text is not None:
+            n += len(self.processor.tokenizer(item.text, add_special_tokens=False)["input_ids"])
+            if self.max_text_tokens is not None:
+                n = min(n, self.max_text_tokens)
+        if item.image is not None:
+            n += item.image.width * item.image.height // (28 * 28)
+        return n

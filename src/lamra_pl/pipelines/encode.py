@@ -1,0 +1,157 @@
+"""`lamra-pl index`: shard folders -> index folders (`lamra_pl.formats.index`) with `Trainer.predict`, resumable.
+
+The unit of work is a chunk: one input shard (`lamra_pl.data.items`). Chunks are dealt to ranks by number (chunk i
+goes to rank i % world), then to data workers; each is written, in shard order and atomically, once all its batches
+are embedded (`ChunkWriter`). A killed run skips the chunks already written; each chunk is always batched the same
+way, so the resumed index is byte-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from lamra_pl.data.items import Chunk, ChunkedItems, Job, plan
+from lamra_pl.errors import LamraError
+from lamra_pl.formats.index import ChunkStore, EmbeddingIndex
+from lamra_pl.models.checkpoints import load_retriever
+from lamra_pl.models.contrastive import ContrastiveSteps
+from lamra_pl.pipelines.predict import TrainerSpec, predict
+
+
+def index(
+    model: str,
+    pool: str,
+    out: str,
+    batch_size: int = 32,
+    num_workers: int = 1,
+    bucket: bool = True,
+    trainer: TrainerSpec | None = None,
+) -> EmbeddingIndex | None:
+    """Encode a candidate pool into an index folder (run again, a killed run continues where it stopped).
+
+    Args:
+        model: a `lamra-pl fit` checkpoint (.ckpt: LoRA adapter or trained weights) or a merged checkpoint folder.
+        pool: a candidate shard folder (e.g. data/eval/test/global_pool, or a task's pool/).
+        out: the index folder (format: lamra_pl.formats.index).
+        batch_size: items per forward pass.
+        num_workers: data loader processes per device.
+        bucket: sort each shard's items by length before batching (less padding).
+        trainer: the devices and precision to encode with (several devices share the pool out).
+    """
+    module = load_retriever(model)
+    job = Job(out, (pool,), "pool")
+    runner = (trainer or TrainerSpec()).build()
+    settings = {"batch_size": batch_size, "num_workers": num_workers, "bucket": bucket, "trainer": runner}
+    if not encode(module, [job], model_path=model, **settings):
+        return None
+    built = EmbeddingIndex(out)
+    print(f"index {out}: {len(built)} candidates x {built.dim} (float16)")
+    return built
+
+
+class ChunkWriter(BasePredictionWriter):
+    """Collects each chunk's batches and writes the chunk (in shard order) once all of them are embedded."""
+
+    def __init__(self, chunks: list[Chunk], stores: list[ChunkStore]) -> None:
+        super().__init__(write_interval="batch")
+        self.chunks = chunks
+        self.stores = stores
+        self.pending: dict[int, list[tuple[torch.Tensor, torch.Tensor | None, list[dict[str, Any]]]]] = {}
+
+    def write_on_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: Any,
+        batch_indices: Any,
+        batch: dict[str, Any],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        parts = self.pending.setdefault(batch["chunk"], [])
+        embeddings = None if prediction is None else prediction.detach().float().cpu()
+        parts.append((batch["positions"].cpu(), embeddings, batch["records"]))
+        if len(parts) == batch["num_batches"]:
+            self._write(self.chunks[batch["chunk"]], self.pending.pop(batch["chunk"]))
+
+    def _write(self, chunk: Chunk, parts: list[tuple[torch.Tensor, torch.Tensor | None, list[dict[str, Any]]]]) -> None:
+        n = sum(len(p) for p, _, _ in parts)
+        dim = next((e.shape[1] for _, e, _ in parts if e is not None), 0)
+        embeddings = np.zeros((n, dim), dtype=np.float16)
+        records: list[dict[str, Any]] = [{}] * n
+        for positions, emb, recs in parts:
+            if emb is not None:
+                embeddings[positions.numpy()] = emb.numpy().astype(np.float16)
+            for position, record in zip(positions.tolist(), recs, strict=True):
+                records[position] = record
+        self.stores[chunk.job].write(chunk.local, embeddings, records)
+
+
+def encode(
+    module: ContrastiveSteps,
+    jobs: list[Job],
+    *,
+    model_path: str,
+    batch_size: int = 32,
+    num_workers: int = 1,
+    bucket: bool = True,
+    instruction_seed: int | None = None,
+    trainer: Trainer | None = None,
+    probe: np.ndarray | None = None,
+) -> bool:
+    """Encode every job into its index folder (resuming unfinished ones); True on rank 0, False elsewhere.
+
+    `trainer` decides devices and precision (default: one device, no logger). Under DDP every rank encodes its
+    chunks, then rank 0 assembles the indexes. `probe`: the model's `probe_embeddings()`, if already computed.
+    """
+    trainer = trainer or TrainerSpec().build()
+    seeds = [instruction_seed if job.kind == "queries" else None for job in jobs]
+    probe = module.probe_embeddings() if probe is None else probe
+    finished = [_finished(job, seed, probe) for job, seed in zip(jobs, seeds, strict=True)]
+    jobs = [job for job, done in zip(jobs, finished, strict=True) if not done]
+    chunks = plan(jobs)
+    stores = [ChunkStore(job.out) for job in jobs]
+    if trainer.is_global_zero:
+        for j, (job, store) in enumerate(zip(jobs, stores, strict=True)):
+            manifest = {
+                "kind": job.kind,
+                "sources": list(job.sources),
+                "chunks": sum(c.job == j for c in chunks),
+                "instruction_seed": instruction_seed if job.kind == "queries" else None,
+                "model": {"path": model_path},
+            }
+            store.start(manifest, probe)
+    if not jobs:
+        return trainer.is_global_zero
+    collator = module.collator()
+
+    def rank_batches(rank: int, world: int) -> ChunkedItems:
+        done = [store.done() for store in stores]
+        todo = [c for c in chunks if c.number % world == rank and c.local not in done[c.job]]
+        return ChunkedItems(todo, collator, batch_size, bucket, instruction_seed)
+
+    if not predict(module, rank_batches, ChunkWriter(chunks, stores), trainer, num_workers):
+        return False
+    for j, store in enumerate(stores):
+        store.assemble(sum(c.job == j for c in chunks))
+    return True
+
+
+def _finished(job: Job, instruction_seed: int | None, probe: np.ndarray) -> bool:
+    """True if `job.out` is a complete index of the same inputs by the same model; an error if it is another's."""
+    if not (Path(job.out) / "index.json").is_file():
+        return False
+    index = EmbeddingIndex(job.out)
+    index.check_model(probe)
+    if index.meta.get("sources") != list(job.sources) or index.meta.get("instruction_seed") != instruction_seed:
+        raise LamraError(
+            f"{job.out} already holds an index of {index.meta.get('sources')} (instruction_seed "
+            f"{index.meta.get('instruction_seed')}); choose another folder"
+        )
+    return True

@@ -1,0 +1,203 @@
+"""`lamra-pl evaluate`: a run folder's rankings + qrels -> Recall@K per (dataset, task) and the average, as JSON,
+Markdown and a TensorBoard run; `lamra-pl chance`: what random rankings would score on the same tasks.
+
+`evaluate` scores the run files that `lamra-pl retrieve` (or `rerank`) wrote: its runs.json names, per task, the
+run file, the qrels file, the task file and the ids of the pool searched (`lamra_pl.formats.runs`). Validation
+during `fit` scores rankings it searched in memory with the same `ranking.metrics.score_task`.
+
+results.json:
+    {"pool": "local" | "global",
+     "tasks": {TASK: {"R@1": x, "R@5": x, "R@10": x, "reported": "R@5", "run_file": PATH, "qrels_file": PATH,
+                      "num_queries": n[, "wrong_modality@10": x]}},
+     "average": {"R@1": x, "R@5": x, "R@10": x, "reported": x[, "wrong_modality@10": x]}}
+"reported" is M-BEIR's metric for the task (R@10 for Fashion200K and FashionIQ, R@5 elsewhere); the average's
+"reported" is M-BEIR's headline number, the unweighted mean of the tasks' reported metrics.
+
+MM-Embed's modality bias is measured when the run folder's index is at hand (every `retrieve` and `rerank` folder
+names it): "wrong_modality@10", per task and averaged, is the share of each query's top 10 whose modality (from the
+index's items) is not the modality of the query's positives. It matters in a mixed-modality (global) pool; a task's
+local pool usually holds its target modality only, so it reads 0 there.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lamra_pl.errors import LamraError
+from lamra_pl.files import atomic_write
+from lamra_pl.formats.index import EmbeddingIndex
+from lamra_pl.formats.runs import RESULTS, read_manifest, read_run_file
+from lamra_pl.formats.task import qrels_file, read_qrels, task_dirs, task_info
+from lamra_pl.formats.tensorboard import EVENTS, read_board, read_hparams, write_evaluation
+from lamra_pl.ranking.metrics import BIAS_K, KS, RANK_PAD, score_task, summarise, wrong_modality
+from lamra_pl.ranking.metrics import chance as chance_level
+
+
+def evaluate(runs: str, step: int = 0, log_to: str | None = None) -> dict[str, Any]:
+    """Score a run folder: M-BEIR Recall@K per task and averaged, and MM-Embed's modality bias.
+
+    The bias is the share of wrong-modality results in each query's top 10. Writes results.json and results.md,
+    logs the numbers to TensorBoard (scalars, and hparams with final `hp/*` metrics for `lamra-pl report`) and
+    prints the table.
+
+    Args:
+        runs: a run folder written by `lamra-pl retrieve` (holds runs.json).
+        step: the TensorBoard step to log the numbers at (e.g. the checkpoint's training step).
+        log_to: a TensorBoard run folder to log into instead of RUNS, e.g. the fit that trained the model, whose
+            report row then shows these numbers (a reranker fit, which validates nothing itself).
+    """
+    results = evaluate_runs(runs)
+    board = save_results(results, runs, step=step, log_to=log_to)
+    print(markdown(results))
+    print(f"\n{Path(runs) / RESULTS}; TensorBoard: {board}")
+    return results
+
+
+def evaluate_runs(runs_dir: str | Path, ks: tuple[int, ...] = KS) -> dict[str, Any]:
+    """Score every run file listed in `runs_dir/runs.json`; validates everything before anything is written."""
+    manifest = read_manifest(runs_dir)
+    modality_of = _modalities(manifest.get("index"))
+    tasks: dict[str, dict[str, Any]] = {}
+    pools: dict[str, dict[str, int]] = {}  # id -> row per pool file: the global pool is shared by every task
+    for name, entry in manifest["tasks"].items():
+        run_file, qrels_path = Path(entry["run_file"]), Path(entry["qrels_file"])
+        info = task_info(Path(entry["task_file"]).parent)
+        if entry["pool_ids"] not in pools:
+            ids = Path(entry["pool_ids"]).read_text().splitlines()
+            pools[entry["pool_ids"]] = {i: row for row, i in enumerate(ids)}
+        row_of = pools[entry["pool_ids"]]
+        run = read_run_file(run_file)
+        qrels = read_qrels(qrels_path)
+        ranked = _rows(run.ranked, row_of, run_file, entry["pool_ids"], max(ks))
+        missing = sorted(set(qrels) - set(run.qids))
+        if missing:
+            raise LamraError(
+                f"{run_file} has no ranking for {len(missing)} queries of {qrels_path}, e.g. {missing[:3]}"
+            )
+        scores = score_task(run.qids, ranked, row_of, qrels, ks, str(qrels_path))
+        tasks[name] = {
+            **scores,
+            "reported": f"R@{info['recall_k']}",
+            "run_file": str(run_file),
+            "qrels_file": str(qrels_path),
+            "num_queries": len(run.qids),
+        }
+        if modality_of is not None:
+            targets = [next((modality_of[d] for d in sorted(qrels[q]) if d in modality_of), None) for q in run.qids]
+            share = wrong_modality(run.ranked, targets, modality_of, BIAS_K)
+            if not np.isnan(share):  # no query with a positive in the index: no measure, rather than NaN
+                tasks[name][f"wrong_modality@{BIAS_K}"] = share
+    return {"pool": manifest["pool"], "tasks": tasks, "average": summarise(tasks, ks)}
+
+
+def _modalities(index: str | None) -> dict[str, str] | None:
+    """id -> modality of the index a run folder searched, or None when it is not at hand (moved, or a hand-made
+    manifest without one): then there is no modality-bias column, and nothing else changes."""
+    if not index or not (Path(index) / "items.jsonl").is_file():
+        return None
+    found = EmbeddingIndex(index)
+    return dict(zip(found.ids, found.modalities, strict=True))
+
+
+def _rows(ranked: list[list[str]], row_of: dict[str, int], run_file: Path, pool_file: str, depth: int) -> np.ndarray:
+    width = max(depth, max((len(r) for r in ranked), default=0))
+    out = np.full((len(ranked), width), RANK_PAD, dtype=np.int64)
+    for q, ids in enumerate(ranked):
+        try:
+            out[q, : len(ids)] = [row_of[d] for d in ids]
+        except KeyError as err:
+            raise LamraError(
+                f"{run_file} ranks id {err.args[0]!r}, which is not in the pool searched ({pool_file})"
+            ) from None
+    return out
+
+
+def markdown(results: dict[str, Any], ks: tuple[int, ...] = KS) -> str:
+    bias = f"wrong_modality@{BIAS_K}"
+    extra = [bias] if bias in results["average"] else []
+    head = "| task | queries | " + " | ".join([*(f"R@{k}" for k in ks), "reported", *extra]) + " |"
+    lines = [head, "|" + "---|" * (len(ks) + 3 + len(extra))]
+    for name, t in results["tasks"].items():
+        cells = [f"{100 * t[f'R@{k}']:.1f}" for k in ks] + [f"{t['reported']} {100 * t[t['reported']]:.1f}"]
+        cells += [f"{100 * t[m]:.1f}" for m in extra]
+        lines.append(f"| {name} | {t['num_queries']} | " + " | ".join(cells) + " |")
+    avg = results["average"]
+    if avg:
+        cells = [f"{100 * avg[f'R@{k}']:.1f}" for k in ks] + [f"{100 * avg['reported']:.1f}"]
+        cells += [f"{100 * avg[m]:.1f}" for m in extra]
+        lines.append("| **average** | | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def evaluation_hparams(runs_dir: str | Path) -> dict[str, Any]:
+    """What an evaluation evaluated, from its manifest: the retriever, index, pool and depth, and any reranking."""
+    manifest = read_manifest(runs_dir)
+    index = manifest.get("index")
+    meta_file = Path(index) / "index.json" if index else None
+    model = json.loads(meta_file.read_text())["model"].get("path") if meta_file and meta_file.is_file() else None
+    hparams = {"retriever": model, "index": index, "pool": manifest["pool"], "k": manifest.get("k")}
+    hparams["instruction_seed"] = manifest.get("instruction_seed")
+    rerank = manifest.get("rerank")
+    if rerank:
+        hparams.update({"reranker": rerank["model"], "rerank_mode": rerank["mode"], "rerank_top_n": rerank["top_n"]})
+        weights = set(rerank["fusion"].values())
+        hparams["fusion_w"] = weights.pop() if len(weights) == 1 else json.dumps(rerank["fusion"], sort_keys=True)
+    return hparams
+
+
+def save_results(
+    results: dict[str, Any], runs_dir: str | Path, step: int = 0, log_to: str | Path | None = None
+) -> Path:
+    """results.json and results.md in `runs_dir`, and the numbers to TensorBoard; returns the TensorBoard folder.
+
+    The TensorBoard run is `runs_dir` itself, or `log_to` (e.g. the fit that trained the model evaluated). It gets
+    the numbers as scalars `eval_<pool>/<task>/<metric>` at `step`, and once as hparams with the final metrics
+    `hp/<task>/<metric>` (what `FinalMetrics` logs at the end of a fit), so `lamra-pl report` tabulates either.
+    """
+    runs_dir = Path(runs_dir)
+    board = Path(log_to) if log_to is not None else runs_dir
+    if log_to is not None and not board.is_dir():
+        raise LamraError(f"--log_to {str(log_to)!r} is not a folder (give a run folder, e.g. runs/grid/lamra)")
+    if log_to is not None and any(board.glob(EVENTS)) and read_board(board, board).finished:
+        # hp/<task>/<metric> names carry no pool or split: a second set would silently replace the first.
+        raise LamraError(f"--log_to {str(log_to)!r} already has final metrics (hp/*): log into a run without them")
+    named = {f"{name}/{m}": v for name, t in results["tasks"].items() for m, v in t.items() if _metric(m)}
+    named.update({f"average/{m}": v for m, v in results["average"].items()})
+    hparams = evaluation_hparams(runs_dir)
+    if log_to is not None:  # the run's own hyperparameters first, so TensorBoard's HParams tab shows them
+        hparams = {**read_hparams(board), **{f"eval.{k}": v for k, v in hparams.items()}}
+    scalars = {f"eval_{results.get('pool', 'pool')}/{m}": v for m, v in named.items()}
+    write_evaluation(board, scalars, step, hparams, named)
+    # Last: a grid step is done when results.json exists, so it must not exist before the logging is.
+    atomic_write(runs_dir / "results.md", markdown(results) + "\n")
+    atomic_write(runs_dir / RESULTS, json.dumps(results, indent=1))
+    return board
+
+
+def _metric(name: str) -> bool:
+    return name.startswith(("R@", "wrong_modality@"))
+
+
+def chance(tasks: str, ks: list[int] = list(KS)) -> dict[str, dict[str, float]]:  # noqa: B006 - read by jsonargparse
+    """Print the Recall@K of a random ranking on each task's local pool, to read real numbers against.
+
+    Per query 1 - C(N - P, k) / C(N, k) (N candidates, P positives), averaged over the task's queries.
+
+    Args:
+        tasks: evaluation task folders, a glob such as "data/eval/test/*_task*".
+        ks: the K of Recall@K.
+    """
+    rows: dict[str, dict[str, float]] = {}
+    lines = [f"| task | task id | local pool | chance R@{' / R@'.join(map(str, ks))} (%) |", "|---|---|---|---|"]
+    for task in task_dirs(tasks):
+        info = task_info(task)
+        positives = [len(p) for p in read_qrels(qrels_file(task)).values()]
+        rows[task.name] = chance_level(info["pool"], positives, tuple(ks))
+        numbers = " / ".join(f"{100 * v:.1f}" for v in rows[task.name].values())
+        lines.append(f"| {task.name} | {info['task_id']} | {info['pool']} | {numbers} |")
+    print("\n".join(lines))
+    return rows

@@ -1,0 +1,124 @@
+"""`lamra-pl retrieve`: the queries of task folders against an index -> one run folder per pool setting.
+
+    OUT/queries/<task>/      the task's query embeddings (an index folder; reused if complete, resumable)
+    OUT/<pool>/              a run folder (`lamra_pl.formats.runs`): a TREC run per task, the top k per query, and
+                             runs.json (for `evaluate`, `rerank`, `rerank-data`, `mine`)
+
+Pool settings: "global" searches the whole index (M-BEIR's global pool when the index is of `global_pool/`);
+"local" restricts the search to the task's own pool (`<task>/pool/ids.txt`), as M-BEIR_local does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from lamra_pl.data.items import Job
+from lamra_pl.errors import LamraError
+from lamra_pl.files import atomic_write
+from lamra_pl.formats.index import EmbeddingIndex
+from lamra_pl.formats.runs import format_run, write_manifest
+from lamra_pl.formats.task import (
+    TASK_FILE,
+    pool_ids,
+    pool_ids_file,
+    qrels_file,
+    query_shards,
+    task_dirs,
+    task_info,
+)
+from lamra_pl.models.checkpoints import load_retriever
+from lamra_pl.pipelines.encode import encode
+from lamra_pl.pipelines.predict import TrainerSpec
+from lamra_pl.ranking.search import Backend, search
+
+Pool = Literal["local", "global"]
+
+
+def retrieve(
+    model: str,
+    index: str,
+    queries: str,
+    out: str,
+    k: int = 50,
+    pools: list[Pool] = ["local", "global"],  # noqa: B006 - jsonargparse reads the default
+    backend: Backend = "auto",
+    instruction_seed: int | None = None,
+    batch_size: int = 32,
+    num_workers: int = 1,
+    trainer: TrainerSpec | None = None,
+) -> dict[str, Path]:
+    """Search an index with the queries of evaluation tasks: a TREC run file per task and pool setting.
+
+    Args:
+        model: the checkpoint that built the index (checked against the index's probe embeddings).
+        index: an index folder written by `lamra-pl index`.
+        queries: evaluation task folders, a glob such as "data/eval/test/*_task*".
+        out: output folder: queries/<task>/ (query embeddings), <pool>/<task>.run and <pool>/runs.json.
+        k: candidates kept per query (50 is enough for reranking).
+        pools: "local" restricts each task to its own pool (pool/ids.txt); "global" searches the whole index.
+        backend: faiss (IndexFlatIP; GPUs with faiss-gpu), torch, or auto (faiss when installed).
+        instruction_seed: none: each task's first instruction; an int: one drawn per query, seeded by (seed, qid).
+        batch_size: queries per forward pass.
+        num_workers: data loader processes per device.
+        trainer: the devices and precision to encode the queries with.
+    """
+    module = load_retriever(model)
+    searched = EmbeddingIndex(index)
+    probe = module.probe_embeddings()
+    searched.check_model(probe)
+    tasks = task_dirs(queries)
+    out_dir = Path(out)
+    subsets = {t.name: _local_rows(t, searched) for t in tasks} if "local" in pools else {}
+    jobs = [Job(str(out_dir / "queries" / t.name), (str(query_shards(t)),), "queries") for t in tasks]
+    runner = (trainer or TrainerSpec()).build()
+    settings = {"batch_size": batch_size, "num_workers": num_workers, "instruction_seed": instruction_seed}
+    if not encode(module, jobs, model_path=model, trainer=runner, probe=probe, **settings):
+        return {}
+    written: dict[str, Path] = {}
+    for pool in pools:
+        entries: dict[str, dict[str, Any]] = {}
+        files: dict[Path, str] = {}
+        for task in tasks:
+            encoded = EmbeddingIndex(out_dir / "queries" / task.name)
+            found = search(
+                searched.embeddings,
+                encoded.embeddings,
+                k,
+                tie_key=searched.id_rank,
+                subset=subsets.get(task.name) if pool == "local" else None,
+                backend=backend,
+            )
+            ranked = [[searched.ids[r] for r in row if r >= 0] for row in found.rows]
+            run_file = out_dir / pool / f"{task.name}.run"
+            files[run_file] = format_run(encoded.ids, ranked, found.scores, tag=f"lamra-pl-{pool}")
+            entries[task.name] = {
+                "run_file": str(run_file),
+                "qrels_file": str(qrels_file(task)),
+                "task_file": str(task / TASK_FILE),
+                "queries": str(query_shards(task)),
+                "pool_ids": str(pool_ids_file(task)) if pool == "local" else str(searched.path / "ids.txt"),
+            }
+        for path, text in files.items():
+            atomic_write(path, text)
+        manifest = {"pool": pool, "index": str(searched.path), "k": k, "instruction_seed": instruction_seed}
+        write_manifest(out_dir / pool, {**manifest, "tasks": entries})
+        written[pool] = out_dir / pool
+    for pool, folder in written.items():
+        print(f"{pool} pool: run files in {folder}; score them with: lamra-pl evaluate --runs {folder}")
+    return written
+
+
+def _local_rows(task: Path, index: EmbeddingIndex) -> np.ndarray:
+    """The index rows of the task's own pool; every one of its ids must be in the index."""
+    task_info(task)
+    ids = pool_ids(task)
+    missing = [i for i in ids if i not in index.row_of]
+    if missing:
+        raise LamraError(
+            f"{len(missing)} candidates of {pool_ids_file(task)} are not in the index {index.path}, e.g. "
+            f"{missing[:3]}: index the global pool (or this task's pool) of the same split"
+        )
+    return np.sort(np.fromiter((index.row_of[i] for i in ids), dtype=np.int64, count=len(ids)))

@@ -1,0 +1,1 @@
+"""The retrieval maths, on arrays and files only: exact top-k search, M-BEIR's metrics, score fusion."""

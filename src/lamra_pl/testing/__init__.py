@@ -1,0 +1,1 @@
+"""What tests, benchmarks and the CPU demo build instead of downloading: tiny random checkpoints (`tiny.py`)."""

@@ -1,0 +1,132 @@
+"""`lamra-pl report --runs RUNS_DIR`: compare training runs from what they wrote, not from what they printed.
+
+A run is a TensorBoard run folder (`lamra_pl.formats.tensorboard`: event files, and config.yaml or hparams.yaml).
+The report is a Markdown table (one row per run; columns: the hyperparameters that differ between runs, then every
+retrieval metric, best per column in bold) and two plots, written into RUNS_DIR.
+
+A run is *finished* when `lamra_pl.callbacks.FinalMetrics` logged its `hp/*` metrics at the end of fit (or
+`lamra-pl evaluate` did); its row shows those. An unfinished run (still training, or killed) shows its last `val/*`
+values and is marked. A run whose event files cannot be read is listed with the reason, never dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from lamra_pl.errors import LamraError
+from lamra_pl.formats.tensorboard import LIVE, Board, find_boards, read_board
+
+
+def varied(runs: list[Board]) -> list[str]:
+    """The hyperparameters that take more than one value among the runs that have them. A key only some runs
+    have (another model class's arguments) is not a difference by itself: the class column shows that one."""
+    keys = sorted({k for r in runs for k in r.hparams})
+    return [k for k in keys if len({json.dumps(r.hparams[k], sort_keys=True) for r in runs if k in r.hparams}) > 1]
+
+
+def metric_order(name: str) -> tuple[int, str, float, str]:
+    """average first, then tasks alphabetically; within each, R@1 < R@5 < R@10 (numerically), then the others by
+    name."""
+    group, _, metric = name.rpartition("/")
+    k = float(metric[2:]) if metric.startswith("R@") and metric[2:].isdigit() else math.inf
+    return (0 if group == "average" else 1, group, k, metric)
+
+
+def table(runs: list[Board]) -> str:
+    keys = varied(runs)
+    metrics = sorted({m for r in runs for m in r.metrics()}, key=metric_order)
+    best = {
+        # Lower is better for a loss and the modality bias; higher for Recall and accuracies.
+        m: (min if _lower_is_better(m) else max)((r.metrics()[m] for r in runs if m in r.metrics()), default=None)
+        for m in metrics
+    }
+    head = ["run", "status", *keys, *metrics]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in runs:
+        values = r.metrics()
+        cells = [r.name, r.status, *(str(r.hparams.get(k, "")) for k in keys)]
+        for m in metrics:
+            value = values.get(m)
+            text = "" if value is None else _cell(m, value)
+            cells.append(f"**{text}**" if value is not None and value == best[m] else text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _lower_is_better(metric: str) -> bool:
+    return metric.endswith("loss") or metric.rsplit("/", 1)[-1].startswith("wrong_modality")
+
+
+def _cell(metric: str, value: float) -> str:
+    """Recall, accuracies and shares in %, as the papers print them; anything else (a loss) as it is."""
+    name = metric.rsplit("/", 1)[-1]
+    percent = name.startswith(("R@", "wrong_modality")) or "acc" in name or name == "reported"
+    return f"{100 * value:.2f}" if percent else f"{value:.4g}"
+
+
+def plot(runs: list[Board], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    curves = [(r, tag) for r in runs for tag in sorted(r.curves) if tag.startswith(LIVE + "average/")]
+    if curves:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for r, tag in curves:
+            steps, values = zip(*r.curves[tag], strict=True)
+            ax.plot(steps, [100 * v for v in values], marker="o", label=f"{r.name} {tag[len(LIVE) :]}")
+        ax.set(xlabel="step", ylabel="Recall (%)", title="validation Recall, average over tasks")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "val_recall.png", dpi=120)
+        plt.close(fig)
+        written.append(out / "val_recall.png")
+    finals = [(r, r.metrics()) for r in runs if not r.problem]
+    names = sorted({m for _, ms in finals for m in ms if m.startswith("average/")}, key=metric_order)
+    if finals and names:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        width = 0.8 / len(finals)
+        for i, (r, ms) in enumerate(finals):
+            xs = [j + i * width for j in range(len(names))]
+            label = r.name + ("" if r.finished else " (unfinished)")
+            ax.bar(xs, [100 * ms.get(m, 0.0) for m in names], width, label=label)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], [m.split("/")[-1] for m in names])
+        ax.set(ylabel="Recall (%)", title="final average Recall")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "final_average.png", dpi=120)
+        plt.close(fig)
+        written.append(out / "final_average.png")
+    return written
+
+
+def report(runs: str) -> dict[str, Any]:
+    """Compare the training runs under a folder: a Markdown table and PNG plots, written into that folder.
+
+    Reads each run's TensorBoard event files and config.yaml (or hparams.yaml), not its console output. Rows:
+    runs (finished, unfinished, or unreadable with the reason); columns: the hyperparameters that differ, then
+    the final Recall per task and averaged (best in bold).
+
+    Args:
+        runs: a folder of runs, e.g. runs/ or runs/ablations (searched recursively).
+    """
+    base = Path(runs)
+    if not base.is_dir():
+        raise LamraError(f"runs folder {str(runs)!r} does not exist")
+    boards = [read_board(folder, base) for folder in find_boards(base)]
+    if not boards:
+        raise LamraError(f"{base}: no runs found (no TensorBoard event files, config.yaml or hparams.yaml)")
+    text = table(boards)
+    (base / "report.md").write_text(text)
+    exact = {r.name: {"status": r.status, "hparams": r.hparams, "metrics": r.metrics()} for r in boards}
+    (base / "report.json").write_text(json.dumps(exact, indent=1, sort_keys=True))
+    plots = plot(boards, base)
+    files = [str(base / "report.md"), *map(str, plots)]
+    print(text)
+    print("\n".join(files))
+    return {"table": text, "runs": exact, "files": files}
