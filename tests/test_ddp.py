@@ -1,7 +1,7 @@
 """Exact gradients across processes and chunks (lightning.md section 3).
 
 Two gloo DDP processes give the same loss and gradients as one process on the concatenated batch, and GradCache
-(`model.gradcache_chunk_size`) gives the same gradients as encoding the batch on one graph, in one process or
+(`model.gradcache.chunk_size`) gives the same gradients as encoding the batch on one graph, in one process or
 two, with and without LoRA dropout.
 """
 

@@ -88,7 +88,7 @@ class PerturbedLoRA(EmbeddingModule):
 
 class ChunkedOnOneGraph(PerturbedLoRA):
     def collator(self) -> EmbeddingCollator:
-        return EmbeddingCollator(self.processor, max_text_tokens=self.hparams.max_text_tokens, chunk_size=2)
+        return EmbeddingCollator(self.processor, max_text_tokens=self.max_text_tokens, chunk_size=2)
 
 
 def main() -> None:

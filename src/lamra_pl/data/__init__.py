@@ -1,1 +1,2 @@
-"""Data: the training-sample schema, WebDataset shard writing and reading, the shard DataModule."""
+"""Data: the DataModules (shards, mixed sources), the resumable training stream, the evaluation pipeline, evaluation
+items and pool candidates by id. The on-disk layouts they read are `lamra_pl.formats`'."""

@@ -34,8 +34,14 @@ from lamra_pl.files import atomic_write
 from lamra_pl.formats.sample import modality
 
 FORMAT, VERSION = "lamra-pl-index", 1
+META, EMBEDDINGS, IDS, ITEMS, PARTS = "index.json", "embeddings.npy", "ids.txt", "items.jsonl", "parts"
 PROBE_TEXTS = ("lamra-pl index probe: a red square on a white background.", "A dog runs along the beach.")
 SAME_MODEL_COSINE = 0.99  # bf16 vs fp32 of one model stays above this; a different model does not
+
+
+def is_complete(folder: str | Path) -> bool:
+    """True when `folder` holds a finished index (its index.json, written last)."""
+    return (Path(folder) / META).is_file()
 
 
 def id_ranks(ids: list[str]) -> np.ndarray:
@@ -68,11 +74,11 @@ class EmbeddingIndex:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        meta_file = self.path / "index.json"
+        meta_file = self.path / META
         if not meta_file.is_file():
             hint = (
                 " (its encoding did not finish: run `lamra-pl index` again to resume)"
-                if (self.path / "parts").is_dir()
+                if (self.path / PARTS).is_dir()
                 else ""
             )
             raise LamraError(f"{self.path} is not a complete index: it has no index.json{hint}")
@@ -89,7 +95,7 @@ class EmbeddingIndex:
 
     @cached_property
     def embeddings(self) -> np.ndarray:
-        emb = np.load(self.path / "embeddings.npy", mmap_mode="r")
+        emb = np.load(self.path / EMBEDDINGS, mmap_mode="r")
         if emb.shape != (len(self), self.dim):
             raise LamraError(
                 f"{self.path}/embeddings.npy has shape {emb.shape}, index.json says {(len(self), self.dim)}"
@@ -98,7 +104,7 @@ class EmbeddingIndex:
 
     @cached_property
     def ids(self) -> list[str]:
-        ids = (self.path / "ids.txt").read_text().splitlines()
+        ids = (self.path / IDS).read_text().splitlines()
         if len(ids) != len(self):
             raise LamraError(f"{self.path}/ids.txt has {len(ids)} lines, index.json says {len(self)}")
         return ids
@@ -114,7 +120,7 @@ class EmbeddingIndex:
     @cached_property
     def modalities(self) -> list[str]:
         """Each row's M-BEIR modality ("text", "image" or "image,text"), from items.jsonl."""
-        with open(self.path / "items.jsonl", encoding="utf-8") as f:
+        with open(self.path / ITEMS, encoding="utf-8") as f:
             rows = [json.loads(line) for line in f]
         if len(rows) != len(self):
             raise LamraError(f"{self.path}/items.jsonl has {len(rows)} lines, index.json says {len(self)}")
@@ -123,7 +129,7 @@ class EmbeddingIndex:
     def items(self, rows: list[int]) -> list[dict[str, Any]]:
         wanted = set(rows)
         found: dict[int, dict[str, Any]] = {}
-        with open(self.path / "items.jsonl", encoding="utf-8") as f:
+        with open(self.path / ITEMS, encoding="utf-8") as f:
             for row, line in enumerate(f):
                 if row in wanted:
                     found[row] = json.loads(line)
@@ -140,7 +146,7 @@ class ChunkStore:
 
     def __init__(self, out: str | Path) -> None:
         self.out = Path(out)
-        self.parts = self.out / "parts"
+        self.parts = self.out / PARTS
 
     def chunk_path(self, chunk: int) -> Path:
         return self.parts / f"chunk-{chunk:06d}.npy"
@@ -181,7 +187,7 @@ class ChunkStore:
         if count == 0:
             raise LamraError(f"{manifest['sources']}: nothing to index, the shards hold no samples")
         (dim,) = dims
-        target = self.out / "embeddings.npy"
+        target = self.out / EMBEDDINGS
 
         def fill(f: Any) -> None:
             np.lib.format.write_array_header_1_0(
@@ -200,9 +206,9 @@ class ChunkStore:
         items_text = "".join(
             self.chunk_path(c).with_suffix(".jsonl").read_text(encoding="utf-8") for c in range(num_chunks)
         )
-        atomic_write(self.out / "items.jsonl", items_text)
+        atomic_write(self.out / ITEMS, items_text)
         ids = [json.loads(line)["id"] for line in items_text.splitlines()]
-        atomic_write(self.out / "ids.txt", "".join(f"{i}\n" for i in ids))
+        atomic_write(self.out / IDS, "".join(f"{i}\n" for i in ids))
         meta = {
             "format": FORMAT,
             "version": VERSION,
@@ -211,6 +217,6 @@ class ChunkStore:
             "dtype": "float16",
             **{k: v for k, v in manifest.items() if k != "chunks"},
         }
-        atomic_write(self.out / "index.json", json.dumps(meta))
+        atomic_write(self.out / META, json.dumps(meta))
         shutil.rmtree(self.parts)
         return self.out

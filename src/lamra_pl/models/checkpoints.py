@@ -110,12 +110,15 @@ def read_checkpoint(path: str | Path) -> tuple[type[TrainingModule], dict[str, A
 
 
 def load_module(
-    path: str | Path, default: type[TrainingModule] = EmbeddingModule, backbone: dict[str, Any] | None = None
+    path: str | Path, kind: type[TrainingModule] | None = None, backbone: dict[str, Any] | None = None
 ) -> TrainingModule:
     """The module at `path` (a checkpoint, a model folder or a .gguf file), built and loaded, in eval mode.
 
-    `default`: the class of a model folder without a settings file. `backbone`: settings that override the
-    backbone's (e.g. {"dtype": "float32"}). Activation checkpointing is off: a loaded module is not trained.
+    `kind`: the class a model folder is read as when its settings file names none of that kind, with that class's
+    defaults: a folder without settings (a released or off-the-shelf checkpoint), or one with the settings of
+    another kind of module (a merged retriever read as a zero-shot judge). Without `kind`, a folder is what its
+    settings say, an EmbeddingModule when they say nothing. `backbone`: settings that override the backbone's (e.g.
+    {"dtype": "float32"}). Activation checkpointing is off: a loaded module is not trained.
     """
     p = Path(path)
     overrides = {"gradient_checkpointing": False, **(backbone or {})}
@@ -131,8 +134,8 @@ def load_module(
     if p.is_dir() or p.suffix == ".gguf":
         checkpoint(p)  # a clear error if it is neither a checkpoint folder nor an existing .gguf file
         found = read_settings(p) if p.is_dir() else None
-        cls, args = default, {}
-        if found is not None:
+        cls, args = kind or EmbeddingModule, {}
+        if found is not None and issubclass(module_class(found[0], f"settings of {p}"), kind or TrainingModule):
             class_path, args, _ = found
             cls = module_class(class_path, f"settings of {p}")
             args = migrate(cls, {"backbone": str(p), **args} if "backbone" not in args else args)
@@ -147,7 +150,7 @@ def load_module(
 
 def load_retriever(path: str | Path) -> ContrastiveSteps:
     """A retriever in eval mode: a `fit` checkpoint (an EmbeddingModule's or a CLIPModule's) or a model folder."""
-    module = load_module(path, default=EmbeddingModule)
+    module = load_module(path, kind=EmbeddingModule)
     if not isinstance(module, ContrastiveSteps):
         raise LamraError(f"{path} holds a {type(module).__name__}, not a retriever")
     return module
@@ -163,7 +166,7 @@ def load_reranker(path: str | Path, judge: JudgePrompt | None = None) -> RerankM
             f"zero-shot reranking takes an off-the-shelf model's checkpoint folder (or .gguf file); {str(path)!r} is "
             "neither"
         )
-    module = load_module(p, default=RerankModule)
+    module = load_module(p, kind=RerankModule)
     if not isinstance(module, RerankModule):
         raise LamraError(f"{path} holds a {type(module).__name__}, not a reranker")
     if judge is not None:

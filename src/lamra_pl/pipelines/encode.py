@@ -8,7 +8,6 @@ way, so the resumed index is byte-identical to an uninterrupted one.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from lamra_pl.data.items import Chunk, ChunkedItems, Job, plan
 from lamra_pl.errors import LamraError
-from lamra_pl.formats.index import ChunkStore, EmbeddingIndex
+from lamra_pl.formats.index import ChunkStore, EmbeddingIndex, is_complete
 from lamra_pl.models.checkpoints import load_retriever
 from lamra_pl.models.contrastive import ContrastiveSteps
 from lamra_pl.pipelines.predict import TrainerSpec, predict
@@ -145,7 +144,7 @@ def encode(
 
 def _finished(job: Job, instruction_seed: int | None, probe: np.ndarray) -> bool:
     """True if `job.out` is a complete index of the same inputs by the same model; an error if it is another's."""
-    if not (Path(job.out) / "index.json").is_file():
+    if not is_complete(job.out):
         return False
     index = EmbeddingIndex(job.out)
     index.check_model(probe)

@@ -29,7 +29,7 @@ import numpy as np
 
 from lamra_pl.errors import LamraError
 from lamra_pl.files import atomic_write
-from lamra_pl.formats.index import EmbeddingIndex
+from lamra_pl.formats.index import EmbeddingIndex, is_complete
 from lamra_pl.formats.runs import RESULTS, read_manifest, read_run_file
 from lamra_pl.formats.task import qrels_file, read_qrels, task_dirs, task_info
 from lamra_pl.formats.tensorboard import EVENTS, read_board, read_hparams, write_evaluation
@@ -97,7 +97,7 @@ def evaluate_runs(runs_dir: str | Path, ks: tuple[int, ...] = KS) -> dict[str, A
 def _modalities(index: str | None) -> dict[str, str] | None:
     """id -> modality of the index a run folder searched, or None when it is not at hand (moved, or a hand-made
     manifest without one): then there is no modality-bias column, and nothing else changes."""
-    if not index or not (Path(index) / "items.jsonl").is_file():
+    if not index or not is_complete(index):
         return None
     found = EmbeddingIndex(index)
     return dict(zip(found.ids, found.modalities, strict=True))
@@ -137,8 +137,7 @@ def evaluation_hparams(runs_dir: str | Path) -> dict[str, Any]:
     """What an evaluation evaluated, from its manifest: the retriever, index, pool and depth, and any reranking."""
     manifest = read_manifest(runs_dir)
     index = manifest.get("index")
-    meta_file = Path(index) / "index.json" if index else None
-    model = json.loads(meta_file.read_text())["model"].get("path") if meta_file and meta_file.is_file() else None
+    model = EmbeddingIndex(index).meta["model"].get("path") if index and is_complete(index) else None
     hparams = {"retriever": model, "index": index, "pool": manifest["pool"], "k": manifest.get("k")}
     hparams["instruction_seed"] = manifest.get("instruction_seed")
     rerank = manifest.get("rerank")

