@@ -14,7 +14,7 @@ import torch
 
 from lamra_pl.errors import LamraError
 from lamra_pl.models.backbone import checkpoint
-from lamra_pl.models.checkpoints import load_module, read_checkpoint, save_merged
+from lamra_pl.models.checkpoints import load_module, save_merged
 from lamra_pl.models.clip import CLIPModule
 
 
@@ -33,12 +33,12 @@ def merge(ckpt: str, out: str) -> Path:
     """
     if not Path(ckpt).is_file():
         raise LamraError(f"checkpoint {ckpt!r} does not exist")
-    if read_checkpoint(ckpt)[0] is CLIPModule:
+    module = load_module(ckpt, backbone={"dtype": "float32"})
+    if isinstance(module, CLIPModule):
         raise LamraError(
             f"{ckpt} is a CLIPModule checkpoint: it holds every weight and has no adapter to merge; "
             "index, retrieve and search read it as it is"
         )
-    module = load_module(ckpt, backbone={"dtype": "float32"})
     written = save_merged(module, out, base_dtype(module.backbone.spec.path))
     print(f"merged checkpoint written to {written}")
     return written
