@@ -34,7 +34,8 @@ PUBLIC: dict[str, str] = {
     "RngResume": "lamra_pl.callbacks",
     "FinalMetrics": "lamra_pl.callbacks",
     "FSDP2Strategy": "lamra_pl.strategies",
-    "AtomicCheckpointIO": "lamra_pl.files",
+    "AtomicCheckpointIO": "lamra_pl.formats.checkpoint",
+    "CheckpointWriter": "lamra_pl.formats.checkpoint",
     "Retriever": "lamra_pl.api",
 }
 __all__ = sorted(PUBLIC)

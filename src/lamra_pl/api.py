@@ -22,7 +22,7 @@ from PIL import Image
 from lamra_pl.errors import LamraError
 from lamra_pl.formats.index import EmbeddingIndex
 from lamra_pl.formats.sample import Item, with_instruction
-from lamra_pl.models.checkpoints import load_retriever
+from lamra_pl.models.checkpoints import caller_settings, load_retriever
 from lamra_pl.models.contrastive import ContrastiveSteps
 from lamra_pl.ranking.search import Backend
 from lamra_pl.ranking.search import search as search_embeddings
@@ -47,8 +47,14 @@ class Retriever:
         self._checked: set[Path] = set()
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> Retriever:
-        return cls(load_retriever(path).to(device))
+    def from_checkpoint(
+        cls, path: str | Path, device: str = "cpu", backbone: str | Path | None = None, trust_remote_code: bool = False
+    ) -> Retriever:
+        """The retriever of a `fit` checkpoint or a model folder. `backbone`: where a checkpoint's backbone is now,
+        when not where the checkpoint says; `trust_remote_code`: run code the backbone folder ships (never taken
+        from a file)."""
+        settings = caller_settings(None if backbone is None else str(backbone), trust_remote_code)
+        return cls(load_retriever(path, backbone=settings).to(device))
 
     @torch.no_grad()
     def encode(
@@ -122,6 +128,8 @@ def search(
     k: int = 10,
     instruction: str | None = None,
     backend: Backend = "auto",
+    backbone: str | None = None,
+    trust_remote_code: bool = False,
 ) -> list[Hit]:
     """Search an index for a text, an image or both, and print the ranked candidates.
 
@@ -133,12 +141,13 @@ def search(
         k: results to print.
         instruction: a task instruction prepended to the query text (e.g. "Find the emoji image with this name.").
         backend: faiss, torch or auto.
+        backbone: the backbone folder of a checkpoint whose backbone is no longer where it says.
+        trust_remote_code: run code the backbone folder ships (a file never turns this on).
     """
     if text is None and image is None:
         raise LamraError("give --text, --image or both")
-    hits = Retriever.from_checkpoint(model).search(
-        index, query_text=text, query_image=image, k=k, instruction=instruction, backend=backend
-    )
+    retriever = Retriever.from_checkpoint(model, backbone=backbone, trust_remote_code=trust_remote_code)
+    hits = retriever.search(index, query_text=text, query_image=image, k=k, instruction=instruction, backend=backend)
     print(f"{'rank':>4}  {'score':>7}  {'id':<16} text | image")
     for hit in hits:
         print(f"{hit.rank:>4}  {hit.score:7.4f}  {hit.id:<16} {hit.txt or ''} | {hit.img or ''}")

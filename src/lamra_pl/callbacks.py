@@ -68,6 +68,8 @@ class SkipCounts(Callback):
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get(RESUME_KEY, {}).get("skipped")
         if saved is not None:  # the totals so far, once (on rank 0): the logged counts are sums over ranks
+            # Reasons are only ever appended to SKIP_REASONS: an older checkpoint's counts are its first entries.
+            saved = torch.cat([saved, saved.new_zeros(len(SKIP_REASONS) - len(saved))])
             self.skipped = saved.clone() if trainer.global_rank == 0 else torch.zeros_like(saved)
 
 

@@ -11,15 +11,22 @@ Errors in user input (paths, config keys, data) print as one line and exit with 
 
 from __future__ import annotations
 
+import argparse
 import difflib
+import errno
 import importlib
+import itertools
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
+from jsonargparse import ArgumentParser
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lamra_pl.errors import LamraError
 
@@ -69,9 +76,124 @@ def summary(doc: str) -> str:
     return " ".join(doc.strip().split("\n\n")[0].split()).rstrip(".")
 
 
+class _OneLineErrors:
+    """A parser that raises its errors (`argparse.ArgumentError`) for `main` to print as one line, instead of
+    printing the whole usage before them. `--help` prints the usage as before."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _parsers.append(self)
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        raise argparse.ArgumentError(None, message) from ex
+
+
+class ToolParser(_OneLineErrors, ArgumentParser):
+    pass
+
+
+class FitParser(_OneLineErrors, LightningArgumentParser):
+    pass
+
+
+# jsonargparse's messages for an unknown key: "Group 'trainer' does not accept option 'max_stepz'", "Subcommand
+# 'fit' does not accept option 'trainer.max_stepz'", 'Key "trainer.max_stepz" is not expected', "Unrecognized
+# arguments: --max_stepz 3".
+_UNKNOWN = (
+    re.compile(r"Group '(?P<group>[^']*)' does not accept option '(?P<key>[^']+)'"),
+    re.compile(r"does not accept option '(?P<key>[^']+)'"),
+    re.compile(r'Key "(?P<key>[^"]+)" is not expected'),
+    re.compile(r"[Uu]nrecognized arguments: --(?P<key>[^\s=]+)"),
+)
+# Lines of jsonargparse's nested report that frame the reason rather than give it.
+_FRAMING = ("Does not validate", "Subtypes:", "Errors:", "Given value", "- Expected a <class 'NoneType'>")
+
+
+def parse_error(message: str, args: list[str], keys: list[str]) -> str:
+    """jsonargparse's error as one line: an unknown key with the config file that holds it and the closest valid
+    key; a bad value with its full key, the file that sets it and the reason (the innermost line of jsonargparse's
+    nested report)."""
+    for pattern in _UNKNOWN:
+        match = pattern.search(message)
+        if match is None:
+            continue
+        group = match.groupdict().get("group")
+        key = f"{group}.{match['key']}" if group else match["key"]
+        close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        return f"{_config_file(key, args) or 'the command line'}: unknown key {key!r}{hint}"
+    key, reason = _innermost(message)
+    if not key:
+        return reason
+    return f"{_config_file(key, args) or 'the command line'}: {key}: {reason}"
+
+
+def _innermost(message: str) -> tuple[str, str]:
+    """(the full key, the reason) of jsonargparse's nested report: 'Parser key "model": ... Parser key "r":
+    Expected a <class 'int'>. Got value: eight' -> ('model.init_args.lora.init_args.r', "Expected ...")."""
+    path: list[tuple[int, str]] = []
+    lines = [line for line in message.splitlines() if line.strip()]
+    for line in lines:
+        indent, text = len(line) - len(line.lstrip()), line.strip()
+        path = [(i, name) for i, name in path if i < indent]
+        named = re.match(r'Parser key "([^"]+)":\s*(.*)', text)
+        if named:
+            path.append((indent, named[1]))
+            if named[2]:
+                return ".".join(n for _, n in path), named[2]
+        elif text.startswith("- Problem with given class_path"):
+            path.append((indent, "init_args"))
+        elif not text.startswith(_FRAMING):
+            return ".".join(n for _, n in path), text.removeprefix("- ")
+    return "", (lines or ["invalid arguments"])[0].strip()
+
+
+def _config_file(key: str, args: list[str]) -> str | None:
+    """The first config file given with -c/--config whose text sets `key`'s last part, unless the command line
+    sets it (which wins)."""
+    name = key.rsplit(".", 1)[-1]
+    given = [a.lstrip("-").split("=", 1)[0] for a in args if a.startswith("--")]
+    if any(g == name or g.endswith(f".{name}") for g in given):
+        return None
+    last = re.escape(name)
+    for flag, value in itertools.pairwise(args):
+        path = Path(value)
+        if (
+            flag in ("-c", "--config")
+            and path.is_file()
+            and re.search(rf"^\s*{last}\s*:", path.read_text(errors="replace"), re.MULTILINE)
+        ):
+            return value
+    return None
+
+
+def _parser_keys(parser: Any) -> list[str]:
+    keys: list[str] = []
+    for action in getattr(parser, "_actions", []):
+        keys += [o.lstrip("-") for o in action.option_strings if o.startswith("--")]
+        for sub in getattr(action, "choices", None) or {}:
+            sub_parser = action.choices[sub] if isinstance(action.choices, dict) else None
+            if isinstance(sub_parser, argparse.ArgumentParser):
+                keys += _parser_keys(sub_parser)
+    return keys
+
+
 class LamraCLI(LightningCLI):
     """LightningCLI over any LightningModule and DataModule by class path, which hands the DataModule the module's
-    collator (`connect`) and reports lamra-pl's own errors as themselves."""
+    collator (`connect`), reports lamra-pl's own errors as themselves, and reads a `--ckpt_path` as data."""
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI merges a checkpoint's hyper-parameters into the config, which instantiates whatever class
+        paths they name. Here the config is only the user's (command line and YAML); the checkpoint is checked the
+        way every checkpoint is (`lamra_pl.models.checkpoints.read_checkpoint`: readable with weights_only, its class
+        paths allowed) before Lightning restores its state."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path is None or str(ckpt_path) in ("last", "best", "hpc") or str(ckpt_path).startswith("registry"):
+            return  # Lightning finds these itself; they are read by CheckpointWriter.load_checkpoint
+        from lamra_pl.models.checkpoints import read_checkpoint
+
+        read_checkpoint(ckpt_path)
 
     def instantiate_classes(self) -> None:
         try:
@@ -97,9 +219,10 @@ def lightning_cli(args: list[str] | None) -> LamraCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"plugins": [{"class_path": "lamra_pl.files.AtomicCheckpointIO"}]},
+        trainer_defaults={"plugins": [{"class_path": "lamra_pl.CheckpointWriter"}]},
         args=args,  # None: LightningCLI reads sys.argv itself
         parser_kwargs={"prog": "lamra-pl"},
+        parser_class=FitParser,
     )
 
 
@@ -116,21 +239,54 @@ def _lamra_cause(err: BaseException | None) -> LamraError | None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     name = args[0] if args else None
+    _parsers.clear()
     try:
-        if name is None or name in ("-h", "--help"):
-            print(usage())
-        elif name in LIGHTNING:
-            lightning_cli(None if argv is None else args)
-        elif name in COMMANDS:
-            from jsonargparse import auto_cli
-
-            # The tools' per-line warnings (skipped records, ...) go to stderr as plain lines.
-            logging.basicConfig(level=logging.WARNING, format="%(message)s")
-            auto_cli(command(name), args=args[1:], as_positional=False, prog=f"lamra-pl {name}")
-        else:
-            close = difflib.get_close_matches(name, [*LIGHTNING, *COMMANDS], n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise LamraError(f"unknown subcommand {name!r}{hint}; `lamra-pl --help` lists them")
-    except LamraError as err:
-        print(f"lamra-pl: error: {err}", file=sys.stderr)
+        run(name, args, argv)
+    except argparse.ArgumentError as err:
+        keys = sorted({key for parser in _parsers for key in _parser_keys(parser)})
+        message = parse_error(str(err.message), args, keys)
+        print(f"lamra-pl {name}: error: {message} (`lamra-pl {name} --help` lists the options)", file=sys.stderr)
         raise SystemExit(2) from None
+    except MisconfigurationException as err:  # Lightning's word for a bad Trainer setting (devices=0, ...)
+        print(f"lamra-pl {name}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EROFS):
+            raise
+        print(f"lamra-pl {name}: error: {err.strerror}: {err.filename or 'while writing'}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except LamraError as err:
+        print(f"lamra-pl: error: {_message(err)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _message(err: LamraError) -> str:
+    """The error's own line; a LamraError raised in a DataLoader worker arrives as torch's re-raise, whose message
+    is the worker's whole traceback ending in "BadSampleError: <the line>"."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
+# The parsers built in this process: their keys are what an unknown key is matched to.
+_parsers: list[Any] = []
+
+
+def run(name: str | None, args: list[str], argv: Sequence[str] | None) -> None:
+    """The subcommand `name` with `args` (args[0] is the name)."""
+    if name is None or name in ("-h", "--help"):
+        print(usage())
+    elif name in LIGHTNING:
+        lightning_cli(None if argv is None else args)
+    elif name in COMMANDS:
+        from jsonargparse import auto_cli
+
+        # The tools' per-line warnings (skipped records, ...) go to stderr as plain lines.
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        auto_cli(command(name), args=args[1:], as_positional=False, prog=f"lamra-pl {name}", parser_class=ToolParser)
+    else:
+        close = difflib.get_close_matches(name, [*LIGHTNING, *COMMANDS], n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise LamraError(f"unknown subcommand {name!r}{hint}; `lamra-pl --help` lists them")

@@ -7,9 +7,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
-
 
 def atomic_write(path: str | Path, data: str | bytes | Callable[[IO[bytes]], Any]) -> Path:
     """Write `data` (text, bytes, or a function writing to a binary file) to `path` via a temporary + rename."""
@@ -27,16 +24,12 @@ def atomic_write(path: str | Path, data: str | bytes | Callable[[IO[bytes]], Any
     return path
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, atomic on local disks: a kill during a save leaves the previous checkpoint.
+def __getattr__(name: str) -> Any:
+    # `lamra_pl.files.AtomicCheckpointIO` is the class path that configs of earlier versions name (LightningCLI
+    # dumps it into every run's config.yaml); the class now lives with the checkpoint format, and importing it
+    # here lazily keeps this module free of Lightning (seconds of start-up for every tool that writes a file).
+    if name == "AtomicCheckpointIO":
+        from lamra_pl.formats.checkpoint import AtomicCheckpointIO
 
-    Lightning's own save goes through an fsspec transaction, which writes to the system temp folder and moves
-    the file into place; across file systems that move is a copy, and a kill during it leaves half a checkpoint
-    under the final name. Here the temporary is beside the target, so the rename is atomic. Remote paths
-    (s3://, ...) keep Lightning's way. `lamra-pl fit` uses this by default (`trainer.plugins`).
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if "://" in str(path) and not str(path).startswith("file://"):
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_write(str(path).removeprefix("file://"), lambda f: torch.save(checkpoint, f))
+        return AtomicCheckpointIO
+    raise AttributeError(f"module 'lamra_pl.files' has no attribute {name!r}")

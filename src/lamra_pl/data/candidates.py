@@ -49,6 +49,10 @@ class CandidateStore:
         scan = scan_tar(url, read=("json",))
         if scan.damage is not None:
             raise BadSampleError(f"pool shard {url} is damaged: {scan.damage}")
+        if scan.repeated:
+            raise BadSampleError(f"pool shard {url}: key {scan.repeated[0].key!r} repeats an earlier sample's")
+        if not scan.samples:
+            raise BadSampleError(f"pool shard {url} holds no sample (empty, zeroed or not a tar)")
         for sample in scan.samples:
             raw = sample.data.get("json")
             if raw is None:

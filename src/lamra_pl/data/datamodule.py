@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
 from lamra_pl.data.collate import Collator
@@ -18,6 +21,54 @@ from lamra_pl.formats.task import POOL, QUERIES, task_dirs
 
 # What validation on task folders encodes: each task's queries and its local pool.
 RETRIEVAL_PARTS = (("queries", QUERIES), ("pool", POOL))
+SHOWN_CHANGES = 3  # shard changes a refused resume names
+
+
+def spec_root(spec: str) -> Path:
+    """The folder a shard spec's names are relative to: the folder itself, or the path before its first part with
+    a wildcard or a brace ("data/{a,b}/x-*.tar" -> "data"), or a single file's folder."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    for i, part in enumerate(path.parts):
+        if any(c in part for c in "*?[{"):
+            return Path(*path.parts[:i])
+    return path.parent
+
+
+def shard_names(specs: list[str]) -> dict[str, str]:
+    """Shard path -> its name in a shard fingerprint: its path below its spec's root, prefixed with the root when
+    there are several specs (a MixDataModule's sources)."""
+    names = {}
+    for spec in specs:
+        root = spec_root(spec)
+        for url in expand_shards(spec):
+            name = os.path.relpath(url, root)
+            names[url] = name if len(specs) == 1 else f"{root}/{name}"
+    return names
+
+
+def _size(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:  # gone, a dangling link
+        return None
+
+
+def shard_changes(saved: dict[str, Any], names: dict[str, str], samples: dict[str, int] | None = None) -> list[str]:
+    """How the training shards differ from a fingerprint (`ShardDataModule.state_dict`'s "shards"): by name,
+    size in bytes and, given `samples` (name -> samples indexed), samples."""
+    then: dict[str, list[Any]] = saved["files"]
+    now = {name: _size(url) for url, name in names.items()}
+    changes = [f"shard {name} is gone" for name in sorted(then.keys() - now.keys())]
+    changes += [f"new shard {name}" for name in sorted(now.keys() - then.keys())]
+    for name in sorted(then.keys() & now.keys()):
+        size, count = then[name]
+        if size != now[name]:
+            changes.append(f"shard {name} was {size} bytes, is now {now[name]}")
+        elif samples is not None and count != samples[name]:
+            changes.append(f"shard {name} held {count} samples, now {samples[name]}")
+    return changes
 
 
 class ShardDataModule(LightningDataModule):
@@ -26,8 +77,10 @@ class ShardDataModule(LightningDataModule):
     Training is the stream of `lamra_pl.data.stream`: seeded passes over every sample of the shards, dealt to
     ranks, in equal full batches (DDP needs them); a batch is a function of its number only, so the state this
     DataModule saves in checkpoints (the batches consumed) makes `--ckpt_path last` resume with exactly the data
-    the uninterrupted run would have seen, whatever the number of workers. Unusable samples are replaced and
-    counted. Evaluation reads each sample once, deterministically.
+    the uninterrupted run would have seen, whatever the number of workers; the state also holds the training shards'
+    fingerprint (names, bytes and samples per shard), and a resume over changed shards is refused with a one-line
+    error naming them. Unusable samples are replaced and counted. Evaluation reads each sample once,
+    deterministically.
     The DataModule is handed the module's collator (`connect(module.collator())`; `lamra-pl fit|validate|test` do
     this), a `collate.Collator`: it knows how a record becomes an example (the retriever's positive/instruction/
     negatives, or a reranker sample's chats) and the prompts.
@@ -74,6 +127,8 @@ class ShardDataModule(LightningDataModule):
         # Where the training stream stands: batch `consumed` starts at global entry `entry`.
         self.consumed, self.entry = 0, 0
         self._stream: TrainStream | None = None
+        self.fingerprint: dict[str, Any] | None = None  # the training shards' names, sizes and samples: `state_dict`
+        self._resumed_shards: dict[str, Any] | None = None  # the checkpoint's fingerprint, until checked
 
     def connect(self, collator: Collator) -> None:
         """Hand this DataModule the collator of the module it feeds (before the Trainer runs)."""
@@ -95,8 +150,39 @@ class ShardDataModule(LightningDataModule):
             generator=torch.Generator().manual_seed(self.hparams.seed),
         )
 
+    def train_specs(self) -> list[str]:
+        """The shard specs training reads."""
+        if self.hparams.train_shards is None:
+            raise LamraError("data.train_shards is not set")
+        return [self.hparams.train_shards]
+
     def build_index(self) -> SampleIndex:
         return SampleIndex.build(self._urls("train_shards"))
+
+    def _check_shards(self, index: SampleIndex | None = None) -> None:
+        """Refuse to resume over other training shards than the checkpoint's run read: same names, sizes and (given
+        the index) samples per shard. A checkpoint without a fingerprint (written before there was one) resumes."""
+        if self._resumed_shards is None:
+            return
+        names = shard_names(self.train_specs())
+        samples = None
+        if index is not None:
+            per_shard = dict(zip(index.urls, index.samples_per_shard(), strict=True))
+            samples = {name: per_shard.get(url, 0) for url, name in names.items()}
+        changes = shard_changes(self._resumed_shards, names, samples)
+        if changes:
+            more = f" and {len(changes) - SHOWN_CHANGES} more changes" if len(changes) > SHOWN_CHANGES else ""
+            raise LamraError(
+                f"the training shards changed since the checkpoint was written: {'; '.join(changes[:SHOWN_CHANGES])}"
+                f"{more}; resuming would not continue with the data the run was on: restore the shards, or start "
+                "a new run"
+            )
+
+    def _fingerprint(self, index: SampleIndex) -> dict[str, Any]:
+        per_shard = dict(zip(index.urls, index.samples_per_shard(), strict=True))
+        names = shard_names(self.train_specs())
+        files = {names.get(url, url): [_size(url), per_shard[url]] for url in index.urls}
+        return {"files": dict(sorted(files.items())), "samples": len(index)}
 
     def new_stream(self, index: SampleIndex, **settings: Any) -> TrainStream:
         return TrainStream(index, **settings)
@@ -104,7 +190,11 @@ class ShardDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
         if self.index is None:
+            self._check_shards()  # before the index is built: names and sizes
             self.index = self.build_index()
+            self._check_shards(self.index)  # and samples per shard
+            self._resumed_shards = None
+            self.fingerprint = self._fingerprint(self.index)
         per_rank = h.batches_per_epoch or max(1, len(self.index) // (h.batch_size * self.world))
         self._stream = self.new_stream(
             self.index,
@@ -122,9 +212,15 @@ class ShardDataModule(LightningDataModule):
         return self._loader(self._stream)
 
     # Lightning saves these in checkpoints and restores them before asking for the dataloaders.
+    # "shards" is the fingerprint of the training shards (names, bytes and samples per shard): a resume over changed
+    # shards is refused. Lightning loads the state after `setup` and before `train_dataloader` builds the index, so
+    # names and sizes are compared at once when fitting, samples once the index is built.
     def state_dict(self) -> dict[str, Any]:
         entry = self._stream.entry_of(self.consumed) if self._stream is not None else self.entry
-        return {"consumed": self.consumed, "entry": entry, "seed": self.hparams.seed}
+        state = {"consumed": self.consumed, "entry": entry, "seed": self.hparams.seed}
+        if self.fingerprint is not None:
+            state["shards"] = self.fingerprint
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("seed", self.hparams.seed) != self.hparams.seed:
@@ -133,6 +229,9 @@ class ShardDataModule(LightningDataModule):
                 f"{self.hparams.seed}: resume with the same seed, or start a new run"
             )
         self.consumed, self.entry = int(state["consumed"]), int(state["entry"])
+        self._resumed_shards = state.get("shards")
+        if self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            self._check_shards()  # fail before the model is set up, not only when training starts
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         # Neither shards nor tasks means no validation during fit (an empty list is Lightning's "none").

@@ -17,6 +17,7 @@ import webdataset as wds
 from lamra_pl.data.collate import Collator
 from lamra_pl.errors import BadSampleError
 from lamra_pl.formats.sample import SKIP_REASONS, Record, UnreadableImage, decode_record, sample_location
+from lamra_pl.formats.shards import read_samples
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,12 @@ def _split_by_node(src: Iterable[Any], rank: int, world: int) -> Iterator[Any]:
             yield item
 
 
+def _samples(urls: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Every sample of each shard, or an error naming a shard that would lose or merge samples (`read_samples`)."""
+    for shard in urls:
+        yield from read_samples([shard["url"]])
+
+
 def eval_pipeline(
     urls: list[str],
     *,
@@ -123,7 +130,7 @@ def eval_pipeline(
         wds.SimpleShardList(urls),
         partial(_split_by_node, rank=rank, world=world),
         wds.split_by_worker,
-        wds.tarfile_to_samples(),
+        _samples,
         partial(to_records),
         partial(to_examples, choose=collate.choose, num_negatives=num_negatives),
         partial(to_batches, batch_size=batch_size, collate=collate, partial_last=True),

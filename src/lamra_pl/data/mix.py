@@ -161,6 +161,9 @@ class MixDataModule(ShardDataModule):
         self.weights: list[float] = []
         self.saved: dict[str, Any] | None = None  # the stream settings of a checkpoint being resumed
 
+    def train_specs(self) -> list[str]:
+        return list(self.hparams.sources)
+
     def build_index(self) -> SampleIndex:
         index, self.groups, self.weights = mix_groups(self.hparams.sources, self.hparams.homogeneous)
         return index

@@ -15,7 +15,14 @@ entries of every rank's share, read by byte range. Hence:
 A sample that cannot be used (an unreadable or oversized image, a record missing a field, an error while
 preparing it) is replaced by a sample drawn with a generator seeded by (seed, rank, batch), so every batch stays
 full (DDP gathers need equal sizes) and still a pure function. Each replacement is counted under its reason and
-reported with the batch; the index's own losses (a damaged or unreadable shard) ride on rank 0's batch 0.
+reported with the batch; the index's own losses ride on rank 0's batch 0:
+
+* `unreadable_shard`: a shard of which no sample can be read (not a tar, a dangling link, a zeroed file, damage
+  before the end of its first sample);
+* `damaged_shard`: a shard read up to damage (a truncated file, a corrupt header): the samples before it are used;
+* `empty_shard`: a complete tar holding no sample (only the end-of-archive blocks);
+* `repeated_key`: a sample whose key an earlier sample of the same shard has: the first one is used, the later
+  ones are counted (one each) and left out (`lamra_pl.formats.tar_index.scan_tar`).
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ class SampleIndex:
     shard: np.ndarray  # [N] int32
     start: np.ndarray  # [N] int64
     end: np.ndarray  # [N] int64
-    lost: Counter[str] = field(default_factory=Counter)  # skip reason -> shards lost while indexing
+    lost: Counter[str] = field(default_factory=Counter)  # skip reason -> shards or samples lost while indexing
     _open: dict[int, int] = field(default_factory=dict, repr=False)  # shard -> descriptor, this process's
     _pid: int = field(default=-1, repr=False)
 
@@ -69,6 +76,16 @@ class SampleIndex:
                 lost["unreadable_shard"] += 1
                 log.warning("skipping shard %s: it cannot be read (%s: %s)", url, type(err).__name__, err)
                 continue
+            if not scan.samples:
+                what = f"all its {scan.size} bytes are zero" if scan.zeroed else scan.damage
+                if scan.damage is not None:
+                    lost["unreadable_shard"] += 1
+                    log.warning("skipping shard %s: it cannot be read, no sample in it (%s)", url, what)
+                else:
+                    lost["empty_shard"] += 1
+                    zeros = " (all zero)" if scan.zeroed else ""
+                    log.warning("shard %s holds no sample: an empty tar of %d bytes%s", url, scan.size, zeros)
+                continue
             if scan.damage is not None:
                 lost["damaged_shard"] += 1
                 log.warning(
@@ -77,12 +94,28 @@ class SampleIndex:
                     scan.damage,
                     len(scan.samples),
                 )
+            if scan.repeated:
+                lost["repeated_key"] += len(scan.repeated)
+                named = ", ".join(f"{s.key!r} (byte {s.start})" for s in scan.repeated[:WARNINGS_PER_REASON])
+                more = len(scan.repeated) - WARNINGS_PER_REASON
+                log.warning(
+                    "shard %s: %d samples repeat the key of an earlier sample of the shard and are skipped (the "
+                    "first sample with a key is used): %s%s",
+                    url,
+                    len(scan.repeated),
+                    named,
+                    f" and {more} more" if more > 0 else "",
+                )
             shard += [number] * len(scan.samples)
             start += [s.start for s in scan.samples]
             end += [s.end for s in scan.samples]
         if not shard:
             raise LamraError(f"no readable training samples in {len(urls)} shards (first: {urls[0]})")
         return cls(urls, np.asarray(shard, np.int32), np.asarray(start, np.int64), np.asarray(end, np.int64), lost)
+
+    def samples_per_shard(self) -> list[int]:
+        """How many samples of each of `urls` the index holds."""
+        return np.bincount(self.shard, minlength=len(self.urls)).tolist()
 
     def sample(self, i: int) -> dict[str, Any]:
         url = self.urls[self.shard[i]]

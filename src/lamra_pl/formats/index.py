@@ -5,23 +5,45 @@ Layout version VERSION:
     INDEX/
       index.json      written last; its presence means the index is complete:
                       {"format": "lamra-pl-index", "version": 1, "count": N, "dim": D, "dtype": "float16",
-                       "kind": "pool" | "queries", "sources": [shard folders], "instruction_seed": null | int,
-                       "model": {"path": ..., "probe": [[D floats], ...]}}
+                       "kind": "pool" | "queries", "sources": [shard folders], "paths": "relative to the index",
+                       "instruction_seed": null | int, "model": {"path": ..., "probe": [[D floats], ...]},
+                       "inputs": "sha256:..."}
       embeddings.npy  float16 [N, D], L2-normalised rows in shard order: numpy.load(path, mmap_mode="r")
       ids.txt         N lines, the id of each row
       items.jsonl     N lines, {"id", "txt", "img"} per row, for display (img: the image's source path, or
                       `shard.tar#member` when the source path is unknown); queries carry their instruction
-      parts/          while encoding only: `chunk-NNNNNN.npy` + `.jsonl`, one per input shard, and `model.json`;
+      parts/          while encoding only: `chunk-NNNNNN.npy` + `.jsonl`, one per input shard, and `model.json`
+                      (what is being encoded: the probe, the sources, the input fingerprint with every shard);
                       a killed run resumes from the chunks present, then assembles the files above
 
 `model.probe` holds the embeddings of PROBE_TEXTS: a model that encodes them differently (another checkpoint,
 another dimension) is refused when it searches this index or resumes its encoding. Searches break equal scores by
 id order (`id_ranks`), so a ranking does not depend on the order rows were written in.
+
+Inputs. `inputs` is the digest of the input fingerprint (`fingerprint`): the kind, the instruction settings
+(`instruction_seed`, and whether the model reads instructions) and every input shard's name (relative to its source
+folder), size in bytes and a digest of its first and last 64 KiB (cheap on any pool; a rewritten shard differs at
+its start). It does not depend on where the sources are, so the same pool, moved or named by another path, is the
+same input. A resume goes on only over the same inputs: the same kind, settings and shard names, and every chunk
+already encoded from a shard that is still the same (a shard not yet encoded may have changed, e.g. a broken shard
+that stopped the run was fixed: it is encoded as it is now). Anything else is a one-line refusal that leaves parts/
+as it is. Re-running a finished index compares the digest, and does nothing if it is the same. Indexes and parts
+written before `inputs` was recorded are compared by their `sources` and `instruction_seed` (parts: their chunk
+count), as then.
+
+Paths. `sources` are stored relative to the index folder when they were given relative (an absolute one as given;
+`paths` says so), and `EmbeddingIndex.meta["sources"]` holds them resolved against where the index is now: an index
+moved together with its pool still finds the pool's candidates (`lamra-pl rerank`, `mine`, `rerank-data` read
+them). Indexes without `paths` hold them as given, relative to the working directory of the run; they are read that
+way, then relative to the index folder. `model.path` is informational (the probe decides which model is the same).
+Searching needs nothing outside the folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 from functools import cached_property
 from pathlib import Path
@@ -32,11 +54,75 @@ import numpy as np
 from lamra_pl.errors import LamraError
 from lamra_pl.files import atomic_write
 from lamra_pl.formats.sample import modality
+from lamra_pl.formats.shards import expand_shards
 
 FORMAT, VERSION = "lamra-pl-index", 1
 META, EMBEDDINGS, IDS, ITEMS, PARTS = "index.json", "embeddings.npy", "ids.txt", "items.jsonl", "parts"
 PROBE_TEXTS = ("lamra-pl index probe: a red square on a white background.", "A dog runs along the beach.")
 SAME_MODEL_COSINE = 0.99  # bf16 vs fp32 of one model stays above this; a different model does not
+RELATIVE_TO_INDEX = "relative to the index"
+MODEL_FILE = "model.json"
+ENDS = 1 << 16  # bytes read at each end of a shard for its fingerprint
+
+
+def portable_path(path: str, folder: str | Path) -> str:
+    """How an artefact in `folder` stores `path` (absolute, or relative to the working directory): an absolute path
+    as given, a relative one relative to `folder`."""
+    if os.path.isabs(path):
+        return path
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(folder))
+
+
+def resolve_path(stored: str, folder: str | Path, relative_to_folder: bool = True) -> str:
+    """Where a path stored in an artefact in `folder` is: an absolute path as stored; a relative one against
+    `folder` (written by `portable_path`), or, for artefacts that stored paths as given (`relative_to_folder`
+    False), against the working directory first."""
+    if os.path.isabs(stored):
+        return stored
+    beside = os.path.normpath(os.path.join(folder, stored))
+    if relative_to_folder or (not os.path.exists(stored) and os.path.exists(beside)):
+        return beside
+    return stored
+
+
+def _source_base(spec: str) -> Path:
+    """The folder a shard spec's shard names are relative to: the folder itself, or where its pattern starts."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    plain = []
+    for part in path.parts:
+        if any(c in part for c in "*?[{"):
+            return Path(*plain) if plain else Path(".")
+        plain.append(part)
+    return path.parent
+
+
+def _ends(path: str, span: int = ENDS) -> str:
+    """A digest of a shard's first and last `span` bytes. Tar sizes move in 10 KiB records, so a size alone misses
+    most edits; a rewritten shard also has new member headers (names, sizes, times) at its start."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(span))
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(span, size - span))
+        digest.update(f.read(span))
+    return digest.hexdigest()[:16]
+
+
+def fingerprint(
+    kind: str, sources: list[str] | tuple[str, ...], instruction_seed: int | None, instructions: bool | None
+) -> dict[str, Any]:
+    """What an index is encoded from, independent of where the sources are: the kind, the instruction settings,
+    and each input shard (in chunk order) as [name relative to its source folder, size in bytes, `_ends` digest];
+    "digest" is the sha256 of all of it (index.json's `inputs`)."""
+    shards = []
+    for spec in sources:
+        base = _source_base(spec)
+        shards += [[os.path.relpath(url, base), os.path.getsize(url), _ends(url)] for url in expand_shards(spec)]
+    fields = {"kind": kind, "instruction_seed": instruction_seed, "instructions": instructions, "shards": shards}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    return {**fields, "digest": f"sha256:{digest}"}
 
 
 def is_complete(folder: str | Path) -> bool:
@@ -82,9 +168,17 @@ class EmbeddingIndex:
                 else ""
             )
             raise LamraError(f"{self.path} is not a complete index: it has no index.json{hint}")
-        self.meta: dict[str, Any] = json.loads(meta_file.read_text())
-        if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
+        try:
+            self.meta: dict[str, Any] = json.loads(meta_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise LamraError(f"{meta_file}: not a {FORMAT} v{VERSION} index (not JSON: {err})") from None
+        if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
             raise LamraError(f"{meta_file}: not a {FORMAT} v{VERSION} index")
+        # index.json as written, with its sources resolved against where the index is now (see Paths above)
+        marked = self.meta.get("paths") == RELATIVE_TO_INDEX
+        sources = self.meta.get("sources")
+        if isinstance(sources, list) and all(isinstance(s, str) for s in sources):
+            self.meta["sources"] = [resolve_path(s, self.path, marked) for s in sources]
 
     def __len__(self) -> int:
         return int(self.meta["count"])
@@ -162,22 +256,73 @@ class ChunkStore:
         atomic_write(self.chunk_path(chunk), lambda f: np.save(f, embeddings))
 
     def start(self, manifest: dict[str, Any], probe: np.ndarray) -> None:
-        """Record what is being encoded; on resume, refuse a different model or different inputs."""
-        path = self.parts / "model.json"
+        """Record what is being encoded (`manifest`: kind, sources, chunks, instruction_seed, model path, and
+        `inputs`, this run's `fingerprint`); on resume, refuse another model or other inputs, leaving the parts as
+        they are."""
+        path = self.parts / MODEL_FILE
+        where = [os.path.abspath(s) for s in manifest["sources"]]
         if path.is_file():
-            recorded = json.loads(path.read_text())
-            check_same_model(probe, recorded["model"], f"the unfinished index in {self.out}")
-            if recorded["chunks"] != manifest["chunks"]:
-                raise LamraError(
-                    f"the unfinished index in {self.out} was encoding other inputs ({recorded['sources']}); "
-                    "choose another folder"
-                )
+            try:
+                recorded = json.loads(path.read_text())
+                model = recorded["model"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                raise LamraError(f"{path} is not readable: delete {self.out} and encode again") from None
+            check_same_model(probe, model, f"the unfinished index in {self.out}")
+            try:
+                self._check_inputs(recorded, manifest, where)
+            except (KeyError, TypeError, ValueError, IndexError):
+                raise LamraError(f"{path} is not readable: delete {self.out} and encode again") from None
+            same = {"inputs": manifest["inputs"], "sources": manifest["sources"], "where": where}
+            if all(recorded.get(k) == v for k, v in same.items()):
+                return
+            # The same inputs (shards not yet encoded may have changed): record them as this run reads them.
+            manifest = {**recorded, **{k: manifest[k] for k in ("sources", "chunks", "inputs")}}
+        else:
+            manifest = {**manifest, "model": {**manifest["model"], "probe": probe.tolist()}}
+        atomic_write(path, json.dumps({**manifest, "where": where}))
+
+    def _check_inputs(self, recorded: dict[str, Any], manifest: dict[str, Any], where: list[str]) -> None:
+        """Raise unless `manifest`'s inputs may continue the parts `recorded` describes (see Inputs above)."""
+        fix = f"delete {self.out} or choose another --out"
+        theirs, mine = recorded.get("inputs"), manifest["inputs"]
+        if not isinstance(theirs, dict):  # parts started before the inputs were recorded
+            if recorded.get("chunks") != manifest["chunks"]:
+                raise LamraError(f"{self.parts} was encoding other inputs ({recorded.get('sources')}); {fix}")
             return
-        atomic_write(path, json.dumps({**manifest, "model": {**manifest["model"], "probe": probe.tolist()}}))
+        for key in ("kind", "instruction_seed", "instructions"):
+            if theirs.get(key) != mine[key]:
+                raise LamraError(
+                    f"{self.parts} was started with {key} {theirs.get(key)}, this run's is {mine[key]}; {fix}"
+                )
+        old, new = [tuple(s) for s in theirs["shards"]], [tuple(s) for s in mine["shards"]]
+        old_names, new_names = [s[0] for s in old], [s[0] for s in new]
+        changed = [c for c in sorted(self.done()) if c >= len(new) or c >= len(old) or old[c] != new[c]]
+        if old_names == new_names and not changed:
+            return
+        kind = mine["kind"]
+        if recorded.get("where") != where:
+            raise LamraError(
+                f"{self.parts} was started on {kind} {', '.join(recorded['sources'])} ({len(old)} shards), this run "
+                f"reads {', '.join(manifest['sources'])} ({len(new)} shards); {fix}"
+            )
+        if old_names != new_names:
+            added, removed = sorted(set(new_names) - set(old_names)), sorted(set(old_names) - set(new_names))
+            what = f"{len(old)} shards then, {len(new)} now" + "".join(
+                f"; {label} {names[0]!r}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+                for label, names in (("added", added), ("removed", removed))
+                if names
+            )
+        else:
+            (name, then, *_), (_, now, *_) = old[changed[0]], new[changed[0]]
+            size = f"{then} bytes then, {now} now" if then != now else "the same size, other bytes"
+            what = f"{name} changed after it was encoded: {size}"
+        raise LamraError(
+            f"the shards of {', '.join(manifest['sources'])} changed since {self.parts} was started ({what}); {fix}"
+        )
 
     def assemble(self, num_chunks: int) -> Path:
         """Concatenate the chunks in order into embeddings.npy, ids.txt, items.jsonl; write index.json last."""
-        manifest = json.loads((self.parts / "model.json").read_text())
+        manifest = json.loads((self.parts / MODEL_FILE).read_text())
         missing = sorted(set(range(num_chunks)) - self.done())
         if missing:
             raise LamraError(f"{self.parts}: chunks {missing[:5]} were not encoded; run the command again to resume")
@@ -215,7 +360,12 @@ class ChunkStore:
             "count": count,
             "dim": dim,
             "dtype": "float16",
-            **{k: v for k, v in manifest.items() if k != "chunks"},
+            "kind": manifest["kind"],
+            "sources": [portable_path(source, self.out) for source in manifest["sources"]],
+            "paths": RELATIVE_TO_INDEX,
+            "instruction_seed": manifest.get("instruction_seed"),
+            "model": manifest["model"],
+            "inputs": manifest["inputs"]["digest"],
         }
         atomic_write(self.out / META, json.dumps(meta))
         shutil.rmtree(self.parts)

@@ -6,8 +6,8 @@ Layout version VERSION (`lamra-pl retrieve` writes OUT/local/ and OUT/global/, `
     RUNS/
       <task>.run        TREC run, one line per retrieved candidate: `qid Q0 did rank score tag`, ranks from 1, best
                         first
-      runs.json         {"format": "lamra-pl-runs", "version": 1, "pool": "local" | "global", "index": INDEX,
-                         "k": int, "instruction_seed": null | int,
+      runs.json         {"format": "lamra-pl-runs", "version": 1, "paths": "relative to the run folder",
+                         "pool": "local" | "global", "index": INDEX, "k": int, "instruction_seed": null | int,
                          "tasks": {TASK: {"run_file", "qrels_file", "task_file", "queries", "pool_ids"
                                           [, "retrieval_run_file"]}},
                          ["rerank": {"model", "mode", "prompt", "top_n", "fusion": {TASK: w}, "fewer_than_top_n"}]}
@@ -15,25 +15,40 @@ Layout version VERSION (`lamra-pl retrieve` writes OUT/local/ and OUT/global/, `
       scores/<task>.tsv reranked folders: `qid did retrieval_rank retrieval_score rerank_score` per reranked pair
       results.json, results.md   written by `lamra-pl evaluate` (`lamra_pl.pipelines.evaluate`), with its
                         TensorBoard run (`lamra_pl.formats.tensorboard`) beside them
+
+Paths. The index and the files of each task (PATH_FIELDS) are stored relative to the run folder when they were given
+relative (an absolute path as given; "paths" says so), and `read_manifest` resolves them against where the folder is
+now: a run folder moved or copied together with its data and index, or read from another working directory, still
+evaluates. Where they went elsewhere, `relocate` names the task folders and the index anew (`lamra-pl evaluate
+--tasks --index`). Manifests without "paths" (written before it) hold paths as given, relative to the working
+directory of the run that wrote them: each is read that way first, then relative to that directory as it is found
+from the run folder's place (a run file's stored folder is the run folder, so the tree moved together still reads),
+and a task's run file, last, as the file of that name in the run folder. `rerank.model` is informational, as given.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
 
 from lamra_pl.errors import LamraError
 from lamra_pl.files import atomic_write
+from lamra_pl.formats.index import IDS, portable_path, resolve_path
+from lamra_pl.formats.task import TASK_FILE, pool_ids_file, qrels_file, query_shards
 
 FORMAT, VERSION = "lamra-pl-runs", 1
 MANIFEST = "runs.json"
 RESULTS = "results.json"
 SCORES = "scores"
+RELATIVE_TO_RUNS = "relative to the run folder"
+PATH_FIELDS = ("run_file", "retrieval_run_file", "qrels_file", "task_file", "queries", "pool_ids")
 
 
 @dataclass
@@ -85,23 +100,103 @@ def read_run_file(path: str | Path) -> Run:
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """A run folder's runs.json, its version checked (a folder written by `lamra-pl retrieve` or `rerank`)."""
-    path = Path(folder) / MANIFEST
+    """A run folder's runs.json, its version checked (a folder written by `lamra-pl retrieve` or `rerank`), with its
+    paths resolved against where the folder is now (see Paths above): usable from the working directory."""
+    folder = Path(folder)
+    path = folder / MANIFEST
     if not path.is_file():
         raise LamraError(f"{folder} has no {MANIFEST}: give a folder written by `lamra-pl retrieve`")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LamraError(f"{path} is not a {FORMAT} manifest (not JSON: {err})") from None
+    if not isinstance(manifest, dict):
+        raise LamraError(f"{path} is not a {FORMAT} manifest (not a JSON object)")
     if manifest.get("format", FORMAT) != FORMAT or manifest.get("version", VERSION) != VERSION:
         raise LamraError(
             f"{path}: a {manifest.get('format')} manifest of version {manifest.get('version')}; this lamra-pl reads "
             f"{FORMAT} version {VERSION}"
         )
-    return manifest
+    tasks = manifest.get("tasks")
+    if not isinstance(manifest.get("pool"), str) or not isinstance(tasks, dict):
+        raise LamraError(f'{path} is not a {FORMAT} manifest (it needs "pool" and "tasks")')
+    for name, entry in tasks.items():
+        paths = {k: v for k, v in entry.items() if k in PATH_FIELDS} if isinstance(entry, dict) else None
+        if paths is None or not all(isinstance(v, str) for v in paths.values()) or "run_file" not in paths:
+            raise LamraError(f'{path}: task {name!r} is not an entry with a "run_file" and paths as strings')
+    if not isinstance(manifest.get("index"), str | None):
+        raise LamraError(f'{path}: "index" is not a path')
+    resolve = _resolver(folder, manifest)
+    resolved = {**manifest, "tasks": {}}
+    if manifest.get("index"):
+        resolved["index"] = resolve(manifest["index"], False)
+    for name, entry in tasks.items():
+        resolved["tasks"][name] = {k: resolve(v, k == "run_file") if k in PATH_FIELDS else v for k, v in entry.items()}
+    return resolved
+
+
+def _resolver(folder: Path, manifest: dict[str, Any]) -> Callable[[str, bool], str]:
+    """stored path, whether it is one of this folder's run files -> the path to read (see Paths above)."""
+    marked = manifest.get("paths") == RELATIVE_TO_RUNS
+    writer_cwd = None if marked else _writer_cwd(folder, manifest)
+
+    def resolve(stored: str, own: bool) -> str:
+        first = resolve_path(stored, folder) if marked else stored
+        candidates = [first]
+        if writer_cwd is not None and not os.path.isabs(stored):
+            candidates.append(os.path.normpath(os.path.join(writer_cwd, stored)))
+        if own:
+            candidates.append(str(folder / PurePath(stored).name))
+        return next((c for c in candidates if os.path.exists(c)), first)
+
+    return resolve
+
+
+def _writer_cwd(folder: Path, manifest: dict[str, Any]) -> str | None:
+    """The working directory an unmarked manifest's paths are relative to, as seen from the run folder's place:
+    a relative run file's stored folder is the run folder (retrieve and rerank write their run files into it)."""
+    for entry in manifest["tasks"].values():
+        stored = PurePath(entry["run_file"])
+        if not stored.is_absolute() and ".." not in stored.parts:
+            return os.path.join(folder, *[".."] * len(stored.parent.parts))
+    return None
 
 
 def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> Path:
-    """runs.json, with this layout's format and version, written atomically."""
-    fields = {k: v for k, v in manifest.items() if k not in ("format", "version")}
-    return atomic_write(Path(folder) / MANIFEST, json.dumps({"format": FORMAT, "version": VERSION, **fields}, indent=1))
+    """runs.json, with this layout's format and version, its paths stored for the folder (see Paths above; give
+    them absolute or relative to the working directory), written atomically."""
+    fields = {k: v for k, v in manifest.items() if k not in ("format", "version", "paths")}
+    if isinstance(fields.get("index"), str):
+        fields["index"] = portable_path(fields["index"], folder)
+    fields["tasks"] = {
+        name: {k: portable_path(v, folder) if k in PATH_FIELDS and isinstance(v, str) else v for k, v in entry.items()}
+        for name, entry in manifest["tasks"].items()
+    }
+    head = {"format": FORMAT, "version": VERSION, "paths": RELATIVE_TO_RUNS}
+    return atomic_write(Path(folder) / MANIFEST, json.dumps({**head, **fields}, indent=1))
+
+
+def relocate(
+    manifest: dict[str, Any], tasks: Mapping[str, str | Path] | None = None, index: str | None = None
+) -> dict[str, Any]:
+    """A (read) manifest with its task folders (`tasks`: task name -> folder) and its index named anew, for a run
+    folder whose data went elsewhere: each task's qrels, task file, queries and, in the local setting, pool ids
+    come from its folder in `tasks`; the index, and in the global setting the pool ids, from `index`."""
+    out = {**manifest, "tasks": {name: dict(entry) for name, entry in manifest["tasks"].items()}}
+    if index is not None:
+        out["index"] = str(index)
+    for name, entry in out["tasks"].items():
+        if tasks is not None:
+            if name not in tasks:
+                raise LamraError(f"the task folders given hold no folder of task {name} (they hold {sorted(tasks)})")
+            task = Path(tasks[name])
+            entry.update(qrels_file=str(qrels_file(task)), task_file=str(task / TASK_FILE))
+            entry["queries"] = str(query_shards(task))
+            if out["pool"] == "local":
+                entry["pool_ids"] = str(pool_ids_file(task))
+        if index is not None and out["pool"] != "local":
+            entry["pool_ids"] = str(Path(index) / IDS)
+    return out
 
 
 def scores_file(folder: str | Path, task: str) -> Path:

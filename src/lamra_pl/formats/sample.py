@@ -43,7 +43,8 @@ VERSION = 1
 MODALITIES = ("text", "image", "image,text")
 
 # Reasons a training sample is skipped (counted, logged as `data/skipped_<reason>`, never silent). Fixed order: it
-# indexes the count tensors. The `_shard` reasons count shards, the others samples (see lamra_pl.data.stream).
+# indexes the count tensors (new reasons go last: checkpoints hold counts in this order). The `_shard` reasons count
+# shards, the others samples (see lamra_pl.data.stream).
 SKIP_REASONS = (
     "unreadable_image",
     "oversized_image",
@@ -51,6 +52,8 @@ SKIP_REASONS = (
     "sample_error",
     "damaged_shard",
     "unreadable_shard",
+    "empty_shard",
+    "repeated_key",
 )
 # PIL's decompression-bomb bound: larger images are refused before they are decoded.
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485

@@ -8,48 +8,134 @@ Layout version VERSION:
                              counts samples from the tar headers themselves (`lamra_pl.data.stream.SampleIndex`)
       ids.txt                pool shard folders only: the candidates' ids in shard order (written by
                              `convert-mbeir`), so a search can be restricted to the pool without reading it
+      .lamra_pl_incomplete   INCOMPLETE: present only while the folder is being written (see below)
 
 A shard spec names shards as a folder (every .tar below it, sorted), a glob of folders or files ("train/*_task1")
 or a brace pattern ("data/train-{000000..000009}.tar").
+
+Writing is atomic as seen by readers. Each tar is written under a temporary name beside it (`.shard-000000.tar.tmp-
+PID`, which no spec matches) and renamed once complete, so a killed writer never leaves a truncated shard under a
+shard's name. A folder being written carries the marker file INCOMPLETE from before its first shard until after
+its sizes.json; `expand_shards` refuses a folder that carries it, or whose folder above carries it (a tool writing
+a whole tree, e.g. `convert-mbeir`'s output folder, marks the top), so a killed or running writer's output is never
+trained or evaluated on. The marker's content belongs to the writer that left it (`write_shards`: the prefixes it
+was writing). Writing a prefix into a folder replaces that prefix's shards: none of an earlier write is left.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import os
+import re
+import tarfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import braceexpand
 import webdataset as wds
 
 from lamra_pl.errors import BadSampleError, LamraError
+from lamra_pl.files import atomic_write
+from lamra_pl.formats.tar_index import parse_sample, scan_tar
 
 VERSION = 1
 SIZES_FILE = "sizes.json"
 POOL_IDS = "ids.txt"
+INCOMPLETE = ".lamra_pl_incomplete"  # a folder being written (or whose writer was killed): never read
+PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a shard prefix: a plain file name, no path
+
+
+def mark_incomplete(folder: Path, entry: str, writing: bool) -> None:
+    """Add `entry` to (writing) or remove it from the folder's INCOMPLETE marker, one entry a line; the marker goes
+    when its last entry does."""
+    marker = folder / INCOMPLETE
+    entries = dict.fromkeys(marker.read_text(errors="replace").splitlines() if marker.is_file() else [])
+    if writing:
+        entries[entry] = None
+    else:
+        entries.pop(entry, None)
+    if entries:
+        atomic_write(marker, "".join(f"{e}\n" for e in entries))
+    else:
+        marker.unlink(missing_ok=True)
+
+
+class _ShardFile:
+    """One tar being written under a temporary name, renamed to its own when complete."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self.file: IO[bytes] = open(self.tmp, "wb")  # noqa: SIM115 (closed by commit or discard)
+        self.tar = wds.TarWriter(self.file)
+
+    def commit(self) -> None:
+        self.tar.close()  # the tar's end blocks; the file stays open (it is ours)
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 def write_shards(
     samples: Iterable[dict[str, Any]], out_dir: str | Path, prefix: str = "shard", maxcount: int = 1000
 ) -> dict[str, int]:
-    """Write samples (see `sample.encode_record`) to `out_dir/<prefix>-NNNNNN.tar`; return samples per shard."""
+    """Write samples (see `sample.encode_record`) to `out_dir/<prefix>-NNNNNN.tar`; return samples per shard.
+
+    Atomic as readers see it (the module's docstring): each tar is renamed into place when complete, and the folder
+    carries INCOMPLETE until sizes.json is written. The prefix's shards of an earlier write are removed first. No
+    samples still make one (empty) shard, so the folder remains a shard folder.
+    """
+    if not PREFIX.fullmatch(prefix):
+        raise LamraError(f"shard prefix {prefix!r} is not a plain file name (letters, digits, '_', '.', '-')")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    mark_incomplete(out, prefix, writing=True)
+    ours = re.compile(rf"\.?{re.escape(prefix)}-\d{{6}}\.tar(\.tmp-\d+)?")
+    for old in out.iterdir():
+        if ours.fullmatch(old.name) and not old.is_dir():
+            old.unlink()  # an earlier write of this prefix (perhaps killed): replaced, not mixed in
     sizes: Counter[str] = Counter()
     keys: set[str] = set()
-    with wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=maxcount, verbose=0) as sink:
+    shard: _ShardFile | None = None
+    number = 0
+    try:
         for sample in samples:
             if sample["__key__"] in keys:
                 raise BadSampleError(f"duplicate sample key {sample['__key__']!r} while writing {out}")
             keys.add(sample["__key__"])
-            sink.write(sample)
-            sizes[Path(sink.fname).name] += 1
+            if shard is None or sizes[shard.path.name] >= maxcount:
+                if shard is not None:
+                    shard.commit()
+                shard = _ShardFile(out / f"{prefix}-{number:06d}.tar")
+                number += 1
+            shard.tar.write(sample)
+            sizes[shard.path.name] += 1
+        if shard is None:
+            shard = _ShardFile(out / f"{prefix}-{number:06d}.tar")
+            sizes[shard.path.name] = 0
+        shard.commit()
+    except BaseException:
+        if shard is not None:
+            shard.discard()
+        raise
     sizes_path = out / SIZES_FILE
-    previous = json.loads(sizes_path.read_text()) if sizes_path.exists() else {}
-    sizes_path.write_text(json.dumps({**previous, **sizes}, indent=1, sort_keys=True))
+    try:
+        previous = json.loads(sizes_path.read_bytes()) if sizes_path.exists() else {}
+    except (ValueError, RecursionError):
+        previous = None  # not a manifest (it is rewritten below from what the folder holds now)
+    if not isinstance(previous, dict):
+        previous = {}
+    previous = {name: n for name, n in previous.items() if not ours.fullmatch(name) and (out / name).is_file()}
+    atomic_write(sizes_path, json.dumps({**previous, **sizes}, indent=1, sort_keys=True))
+    mark_incomplete(out, prefix, writing=False)  # only now: sizes.json is complete
     return dict(sizes)
 
 
@@ -61,12 +147,36 @@ def write_pool_ids(folder: str | Path, ids: Iterable[str]) -> Path:
     return path
 
 
+def incomplete_folder(path: str | Path) -> Path | None:
+    """The folder, `path` itself or one above it, that carries INCOMPLETE; None if there is none."""
+    here = Path(os.path.abspath(path))
+    for folder in (here, *here.parents):
+        if (folder / INCOMPLETE).exists():
+            return folder
+    return None
+
+
+def refuse_incomplete(folders: Iterable[Path], spec: str, below: Path | None = None) -> None:
+    """A one-line LamraError if one of `folders` (or a folder above one, or below `below`) is being written."""
+    found = [incomplete_folder(f) for f in sorted(set(folders))]
+    if below is not None:
+        found += [m.parent for m in sorted(below.rglob(INCOMPLETE))]
+    found = [f for f in found if f is not None]
+    if found:
+        raise LamraError(
+            f"shard folder {str(found[0])!r} (of {spec!r}) is incomplete: it carries {INCOMPLETE}, so its writer "
+            "was killed or is still running; write it again"
+        )
+
+
 def expand_shards(spec: str) -> list[str]:
     """Shard paths from a folder (every .tar below it, sorted), a glob of folders or files ("train/*_task1"),
-    or a brace pattern ("data/train-{000000..000009}.tar")."""
+    or a brace pattern ("data/train-{000000..000009}.tar"). Refuses (LamraError) the shards of a folder being
+    written, or whose writer was killed (see the module's docstring)."""
     path = Path(spec).expanduser()
     if path.is_dir():
         urls = sorted(str(p) for p in path.rglob("*.tar"))
+        refuse_incomplete([path], spec, below=path)
         if not urls:
             raise LamraError(f"shard folder {spec!r} holds no .tar files")
         return urls
@@ -75,14 +185,51 @@ def expand_shards(spec: str) -> list[str]:
         urls = [u for m in matches for u in (expand_shards(m) if Path(m).is_dir() else [m]) if u.endswith(".tar")]
         if not urls:
             raise LamraError(f"no shards match {spec!r}")
+        refuse_incomplete((Path(u).parent for u in urls), spec)
         return urls
     urls = list(braceexpand.braceexpand(str(path)))
     missing = [u for u in urls if not Path(u).is_file()]
     if missing:
         raise LamraError(f"shard file {missing[0]!r} does not exist ({len(missing)} of {len(urls)} missing)")
+    refuse_incomplete((Path(u).parent for u in urls), spec)
     return urls
 
 
-def read_samples(urls: list[str]) -> Iterable[dict[str, Any]]:
-    """The raw WebDataset samples of shards, in order: {"__key__", "__url__", member suffix: bytes, ...}."""
-    return wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
+def read_samples(urls: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """The raw WebDataset samples of shards, in order: {"__key__", "__url__", member suffix: bytes, ...}.
+
+    For evaluation and the tools, which must read every sample: a shard that cannot be read to its end (not a tar,
+    truncated, zeroed) or that repeats a key (WebDataset would merge or double the sample) is a BadSampleError
+    naming it, never a silently shorter pool. (Training counts and skips these instead: `lamra_pl.data.stream`.)
+    """
+    listed_sizes: dict[Path, dict[str, Any]] = {}
+    for url in urls:
+        url = str(url)
+        try:
+            scan = scan_tar(url)
+        except (OSError, tarfile.TarError) as err:
+            raise BadSampleError(f"shard {url} cannot be read as a tar ({type(err).__name__}: {err})") from None
+        if scan.damage is not None:
+            raise BadSampleError(f"shard {url} is damaged: {scan.damage}")
+        if scan.repeated:
+            raise BadSampleError(f"shard {url}: sample key {scan.repeated[0].key!r} repeats an earlier sample's")
+        folder = Path(url).parent
+        if folder not in listed_sizes:
+            listed_sizes[folder] = _listed_sizes(folder)
+        listed = listed_sizes[folder].get(Path(url).name)
+        if isinstance(listed, int) and listed != len(scan.samples):  # e.g. zeroed: it reads as an empty tar
+            raise BadSampleError(
+                f"shard {url} holds {len(scan.samples)} samples; its folder's {SIZES_FILE} says {listed}"
+            )
+        with open(url, "rb") as f:
+            for sample in scan.samples:
+                yield parse_sample(os.pread(f.fileno(), sample.end - sample.start, sample.start), url)
+
+
+def _listed_sizes(folder: Path) -> dict[str, Any]:
+    """A shard folder's sizes.json ({} when it has none or it is not a mapping): what its writer wrote."""
+    try:
+        sizes = json.loads((folder / SIZES_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return sizes if isinstance(sizes, dict) else {}

@@ -6,6 +6,11 @@ only the headers (tarfile seeks over the data), and says when a shard is damaged
 at least two zero blocks after its last member, so anything else after the last readable member (a truncated
 file, a corrupt header) is reported, and the last sample before the damage, which may have lost members, is
 left out of the ranges.
+
+Keys are unique within a shard: a sample whose key an earlier sample of the same shard has (after other samples,
+or right after it, which WebDataset would merge into one sample) is left out of the ranges and reported in
+`TarScan.repeated`: the first sample with a key wins. Keys are not compared across shards (the byte ranges keep
+such samples apart). A shard that yields no sample says whether its bytes are all zero (`TarScan.zeroed`).
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ class TarScan:
     url: str
     samples: list[TarSample]
     damage: str | None = None  # why the shard could not be read to its end (None: it was)
+    repeated: list[TarSample] = field(default_factory=list)  # later samples with an earlier sample's key: left out
+    size: int = 0  # the file's bytes
+    zeroed: bool = False  # no sample, and every byte is zero (a zeroed file); checked only when there is no sample
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -51,6 +59,9 @@ def scan_tar(url: str, read: Collection[str] = ()) -> TarScan:
     Raises OSError or tarfile.ReadError when the file cannot be opened as a tar at all.
     """
     samples: list[TarSample] = []
+    repeated: list[TarSample] = []
+    keys: set[str] = set()
+    current: TarSample | None = None  # the sample being read (in `samples` or in `repeated`)
     damage = None
     size = Path(url).stat().st_size
     with tarfile.open(url, mode="r:") as tar:
@@ -59,21 +70,30 @@ def scan_tar(url: str, read: Collection[str] = ()) -> TarScan:
                 if not member.isfile():
                     continue
                 key, suffix = split_key(member.name)
-                if not samples or samples[-1].key != key:
-                    samples.append(TarSample(key, member.offset, member.offset))
-                sample = samples[-1]
-                sample.members.append((suffix, member.offset_data, member.size))
-                sample.end = member.offset_data + -(-member.size // BLOCK) * BLOCK
-                if suffix in read:
-                    sample.data[suffix] = tar.extractfile(member).read()
+                if current is None or current.key != key or any(s == suffix for s, _, _ in current.members):
+                    current = TarSample(key, member.offset, member.offset)
+                    (repeated if key in keys else samples).append(current)
+                    keys.add(key)
+                current.members.append((suffix, member.offset_data, member.size))
+                current.end = member.offset_data + -(-member.size // BLOCK) * BLOCK
+                if suffix in read and current is samples[-1]:
+                    current.data[suffix] = tar.extractfile(member).read()
         except tarfile.ReadError as err:
-            damage = f"unreadable after byte {samples[-1].end if samples else 0} ({err})"
-        end = samples[-1].end if samples else 0
+            damage = f"unreadable after byte {current.end if current else 0} ({err})"
+        end = current.end if current else 0
         if damage is None:
             damage = _tail_damage(tar.fileobj, end, size)
-    if damage is not None and samples:
+    if damage is not None and samples and current is samples[-1]:
         samples.pop()  # it may have lost members to the damage
-    return TarScan(url, samples, damage)
+    return TarScan(url, samples, damage, repeated, size, zeroed=not samples and size > 0 and _all_zero(url))
+
+
+def _all_zero(url: str) -> bool:
+    with Path(url).open("rb") as f:
+        while chunk := f.read(1 << 20):
+            if chunk.strip(b"\0"):
+                return False
+    return True
 
 
 def _tail_damage(fileobj: Any, end: int, size: int) -> str | None:

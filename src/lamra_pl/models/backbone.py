@@ -163,8 +163,52 @@ class Checkpoint:
 
     def config(self) -> dict[str, Any]:
         if self.gguf_file is None:
-            return json.loads((self.folder / "config.json").read_text())
+            return _json_file(self.folder / "config.json")
         return AutoConfig.from_pretrained(self.folder, gguf_file=self.gguf_file).to_dict()
+
+    def remote_code(self) -> str | None:
+        """The first file of the folder that names code of its own for transformers to run (an `auto_map`), or
+        None. A folder is data: its code runs only when the user's command line or YAML sets trust_remote_code."""
+        if self.gguf_file is not None:
+            return None
+        for name in REMOTE_CODE_FILES:
+            path = self.folder / name
+            if path.is_file() and "auto_map" in _json_file(path):
+                return name
+        return None
+
+
+# Where a Hugging Face folder can name classes to import from its own .py files.
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
+
+
+def _json_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LamraError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise LamraError(f"{path}: expected a JSON object")
+    return data
+
+
+def refuse_remote_code(spec: BackboneSpec, asked_by: str | None = None) -> None:
+    """A one-line refusal when the backbone folder names code of its own and the user has not trusted it.
+
+    `asked_by`: the file key that asked for trust_remote_code (a checkpoint's or a settings file's), which is
+    never taken from a file; named in the refusal."""
+    if spec.trust_remote_code:
+        return
+    ckpt = checkpoint(spec.path)
+    named = ckpt.remote_code()
+    if named is None:
+        return
+    asked = f"; {asked_by} asks for it, but trust comes only from your command line or YAML" if asked_by else ""
+    raise LamraError(
+        f"{ckpt.folder / named} names code of its own (auto_map), which lamra-pl runs only with "
+        f"trust_remote_code set by you (--model.init_args.backbone.trust_remote_code true in fit, "
+        f"--trust_remote_code true in the tools){asked}"
+    )
 
 
 def checkpoint(path: str | Path) -> Checkpoint:
@@ -253,6 +297,7 @@ def load_processor(spec: BackboneSpec, add_emb_token: bool = True) -> ProcessorM
     it); image resizing bounds and padding side as the spec says."""
     path, min_pixels, max_pixels, padding_side = spec.path, spec.min_pixels, spec.max_pixels, spec.padding_side
     trust_remote_code = spec.trust_remote_code
+    refuse_remote_code(spec)
     ckpt = checkpoint(path)
     p = ckpt.folder
     kind = model_type(path)
@@ -300,6 +345,7 @@ def load_backbone(spec: BackboneSpec, vocab_size: int, lora: LoraSpec | None = N
     """
     path, dtype = spec.path, spec.dtype
     train_vision_tower, train_projector = spec.train_vision_tower, spec.train_projector
+    refuse_remote_code(spec)
     ckpt = checkpoint(path)
     family = family_of(model_type(path))
     if family.text_only and (train_vision_tower or train_projector):

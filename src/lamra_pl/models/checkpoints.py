@@ -12,7 +12,12 @@ A path is one of:
 * a text-only causal LM's .gguf file (a folder's worth of checkpoint in one file).
 
 Loading builds the module from its own typed arguments and loads the tensors; nothing a file names is imported or
-called: a class path outside MODULES is refused, and the optimizer a checkpoint records is never built.
+called. Every class path a checkpoint or settings file names is checked against ALLOWED (the project's modules,
+torch's optimizers and LR schedulers, Lightning's own instantiator) and anything else is refused, naming its key;
+the optimizer a checkpoint records is never built. `trust_remote_code` is never taken from a file: it is the
+caller's (the user's command line or YAML), and a backbone folder that names code of its own is refused without it.
+A checkpoint's relative backbone path is resolved against the checkpoint's folder (`formats/checkpoint.py`);
+the caller may override it (`backbone={"path": ...}`, `--backbone`).
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ from typing import Any
 import torch
 
 from lamra_pl.errors import LamraError
-from lamra_pl.formats.settings import read_settings, write_settings
-from lamra_pl.models.backbone import BackboneSpec, checkpoint
+from lamra_pl.formats import checkpoint as ckpt_format
+from lamra_pl.formats.settings import SETTINGS_FILE, read_settings, write_settings
+from lamra_pl.models.backbone import BackboneSpec, checkpoint, refuse_remote_code
 from lamra_pl.models.base import ScheduleSpec, TrainingModule
 from lamra_pl.models.clip import CLIPModule
 from lamra_pl.models.contrastive import ContrastiveSteps
@@ -45,6 +51,24 @@ MODULES: dict[str, type[TrainingModule]] = {
     "lamra_pl.models.clip.CLIPModule": CLIPModule,
     "lamra_pl.CLIPModule": CLIPModule,
 }
+
+
+def _classes(module: Any, base: type) -> set[str]:
+    return {
+        f"{module.__name__}.{name}"
+        for name, value in vars(module).items()
+        if inspect.isclass(value) and issubclass(value, base) and value is not base and not name.startswith("_")
+    }
+
+
+# Every class path a file may name, besides MODULES: what LightningCLI records with a module (its instantiator, the
+# optimizer and scheduler classes torch ships). They are checked, never imported from the file's text.
+ALLOWED = {
+    *MODULES,
+    "lightning.pytorch.cli.instantiate_module",
+    *_classes(torch.optim, torch.optim.Optimizer),
+    *_classes(torch.optim.lr_scheduler, torch.optim.lr_scheduler.LRScheduler),
+}
 # Hyperparameters that are the Trainer's business or Lightning's bookkeeping, never a module's argument here.
 NOT_ARGUMENTS = ("_class_path", "_instantiator", "optimizer", "max_nonfinite_steps")
 # What a folder of merged weights changes about the module that wrote it: the adapter is merged (no LoRA), the dtype
@@ -54,6 +78,17 @@ FOLDER = {"dtype": "auto", "gradient_checkpointing": False, "trust_remote_code":
 
 def class_path_of(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def check_class_paths(values: dict[str, Any], where: str, key: str) -> None:
+    """Refuse, naming its key, any class path in `values` (a checkpoint's hyper-parameters, a settings file's
+    arguments) that is not in ALLOWED."""
+    for found_key, class_path in ckpt_format.class_paths(values, key):
+        if class_path not in ALLOWED:
+            raise LamraError(
+                f"{where}: {found_key} names {class_path!r}, which lamra-pl does not load from a file (it imports "
+                "nothing a file names: only its own modules and torch's optimizers and schedulers)"
+            )
 
 
 def module_class(class_path: str, where: str) -> type[TrainingModule]:
@@ -92,12 +127,14 @@ def build(cls: type[TrainingModule], args: dict[str, Any], where: str) -> Traini
 
 
 def read_checkpoint(path: str | Path) -> tuple[type[TrainingModule], dict[str, Any], dict[str, Any]]:
-    """(class, its arguments, the checkpoint) of a `lamra-pl fit` checkpoint, loaded with weights_only=True."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # not a zip/pickle at all, truncated, or a pickle weights_only refuses
-        raise LamraError(f"{path} is not a readable lamra-pl checkpoint ({type(err).__name__}: {err})") from None
-    hparams = dict(ckpt.get("hyper_parameters") or {})
+    """(class, its arguments, the checkpoint) of a `lamra-pl fit` checkpoint, loaded with weights_only=True, its
+    class paths checked (`check_class_paths`) and its backbone path resolved (`formats.checkpoint.backbone_path`)."""
+    ckpt = ckpt_format.read(path)
+    hparams = ckpt.get("hyper_parameters") or {}
+    if not isinstance(hparams, dict):
+        raise LamraError(f"checkpoint {path}: 'hyper_parameters' is not a mapping")
+    hparams = dict(hparams)
+    check_class_paths(hparams, f"checkpoint {path}", "hyper_parameters")
     if "_class_path" in hparams:
         cls = module_class(hparams["_class_path"], f"checkpoint {path}")
     elif "clip_model" in hparams:  # the CLIP baseline's (its only model argument)
@@ -106,7 +143,24 @@ def read_checkpoint(path: str | Path) -> tuple[type[TrainingModule], dict[str, A
         cls = RerankModule
     else:
         cls = EmbeddingModule
-    return cls, migrate(cls, hparams), ckpt
+    args = migrate(cls, hparams)
+    backbone = args.get("backbone")
+    if isinstance(backbone, dict) and isinstance(backbone.get("path"), str):
+        args["backbone"] = {**backbone, "path": ckpt_format.backbone_path(backbone["path"], ckpt, path)}
+    return cls, args, ckpt
+
+
+def _untrusted(backbone: dict[str, Any], overrides: dict[str, Any], key: str) -> tuple[dict[str, Any], str | None]:
+    """The backbone settings with `trust_remote_code` the caller's (False unless given), and the file key that asked
+    for it, if one did."""
+    asked = key if backbone.get("trust_remote_code") is True else None
+    return {**backbone, "trust_remote_code": False, **overrides}, asked
+
+
+def _refuse_asked_remote_code(args: dict[str, Any], asked: str | None) -> None:
+    spec = args.get("backbone")
+    if asked is not None and isinstance(spec, dict) and "path" in spec:
+        refuse_remote_code(BackboneSpec(**spec), asked_by=asked)
 
 
 def load_module(
@@ -117,15 +171,20 @@ def load_module(
     `kind`: the class a model folder is read as when its settings file names none of that kind, with that class's
     defaults: a folder without settings (a released or off-the-shelf checkpoint), or one with the settings of
     another kind of module (a merged retriever read as a zero-shot judge). Without `kind`, a folder is what its
-    settings say, an EmbeddingModule when they say nothing. `backbone`: settings that override the backbone's (e.g.
-    {"dtype": "float32"}). Activation checkpointing is off: a loaded module is not trained.
+    settings say, an EmbeddingModule when they say nothing. `backbone`: the caller's settings that override the
+    backbone's (e.g. {"dtype": "float32"}, {"path": DIR} for a checkpoint whose backbone moved,
+    {"trust_remote_code": True}, which no file can set). Activation checkpointing is off: a loaded module is not
+    trained.
     """
     p = Path(path)
     overrides = {"gradient_checkpointing": False, **(backbone or {})}
     if p.is_file() and p.suffix != ".gguf":
         cls, args, ckpt = read_checkpoint(p)
-        if "backbone" in args:
-            args["backbone"] = {**args["backbone"], **overrides}
+        asked = None
+        if isinstance(args.get("backbone"), dict):
+            where = f"checkpoint {p}: hyper_parameters.backbone.trust_remote_code"
+            args["backbone"], asked = _untrusted(args["backbone"], overrides, where)
+        _refuse_asked_remote_code(args, asked)
         module = build(cls, args, f"checkpoint {p}")
         module.configure_model()
         module.on_load_checkpoint(ckpt)
@@ -133,13 +192,20 @@ def load_module(
         return module.eval()
     if p.is_dir() or p.suffix == ".gguf":
         checkpoint(p)  # a clear error if it is neither a checkpoint folder nor an existing .gguf file
+        if "path" in (backbone or {}):
+            raise LamraError(f"{p} is a model folder, its own backbone: a backbone path applies to a fit checkpoint")
         found = read_settings(p) if p.is_dir() else None
         cls, args = kind or EmbeddingModule, {}
+        if found is not None:
+            check_class_paths({"class_path": found[0], "init_args": found[1]}, f"settings of {p}", SETTINGS_FILE)
         if found is not None and issubclass(module_class(found[0], f"settings of {p}"), kind or TrainingModule):
             class_path, args, _ = found
             cls = module_class(class_path, f"settings of {p}")
             args = migrate(cls, {"backbone": str(p), **args} if "backbone" not in args else args)
-        folder = {**args.get("backbone", {}), "path": str(p), **FOLDER, **overrides}
+        stored = args.get("backbone", {}) if isinstance(args.get("backbone"), dict) else {}
+        where = f"{p / SETTINGS_FILE}: init_args.backbone.trust_remote_code"
+        folder, _ = _untrusted({**stored, "path": str(p), **FOLDER}, overrides, where)
+        _refuse_asked_remote_code({"backbone": folder}, where if stored.get("trust_remote_code") is True else None)
         if "lora" in args:
             args["lora"] = None
         module = build(cls, {**args, "backbone": folder}, f"settings of {p}")
@@ -148,25 +214,35 @@ def load_module(
     raise LamraError(f"model {str(path)!r} is neither a checkpoint file nor a checkpoint folder")
 
 
-def load_retriever(path: str | Path) -> ContrastiveSteps:
-    """A retriever in eval mode: a `fit` checkpoint (an EmbeddingModule's or a CLIPModule's) or a model folder."""
-    module = load_module(path, kind=EmbeddingModule)
+def caller_settings(backbone: str | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
+    """`load_module`'s backbone overrides from a tool's or the API's arguments: a backbone path for a checkpoint
+    whose backbone is elsewhere now, and the user's trust in a backbone folder's own code."""
+    return {**({"path": backbone} if backbone is not None else {}), "trust_remote_code": trust_remote_code}
+
+
+def load_retriever(path: str | Path, backbone: dict[str, Any] | None = None) -> ContrastiveSteps:
+    """A retriever in eval mode: a `fit` checkpoint (an EmbeddingModule's or a CLIPModule's) or a model folder.
+    `backbone`: the caller's overrides (`caller_settings`)."""
+    module = load_module(path, kind=EmbeddingModule, backbone=backbone)
     if not isinstance(module, ContrastiveSteps):
         raise LamraError(f"{path} holds a {type(module).__name__}, not a retriever")
     return module
 
 
-def load_reranker(path: str | Path, judge: JudgePrompt | None = None) -> RerankModule:
+def load_reranker(
+    path: str | Path, judge: JudgePrompt | None = None, backbone: dict[str, Any] | None = None
+) -> RerankModule:
     """A reranker in eval mode from a `fit` checkpoint or a model folder (a merged reranker, released LamRA-Rank
     weights, or an off-the-shelf instruct model for zero-shot reranking, which may also be a text-only causal LM's
-    .gguf file). With `judge`, an off-the-shelf model scores with that zero-shot yes/no question (MM-Embed)."""
+    .gguf file). With `judge`, an off-the-shelf model scores with that zero-shot yes/no question (MM-Embed).
+    `backbone`: the caller's overrides (`caller_settings`)."""
     p = Path(path)
     if judge is not None and not (p.is_dir() or p.suffix == ".gguf"):
         raise LamraError(
             f"zero-shot reranking takes an off-the-shelf model's checkpoint folder (or .gguf file); {str(path)!r} is "
             "neither"
         )
-    module = load_module(p, kind=RerankModule)
+    module = load_module(p, kind=RerankModule, backbone=backbone)
     if not isinstance(module, RerankModule):
         raise LamraError(f"{path} holds a {type(module).__name__}, not a reranker")
     if judge is not None:

@@ -3,11 +3,15 @@
 The unit of work is a chunk: one input shard (`lamra_pl.data.items`). Chunks are dealt to ranks by number (chunk i
 goes to rank i % world), then to data workers; each is written, in shard order and atomically, once all its batches
 are embedded (`ChunkWriter`). A killed run skips the chunks already written; each chunk is always batched the same
-way, so the resumed index is byte-identical to an uninterrupted one.
+way, so the resumed index is byte-identical to an uninterrupted one. A resume, or a re-run over a finished index,
+goes on only over the same inputs and model (`lamra_pl.formats.index`: Inputs); an empty pool is refused before the
+model is loaded.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,8 +21,10 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from lamra_pl.data.items import Chunk, ChunkedItems, Job, plan
 from lamra_pl.errors import LamraError
-from lamra_pl.formats.index import ChunkStore, EmbeddingIndex, is_complete
-from lamra_pl.models.checkpoints import load_retriever
+from lamra_pl.formats.index import ChunkStore, EmbeddingIndex, fingerprint, is_complete
+from lamra_pl.formats.shards import POOL_IDS, SIZES_FILE, expand_shards
+from lamra_pl.formats.task import TASK_FILE
+from lamra_pl.models.checkpoints import caller_settings, load_retriever
 from lamra_pl.models.contrastive import ContrastiveSteps
 from lamra_pl.pipelines.predict import TrainerSpec, predict
 
@@ -31,6 +37,8 @@ def index(
     num_workers: int = 1,
     bucket: bool = True,
     trainer: TrainerSpec | None = None,
+    backbone: str | None = None,
+    trust_remote_code: bool = False,
 ) -> EmbeddingIndex | None:
     """Encode a candidate pool into an index folder (run again, a killed run continues where it stopped).
 
@@ -42,8 +50,11 @@ def index(
         num_workers: data loader processes per device.
         bucket: sort each shard's items by length before batching (less padding).
         trainer: the devices and precision to encode with (several devices share the pool out).
+        backbone: the backbone folder of a checkpoint whose backbone is no longer where it says.
+        trust_remote_code: run code the backbone folder ships (a file never turns this on).
     """
-    module = load_retriever(model)
+    refuse_empty_pool(pool)
+    module = load_retriever(model, backbone=caller_settings(backbone, trust_remote_code))
     job = Job(out, (pool,), "pool")
     runner = (trainer or TrainerSpec()).build()
     settings = {"batch_size": batch_size, "num_workers": num_workers, "bucket": bucket, "trainer": runner}
@@ -52,6 +63,37 @@ def index(
     built = EmbeddingIndex(out)
     print(f"index {out}: {len(built)} candidates x {built.dim} (float16)")
     return built
+
+
+def refuse_empty_pool(pool: str) -> None:
+    """Raise, naming the pool (and the task it is the local pool of), when it holds no shard or no candidate: before
+    a model is loaded, rather than once everything is encoded."""
+    folder = Path(pool).expanduser()
+    task = folder.parent / TASK_FILE
+    owner = f" (the local pool of task {folder.parent})" if task.is_file() else ""
+    empty = f"pool {pool}{owner} is empty"
+    ids, sizes = folder / POOL_IDS, folder / SIZES_FILE
+    if ids.is_file() and not _holds_text(ids):
+        raise LamraError(f"{empty}: its {POOL_IDS} lists no candidate; there is nothing to index")
+    if folder.is_dir() and not any(folder.rglob("*.tar")):
+        raise LamraError(f"{empty}: it holds no .tar shard; there is nothing to index")
+    expand_shards(pool)  # a pattern that matches nothing, or a missing shard file
+    if sizes.is_file() and not ids.is_file():
+        try:
+            counts = json.loads(sizes.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return  # a manifest for people: the shards themselves are read later
+        if isinstance(counts, dict) and counts and not any(isinstance(n, int) and n > 0 for n in counts.values()):
+            raise LamraError(f"{empty}: its {SIZES_FILE} counts no sample; there is nothing to index")
+
+
+def _holds_text(path: Path) -> bool:
+    """Whether a file holds anything but white space (read up to its first non-blank block: ids.txt can be big)."""
+    with open(path, "rb") as f:
+        while block := f.read(1 << 16):
+            if block.strip():
+                return True
+    return False
 
 
 class ChunkWriter(BasePredictionWriter):
@@ -110,25 +152,31 @@ def encode(
     chunks, then rank 0 assembles the indexes. `probe`: the model's `probe_embeddings()`, if already computed.
     """
     trainer = trainer or TrainerSpec().build()
-    seeds = [instruction_seed if job.kind == "queries" else None for job in jobs]
     probe = module.probe_embeddings() if probe is None else probe
-    finished = [_finished(job, seed, probe) for job, seed in zip(jobs, seeds, strict=True)]
-    jobs = [job for job, done in zip(jobs, finished, strict=True) if not done]
+    collator = module.collator()
+    unfinished = []
+    for job in jobs:
+        queries = job.kind == "queries"  # a pool's candidates carry no instruction
+        seed, instructions = (instruction_seed, collator.instructions) if queries else (None, None)
+        inputs = fingerprint(job.kind, job.sources, seed, instructions)
+        if not _finished(job, inputs, probe):
+            unfinished.append((job, inputs))
+    jobs = [job for job, _ in unfinished]
     chunks = plan(jobs)
     stores = [ChunkStore(job.out) for job in jobs]
     if trainer.is_global_zero:
-        for j, (job, store) in enumerate(zip(jobs, stores, strict=True)):
+        for j, ((job, inputs), store) in enumerate(zip(unfinished, stores, strict=True)):
             manifest = {
                 "kind": job.kind,
                 "sources": list(job.sources),
                 "chunks": sum(c.job == j for c in chunks),
-                "instruction_seed": instruction_seed if job.kind == "queries" else None,
+                "instruction_seed": inputs["instruction_seed"],
                 "model": {"path": model_path},
+                "inputs": inputs,
             }
             store.start(manifest, probe)
     if not jobs:
         return trainer.is_global_zero
-    collator = module.collator()
 
     def rank_batches(rank: int, world: int) -> ChunkedItems:
         done = [store.done() for store in stores]
@@ -142,13 +190,28 @@ def encode(
     return True
 
 
-def _finished(job: Job, instruction_seed: int | None, probe: np.ndarray) -> bool:
-    """True if `job.out` is a complete index of the same inputs by the same model; an error if it is another's."""
+def _finished(job: Job, inputs: dict[str, Any], probe: np.ndarray) -> bool:
+    """True if `job.out` is a complete index of the same inputs (`inputs`: their fingerprint) by the same model; an
+    error if it is another's."""
     if not is_complete(job.out):
         return False
     index = EmbeddingIndex(job.out)
     index.check_model(probe)
-    if index.meta.get("sources") != list(job.sources) or index.meta.get("instruction_seed") != instruction_seed:
+    recorded = index.meta.get("inputs")
+    if recorded is not None:  # the digest of the fingerprint: the same inputs wherever they are now
+        if recorded == inputs["digest"]:
+            return True
+        raise LamraError(
+            f"{job.out} already holds an index of {', '.join(index.meta.get('sources') or [])} "
+            f"(instruction_seed {index.meta.get('instruction_seed')}); this run's inputs differ "
+            f"({', '.join(job.sources)}: {len(inputs['shards'])} shards, instruction_seed "
+            f"{inputs['instruction_seed']}); delete {job.out} or choose another folder"
+        )
+    # An index written before its inputs were recorded: compared by what it names, as then.
+    if (
+        index.meta.get("sources") != list(job.sources)
+        or index.meta.get("instruction_seed") != inputs["instruction_seed"]
+    ):
         raise LamraError(
             f"{job.out} already holds an index of {index.meta.get('sources')} (instruction_seed "
             f"{index.meta.get('instruction_seed')}); choose another folder"

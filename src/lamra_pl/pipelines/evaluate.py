@@ -2,8 +2,10 @@
 Markdown and a TensorBoard run; `lamra-pl chance`: what random rankings would score on the same tasks.
 
 `evaluate` scores the run files that `lamra-pl retrieve` (or `rerank`) wrote: its runs.json names, per task, the
-run file, the qrels file, the task file and the ids of the pool searched (`lamra_pl.formats.runs`). Validation
-during `fit` scores rankings it searched in memory with the same `ranking.metrics.score_task`.
+run file, the qrels file, the task file and the ids of the pool searched (`lamra_pl.formats.runs`), relative to the
+run folder, so a folder moved with its data evaluates from anywhere; `--tasks` and `--index` say where the task
+folders and the index are when they went elsewhere. Validation during `fit` scores rankings it searched in memory
+with the same `ranking.metrics.score_task`.
 
 results.json:
     {"pool": "local" | "global",
@@ -30,14 +32,16 @@ import numpy as np
 from lamra_pl.errors import LamraError
 from lamra_pl.files import atomic_write
 from lamra_pl.formats.index import EmbeddingIndex, is_complete
-from lamra_pl.formats.runs import RESULTS, read_manifest, read_run_file
-from lamra_pl.formats.task import qrels_file, read_qrels, task_dirs, task_info
+from lamra_pl.formats.runs import RESULTS, read_manifest, read_run_file, relocate
+from lamra_pl.formats.task import TASK_FILE, qrels_file, read_qrels, task_dirs, task_info
 from lamra_pl.formats.tensorboard import EVENTS, read_board, read_hparams, write_evaluation
 from lamra_pl.ranking.metrics import BIAS_K, KS, RANK_PAD, score_task, summarise, wrong_modality
 from lamra_pl.ranking.metrics import chance as chance_level
 
 
-def evaluate(runs: str, step: int = 0, log_to: str | None = None) -> dict[str, Any]:
+def evaluate(
+    runs: str, step: int = 0, log_to: str | None = None, tasks: str | None = None, index: str | None = None
+) -> dict[str, Any]:
     """Score a run folder: M-BEIR Recall@K per task and averaged, and MM-Embed's modality bias.
 
     The bias is the share of wrong-modality results in each query's top 10. Writes results.json and results.md,
@@ -49,24 +53,59 @@ def evaluate(runs: str, step: int = 0, log_to: str | None = None) -> dict[str, A
         step: the TensorBoard step to log the numbers at (e.g. the checkpoint's training step).
         log_to: a TensorBoard run folder to log into instead of RUNS, e.g. the fit that trained the model, whose
             report row then shows these numbers (a reranker fit, which validates nothing itself).
+        tasks: where the task folders are, when not where runs.json says (moved data): the folder that holds
+            them, or a glob such as "data/eval/test/*_task*"; each task is found by its folder's name.
+        index: where the searched index is, when not where runs.json says (the global pool's ids, the modality
+            bias).
     """
-    results = evaluate_runs(runs)
-    board = save_results(results, runs, step=step, log_to=log_to)
+    results = evaluate_runs(runs, tasks=tasks, index=index)
+    board = save_results(results, runs, step=step, log_to=log_to, index=index)
     print(markdown(results))
     print(f"\n{Path(runs) / RESULTS}; TensorBoard: {board}")
     return results
 
 
-def evaluate_runs(runs_dir: str | Path, ks: tuple[int, ...] = KS) -> dict[str, Any]:
-    """Score every run file listed in `runs_dir/runs.json`; validates everything before anything is written."""
+def load_manifest(runs_dir: str | Path, tasks: str | None = None, index: str | None = None) -> dict[str, Any]:
+    """A run folder's manifest, its paths resolved, with the task folders (`tasks`) and index given anew."""
     manifest = read_manifest(runs_dir)
+    if tasks is None and index is None:
+        return manifest
+    return relocate(manifest, _task_folders(tasks) if tasks is not None else None, index)
+
+
+def _task_folders(spec: str) -> dict[str, Path]:
+    """Task name -> folder, from a folder of task folders, a task folder, or a glob of them."""
+    folder = Path(spec).expanduser()
+    if folder.is_dir() and not (folder / TASK_FILE).is_file():
+        spec = str(folder / "*")
+    return {task.name: task for task in task_dirs(spec)}
+
+
+def evaluate_runs(
+    runs_dir: str | Path, ks: tuple[int, ...] = KS, tasks: str | None = None, index: str | None = None
+) -> dict[str, Any]:
+    """Score every run file listed in `runs_dir/runs.json` (with the task folders and index given anew, if given);
+    validates everything before anything is written."""
+    manifest = load_manifest(runs_dir, tasks, index)
     modality_of = _modalities(manifest.get("index"))
-    tasks: dict[str, dict[str, Any]] = {}
+    scored: dict[str, dict[str, Any]] = {}
     pools: dict[str, dict[str, int]] = {}  # id -> row per pool file: the global pool is shared by every task
     for name, entry in manifest["tasks"].items():
         run_file, qrels_path = Path(entry["run_file"]), Path(entry["qrels_file"])
-        info = task_info(Path(entry["task_file"]).parent)
+        task_dir = Path(entry["task_file"]).parent
+        if not task_dir.is_dir():
+            raise LamraError(
+                f"task {name}'s folder {task_dir} (from {Path(runs_dir) / 'runs.json'}) is not there; if the data "
+                "moved, give --tasks: the folder that holds the task folders now"
+            )
+        info = task_info(task_dir)
         if entry["pool_ids"] not in pools:
+            if not Path(entry["pool_ids"]).is_file():
+                where = "--tasks (the task folders)" if manifest["pool"] == "local" else "--index"
+                raise LamraError(
+                    f"{entry['pool_ids']}, the ids of the pool task {name} was searched in, is not there; if it "
+                    f"moved, give {where} where it is now"
+                )
             ids = Path(entry["pool_ids"]).read_text().splitlines()
             pools[entry["pool_ids"]] = {i: row for row, i in enumerate(ids)}
         row_of = pools[entry["pool_ids"]]
@@ -79,7 +118,7 @@ def evaluate_runs(runs_dir: str | Path, ks: tuple[int, ...] = KS) -> dict[str, A
                 f"{run_file} has no ranking for {len(missing)} queries of {qrels_path}, e.g. {missing[:3]}"
             )
         scores = score_task(run.qids, ranked, row_of, qrels, ks, str(qrels_path))
-        tasks[name] = {
+        scored[name] = {
             **scores,
             "reported": f"R@{info['recall_k']}",
             "run_file": str(run_file),
@@ -90,8 +129,8 @@ def evaluate_runs(runs_dir: str | Path, ks: tuple[int, ...] = KS) -> dict[str, A
             targets = [next((modality_of[d] for d in sorted(qrels[q]) if d in modality_of), None) for q in run.qids]
             share = wrong_modality(run.ranked, targets, modality_of, BIAS_K)
             if not np.isnan(share):  # no query with a positive in the index: no measure, rather than NaN
-                tasks[name][f"wrong_modality@{BIAS_K}"] = share
-    return {"pool": manifest["pool"], "tasks": tasks, "average": summarise(tasks, ks)}
+                scored[name][f"wrong_modality@{BIAS_K}"] = share
+    return {"pool": manifest["pool"], "tasks": scored, "average": summarise(scored, ks)}
 
 
 def _modalities(index: str | None) -> dict[str, str] | None:
@@ -133,10 +172,11 @@ def markdown(results: dict[str, Any], ks: tuple[int, ...] = KS) -> str:
     return "\n".join(lines)
 
 
-def evaluation_hparams(runs_dir: str | Path) -> dict[str, Any]:
-    """What an evaluation evaluated, from its manifest: the retriever, index, pool and depth, and any reranking."""
+def evaluation_hparams(runs_dir: str | Path, index: str | None = None) -> dict[str, Any]:
+    """What an evaluation evaluated, from its manifest: the retriever, index (`index`: where it is now, if given),
+    pool and depth, and any reranking."""
     manifest = read_manifest(runs_dir)
-    index = manifest.get("index")
+    index = index if index is not None else manifest.get("index")
     model = EmbeddingIndex(index).meta["model"].get("path") if index and is_complete(index) else None
     hparams = {"retriever": model, "index": index, "pool": manifest["pool"], "k": manifest.get("k")}
     hparams["instruction_seed"] = manifest.get("instruction_seed")
@@ -149,7 +189,11 @@ def evaluation_hparams(runs_dir: str | Path) -> dict[str, Any]:
 
 
 def save_results(
-    results: dict[str, Any], runs_dir: str | Path, step: int = 0, log_to: str | Path | None = None
+    results: dict[str, Any],
+    runs_dir: str | Path,
+    step: int = 0,
+    log_to: str | Path | None = None,
+    index: str | None = None,
 ) -> Path:
     """results.json and results.md in `runs_dir`, and the numbers to TensorBoard; returns the TensorBoard folder.
 
@@ -166,7 +210,7 @@ def save_results(
         raise LamraError(f"--log_to {str(log_to)!r} already has final metrics (hp/*): log into a run without them")
     named = {f"{name}/{m}": v for name, t in results["tasks"].items() for m, v in t.items() if _metric(m)}
     named.update({f"average/{m}": v for m, v in results["average"].items()})
-    hparams = evaluation_hparams(runs_dir)
+    hparams = evaluation_hparams(runs_dir, index)
     if log_to is not None:  # the run's own hyperparameters first, so TensorBoard's HParams tab shows them
         hparams = {**read_hparams(board), **{f"eval.{k}": v for k, v in hparams.items()}}
     scalars = {f"eval_{results.get('pool', 'pool')}/{m}": v for m, v in named.items()}

@@ -14,7 +14,7 @@ import torch
 
 from lamra_pl.errors import LamraError
 from lamra_pl.models.backbone import checkpoint
-from lamra_pl.models.checkpoints import load_module, save_merged
+from lamra_pl.models.checkpoints import caller_settings, load_module, save_merged
 from lamra_pl.models.clip import CLIPModule
 
 
@@ -24,16 +24,18 @@ def base_dtype(path: str | Path) -> torch.dtype:
     return getattr(torch, name)
 
 
-def merge(ckpt: str, out: str) -> Path:
+def merge(ckpt: str, out: str, backbone: str | None = None, trust_remote_code: bool = False) -> Path:
     """Merge a LoRA adapter into its base weights (float32) and save a full checkpoint in the base dtype.
 
     Args:
         ckpt: Lightning checkpoint written by `lamra-pl fit`.
         out: output directory (model, processor, chat template, settings).
+        backbone: the backbone folder, when it is no longer where the checkpoint says.
+        trust_remote_code: run code the backbone folder ships (a file never turns this on).
     """
     if not Path(ckpt).is_file():
         raise LamraError(f"checkpoint {ckpt!r} does not exist")
-    module = load_module(ckpt, backbone={"dtype": "float32"})
+    module = load_module(ckpt, backbone={"dtype": "float32", **caller_settings(backbone, trust_remote_code)})
     if isinstance(module, CLIPModule):
         raise LamraError(
             f"{ckpt} is a CLIPModule checkpoint: it holds every weight and has no adapter to merge; "

@@ -44,7 +44,7 @@ from lamra_pl.formats.runs import (
 from lamra_pl.formats.sample import Item, decode_record, evaluation_query
 from lamra_pl.formats.shards import expand_shards, read_samples
 from lamra_pl.formats.task import QUERIES, read_qrels, task_info
-from lamra_pl.models.checkpoints import load_reranker
+from lamra_pl.models.checkpoints import caller_settings, load_reranker
 from lamra_pl.models.rerank_inputs import JUDGE_QUESTION, MAX_LIST, JudgePrompt, RerankCollator
 from lamra_pl.pipelines.predict import TrainerSpec, predict
 from lamra_pl.ranking.fusion import GRID, fuse, load_weights, tune_fusion, weight_for
@@ -68,6 +68,8 @@ def rerank(
     zero_shot: bool = False,
     question: str = JUDGE_QUESTION,
     answers: tuple[str, str] = ("True", "False"),
+    backbone: str | None = None,
+    trust_remote_code: bool = False,
 ) -> Path | None:
     """Rerank the top N of each run file with a reranker and fuse: final = retrieval + w * rerank score.
 
@@ -91,6 +93,8 @@ def rerank(
         question: the zero-shot question after the query and candidate; {candidate} names the candidate's
             modality ("image", "text", "image and text").
         answers: the positive and negative answer words; the score is P(first) over the two.
+        backbone: the backbone folder of a checkpoint whose backbone is no longer where it says.
+        trust_remote_code: run code the backbone folder ships (a file never turns this on).
     """
     judge = JudgePrompt(question, *answers) if zero_shot else None
     if judge is not None:
@@ -104,7 +108,6 @@ def rerank(
     if mode == "listwise" and top_n > MAX_LIST:
         raise LamraError(f"listwise reranking numbers candidates (1)..({MAX_LIST}): top_n {top_n} is too many")
     weights = load_weights(fusion)
-    module = load_reranker(model, judge=judge)
     runs_dir, out_dir = Path(runs), Path(out)
     manifest = read_manifest(runs_dir)
     if instruction_seed is None:
@@ -114,7 +117,11 @@ def rerank(
     for name in tasks:
         weight_for(weights, name)  # every task has a weight before any work is done
     heads = {name: {q: r[:top_n] for q, r in zip(run.qids, run.ranked, strict=True)} for name, run in retrieved.items()}
-    sources = EmbeddingIndex(manifest["index"]).meta["sources"]
+    if not manifest.get("index"):
+        raise LamraError(
+            f"{runs_dir}/runs.json names no index: candidates are read from the pool of the index searched"
+        )
+    sources = EmbeddingIndex(manifest["index"]).meta["sources"]  # resolved against where the index is now
     store = CandidateStore(sources, {d for h in heads.values() for ranked in h.values() for d in ranked})
     for name, head in heads.items():
         unknown = sorted({d for ranked in head.values() for d in ranked if d not in store})
@@ -124,6 +131,9 @@ def rerank(
                 f"e.g. {unknown[:3]}"
             )
     shards = [(name, url) for name, entry in tasks.items() for url in expand_shards(_queries(entry))]
+    module = load_reranker(
+        model, judge=judge, backbone=caller_settings(backbone, trust_remote_code)
+    )  # once the run folder and the pool are known to be usable
     runner = (trainer or TrainerSpec()).build()
     parts = out_dir / SCORES / "parts"
     collator = module.collator()

@@ -6,6 +6,10 @@
 
 Pool settings: "global" searches the whole index (M-BEIR's global pool when the index is of `global_pool/`);
 "local" restricts the search to the task's own pool (`<task>/pool/ids.txt`), as M-BEIR_local does.
+
+Everything that can be checked without the model is checked before it is loaded: the index, the task folders, and
+in the local setting each task's pool (not empty, all of it in the index). The run folders name the index and the
+task files relative to themselves (`lamra_pl.formats.runs`: Paths).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from lamra_pl.formats.task import (
     task_dirs,
     task_info,
 )
-from lamra_pl.models.checkpoints import load_retriever
+from lamra_pl.models.checkpoints import caller_settings, load_retriever
 from lamra_pl.pipelines.encode import encode
 from lamra_pl.pipelines.predict import TrainerSpec
 from lamra_pl.ranking.search import Backend, search
@@ -49,6 +53,8 @@ def retrieve(
     batch_size: int = 32,
     num_workers: int = 1,
     trainer: TrainerSpec | None = None,
+    backbone: str | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Path]:
     """Search an index with the queries of evaluation tasks: a TREC run file per task and pool setting.
 
@@ -64,14 +70,16 @@ def retrieve(
         batch_size: queries per forward pass.
         num_workers: data loader processes per device.
         trainer: the devices and precision to encode the queries with.
+        backbone: the backbone folder of a checkpoint whose backbone is no longer where it says.
+        trust_remote_code: run code the backbone folder ships (a file never turns this on).
     """
-    module = load_retriever(model)
     searched = EmbeddingIndex(index)
-    probe = module.probe_embeddings()
-    searched.check_model(probe)
     tasks = task_dirs(queries)
     out_dir = Path(out)
     subsets = {t.name: _local_rows(t, searched) for t in tasks} if "local" in pools else {}
+    module = load_retriever(model, backbone=caller_settings(backbone, trust_remote_code))
+    probe = module.probe_embeddings()
+    searched.check_model(probe)
     jobs = [Job(str(out_dir / "queries" / t.name), (str(query_shards(t)),), "queries") for t in tasks]
     runner = (trainer or TrainerSpec()).build()
     settings = {"batch_size": batch_size, "num_workers": num_workers, "instruction_seed": instruction_seed}
@@ -112,9 +120,15 @@ def retrieve(
 
 
 def _local_rows(task: Path, index: EmbeddingIndex) -> np.ndarray:
-    """The index rows of the task's own pool; every one of its ids must be in the index."""
+    """The index rows of the task's own pool; it must hold candidates, and every one of its ids must be in the
+    index."""
     task_info(task)
     ids = pool_ids(task)
+    if not any(i.strip() for i in ids):
+        raise LamraError(
+            f"task {task}: its local pool ({pool_ids_file(task)}) is empty, so the local setting has nothing to "
+            "search; convert the task again, or retrieve with --pools '[global]'"
+        )
     missing = [i for i in ids if i not in index.row_of]
     if missing:
         raise LamraError(

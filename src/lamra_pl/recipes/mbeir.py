@@ -1,6 +1,7 @@
 """M-BEIR folder -> training shards, evaluation sets and the global pool (specs/mmembed_mbeir.md section 5).
 
-    lamra-pl convert-mbeir --root M_BEIR_DIR --out OUT_DIR [--strict] [--splits test]
+    lamra-pl convert-mbeir --root M_BEIR_DIR --out OUT_DIR [--strict] [--splits test] [--max_image_pixels N]
+                           [--image_roots [DIR, ...]]
 
 Reads the M-BEIR layout: `query/union_train/*.jsonl` (else `query/train/*.jsonl`), `query/<split>/
 mbeir_<dataset>_task<N>_<split>.jsonl`, every pool under `cand_pool/`, `qrels/<split>/`,
@@ -17,26 +18,96 @@ mbeir_<dataset>_task<N>_<split>.jsonl`, every pool under `cand_pool/`, `qrels/<s
                                                         and ids.txt (its ids, in shard order)
     OUT_DIR/eval/<split>/<dataset>_task<N>/qrels.txt   M-BEIR qrels; task.json: what the task is and its metric
     OUT_DIR/eval/<split>/global_pool/                  the union of the split's local pools
-    OUT_DIR/report.json                                counts of what was read, written and skipped, by reason
+    OUT_DIR/report.json                                what was read, written and dropped, and why (below)
 
-Every problem is reported with file and line: a malformed line, an unknown modality, a missing image file, a
-positive (or negative) id absent from every pool, a query left without positives, a missing instruction.
-Without `--strict` the offending record is skipped and counted; with it, the first problem stops the run.
+Every file read is untrusted. Every problem is reported with file and line and counted by reason; without
+`--strict` the offending record (line) is skipped, with it the first problem stops the run with a one-line error.
+Per kind of line (candidates, train_queries, <split>_queries, <split>_qrels, instructions), read == written +
+dropped. The reasons:
+
+    malformed_line         not JSON (or nested too deeply to parse), not an object, a required field missing
+    not_utf8               a line that is not UTF-8 (only that line is lost)
+    bad_value              a value of the wrong type: an id (qid, did, list member) not a string or an integer, or
+                           empty or holding whitespace (ids become lines of ids.txt and fields of qrels); a
+                           pos_cand_list / neg_cand_list not a list (a string is not taken for a list of characters);
+                           a text not a string or null; an image path not a non-empty string or null; a modality
+                           not a string; an empty text with no image
+    unknown_modality       a modality other than M-BEIR's "text", "image", "image,text"
+    bad_task_id            a query's task_id other than null or an integer 0..8
+    unsafe_path            an image path that is absolute, or leads outside --root by `..` or through a symbolic
+                           link anywhere along it (the root itself may be a link; links into a folder given with
+                           --image_roots are allowed): such a file is never opened
+    missing_image          an image path naming no file under the root
+    bad_image              an image PIL cannot decode or convert to RGB: empty, truncated, not an image
+    oversized_image        an image of more than --max_image_pixels pixels (default PIL's bound, the one shard
+                           readers apply), found from its header before anything is decoded; PIL's own
+                           decompression-bomb guard (twice its bound) also counts here
+    unsafe_name            an output folder name taken from the data (below) that is not a plain name
+    duplicate_candidate    a candidate id twice in one pool file with the same content: kept once
+    conflicting_candidate  a candidate id met again (in any pool file) with other content: the first is kept
+    duplicate_query        a qid twice in one evaluation query file, or twice in training with another row
+    duplicate_instruction  a (dataset id, query modality, candidate modality) twice in the instructions, or a
+                           dataset id under two names: the first row is kept
+    unknown_positive / unknown_negative   a listed candidate id in no pool
+    no_positive            a query left without a usable positive
+    no_instruction         no instruction for the query's (dataset id, query modality, positive modality)
+    unknown_query          a qrels line naming a qid the task's query file does not have
+
+Rules:
+
+* Candidate ids are global, as in M-BEIR, whose local pools repeat candidates of the union pools. Pool files are
+  read in sorted path order (`cand_pool/global/` before `cand_pool/local/`). An id met again in another pool file
+  with the same content (txt, img_path, modality) is the same candidate, now of that pool too: not a problem, it
+  is counted under report.json's "repeated". The same id again in the same file is `duplicate_candidate`; met
+  again anywhere with other content, `conflicting_candidate`: the first content stays, the later line is skipped
+  (so that id is not in the later file's pool).
+* A qid again in an evaluation query file: the first is kept, the later `duplicate_query`. In training, a qid
+  again with the identical row is M-BEIR's up-sampling (`mbeir_union_up_train.jsonl` repeats rows of its small
+  data sets on purpose): kept, counted under "repeated"; with another row it is `duplicate_query`.
+* Output folders are named `<dataset>_task<N>`, from the instructions' dataset names (else the dataset id that
+  starts the qid) and from the evaluation files' names. A name must match SAFE_NAME (letters, digits, `_ . -`,
+  starting with a letter or digit, no `..`): an instructions row with another name, and a training query whose
+  folder name would be another, is `unsafe_name` (skipped); an evaluation query file not named
+  `mbeir_<safe name>_task<0-8>_<split>.jsonl` and a `--splits` value that is not a safe name stop the run
+  (LamraError): they are the layout, not a record.
+* Images are checked when a record names them (once per path): inside the root, a file, within the pixel budget
+  (from the header), then fully decoded and converted to RGB, as readers will. They are stored as they were,
+  byte for byte (never re-encoded, so nothing is lost); the readers convert to RGB when they decode.
+* Atomic, fingerprinted output. OUT carries `lamra_pl.formats.shards.INCOMPLETE` from before a conversion's first
+  write into it until after report.json, which is written last (report.json present and no marker: the conversion
+  finished); `expand_shards` refuses every shard below a marked folder, so a killed conversion is never trained or
+  evaluated on. The marker lists, before each is created, every folder the conversion writes. report.json records the
+  arguments, every input file read (bytes, sha256), the images (count, bytes, a sha256 of their paths and sizes),
+  every file under the layout's folders that was not read and why, each task that came out with no queries or an
+  empty pool (still written: listed so it is not missed), the folders written ("outputs") and any folder under
+  OUT/train or OUT/eval that this run did not write (left as it was: a glob over OUT/train would read it).
+* A run over an OUT that holds an earlier conversion (finished: report.json; or killed: the marker) rewrites it
+  from scratch: first every folder that conversion listed is deleted, nothing else (other tools' folders in OUT
+  are left), and each folder it writes is emptied before it is written. An OUT whose report.json is not a
+  convert-mbeir report of this format is refused (one line).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
+import shutil
+import warnings
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+from PIL import Image
+
 from lamra_pl.errors import LamraError
-from lamra_pl.formats.sample import MODALITIES, encode_candidate, encode_record
-from lamra_pl.formats.shards import write_pool_ids, write_shards
+from lamra_pl.files import atomic_write
+from lamra_pl.formats.sample import MAX_IMAGE_PIXELS, MODALITIES, encode_candidate, encode_record
+from lamra_pl.formats.shards import INCOMPLETE, write_pool_ids, write_shards
 from lamra_pl.formats.task import POOL, QUERIES, write_task
 
 log = logging.getLogger(__name__)
@@ -54,7 +125,32 @@ TASKS = {
     ("image,text", "image,text"): 8,
 }
 RECALL_AT_10 = {"fashion200k", "fashioniq"}  # M-BEIR reports R@10 for these, R@5 elsewhere
-EVAL_FILE = re.compile(r"mbeir_(?P<dataset>.+)_task(?P<task>\d+)_(?P<split>[a-z]+)\.jsonl$")
+EVAL_FILE = re.compile(r"mbeir_(?P<dataset>.+)_task(?P<task>\d+)_(?P<split>[^_]+)\.jsonl")
+# A folder name made from data: a plain name, so `OUT/train/<name>` stays in OUT/train.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
+ID = re.compile(r"\S+")  # ids are written one per line (ids.txt) and as space-separated fields (qrels.txt)
+REPORT, REPORT_FORMAT, REPORT_VERSION = "report.json", "lamra-pl-mbeir-conversion", 1
+WHERE_KEPT = 20  # problem locations report.json keeps per reason (the log has every one)
+JSON_TYPES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list"}
+
+
+def safe_name(name: str) -> bool:
+    return bool(SAFE_NAME.fullmatch(name)) and ".." not in name
+
+
+def json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    return JSON_TYPES.get(type(value), "an object")
+
+
+def id_problem(value: Any) -> str | None:
+    """Why `value` is not an M-BEIR id (a string or an integer, as one token), or None."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return f"is {json_type(value)}, not a string or an integer"
+    if not ID.fullmatch(str(value)):
+        return f"{str(value)!r} is empty or holds whitespace"
+    return None
 
 
 @dataclass
@@ -63,16 +159,19 @@ class Problems:
 
     strict: bool
     counts: Counter[str] = field(default_factory=Counter)
+    where: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
 
     def __call__(self, reason: str, file: Path, line: int, detail: str) -> None:
         message = f"{file}:{line}: {detail}"
         if self.strict:
             raise LamraError(f"{message} (convert-mbeir --strict stops at the first problem)")
         self.counts[reason] += 1
+        if len(self.where[reason]) < WHERE_KEPT:
+            self.where[reason].append(message)
         log.warning("skipped (%s) %s", reason, message)
 
 
-@dataclass
+@dataclass(slots=True)
 class Candidate:
     did: str
     txt: str | None
@@ -80,29 +179,167 @@ class Candidate:
     modality: str
 
 
+class Output:
+    """OUT as a conversion owns it: the INCOMPLETE marker listing what it writes, and report.json, written last."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.marker = out / INCOMPLETE
+        self.outputs: list[str] = []
+
+    @staticmethod
+    def owned(rel: Any) -> bool:
+        """A path a conversion writes: train/<name>, train_pool, eval/<split>/<name>."""
+        if not isinstance(rel, str):
+            return False
+        parts = PurePosixPath(rel).parts
+        if not parts or rel.startswith("/") or not all(safe_name(p) for p in parts):
+            return False
+        return (parts[0], len(parts)) in {("train", 2), ("train_pool", 1), ("eval", 3)}
+
+    def begin(self) -> None:
+        """Mark OUT and delete what an earlier conversion into it wrote (it is rewritten from scratch)."""
+        if self.out.exists() and not self.out.is_dir():
+            raise LamraError(f"--out {str(self.out)!r} is a file, not a folder")
+        self.out.mkdir(parents=True, exist_ok=True)
+        stale = self.earlier()
+        # The marker first, listing the stale folders: a kill while they are deleted leaves them listed.
+        atomic_write(self.marker, "".join(f"{rel}\n" for rel in stale))
+        (self.out / REPORT).unlink(missing_ok=True)
+        for rel in stale:
+            self.remove(rel)
+
+    def earlier(self) -> list[str]:
+        """The folders an earlier conversion into OUT wrote: its marker's lines (killed) and its report's outputs."""
+        listed: list[str] = []
+        if self.marker.is_file():
+            text = self.marker.read_text(encoding="utf-8", errors="replace")
+            lines = text.split("\n")
+            # The last piece lacks its newline only if a kill cut the append short: that folder was not made yet.
+            for rel in lines[:-1]:
+                if not self.owned(rel):
+                    raise LamraError(
+                        f"{self.marker} lists {rel!r}, not a folder convert-mbeir writes; delete {self.out} or give "
+                        "another --out"
+                    )
+                listed.append(rel)
+        report = self.out / REPORT
+        if report.is_file():
+            try:
+                previous = json.loads(report.read_bytes())
+            except (ValueError, RecursionError):
+                previous = None
+            outputs = previous.get("outputs") if isinstance(previous, dict) else None
+            if (
+                not isinstance(previous, dict)
+                or previous.get("format") != REPORT_FORMAT
+                or not isinstance(outputs, list)
+                or not all(self.owned(rel) for rel in outputs)
+            ):
+                raise LamraError(
+                    f"{report} is not a report of a convert-mbeir conversion this lamra-pl can rewrite (format "
+                    f"{REPORT_FORMAT!r} listing its outputs); delete {self.out} or give another --out"
+                )
+            listed += outputs
+        return list(dict.fromkeys(listed))
+
+    def remove(self, rel: str) -> None:
+        path = self.out / rel
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.exists():
+            if not Path(os.path.realpath(path)).is_relative_to(os.path.realpath(self.out)):
+                raise LamraError(f"{path} leads outside {self.out} (a link): not deleting it; delete it yourself")
+            shutil.rmtree(path)
+
+    def claim(self, rel: str) -> Path:
+        """A folder this conversion is about to write: listed in the marker first, then emptied."""
+        if not self.owned(rel):
+            raise LamraError(f"{rel!r} is not a folder name convert-mbeir may write")
+        if rel in self.outputs:
+            raise LamraError(f"two parts of the data would both be written to {self.out / rel}")
+        with open(self.marker, "a", encoding="utf-8") as f:
+            f.write(f"{rel}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.outputs.append(rel)
+        self.remove(rel)
+        return self.out / rel
+
+    def others(self) -> list[str]:
+        """Folders under OUT/train and OUT/eval/<split> that this conversion did not write."""
+        found = [p for p in (self.out / "train").glob("*") if p.is_dir()]
+        found += [p for split in (self.out / "eval").glob("*") if split.is_dir() for p in split.glob("*")]
+        mine = set(self.outputs)
+        return sorted(rel for p in found if (rel := p.relative_to(self.out).as_posix()) not in mine)
+
+    def finish(self, report: dict[str, Any]) -> None:
+        atomic_write(self.out / REPORT, json.dumps(report, indent=1))
+        self.marker.unlink()  # only now: report.json is complete
+
+
 class Converter:
-    def __init__(self, root: Path, problems: Problems) -> None:
+    def __init__(
+        self,
+        root: Path,
+        problems: Problems,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
+        image_roots: tuple[str, ...] = (),
+    ) -> None:
         self.root = root
+        self.root_real = Path(os.path.realpath(root))
+        # Where image links may lead besides the root: the user's word (the command line), never the data's.
+        self.allowed = [self.root_real, *(Path(os.path.realpath(r)) for r in image_roots)]
         self.problems = problems
+        self.max_image_pixels = max_image_pixels
         # Every non-empty input line is read, then written or dropped: read == written + dropped, per kind.
         self.read: Counter[str] = Counter()
         self.written: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
+        self.repeated: Counter[str] = Counter()  # not problems: M-BEIR's own repeats (see the module's docstring)
         self.pool: dict[str, Candidate] = {}
         self.pool_files: dict[Path, list[str]] = defaultdict(list)  # valid ids, in file order
         self.instructions: dict[tuple[str, str, str], list[str]] = {}
         self.dataset_names: dict[str, str] = {}
+        self.inputs: dict[str, dict[str, Any]] = {}  # every file read: bytes and sha256
+        self.image_sizes: dict[str, int] = {}  # image path (as the data gives it) -> bytes, for usable images
+        self.image_problems: dict[str, tuple[str, str]] = {}  # image path -> (reason, detail)
+        self.train_files: list[Path] = []
+        self.split_files: dict[str, list[Path]] = {}
+        self.train_tasks_seen: set[str] = set()  # training folders some query row was meant for
+        self.empty: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------------------------- reading
-    def lines(self, path: Path, kind: str) -> Any:
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            self.read[kind] += 1
+    def text_lines(self, path: Path, kind: str, header: bool = False) -> Iterator[tuple[int, str]]:
+        """(line number, text) of each non-empty line, decoded one by one: a line that is not UTF-8 costs only
+        itself. The file's bytes are hashed on the way (report.json's fingerprint)."""
+        digest, size = hashlib.sha256(), 0
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                digest.update(raw)
+                size += len(raw)
+                if (header and number == 1) or not raw.strip():
+                    continue
+                self.read[kind] += 1
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    self.problems("not_utf8", path, number, f"not UTF-8 (byte {err.start})")
+                    self.dropped[kind] += 1
+                    continue
+                yield number, text.rstrip("\r\n")
+        self.inputs[self.relative(path)] = {"bytes": size, "sha256": digest.hexdigest()}
+
+    def lines(self, path: Path, kind: str) -> Iterator[tuple[int, dict[str, Any]]]:
+        for number, line in self.text_lines(path, kind):
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as err:
-                self.problems("malformed_line", path, number, f"not valid JSON ({err.msg})")
+            except RecursionError:
+                self.problems("malformed_line", path, number, "not valid JSON (nested too deeply)")
+                self.dropped[kind] += 1
+                continue
+            except ValueError as err:  # JSONDecodeError, and an integer too long to convert
+                self.problems("malformed_line", path, number, f"not valid JSON ({getattr(err, 'msg', err)})")
                 self.dropped[kind] += 1
                 continue
             if not isinstance(row, dict):
@@ -111,12 +348,67 @@ class Converter:
                 continue
             yield number, row
 
+    def relative(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return str(path)
+
+    def resolve(self, rel: str) -> tuple[Path | None, str]:
+        """The file an image path names, if it lies inside the root (links followed); else why not."""
+        if "\x00" in rel:
+            return None, "holds a NUL byte"
+        if PurePosixPath(rel).is_absolute():
+            return None, "is an absolute path; image paths are relative to the M-BEIR root"
+        real = Path(os.path.realpath(self.root / rel))
+        if not any(real.is_relative_to(allowed) for allowed in self.allowed):
+            return None, (
+                f"leads outside the M-BEIR root {self.root} (through '..' or a link), to {real} (a folder of images "
+                "linked from elsewhere is allowed with --image_roots)"
+            )
+        return real, ""
+
+    def check_image(self, rel: str) -> tuple[str, str] | None:
+        """(reason, detail) if the image at `rel` may not be used; None if it may (its size is then known)."""
+        real, why = self.resolve(rel)
+        if real is None:
+            return "unsafe_path", f"image path {rel!r} {why}: not read"
+        try:
+            size = real.stat().st_size if real.is_file() else None
+        except OSError as err:  # a name too long, a permission: not an image we can use
+            return "missing_image", f"image file {rel!r} cannot be looked up ({err.strerror})"
+        if size is None:
+            return "missing_image", f"image file {rel!r} does not exist under {self.root}"
+        if size == 0:
+            return "bad_image", f"image file {rel!r} is empty"
+        limit = self.max_image_pixels
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(real) as image:  # reads the header only
+                    if image.width * image.height > limit:
+                        return "oversized_image", f"image {rel!r} is {image.width}x{image.height}, over {limit} pixels"
+                    image.load()  # decodes: a truncated file fails here
+                    image.convert("RGB")  # what every reader does with it
+        except Image.DecompressionBombError as err:
+            return "oversized_image", f"image {rel!r}: {err}"
+        except Exception as err:  # PIL raises many types for corrupt files
+            return "bad_image", f"image {rel!r} cannot be decoded ({type(err).__name__}: {err})"
+        self.image_sizes[rel] = size
+        return None
+
     def image_ok(self, rel: str | None, path: Path, number: int) -> bool:
         if rel is None:
             return True
-        if not (self.root / rel).is_file():
-            self.problems("missing_image", path, number, f"image file {rel!r} does not exist under {self.root}")
-            return False
+        if rel not in self.image_sizes:
+            problem = self.image_problems.get(rel)
+            if problem is None:
+                problem = self.check_image(rel)
+                if problem is not None:
+                    self.image_problems[rel] = problem
+            if problem is not None:
+                self.problems(problem[0], path, number, problem[1])
+                return False
         return True
 
     def load_pools(self) -> None:
@@ -124,55 +416,143 @@ class Converter:
         if not files:
             raise LamraError(f"{self.root}: no candidate pool files under cand_pool/")
         for path in files:
+            in_file: set[str] = set()
             for number, row in self.lines(path, "candidates"):
-                candidate = self.candidate(row, path, number)
+                candidate = self.candidate(row, path, number, in_file)
                 if candidate is None:
                     self.dropped["candidates"] += 1
                 else:
                     self.written["candidates"] += 1
-                    self.pool[candidate.did] = candidate
+                    self.pool.setdefault(candidate.did, candidate)
                     self.pool_files[path].append(candidate.did)
+                    in_file.add(candidate.did)
 
-    def candidate(self, row: dict, path: Path, number: int) -> Candidate | None:
+    def candidate(self, row: dict, path: Path, number: int, in_file: set[str]) -> Candidate | None:
         missing = [k for k in ("did", "modality") if k not in row]
         if missing:
             self.problems("malformed_line", path, number, f"candidate has no {missing[0]!r} field")
             return None
-        if row["modality"] not in MODALITIES:
-            self.problems("unknown_modality", path, number, f"modality {row['modality']!r}; use {MODALITIES}")
+        if (why := id_problem(row["did"])) is not None:
+            self.problems("bad_value", path, number, f"did {why}")
+            return None
+        did, modality = str(row["did"]), row["modality"]
+        if not isinstance(modality, str):
+            self.problems("bad_value", path, number, f"modality of {did} is {json_type(modality)}, not a string")
+            return None
+        if modality not in MODALITIES:
+            self.problems("unknown_modality", path, number, f"modality {modality!r}; use {MODALITIES}")
             return None
         txt, img = row.get("txt"), row.get("img_path")
-        if txt is None and img is None:
-            self.problems("malformed_line", path, number, "candidate has neither txt nor img_path")
+        if (why := self.content_problem(txt, img, "txt", "img_path")) is not None:
+            self.problems(why[0], path, number, f"candidate {did}: {why[1]}")
             return None
-        return Candidate(str(row["did"]), txt, img, row["modality"]) if self.image_ok(img, path, number) else None
+        first = self.pool.get(did)
+        if first is not None:
+            if (first.txt, first.img, first.modality) != (txt, img, modality):
+                self.problems(
+                    "conflicting_candidate", path, number, f"candidate {did} was met before with other content"
+                )
+                return None
+            if did in in_file:
+                self.problems("duplicate_candidate", path, number, f"candidate {did} twice in this file")
+                return None
+            self.repeated["candidates_in_several_pools"] += 1
+            return first
+        return Candidate(did, txt, img, modality) if self.image_ok(img, path, number) else None
+
+    @staticmethod
+    def content_problem(txt: Any, img: Any, txt_key: str, img_key: str) -> tuple[str, str] | None:
+        """(reason, detail) if an item's text and image path are not a usable pair; None if they are."""
+        if txt is not None and not isinstance(txt, str):
+            return "bad_value", f"{txt_key} is {json_type(txt)}, not a string or null"
+        if img is not None and not (isinstance(img, str) and img):
+            return "bad_value", f"{img_key} is {json_type(img) if img != '' else 'empty'}, not a path or null"
+        if txt is None and img is None:
+            return "malformed_line", f"neither {txt_key} nor {img_key}"
+        if img is None and not txt.strip():
+            return "bad_value", f"{txt_key} is empty and there is no image"
+        return None
 
     def load_instructions(self) -> None:
         path = self.root / "instructions" / "query_instructions.tsv"
         if not path.is_file():
             raise LamraError(f"{path} does not exist: M-BEIR keeps the task instructions there")
-        rows = path.read_text(encoding="utf-8").splitlines()
-        for number, line in enumerate(rows[1:], start=2):
+        for number, line in self.text_lines(path, "instructions", header=True):
             cols = line.split("\t")
             if len(cols) < 5:
                 self.problems(
                     "malformed_line", path, number, "expected query_modality, cand_modality, name, id, prompts"
                 )
+                self.dropped["instructions"] += 1
                 continue
             qm, cm, name, dataset_id = (c.strip() for c in cols[:4])
-            self.instructions[(dataset_id, qm, cm)] = [p.strip() for p in cols[4:] if p.strip()]
-            self.dataset_names[dataset_id] = name.strip().lower()
+            name = name.lower()
+            key = (dataset_id, qm, cm)
+            if not safe_name(name):
+                self.problems("unsafe_name", path, number, f"dataset name {name!r} is not a plain folder name")
+            elif key in self.instructions:
+                self.problems("duplicate_instruction", path, number, f"a second row for {key}")
+            elif self.dataset_names.get(dataset_id, name) != name:
+                was = self.dataset_names[dataset_id]
+                self.problems("duplicate_instruction", path, number, f"dataset {dataset_id} was named {was!r} before")
+            else:
+                self.instructions[key] = [p.strip() for p in cols[4:] if p.strip()]
+                self.dataset_names[dataset_id] = name
+                self.written["instructions"] += 1
+                continue
+            self.dropped["instructions"] += 1
 
-    def query_record(self, row: dict, path: Path, number: int, pool: dict[str, Candidate]) -> dict[str, Any] | None:
+    def query_problem(self, row: dict) -> tuple[str, str] | None:
+        """(reason, detail) if a query row's values are not what M-BEIR's are; None if they are."""
         for key in ("qid", "query_modality", "pos_cand_list"):
             if key not in row:
-                self.problems("malformed_line", path, number, f"query has no {key!r} field")
-                return None
-        if row["query_modality"] not in MODALITIES:
-            self.problems(
-                "unknown_modality", path, number, f"query_modality {row['query_modality']!r}; use {MODALITIES}"
-            )
+                return "malformed_line", f"query has no {key!r} field"
+        if (why := id_problem(row["qid"])) is not None:
+            return "bad_value", f"qid {why}"
+        modality = row["query_modality"]
+        if not isinstance(modality, str):
+            return "bad_value", f"query_modality is {json_type(modality)}, not a string"
+        if modality not in MODALITIES:
+            return "unknown_modality", f"query_modality {modality!r}; use {MODALITIES}"
+        why = self.content_problem(row.get("query_txt"), row.get("query_img_path"), "query_txt", "query_img_path")
+        if why is not None:
+            return why
+        for key in ("pos_cand_list", "neg_cand_list"):
+            listed = row.get(key)
+            if listed is None and key == "neg_cand_list":
+                continue
+            if not isinstance(listed, list):
+                return "bad_value", f"{key} is {json_type(listed)}, not a list of ids"
+            for i, did in enumerate(listed):
+                if (why := id_problem(did)) is not None:
+                    return "bad_value", f"{key}[{i}] {why}"
+        task = row.get("task_id")
+        if task is not None and (isinstance(task, bool) or not isinstance(task, int) or task not in range(9)):
+            return "bad_task_id", f"task_id {task!r} is not an M-BEIR task id (an integer 0..8)"
+        return None
+
+    def query_record(
+        self,
+        row: dict,
+        path: Path,
+        number: int,
+        pool: dict[str, Candidate],
+        seen: dict[str, bytes],
+        training: bool = False,
+    ) -> dict[str, Any] | None:
+        if (why := self.query_problem(row)) is not None:
+            self.problems(why[0], path, number, why[1])
             return None
+        qid = str(row["qid"])
+        dataset_id = qid.split(":")[0]
+        if training and row.get("task_id") is not None and safe_name(self.group(dataset_id, row["task_id"])):
+            self.train_tasks_seen.add(self.group(dataset_id, row["task_id"]))
+        content = hashlib.sha1(json.dumps(row, sort_keys=True).encode()).digest()
+        if qid in seen:
+            if not training or seen[qid] != content:
+                self.problems("duplicate_query", path, number, f"query {qid} was met before; the first is kept")
+                return None
+            self.repeated["train_queries_upsampled"] += 1
         if not self.image_ok(row.get("query_img_path"), path, number):
             return None
         positives = []
@@ -180,27 +560,32 @@ class Converter:
             if str(did) in pool:
                 positives.append(pool[str(did)])
             else:
-                self.problems("unknown_positive", path, number, f"positive {did!r} of {row['qid']} is in no pool")
+                self.problems("unknown_positive", path, number, f"positive {did!r} of {qid} is in no pool")
         if not positives:
-            self.problems("no_positive", path, number, f"query {row['qid']} has no usable positive")
+            self.problems("no_positive", path, number, f"query {qid} has no usable positive")
             return None
         negatives = []
         for did in row.get("neg_cand_list") or []:
             if str(did) in pool:
                 negatives.append(pool[str(did)])
             else:
-                self.problems("unknown_negative", path, number, f"negative {did!r} of {row['qid']} is in no pool")
-        dataset_id = str(row["qid"]).split(":")[0]
+                self.problems("unknown_negative", path, number, f"negative {did!r} of {qid} is in no pool")
+        task = row.get("task_id")
+        if task is None:
+            task = TASKS[(row["query_modality"], positives[0].modality)]
+        if training and not safe_name(self.group(dataset_id, task)):
+            self.problems("unsafe_name", path, number, f"its folder name {self.group(dataset_id, task)!r} is unsafe")
+            return None
         key = (dataset_id, row["query_modality"], positives[0].modality)
         instructions = self.instructions.get(key)
         if instructions is None:
             self.problems("no_instruction", path, number, f"no instruction for {key} in query_instructions.tsv")
             return None
-        task = TASKS[(row["query_modality"], positives[0].modality)]
+        seen[qid] = content
         return {
-            "qid": str(row["qid"]),
+            "qid": qid,
             "query_modality": row["query_modality"],
-            "task_id": row.get("task_id", task),
+            "task_id": task,
             "query": {
                 "txt": row.get("query_txt"),
                 "image": self.image(row.get("query_img_path")),
@@ -212,10 +597,18 @@ class Converter:
         }
 
     def image(self, rel: str | None) -> tuple[bytes, str] | None:
+        """The image's bytes as they are (checked by `image_ok`) and the extension its member is named with."""
         if rel is None:
             return None
-        path = self.root / rel
-        return path.read_bytes(), path.suffix.lstrip(".").lower() or "jpg"
+        real, _ = self.resolve(rel)
+        try:
+            data = real.read_bytes() if real is not None else b""
+        except OSError:
+            data = b""
+        if real is None or len(data) != self.image_sizes[rel]:
+            raise LamraError(f"image {rel!r} under {self.root} changed while convert-mbeir ran; convert again")
+        ext = PurePosixPath(rel).suffix.lstrip(".").lower()
+        return data, ext if re.fullmatch(r"[a-z0-9]{1,8}", ext) else "jpg"
 
     def item(self, c: Candidate) -> dict[str, Any]:
         return {"id": c.did, "txt": c.txt, "image": self.image(c.img), "img_src": c.img, "modality": c.modality}
@@ -224,23 +617,30 @@ class Converter:
         return f"{self.dataset_names.get(dataset_id, dataset_id)}_task{task}"
 
     # ----------------------------------------------------------------------------------- writing
-    def train(self, out: Path) -> None:
+    def train(self, output: Output) -> None:
         folder = self.root / "query" / "union_train"
         files = sorted(folder.glob("*.jsonl")) or sorted((self.root / "query" / "train").glob("*.jsonl"))
+        self.train_files = files
         groups: dict[str, list[dict]] = defaultdict(list)
+        seen: dict[str, bytes] = {}
         for path in files:
             for number, row in self.lines(path, "train_queries"):
-                record = self.query_record(row, path, number, self.pool)
+                record = self.query_record(row, path, number, self.pool, seen, training=True)
                 if record is None:
                     self.dropped["train_queries"] += 1
                 else:
                     groups[self.group(record["qid"].split(":")[0], record["task_id"])].append(record)
         pool = self.train_pool(groups)
-        self.write_pool(pool, out / "train_pool")
+        self.write_pool(pool, output.claim("train_pool"))
+        if not pool:
+            self.empty.append({"task": "train_pool", "empty": ["pool"], "written": True})
+        for name in sorted(self.train_tasks_seen - groups.keys()):
+            self.empty.append({"task": f"train/{name}", "empty": ["queries"], "written": False})
         for name, records in sorted(groups.items()):
+            task_dir = output.claim(f"train/{name}")
             samples = (encode_record(f"{i:08d}", **_fields(r)) for i, r in enumerate(records))
-            self.written["train_queries"] += sum(write_shards(samples, out / "train" / name).values())
-            self.train_task(out / "train" / name, records, pool)
+            self.written["train_queries"] += sum(write_shards(samples, task_dir).values())
+            self.train_task(task_dir, records, pool)
 
     def train_pool(self, groups: dict[str, list[dict]]) -> list[Candidate]:
         """M-BEIR's union training pool, else every candidate the training queries list (positive or negative)."""
@@ -257,7 +657,8 @@ class Converter:
         dataset_id = records[0]["qid"].split(":")[0]
         modalities = {p["modality"] for r in records for p in r["positives"]}
         ids = [c.did for c in pool if c.modality in modalities and c.did.split(":")[0] == dataset_id]
-        qrels = [f"{r['qid']} 0 {p['id']} 1 {r['task_id']}" for r in records for p in r["positives"]]
+        # Up-sampled queries repeat their qrels lines: once each is enough.
+        qrels = dict.fromkeys(f"{r['qid']} 0 {p['id']} 1 {r['task_id']}" for r in records for p in r["positives"])
         dataset = self.dataset_names.get(dataset_id, dataset_id)
         info = {
             "dataset": dataset,
@@ -268,14 +669,21 @@ class Converter:
             "pool": len(ids),
             "recall_k": 10 if dataset in RECALL_AT_10 else 5,
         }
+        if not ids:
+            self.empty.append({"task": f"train/{task_dir.name}", "empty": ["pool"], "written": True})
         write_task(task_dir, info, qrels, pool=ids)
 
-    def evaluation(self, out: Path, split: str) -> None:
+    def evaluation(self, output: Output, split: str) -> None:
         union: dict[str, Candidate] = {}
-        for path in sorted((self.root / "query" / split).glob("*.jsonl")):
-            match = EVAL_FILE.search(path.name)
-            if match is None:
-                raise LamraError(f"{path}: expected a name like mbeir_<dataset>_task<N>_{split}.jsonl")
+        files = sorted((self.root / "query" / split).glob("*.jsonl"))
+        self.split_files[split] = files
+        for path in files:
+            match = EVAL_FILE.fullmatch(path.name)
+            if match is None or not safe_name(match["dataset"]) or int(match["task"]) not in range(9):
+                raise LamraError(
+                    f"{path}: expected a name like mbeir_<dataset>_task<N>_{split}.jsonl, with N 0..8 and a dataset "
+                    "name of letters, digits, '_', '.', '-'"
+                )
             dataset, task = match["dataset"], int(match["task"])
             name = f"mbeir_{dataset}_task{task}"
             local = self.root / "cand_pool" / "local"
@@ -284,31 +692,34 @@ class Converter:
             if not pool_file.is_file():
                 raise LamraError(f"{path}: its local pool {pool_file} does not exist")
             pool = {did: self.pool[did] for did in self.pool_files[pool_file]}
-            task_dir = out / "eval" / split / f"{dataset}_task{task}"
             records = []
             query_modalities: set[str] = set()
+            seen: dict[str, bytes] = {}
+            qids_read: set[str] = set()
             for number, row in self.lines(path, f"{split}_queries"):
+                if id_problem(row.get("qid")) is None:
+                    qids_read.add(str(row["qid"]))
                 # M-BEIR's eval positives come from the whole union (OVEN/InfoSeek cross-reference); the local
                 # pool is what is searched.
-                record = self.query_record(row, path, number, self.pool)
+                record = self.query_record(row, path, number, self.pool, seen)
                 if record is None:
                     self.dropped[f"{split}_queries"] += 1
                 else:
                     records.append(record)
                     query_modalities.add(row["query_modality"])
+            task_dir = output.claim(f"eval/{split}/{dataset}_task{task}")
             self.written[f"{split}_queries"] += sum(
                 write_shards(
                     (encode_record(f"{i:08d}", **_fields(r)) for i, r in enumerate(records)), task_dir / QUERIES
                 ).values()
             )
             self.write_pool(pool.values(), task_dir / POOL)
-            qrels = self.root / "qrels" / split / f"{name}_{split}_qrels.txt"
-            lines = (
-                qrels.read_text().splitlines()
-                if qrels.is_file()
-                else [f"{r['qid']} 0 {p['id']} 1 {r['task_id']}" for r in records for p in r["positives"]]
-            )
             kept = {r["qid"] for r in records}
+            qrels_path = self.root / "qrels" / split / f"{name}_{split}_qrels.txt"
+            if qrels_path.is_file():
+                lines = self.qrels(qrels_path, f"{split}_qrels", kept, qids_read, path)
+            else:
+                lines = [f"{r['qid']} 0 {p['id']} 1 {r['task_id']}" for r in records for p in r["positives"]]
             info = {
                 "dataset": dataset,
                 "task_id": task,
@@ -318,10 +729,30 @@ class Converter:
                 "pool": len(pool),
                 "recall_k": 10 if dataset in RECALL_AT_10 else 5,
             }
-            write_task(task_dir, info, (line for line in lines if line.split()[0] in kept))
+            write_task(task_dir, info, lines)
+            empty = [part for part, n in (("queries", len(records)), ("pool", len(pool))) if n == 0]
+            if empty:
+                self.empty.append({"task": f"eval/{split}/{task_dir.name}", "empty": empty, "written": True})
             union.update(pool)
         if union:
-            self.write_pool(union.values(), out / "eval" / split / "global_pool")
+            self.write_pool(union.values(), output.claim(f"eval/{split}/global_pool"))
+
+    def qrels(self, path: Path, kind: str, kept: set[str], qids_read: set[str], queries: Path) -> list[str]:
+        """The qrels lines of the kept queries; lines of dropped queries are dropped with them."""
+        lines = []
+        for number, line in self.text_lines(path, kind):
+            fields = line.split()
+            if len(fields) < 4 or not re.fullmatch(r"-?\d+", fields[3]):
+                self.problems("malformed_line", path, number, "expected 'qid 0 did relevance task_id'")
+            elif fields[0] in kept:
+                lines.append(" ".join(fields))
+                self.written[kind] += 1
+                continue
+            elif fields[0] not in qids_read:
+                why = f"query {fields[0]!r} is not among the readable queries of {queries.name}"
+                self.problems("unknown_query", path, number, why)
+            self.dropped[kind] += 1
+        return lines
 
     def write_pool(self, candidates: Any, folder: Path) -> None:
         candidates = list(candidates)
@@ -333,40 +764,122 @@ class Converter:
         # The pool's ids in shard order: restricts a search of the global index to this pool without reading it.
         write_pool_ids(folder, (c.did for c in candidates))
 
+    # ----------------------------------------------------------------------------------- reporting
+    def ignored(self, splits: tuple[str, ...]) -> dict[str, str]:
+        """Every file under the layout's folders that was not read, and why; and what else the root holds."""
+        layout = ("query", "cand_pool", "qrels", "instructions")
+        why: dict[str, str] = {}
+        for entry in sorted(self.root.iterdir()):
+            if entry.name not in layout:
+                why[entry.name + ("/" if entry.is_dir() else "")] = (
+                    "not part of the M-BEIR layout convert-mbeir reads (images are read where a record names them)"
+                )
+        union = bool(self.train_files) and self.train_files[0].parent.name == "union_train"
+        for folder in layout:
+            for dirpath, _, filenames in sorted(os.walk(self.root / folder)):
+                for filename in sorted(filenames):
+                    rel = self.relative(Path(dirpath) / filename)
+                    if rel in self.inputs:
+                        continue
+                    parts = rel.split("/")
+                    sub = parts[1] if len(parts) > 2 else None  # the split folder
+                    if folder == "instructions":
+                        why[rel] = "convert-mbeir reads instructions/query_instructions.tsv only"
+                    elif folder == "query" and sub == "train" and union:
+                        why[rel] = "query/union_train/ holds the training queries"
+                    elif folder == "qrels" and sub == "train":
+                        why[rel] = "training qrels are made from the training queries' positives"
+                    elif folder in ("query", "qrels") and sub is None:
+                        why[rel] = f"not in a split folder ({folder}/<split>/)"
+                    elif folder in ("query", "qrels") and sub not in (*splits, "train", "union_train"):
+                        why[rel] = f"split {sub!r} was not asked for (--splits {list(splits)})"
+                    elif folder == "qrels":
+                        why[rel] = f"no query file of this task in query/{sub}/"
+                    elif not filename.endswith(".jsonl"):
+                        why[rel] = "not a .jsonl file"
+                    else:
+                        why[rel] = "not a file of the M-BEIR layout convert-mbeir reads"
+        return why
+
+    def image_fingerprint(self) -> dict[str, Any]:
+        digest = hashlib.sha256()
+        for rel in sorted(self.image_sizes):
+            digest.update(f"{rel}\t{self.image_sizes[rel]}\n".encode())
+        return {"files": len(self.image_sizes), "bytes": sum(self.image_sizes.values()), "sha256": digest.hexdigest()}
+
 
 def _fields(record: dict[str, Any]) -> dict[str, Any]:
     """`encode_record`'s arguments of a converted query (without the bookkeeping kept beside them)."""
     return {k: v for k, v in record.items() if k != "query_modality"}
 
 
-def convert(root: str, out: str, strict: bool = False, splits: tuple[str, ...] = ("test",)) -> dict[str, Any]:
+def convert(
+    root: str,
+    out: str,
+    strict: bool = False,
+    splits: tuple[str, ...] = ("test",),
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
+    image_roots: tuple[str, ...] = (),
+) -> dict[str, Any]:
     """Convert an M-BEIR folder to training shards, evaluation sets and the global pool.
 
-    Prints and returns the report of what was read, written and dropped (also OUT/report.json).
+    Prints and returns the report of what was read, written and dropped, and why (also OUT/report.json, written
+    last). A run over an earlier conversion in OUT rewrites it from scratch.
 
     Args:
         root: the M-BEIR folder (query/, cand_pool/, qrels/, instructions/, images).
         out: output folder (train/, train_pool/, eval/<split>/, report.json).
         strict: stop at the first problem instead of skipping and counting.
         splits: evaluation splits to convert.
+        max_image_pixels: images with more pixels are skipped and counted (`oversized_image`), read from their
+            header before anything is decoded.
+        image_roots: folders outside the root that image links inside it may lead into (e.g. the disk that a
+            linked `mbeir_images/` is on); every other path leading out of the root is refused (`unsafe_path`).
     """
     root_path, out_path = Path(root), Path(out)
     if not root_path.is_dir():
         raise LamraError(f"M-BEIR root {root!r} does not exist")
-    converter = Converter(root_path, Problems(strict))
+    splits = tuple(dict.fromkeys(splits))
+    unsafe = [s for s in splits if not safe_name(s)]
+    if unsafe:
+        raise LamraError(f"--splits {unsafe[0]!r} is not a split name (letters, digits, '_', '.', '-')")
+    if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) or max_image_pixels < 1:
+        raise LamraError(f"--max_image_pixels must be a positive integer, got {max_image_pixels!r}")
+    missing = [r for r in image_roots if not Path(r).is_dir()]
+    if missing:
+        raise LamraError(f"--image_roots {missing[0]!r} is not a folder")
+    converter = Converter(root_path, Problems(strict), max_image_pixels, tuple(image_roots))
     converter.load_instructions()
     converter.load_pools()
-    converter.train(out_path)
+    output = Output(out_path)
+    output.begin()
+    converter.train(output)
     for split in splits:
-        converter.evaluation(out_path, split)
+        converter.evaluation(output, split)
     report = {
+        "format": REPORT_FORMAT,
+        "version": REPORT_VERSION,
+        "arguments": {
+            "root": os.path.abspath(root_path),
+            "out": os.path.abspath(out_path),
+            "strict": strict,
+            "splits": list(splits),
+            "max_image_pixels": max_image_pixels,
+            "image_roots": [os.path.abspath(r) for r in image_roots],
+        },
+        "inputs": {"files": converter.inputs, "images": converter.image_fingerprint()},
+        "ignored": converter.ignored(splits),
         "read": dict(converter.read),
         "written": dict(converter.written),
         "dropped": dict(converter.dropped),
         "problems": dict(converter.problems.counts),
+        "where": dict(converter.problems.where),
+        "repeated": dict(converter.repeated),
+        "empty_tasks": converter.empty,
+        "outputs": output.outputs,
+        "not_written_here": output.others(),
         "strict": strict,
     }
-    out_path.mkdir(parents=True, exist_ok=True)
-    (out_path / "report.json").write_text(json.dumps(report, indent=1))
+    output.finish(report)
     print(json.dumps(report, indent=1))
     return report
