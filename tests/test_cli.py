@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import inspect
 
-from helpers import clean_error, lamra_here, ok
+import pytest
+
+from helpers import ROOT, clean_error, lamra_here, ok
 from lamra_pl.cli import COMMANDS, LIGHTNING, command
+from lamra_pl.errors import LamraError
 
 
 def test_help_lists_every_subcommand_with_its_description():
@@ -36,3 +39,67 @@ def test_help_needs_none_of_the_optional_extras():
     code += "from lamra_pl.cli import main; main(['--help'])"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "emoji" in proc.stdout, proc.stderr[-2000:]
+
+
+def _parsed(*args: str):
+    """The config `lamra-pl` would instantiate for ARGS (after the checkpoint's settings are merged)."""
+    from lightning.pytorch import LightningDataModule, LightningModule
+
+    from lamra_pl.cli import FitParser, LamraCLI
+
+    class Stop(Exception):
+        pass
+
+    class Probe(LamraCLI):
+        def before_instantiate_classes(self) -> None:
+            raise Stop(self.config[self.config.subcommand])
+
+    try:
+        Probe(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            parser_class=FitParser,
+            args=list(args),
+        )
+    except Stop as stop:
+        return stop.args[0]
+    raise AssertionError("the CLI did not reach instantiation")
+
+
+def test_ckpt_path_brings_the_checkpoints_own_settings_but_never_trust(tmp_path):
+    import torch
+
+    legacy = ROOT / "tests" / "fixtures" / "legacy_4ccdac6"
+    saved = torch.load(legacy / "retriever.ckpt", weights_only=True)
+    saved["hyper_parameters"]["trust_remote_code"] = True  # a flat (version 1) checkpoint asking for trust
+    torch.save(saved, tmp_path / "asks.ckpt")
+    config = _parsed("validate", "-c", "experiments/tiny/stage2_instruct.yaml", f"--ckpt_path={tmp_path / 'asks.ckpt'}")
+    model = config.model.init_args
+    assert (model.lora.r, model.lora.alpha) == (
+        saved["hyper_parameters"]["lora"]["r"],
+        saved["hyper_parameters"]["lora"]["alpha"],
+    )
+    assert model.lora.r != 32  # the config's own
+    assert model.backbone.path == saved["hyper_parameters"]["backbone"]  # an older checkpoint: migrated
+    assert model.backbone.trust_remote_code is False  # the config's, not the file's
+
+
+def test_a_checkpoint_of_a_module_of_your_own_is_checked_not_refused(tmp_path, monkeypatch):
+    import torch
+
+    (tmp_path / "mypkg.py").write_text(
+        "from lightning.pytorch import LightningModule\n\n\nclass MyModule(LightningModule):\n"
+        "    def __init__(self, width: int = 1) -> None:\n        super().__init__()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    hparams = {"_class_path": "mypkg.MyModule", "width": 3, "optimizer": {"class_path": "mypkg.MyModule"}}
+    torch.save({"state_dict": {}, "hyper_parameters": hparams}, tmp_path / "own.ckpt")
+    args = ("validate", "-c", "experiments/tiny/stage2_instruct.yaml", "--model=mypkg.MyModule")
+    config = _parsed(*args, f"--ckpt_path={tmp_path / 'own.ckpt'}")
+    assert config.model.class_path == "mypkg.MyModule"  # the class your config names: its checkpoint may name it
+    hparams["optimizer"] = {"class_path": "subprocess.Popen"}
+    torch.save({"state_dict": {}, "hyper_parameters": hparams}, tmp_path / "own.ckpt")
+    with pytest.raises(LamraError, match="hyper_parameters.optimizer.class_path names 'subprocess.Popen'"):
+        _parsed(*args, f"--ckpt_path={tmp_path / 'own.ckpt'}")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import sys
 from itertools import islice
 
 import pytest
@@ -15,7 +17,15 @@ from lamra_pl.data.evaluation import eval_pipeline
 from lamra_pl.data.stream import SampleIndex, TrainStream
 from lamra_pl.errors import BadSampleError, LamraError
 from lamra_pl.formats.sample import Item, Record, decode_record, evaluation_query, format_text, with_instruction
-from lamra_pl.formats.shards import expand_shards, write_shards
+from lamra_pl.formats.shards import (
+    INCOMPLETE,
+    MARKER_HEADER,
+    expand_shards,
+    incomplete_entries,
+    mark_incomplete,
+    unmark_incomplete,
+    write_shards,
+)
 from lamra_pl.models.embedding_inputs import choose_example
 
 
@@ -113,6 +123,61 @@ def test_missing_shards_are_named(tmp_path):
         expand_shards(str(tmp_path))
     with pytest.raises(LamraError, match="shard-000003.tar"):
         expand_shards(str(tmp_path / "shard-{000003..000004}.tar"))
+
+
+def test_a_write_that_fails_midway_leaves_its_folder_marked_and_nothing_on_stderr(tmp_path, capfd, monkeypatch):
+    """A sample source that raises while a shard is open: the partial tar is discarded without the tar stream's
+    finaliser writing to the closed file ("Exception ignored in: _Stream.__del__" on stderr)."""
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)  # pytest would turn them into warnings
+
+    def samples():
+        for i, sample in enumerate(text_to_image_samples()):
+            if i == 3:
+                raise RuntimeError("the source failed")
+            yield sample
+
+    def write() -> None:
+        with pytest.raises(RuntimeError, match="the source failed"):
+            write_shards(samples(), tmp_path, maxcount=100)
+
+    write()
+    gc.collect()
+    assert unraisable == [] and "Exception ignored" not in capfd.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [INCOMPLETE]  # no temporary tar; the folder is refused
+    with pytest.raises(LamraError, match="is incomplete"):
+        expand_shards(str(tmp_path))
+    assert write_shards(text_to_image_samples(), tmp_path) == {"shard-000000.tar": 12}
+    assert not (tmp_path / INCOMPLETE).exists()
+
+
+def test_every_writer_keeps_the_one_in_progress_marker_format(tmp_path):
+    """`.lamra_pl_incomplete`: MARKER_HEADER, then `<writer> <entry>` lines; each writer removes only its own."""
+    mark_incomplete(tmp_path, "convert-mbeir", "train/a", "train/b")
+    mark_incomplete(tmp_path, "convert-mbeir", "train/a")  # listed once
+    write_shards(text_to_image_samples(), tmp_path / "sub")
+    marker = tmp_path / INCOMPLETE
+    mark_incomplete(tmp_path, "write_shards", "shard")
+    assert marker.read_text() == f"{MARKER_HEADER}\nconvert-mbeir train/a\nconvert-mbeir train/b\nwrite_shards shard\n"
+    with pytest.raises(LamraError, match="is incomplete"):
+        expand_shards(str(tmp_path / "sub"))  # a folder above is being written
+    unmark_incomplete(tmp_path, "write_shards", "shard")
+    assert incomplete_entries(tmp_path) == [("convert-mbeir", "train/a"), ("convert-mbeir", "train/b")]
+    unmark_incomplete(tmp_path, "convert-mbeir")
+    assert not marker.exists() and len(expand_shards(str(tmp_path / "sub"))) == 1
+
+    # What `write_shards` leaves while it writes (seen from the sample source), and a marker of another format.
+    def samples():
+        yield from text_to_image_samples()[:2]
+        assert (tmp_path / "w" / INCOMPLETE).read_text() == f"{MARKER_HEADER}\nwrite_shards part\n"
+
+    write_shards(samples(), tmp_path / "w", prefix="part")
+    assert not (tmp_path / "w" / INCOMPLETE).exists()
+    for foreign in ("part\n", f"{MARKER_HEADER}\nwrite_shards part"):  # another format; cut short
+        (tmp_path / "w" / INCOMPLETE).write_text(foreign)
+        with pytest.raises(LamraError, match="not a lamra-pl in-progress marker") as err:
+            write_shards(text_to_image_samples(), tmp_path / "w", prefix="part")
+        assert "\n" not in str(err.value)
 
 
 def test_instruction_is_prepended_and_formatted():

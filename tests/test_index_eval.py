@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,6 +16,8 @@ import pytest
 
 from helpers import LAMRA, ROOT, clean_error, lamra, lamra_here, ok, scalars
 from lamra_pl.api import Retriever
+from lamra_pl.errors import LamraError
+from lamra_pl.formats import read_json
 from lamra_pl.formats.index import EmbeddingIndex
 from lamra_pl.formats.runs import read_run_file
 from lamra_pl.formats.sample import encode_candidate
@@ -286,6 +289,42 @@ def test_bad_run_or_qrels_is_a_clear_error_and_nothing_is_overwritten(evaluated,
     before = (runs / "results.json").read_bytes()
     clean_error(lamra_here("evaluate", f"--runs={runs}"), *needles)
     assert (runs / "results.json").read_bytes() == before
+
+
+UNREADABLE_JSON = {
+    "not UTF-8": (b'{"format": "\xff"}', "not UTF-8 text (byte 12)"),
+    "not JSON": (b'{"format": ', "not JSON (Expecting value"),
+    "nested too deep": (b"[" * 100_000 + b"]" * 100_000, "its JSON nests too deep"),
+    "a number too long": (b"1" * 5000, "not readable JSON (Exceeds the limit"),
+}
+
+
+@pytest.mark.parametrize("defect", list(UNREADABLE_JSON))
+def test_an_unreadable_index_json_runs_json_or_items_row_is_one_line_naming_it(evaluated, tmp_path, defect):
+    data, needle = UNREADABLE_JSON[defect]
+    (tmp_path / "file.json").write_bytes(data)
+    with pytest.raises(LamraError, match="^" + re.escape(f"{tmp_path / 'file.json'} is not a thing: ")) as caught:
+        read_json(tmp_path / "file.json", "a thing")
+    assert needle in str(caught.value) and "\n" not in str(caught.value)
+    with pytest.raises(LamraError, match="does not exist"):
+        read_json(tmp_path / "missing.json", "a thing")
+
+    index = tmp_path / "index"
+    shutil.copytree(evaluated["index"], index)
+    items = (index / "items.jsonl").read_bytes().splitlines(keepends=True)
+    (index / "items.jsonl").write_bytes(b"".join([items[0], data + b"\n", *items[2:]]))
+    with pytest.raises(LamraError, match=re.escape(f"{index / 'items.jsonl'}:2: ")):
+        assert EmbeddingIndex(index).modalities
+    (index / "index.json").write_bytes(data)
+    with pytest.raises(LamraError, match=re.escape(f"{index / 'index.json'} is not a lamra-pl-index v1 index: ")):
+        EmbeddingIndex(index)
+
+    runs = tmp_path / "local"
+    shutil.copytree(evaluated["runs"] / "local", runs)
+    (runs / "runs.json").write_bytes(data)
+    proc = lamra_here("evaluate", f"--runs={runs}")
+    clean_error(proc, f"{runs / 'runs.json'} is not a lamra-pl-runs manifest", needle)
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 @pytest.mark.slow

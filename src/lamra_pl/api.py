@@ -21,7 +21,7 @@ from PIL import Image
 
 from lamra_pl.errors import LamraError
 from lamra_pl.formats.index import EmbeddingIndex
-from lamra_pl.formats.sample import Item, with_instruction
+from lamra_pl.formats.sample import IMAGE_FORMATS, Item, with_instruction
 from lamra_pl.models.checkpoints import caller_settings, load_retriever
 from lamra_pl.models.contrastive import ContrastiveSteps
 from lamra_pl.ranking.search import Backend
@@ -114,7 +114,7 @@ def _image(image: ImageInput) -> Image.Image:
     if not path.is_file():
         raise LamraError(f"image file {str(image)!r} does not exist")
     try:
-        with Image.open(path) as opened:
+        with Image.open(path, formats=IMAGE_FORMATS) as opened:
             return opened.convert("RGB")
     except Exception as err:  # PIL raises many types for unreadable files
         raise LamraError(f"image file {str(image)!r} is not a readable image ({err})") from err

@@ -183,17 +183,37 @@ class LamraCLI(LightningCLI):
     collator (`connect`), reports lamra-pl's own errors as themselves, and reads a `--ckpt_path` as data."""
 
     def _parse_ckpt_path(self) -> None:
-        """LightningCLI merges a checkpoint's hyper-parameters into the config, which instantiates whatever class
-        paths they name. Here the config is only the user's (command line and YAML); the checkpoint is checked the
-        way every checkpoint is (`lamra_pl.models.checkpoints.read_checkpoint`: readable with weights_only, its class
-        paths allowed) before Lightning restores its state."""
+        """LightningCLI merges a checkpoint's hyper-parameters into the config, and jsonargparse then instantiates
+        whatever class paths they name. Here the checkpoint is first read as every checkpoint is
+        (`lamra_pl.models.checkpoints.read_checkpoint`: weights_only, every class path it names allowed: lamra-pl's
+        own or one your config names), and only then are a lamra-pl module's own arguments merged (migrated from
+        earlier versions; trust_remote_code stays what your config says). Another module's checkpoint is checked
+        and not merged; remote ones (s3://) are read by Lightning with weights_only."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path is None or str(ckpt_path) in ("last", "best", "hpc") or str(ckpt_path).startswith("registry"):
-            return  # Lightning finds these itself; they are read by CheckpointWriter.load_checkpoint
-        from lamra_pl.models.checkpoints import read_checkpoint
+            return  # Lightning finds these itself and reads them through CheckpointWriter.load_checkpoint
+        if "://" in str(ckpt_path) and not str(ckpt_path).startswith("file://"):
+            return
+        from lamra_pl.formats.checkpoint import class_paths, read
+        from lamra_pl.models.checkpoints import MODULES, check_class_paths, class_path_of, read_checkpoint
 
-        read_checkpoint(ckpt_path)
+        config = self.config[subcommand]
+        path = str(ckpt_path).removeprefix("file://")
+        yours = {class_path for _, class_path in class_paths(config.as_dict(), "config")}
+        hparams = read(path).get("hyper_parameters") or {}
+        check_class_paths(dict(hparams), f"checkpoint {path}", "hyper_parameters", also=yours)
+        if hparams.get("_class_path") not in MODULES:
+            return  # a module built in Python, or one of your own: checked, its config is yours
+        cls, args, _ = read_checkpoint(path, also=yours)
+        backbone = args.get("backbone")
+        if isinstance(backbone, dict):
+            backbone.pop("trust_remote_code", None)
+        model = config.get("model")
+        named = model.get("class_path") if model is not None and hasattr(model, "get") else None
+        class_path = named if named is not None and MODULES.get(named) is cls else class_path_of(cls)
+        merged = {subcommand: {"model": {"class_path": class_path, "init_args": args}}}
+        self.config = self.parser.parse_object(merged, self.config)
 
     def instantiate_classes(self) -> None:
         try:

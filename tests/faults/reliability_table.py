@@ -23,10 +23,12 @@ CLASSES: dict[str, tuple[str, ...]] = {
         "test_untrusted_files.py::test_trust_remote_code_is_never_taken_from_a_checkpoint",
         "test_untrusted_files.py::test_trust_remote_code_is_never_taken_from_a_merged_folder",
         "test_untrusted_files.py::test_a_settings_file_naming_a_class_outside_the_project_is_refused",
+        "test_untrusted_files.py::test_a_file_cannot_choose_an_attention_kernel",
     ),
     "paths from data leading out of their root or `--out`": (
         "test_convert.py::test_image_paths_leading_outside_the_root_are_never_read",
         "test_convert.py::test_names_from_the_data_cannot_write_outside_out",
+        "test_artefacts.py::test_a_task_name_in_runs_json_cannot_write_or_delete_outside_out",
     ),
     "inputs mixed or changed under a resume; writers killed": (
         "test_artefacts.py::test_an_index_resumed_over_another_pool_is_refused_and_its_parts_are_kept",
@@ -36,6 +38,7 @@ CLASSES: dict[str, tuple[str, ...]] = {
         "test_convert.py::test_a_killed_conversion_is_never_trained_on_and_a_rerun_completes_it",
         "test_convert.py::test_a_writer_killed_mid_shard_leaves_no_cut_shard_and_a_refused_folder",
         "test_convert.py::test_a_rerun_with_other_inputs_rewrites_its_own_folders_only",
+        "test_convert.py::test_a_rerun_over_an_earlier_versions_output_rewrites_it",
     ),
     "samples lost, merged or doubled without a count": (
         "test_convert.py::test_duplicate_candidate_ids_keep_the_first_and_count_the_rest",

@@ -1,5 +1,6 @@
 """Artefacts under faults: an index resumed over other inputs, a task whose pool is empty, run folders and indexes
-moved away from where they were written. Real tiny model, real shards, the shipped commands (in this process)."""
+moved away from where they were written, a runs.json whose task names are paths. Real tiny model, real shards, the
+shipped commands (in this process)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 from helpers import ROOT, clean_error, lamra_here, ok
 from lamra_pl.formats.index import EmbeddingIndex
+from lamra_pl.formats.runs import read_manifest, write_manifest
 from lamra_pl.formats.sample import encode_candidate
 from lamra_pl.formats.shards import write_shards
 from lamra_pl.recipes.mbeir import convert
@@ -172,7 +174,7 @@ def test_a_task_with_an_empty_pool_is_refused_before_the_model_is_loaded(built, 
     shutil.copytree(built["root"] / "data/eval/test/emoji_task0", task)
     for path in (task / "pool").iterdir():
         path.unlink()
-    (task / "pool" / "ids.txt").write_text("")
+    (task / "pool" / "ids.txt").write_text("\n  \n")  # blank lines list no candidate either
     out, index, model = tmp_path / "runs", built["root"] / "index", built["model"]
     retrieve = ("retrieve", f"--index={index}", f"--queries={task}", f"--out={out}", "--num_workers=0")
     clean_error(lamra_here(*retrieve, f"--model={model}"), f"task {task}:", "local pool", "is empty", "--pools")
@@ -262,4 +264,44 @@ def test_a_legacy_run_folder_moved_with_its_tree_evaluates_from_another_director
     finding(
         "a run folder of an earlier version (paths relative to its working directory) moved with its tree",
         "evaluated from elsewhere, its paths are found from the run folder's place; the numbers it wrote",
+    )
+
+
+# ------------------------------------------------------------------------------------ names from runs.json
+def tree(folder: Path) -> dict[str, bytes | None]:
+    """Every file and folder below `folder`: relative path -> bytes (None: a folder)."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
+
+
+def test_a_task_name_in_runs_json_cannot_write_or_delete_outside_out(built, tmp_path, finding):
+    """`rerank`, `rerank-data` and `mine` name their output after runs.json's tasks (OUT/<task>/, OUT/<task>.run, and
+    `rerank-data` deletes OUT/<task>/ when its run file does not fit its queries): a task name that is a path is
+    refused when runs.json is read, before anything is written."""
+    manifest = read_manifest(built["root"] / "runs" / "global")  # its paths resolved: absolute
+    entry = manifest["tasks"]["emoji_task0"]
+    work, escape = tmp_path / "work", tmp_path / "escape"
+    escape.mkdir()
+    (escape / "shard-000000.tar").write_bytes(b"not ours: write_shards would replace it")
+    (escape / "keep.txt").write_text("keep")
+    out = work / "out"
+    commands = {
+        "rerank-data": ["rerank-data"],
+        "mine": ["mine", "--strategy=topk", "--c1=1", "--c2=0"],
+        "rerank": ["rerank", f"--model={tmp_path / 'no-model'}"],
+    }
+    for name in ("../../escape", str(escape), "emoji_task0/../../../escape"):
+        runs = tmp_path / "crafted"
+        runs.mkdir(exist_ok=True)
+        write_manifest(runs, {**manifest, "tasks": {name: entry}})
+        before = tree(tmp_path)
+        for command, args in commands.items():
+            proc = lamra_here(*args, f"--runs={runs}", f"--out={out}")
+            clean_error(proc, str(runs / "runs.json"), f"task {name!r} is not a plain name")
+            assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1, (command, proc.stderr)
+            assert tree(tmp_path) == before, (command, name)  # nothing written or deleted, in --out or outside it
+    assert not out.exists()
+    finding(
+        "a runs.json whose task name is a path (`../../escape`, an absolute path, `task/../../..`)",
+        "`rerank`, `rerank-data` and `mine` exit 2 with one line naming runs.json and the task, before the model "
+        "is loaded; nothing is written or deleted, outside --out or in it",
     )

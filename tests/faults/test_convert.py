@@ -17,19 +17,30 @@ import sys
 import tarfile
 import time
 import zlib
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image
+from PIL import EpsImagePlugin, Image
 
 from helpers import LAMRA, lamra_here
+from lamra_pl.api import _image
 from lamra_pl.errors import LamraError
-from lamra_pl.formats.sample import decode_candidate, decode_record, encode_record
-from lamra_pl.formats.shards import INCOMPLETE, expand_shards, read_samples, write_shards
-from lamra_pl.recipes.mbeir import SAFE_NAME, convert
+from lamra_pl.formats import SAFE_NAME
+from lamra_pl.formats.sample import UnreadableImage, decode_candidate, decode_record, encode_candidate, encode_record
+from lamra_pl.formats.shards import (
+    INCOMPLETE,
+    MARKER_HEADER,
+    expand_shards,
+    incomplete_entries,
+    read_samples,
+    write_shards,
+)
+from lamra_pl.recipes.mbeir import Converter, Output, convert
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "mbeir_tiny"
+LEGACY_DATA = Path(__file__).parents[1] / "fixtures" / "legacy_4ccdac6" / "data"  # convert-mbeir of 4ccdac6
 TRAIN = "query/union_train/mbeir_union_up_train.jsonl"
 POOL = "cand_pool/global/mbeir_union_train_cand_pool.jsonl"
 TEST0 = "query/test/mbeir_emoji_task0_test.jsonl"
@@ -243,18 +254,18 @@ MALFORMED: dict[str, tuple[str, int, list[Any], str]] = {
     "pos_cand_list": (
         TRAIN,
         QUERY_LINE,
-        [5, None, "10:28", [None], [["10:28"]], [True], [1.5], ["10 28"]],
+        [5, None, "10:28", [None], [["10:28"]], [True], [1.5], ["10 28"], ["10:\ud800"]],
         "bad_value",
     ),
-    "neg_cand_list": (TRAIN, QUERY_LINE, ["10:29", 7, {"a": 1}, [None], [""]], "bad_value"),
-    "qid": (TRAIN, QUERY_LINE, [None, 1.5, True, ["10:30"], {"id": 1}, "", "10:30\n10:31"], "bad_value"),
-    "query_txt": (TRAIN, QUERY_LINE, [5, ["light"], {"t": "x"}, True], "bad_value"),
-    "query_img_path": (TRAIN, QUERY_LINE, [7, ["a.png"], "", True], "bad_value"),
+    "neg_cand_list": (TRAIN, QUERY_LINE, ["10:29", 7, {"a": 1}, [None], [""], ["\udcff"]], "bad_value"),
+    "qid": (TRAIN, QUERY_LINE, [None, 1.5, True, ["10:30"], {"id": 1}, "", "10:30\n10:31", "10:\ud800"], "bad_value"),
+    "query_txt": (TRAIN, QUERY_LINE, [5, ["light"], {"t": "x"}, True, "light \ud800"], "bad_value"),
+    "query_img_path": (TRAIN, QUERY_LINE, [7, ["a.png"], "", True, "mbeir_images/\ud800.png"], "bad_value"),
     "query_modality": (TRAIN, QUERY_LINE, [1, ["text"], None], "bad_value"),
     "task_id": (TRAIN, QUERY_LINE, ["0", 9, -1, 1.0, True, "../x"], "bad_task_id"),
-    "did": (POOL, CANDIDATE_LINE, [None, [1], 1.5, True, "a b", ""], "bad_value"),
-    "txt": (POOL, CANDIDATE_LINE, [5, {"t": 1}, ["x"]], "bad_value"),
-    "img_path": (POOL, CANDIDATE_LINE, [3, [], ""], "bad_value"),
+    "did": (POOL, CANDIDATE_LINE, [None, [1], 1.5, True, "a b", "", "10:\ud800"], "bad_value"),
+    "txt": (POOL, CANDIDATE_LINE, [5, {"t": 1}, ["x"], "\udcff"], "bad_value"),
+    "img_path": (POOL, CANDIDATE_LINE, [3, [], "", "mbeir_images/\udcff.png"], "bad_value"),
     "modality": (POOL, CANDIDATE_LINE, [None, 5, ["image"]], "bad_value"),
 }
 
@@ -325,10 +336,13 @@ def bomb_png() -> bytes:
     return bytes(data)
 
 
+# An EPS file: PIL would open it (its header) and render it by running Ghostscript on the file's PostScript.
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke showpage\n%%EOF\n"
 IMAGES = {
     "empty file": (lambda original: b"", "bad_image", {}),
     "truncated PNG": (lambda original: original[: len(original) // 2], "bad_image", {}),
     "not an image (HTML named .png)": (lambda original: b"<html>hello</html>", "bad_image", {}),
+    "EPS (PostScript, rendered by Ghostscript) named .png": (lambda original: EPS, "bad_image", {}),
     "header claiming 10^10 pixels": (lambda original: bomb_png(), "oversized_image", {}),
     "100x100 over --max_image_pixels 5000": (
         lambda original: png_bytes(100),
@@ -339,10 +353,13 @@ IMAGES = {
 
 
 @pytest.mark.parametrize("kind", IMAGES)
-def test_bad_images_are_counted_skips_at_conversion(mbeir, tmp_path, finding, kind):
+def test_bad_images_are_counted_skips_at_conversion(mbeir, tmp_path, finding, monkeypatch, kind):
     change, reason, kwargs = IMAGES[kind]
     image = mbeir / rows(mbeir / POOL)[CANDIDATE_LINE - 1]["img_path"]
     image.write_bytes(change(image.read_bytes()))
+    parsed_as_eps = []  # PIL opens only formats.sample.IMAGE_FORMATS: its EPS reader never sees the file
+    eps_open = EpsImagePlugin.EpsImageFile._open
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: parsed_as_eps.append(1) or eps_open(self))
     out = tmp_path / "out"
     started = time.monotonic()
     report = convert(str(mbeir), str(out), **kwargs)
@@ -355,15 +372,29 @@ def test_bad_images_are_counted_skips_at_conversion(mbeir, tmp_path, finding, ki
         assert image.read_bytes() not in shard_bytes(out)
     balanced(report)
     strict_error(mbeir, tmp_path / "strict", **kwargs)
+    if reason == "bad_image":  # what conversion refuses, a shard reader and `lamra-pl search --image` refuse too
+        with pytest.raises(UnreadableImage):
+            decode_candidate(encode_candidate("0", id="c", txt=None, image=(image.read_bytes(), "png")))
+        with pytest.raises(LamraError, match="is not a readable image"):
+            _image(image)
+    assert parsed_as_eps == []
     finding(
         f"an image file: {kind}",
         f"checked at conversion (header first, then decoded and converted to RGB): the record is skipped and "
-        f"counted (`{reason}`) naming file:line; its bytes are in no shard",
+        f"counted (`{reason}`) naming file:line; its bytes are in no shard"
+        + (
+            "; PIL opens only `IMAGE_FORMATS` (never EPS: no Ghostscript run); training counts it "
+            "(`unreadable_image`), `search --image` refuses it"
+            if "EPS" in kind
+            else ""
+        ),
     )
 
 
 # ------------------------------------------------------------------------------------------------- the report
-def test_the_report_names_every_file_read_or_ignored_empty_tasks_and_balances(mbeir, tmp_path, capsys, finding):
+def test_the_report_names_every_file_read_or_ignored_empty_tasks_and_balances(
+    mbeir, tmp_path, capsys, monkeypatch, finding
+):
     """A folder with a bit of everything wrong: read == written + dropped for every kind, and nothing unsaid."""
     fake = mbeir / "mbeir_images" / "fake.png"
     fake.write_bytes(b"GIF89a but not really")
@@ -385,7 +416,12 @@ def test_the_report_names_every_file_read_or_ignored_empty_tasks_and_balances(mb
     (mbeir / "instructions/notes.tsv").write_text("a\tb\n")
 
     out = tmp_path / "out"
+    checked: Counter[str] = Counter()  # images are decoded at conversion: once per path, however often named
+    check_image = Converter.check_image
+    monkeypatch.setattr(Converter, "check_image", lambda self, rel: checked.update([rel]) or check_image(self, rel))
     report = convert(str(mbeir), str(out))
+    named = [r.get(k) for f in FIXTURE.rglob("*.jsonl") for r in rows(f) for k in ("img_path", "query_img_path")]
+    assert set(checked.values()) == {1} and len(checked) < len([i for i in named if i])
     balanced(report)
     assert set(report["read"]) == {"instructions", "candidates", "train_queries", "test_queries", "test_qrels"}
     for reason in ("bad_image", "bad_value", "malformed_line", "no_positive", "unknown_query"):
@@ -472,7 +508,10 @@ def test_a_killed_conversion_is_never_trained_on_and_a_rerun_completes_it(mbeir,
         proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert (out / INCOMPLETE).exists() and not (out / "report.json").exists()
+    assert not (out / "report.json").exists()
+    entries = incomplete_entries(out)  # the shard folders' one marker format: the conversion's folders so far
+    assert {w for w, _ in entries} == {"convert-mbeir"} and "eval/test/emoji_task3" in {e for _, e in entries}
+    assert all(Output.owned(e) for _, e in entries)
     assert all(complete_tar(p) for p in out.rglob("*.tar"))  # a tar under its own name is whole
     refused(out / "train", out)
     refused(out / "train" / "*_task0", out)
@@ -520,6 +559,7 @@ def test_a_writer_killed_mid_shard_leaves_no_cut_shard_and_a_refused_folder(tmp_
         names[0] == INCOMPLETE and names[1].startswith(".shard-000001.tar.tmp-") and names[2:] == ["shard-000000.tar"]
     )
     assert complete_tar(folder / "shard-000000.tar")
+    assert (folder / INCOMPLETE).read_text() == f"{MARKER_HEADER}\nwrite_shards shard\n"
     refused(folder, folder)
     refused(folder / "shard-000000.tar", folder)
     refused(folder / "shard-{000000..000000}.tar", folder)
@@ -573,4 +613,29 @@ def test_a_rerun_with_other_inputs_rewrites_its_own_folders_only(mbeir, tmp_path
         "report.json",
         "the folders the earlier run listed are rewritten from scratch (a dropped task's folders are gone), other "
         "folders are left and listed; a foreign or forged report.json is refused with one line, nothing deleted",
+    )
+
+
+def test_a_rerun_over_an_earlier_versions_output_rewrites_it(mbeir, tmp_path, finding):
+    """`make emoji` / `make convert-mbeir` again over the DATA folder of a lamra-pl whose report.json has no format
+    and lists no outputs (4ccdac6's: read, written, dropped, problems)."""
+    out = tmp_path / "data"
+    shutil.copytree(LEGACY_DATA, out)
+    assert "format" not in json.loads((out / "report.json").read_text())
+    stale = out / "eval/test/emoji_task5"  # a task of the earlier conversion that this one does not write
+    shutil.copytree(out / "eval/test/emoji_task0", stale)
+    stale_train = out / "train/emoji_task5"
+    shutil.copytree(out / "eval/test/emoji_task0", stale_train)  # a training folder: it has a task.json
+    nli = out / "train/nli_task1"  # `convert-nli`'s, beside it in DATA (no task.json): not the conversion's
+    write_shards([encode_record("0", qid="n:0", query={"txt": "a"}, positives=[{"id": "n:1", "txt": "b"}])], nli)
+    report = convert(str(mbeir), str(out))
+    fresh = convert(str(mbeir), str(tmp_path / "fresh"))
+    assert not stale.exists() and not stale_train.exists() and (nli / "shard-000000.tar").is_file()
+    assert report["not_written_here"] == ["train/nli_task1"] and report["outputs"] == fresh["outputs"]
+    assert tree(out, nli) - {"train/nli_task1"} == tree(tmp_path / "fresh", tmp_path / "fresh" / "x")
+    assert not (out / INCOMPLETE).exists() and len(expand_shards(str(out / "eval/test/emoji_task0/pool"))) == 1
+    finding(
+        "`convert-mbeir` again over the output of an earlier lamra-pl (a report.json without format or outputs)",
+        "recognised by its counts: its train_pool, eval/<split>/<task> and train/<task> folders with a task.json are "
+        "rewritten from scratch (a task no longer in the data is gone); convert-nli's folder beside them is left",
     )

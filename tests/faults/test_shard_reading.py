@@ -1,8 +1,10 @@
-"""Shards that read as something else: a zeroed file, a repeated key, shards changed under a run being resumed.
+"""Shards that read as something else: a zeroed file, a repeated key, shards changed under a run being resumed,
+tars written with larger records, empty shards.
 
 The training index (`lamra_pl.data.stream.SampleIndex`) counts and names a shard of zeros and a sample whose key
 repeats inside its shard (the first one wins), and a real `lamra-pl fit --ckpt_path last` refuses, in one line, to
-continue over shards that differ from those the checkpoint's run read.
+continue over shards that differ from those the checkpoint's run read. The readers that must read every sample
+(`read_samples`, `CandidateStore`) refuse what would lose or merge samples, and read a legitimately empty shard.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -21,11 +24,14 @@ import webdataset as wds
 
 from conftest import text_to_image_samples
 from helpers import clean_error, fit_tiny_with_callbacks, ok, scalars
-from lamra_pl.data.datamodule import ShardDataModule, spec_root
+from lamra_pl.data.candidates import CandidateStore
+from lamra_pl.data.datamodule import ShardDataModule
+from lamra_pl.data.evaluation import eval_pipeline
 from lamra_pl.data.stream import SampleIndex
 from lamra_pl.errors import LamraError
-from lamra_pl.formats.sample import SKIP_REASONS, encode_record
-from lamra_pl.formats.shards import expand_shards, write_shards
+from lamra_pl.formats import shard_fingerprint, spec_root
+from lamra_pl.formats.sample import SKIP_REASONS, encode_candidate, encode_record
+from lamra_pl.formats.shards import expand_shards, read_samples, write_shards
 from lamra_pl.formats.tar_index import scan_tar
 from lamra_pl.models.embedding_inputs import choose_example
 
@@ -169,7 +175,8 @@ def test_resume_over_changed_shards_is_refused_naming_them(tiny_backbone, tmp_pa
     ok(fit(tmp_path, tiny_backbone, shards, steps=2))
     state = data_state(last)
     sizes = {p.name: p.stat().st_size for p in shards.glob("*.tar")}
-    assert state["shards"] == {"files": {n: [sizes[n], 8] for n in sorted(sizes)}, "samples": 24}
+    ends = {n: shard_fingerprint(str(shards / n), shards)[2] for n in sizes}  # as an index's inputs
+    assert state["shards"] == {"files": {n: [sizes[n], ends[n], 8] for n in sorted(sizes)}, "samples": 24}
 
     ok(fit(tmp_path, tiny_backbone, shards, steps=4, resume=True))  # the same shards: resumes
     assert data_state(last)["global_step"] == 4
@@ -202,11 +209,12 @@ class IdsOnly:
         return {"query_ids": [e.query.id for e in examples]}
 
 
-def text_shard(path: Path, n: int) -> None:
-    """n text-only samples of one 512-byte json member each: 3 or 4 of them make tars of the same size."""
+def text_shard(path: Path, n: int, text: str = "a") -> None:
+    """n text-only samples of one 512-byte json member each (query `text`, one letter): 3 or 4 of them make tars of
+    the same size, whatever the letter."""
     with tarfile.open(path, "w") as tar:
         for i in range(n):
-            record = encode_record(f"k{i}", qid=f"t:{i}", query={"txt": "a"}, positives=[{"id": "c", "txt": "b"}])
+            record = encode_record(f"k{i}", qid=f"t:{i}", query={"txt": text}, positives=[{"id": "c", "txt": "b"}])
             data = record["json"].ljust(512)
             info = tarfile.TarInfo(f"k{i}.json")
             info.size = len(data)
@@ -228,12 +236,23 @@ def test_a_shard_of_the_same_size_with_other_samples_is_refused_and_old_checkpoi
     text_shard(shards / "a.tar", 4)
     text_shard(shards / "b.tar", 4)
     state = datamodule(shards).state_dict()
-    assert state["shards"]["files"] == {"a.tar": [10240, 4], "b.tar": [10240, 4]}
+    ends = {n: shard_fingerprint(str(shards / n), shards)[2] for n in ("a.tar", "b.tar")}
+    assert state["shards"]["files"] == {"a.tar": [10240, ends["a.tar"], 4], "b.tar": [10240, ends["b.tar"], 4]}
 
-    text_shard(shards / "b.tar", 3)
+    text_shard(shards / "b.tar", 4, text="z")  # other samples, as many, the same size in bytes
     assert (shards / "b.tar").stat().st_size == 10240
-    with pytest.raises(LamraError, match="shard b.tar held 4 samples, now 3"):
+    with pytest.raises(LamraError, match="shard b.tar was rewritten: the same size, other bytes"):
         datamodule(shards, state)
+    text_shard(shards / "b.tar", 3)  # fewer samples, the same size in bytes
+    assert (shards / "b.tar").stat().st_size == 10240
+    with pytest.raises(LamraError, match="shard b.tar was rewritten: the same size, other bytes"):
+        datamodule(shards, state)
+    # The fingerprint of the unreleased version before this one ([bytes, samples]): sizes and samples compared.
+    unreleased = {"files": {n: [size, count] for n, (size, _, count) in state["shards"]["files"].items()}}
+    with pytest.raises(LamraError, match="shard b.tar held 4 samples, now 3"):
+        datamodule(shards, {**state, "shards": unreleased})
+    with pytest.raises(LamraError, match="fingerprint of the training shards is not readable"):
+        datamodule(shards, {**state, "shards": {"files": ["a.tar"]}})  # a damaged checkpoint: one line
     old = {k: v for k, v in state.items() if k != "shards"}  # written before the fingerprint existed
     assert datamodule(shards, old).consumed == 0
     # The names are relative to the spec's root, so a moved shard folder still resumes.
@@ -243,24 +262,47 @@ def test_a_shard_of_the_same_size_with_other_samples_is_refused_and_old_checkpoi
     assert datamodule(moved, state).fingerprint == state["shards"]
     assert spec_root(str(moved / "{a,b}.tar")) == moved and spec_root(str(moved / "*.tar")) == moved
     finding(
-        "a training shard rewritten with fewer samples at the same size in bytes",
-        "the resume is refused once the index is built, naming the shard (held N samples, now M); a checkpoint "
-        "from before the fingerprint resumes unchecked; a moved shard folder resumes",
+        "a training shard rewritten with other samples (as many, or fewer) at the same size in bytes",
+        "the resume is refused before the index is built, naming the shard (the same size, other bytes: its "
+        "fingerprint is an index's, with a digest of its ends); a checkpoint from before the fingerprint resumes "
+        "unchecked; a moved shard folder resumes",
     )
 
 
-@pytest.mark.parametrize("fault", ["zeroed", "repeated key", "truncated"])
+def pool_candidates(n: int) -> list[dict[str, Any]]:
+    return [encode_candidate(f"{i:08d}", id=f"9:{i}", txt=f"candidate {i}", image=None) for i in range(n)]
+
+
+def gnu_tar(path: Path, samples: list[dict[str, Any]], blocking: int = 64) -> Path:
+    """`samples` written by GNU tar with `-b blocking` (records of `blocking` 512-byte blocks: 64 -> 32 KiB)."""
+    members = path.parent / f".{path.name}-members"
+    members.mkdir(parents=True)
+    names = []
+    for sample in samples:
+        for suffix, data in sample.items():
+            if not suffix.startswith("__"):
+                names.append(f"{sample['__key__']}.{suffix}")
+                (members / names[-1]).write_bytes(data)
+    subprocess.run(["tar", "-b", str(blocking), "-cf", str(path), "-C", str(members), *names], check=True)
+    shutil.rmtree(members)
+    return path
+
+
+@pytest.mark.parametrize("fault", ["zeroed", "repeated key", "truncated", "not zero after its end (32 KiB records)"])
 def test_evaluation_reads_refuse_a_shard_that_would_lose_or_merge_samples(tmp_path, fault, finding):
     """Indexing and evaluation must read every candidate: where training counts and skips, they stop, naming it."""
-    from lamra_pl.formats.sample import encode_candidate
-    from lamra_pl.formats.shards import read_samples
-
     pool = tmp_path / "pool"
-    candidates = [encode_candidate(f"{i:08d}", id=f"9:{i}", txt=f"candidate {i}", image=None) for i in range(6)]
+    candidates = pool_candidates(6)
     write_shards(candidates[:3], pool, prefix="good")
     bad = pool / "bad-000000.tar"
     if fault == "repeated key":
         write_tar(bad, [*candidates[3:], {**candidates[5], "__key__": candidates[3]["__key__"]}])
+    elif fault.startswith("not zero"):
+        gnu_tar(bad, candidates[3:])  # read whole (below), then one byte of its last record's padding is not zero
+        assert [s["__key__"] for s in read_samples([str(bad)])] == ["00000003", "00000004", "00000005"]
+        data = bytearray(bad.read_bytes())
+        data[-100] = 1
+        bad.write_bytes(data)
     else:
         write_shards(candidates[3:], pool, prefix="bad")
         if fault == "zeroed":
@@ -271,6 +313,9 @@ def test_evaluation_reads_refuse_a_shard_that_would_lose_or_merge_samples(tmp_pa
     assert [s["__key__"] for s in read_samples(urls[1:])] == ["00000000", "00000001", "00000002"]  # the good one
     with pytest.raises(LamraError, match=f"shard {bad}"):
         list(read_samples(urls))
+    assert len(CandidateStore(urls[1:])) == 3  # the tools' random access reads the same way
+    with pytest.raises(LamraError, match=f"shard {bad}"):
+        CandidateStore([str(pool)])
     proc = lamra_here_index(pool, tmp_path / "index")
     clean_error(proc, str(bad))
     assert not (tmp_path / "index" / "index.json").exists()
@@ -286,3 +331,82 @@ def lamra_here_index(pool: Path, out: Path):
 
     model = ROOT / "tests" / "fixtures" / "legacy_4ccdac6" / "merged"
     return lamra_here("index", f"--model={model}", f"--pool={pool}", f"--out={out}")
+
+
+# ---------------------------------------------------------------------------- valid shards that must be read
+def test_tars_with_larger_records_are_read_whole_and_damage_after_their_end_is_found(tmp_path):
+    """A tar ends with two zero blocks padded with zeros to a whole record of its blocking factor: 10 KiB by
+    default, 32 KiB with `tar -b 64`. Any such tail is the end; non-zero bytes, fewer than two zero blocks or a tail
+    that is not whole blocks are damage."""
+    pool = tmp_path / "pool"
+    shard = gnu_tar(pool / "big-000000.tar", pool_candidates(3))
+    data = shard.read_bytes()
+    assert len(data) == 32768  # one 32 KiB record: 3 members, the two end blocks, then zeros
+    keys = ["00000000", "00000001", "00000002"]
+    scan = scan_tar(str(shard))
+    assert scan.damage is None and [s.key for s in scan.samples] == keys
+    assert [s["__key__"] for s in read_samples([str(shard)])] == keys
+    assert len(CandidateStore([str(pool)])) == 3
+    index = SampleIndex.build([str(shard)])
+    assert len(index) == 3 and not index.lost
+    end = scan.samples[-1].end
+    for damaged, why in [
+        (data[:-100] + b"x" + bytes(99), f"byte {len(data) - 100} is not zero"),
+        (data[: end + 512], "truncated: 512 bytes after the last member"),
+        (data + bytes(100), "are not whole 512-byte blocks"),
+    ]:
+        shard.write_bytes(damaged)
+        assert why in scan_tar(str(shard)).damage
+        with pytest.raises(LamraError, match=f"shard {shard} is damaged"):
+            list(read_samples([str(shard)]))
+    # 32 KiB of zeros: an empty tar to a reader, a zeroed shard to training (longer than an empty tar by default).
+    shard.write_bytes(bytes(len(data)))
+    scan = scan_tar(str(shard))
+    assert scan.damage is None and scan.zeroed and not scan.samples
+    assert SampleIndex.build([str(shard), str(gnu_tar(tmp_path / "ok.tar", pool_candidates(1)))]).lost == {
+        "unreadable_shard": 1
+    }
+
+
+def test_an_empty_pool_shard_reads_as_empty_for_every_reader(tmp_path):
+    """`convert-mbeir` writes one empty shard for an empty task pool: the index, evaluation and the tools (the
+    candidate store) all read it as empty, listed in sizes.json as 0 or not listed; a zeroed shard that sizes.json
+    lists with samples is refused by each."""
+    pool = tmp_path / "pool"
+    write_shards(pool_candidates(3), pool, prefix="good")
+    write_shards([], pool, prefix="empty")  # sizes.json: 0
+    with tarfile.open(pool / "unlisted-000000.tar", "w"):  # not in sizes.json
+        pass
+    assert json.loads((pool / "sizes.json").read_text())["empty-000000.tar"] == 0
+    assert len(list(read_samples(expand_shards(str(pool))))) == 3
+    store = CandidateStore([str(pool)])
+    assert len(store) == 3 and store.size == 3
+    small = pool / "good-000000.tar"  # 3 text candidates: one 10 KiB record, the size of an empty tar
+    assert zero(small) == 10240
+    with pytest.raises(LamraError, match=f"shard {small} holds 0 samples; its folder's sizes.json says 3"):
+        CandidateStore([str(pool)])
+
+
+def test_evaluation_reads_each_folders_sizes_json_once(tmp_path, monkeypatch):
+    """The evaluation pipeline reads its shards through one `read_samples`, which reads a folder's sizes.json once;
+    each rank still reads its own shards."""
+    shards = tmp_path / "shards"
+    samples = text_to_image_samples()
+    write_shards(samples, shards, maxcount=3)  # 4 shards in one folder
+    opened = []
+    real_open = Path.open
+
+    def counting_open(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self.name == "sizes.json":
+            opened.append(self)
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", counting_open)
+    urls = expand_shards(str(shards))
+    seen = []
+    for rank in range(2):
+        pipeline = eval_pipeline(urls, batch_size=2, collate=IdsOnly(), num_negatives=0, rank=rank, world=2)
+        seen.append([q for batch in pipeline for q in batch["query_ids"]])
+    assert len(opened) == 2  # once per rank, not once per shard
+    assert sorted(seen[0] + seen[1]) == sorted(qid_of(s) for s in samples)
+    assert sorted(qid_of(s) for s in samples[:3] + samples[6:9]) == sorted(seen[0])  # shards 0 and 2

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, clean_error, lamra, lamra_here
+from helpers import ROOT, clean_error, lamra, lamra_here, ok
 from lamra_pl.models.checkpoints import migrate
 from lamra_pl.models.embedding import EmbeddingModule
 
@@ -119,13 +119,32 @@ def test_trust_remote_code_is_never_taken_from_a_merged_folder(tmp_path, finding
     proc = lamra_here(*commands(merged, tmp_path)["index"])
     clean_error(proc, "lamra_pl.json: init_args.backbone.trust_remote_code", "auto_map")
     assert not marker.exists()
-    # A folder with code is refused without the user's word even when no file asks for it.
+    # With no file asking, the folder loads as transformers' own class: its code is still never imported.
     (merged / "lamra_pl.json").unlink()
-    clean_error(lamra_here(*commands(merged, tmp_path)["index"]), "auto_map", "trust_remote_code")
+    ok(lamra_here(*commands(merged, tmp_path)["index"]))
     assert not marker.exists()
     finding(
         "a merged folder whose settings file sets `trust_remote_code: true`, its config naming code (`auto_map`)",
-        "the code is not imported (marker absent); exit 2, one line naming the settings key",
+        "the code is not imported (marker absent); exit 2, one line naming the settings key; without the key the "
+        "folder loads as transformers' own class, its code still not imported",
+    )
+
+
+def test_a_file_cannot_choose_an_attention_kernel(tmp_path, finding):
+    merged = tmp_path / "merged"
+    shutil.copytree(LEGACY / "merged", merged)
+    settings = merged / "lamra_pl_embedding.json"  # a version-1 settings file: named as it is
+    values = json.loads(settings.read_text())
+    settings.write_text(json.dumps({**values, "attn_implementation": "attacker/evil-kernel"}))
+    clean_error(lamra_here(*commands(merged, tmp_path)["index"]), "lamra_pl_embedding.json", "attacker/evil-kernel")
+    hparams = modern_hparams(LEGACY / "backbone")
+    hparams["backbone"]["attn_implementation"] = "attacker/evil-kernel"
+    ckpt = write_checkpoint(tmp_path / "shared.ckpt", hparams)
+    clean_error(lamra_here(*commands(ckpt, tmp_path)["index"]), "hyper_parameters.backbone.attn_implementation")
+    finding(
+        "a checkpoint's or settings file's `attn_implementation` naming a Hub kernel repository (code to fetch)",
+        "refused before loading: exit 2, one line naming the key (only transformers' own implementations are "
+        "taken from a file)",
     )
 
 

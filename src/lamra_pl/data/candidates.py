@@ -1,7 +1,8 @@
 """Random access to the candidates of pool shards by id, without loading the pool.
 
 Shards are plain (uncompressed) tar files, so a member is a byte range. `CandidateStore` reads every shard's
-headers and the `.json` member of each sample once (`lamra_pl.formats.tar_index.scan_tar`), keeps the byte ranges of the
+headers and the `.json` member of each sample once (`lamra_pl.formats.tar_index.scan_whole`: a shard that would lose
+or merge candidates is an error, as when the pool is indexed; an empty one is empty), keeps the byte ranges of the
 candidates asked for, and later reads just those bytes. Memory grows with the candidates asked for, not with the
 pool; image bytes are read when an item is requested, and never re-encoded.
 """
@@ -17,7 +18,7 @@ from typing import Any
 from lamra_pl.errors import BadSampleError, LamraError
 from lamra_pl.formats.sample import Item, decode_candidate, member_image, modality, sample_location
 from lamra_pl.formats.shards import expand_shards
-from lamra_pl.formats.tar_index import scan_tar
+from lamra_pl.formats.tar_index import listed_sizes, scan_whole
 
 
 @dataclass(frozen=True)
@@ -41,18 +42,18 @@ class CandidateStore:
         self.locations: dict[str, Location] = {}
         self.duplicates = 0  # ids seen again in a later sample: the first one is kept
         self.size = 0  # every candidate in the pool, wanted or not
+        sizes: dict[Path, dict[str, Any]] = {}  # each folder's sizes.json, read once
         for spec in self.sources:
             for url in expand_shards(spec):
-                self._scan(url, wanted)
+                folder = Path(url).parent
+                if folder not in sizes:
+                    sizes[folder] = listed_sizes(folder)
+                self._scan(url, sizes[folder].get(Path(url).name), wanted)
 
-    def _scan(self, url: str, wanted: set[str] | None) -> None:
-        scan = scan_tar(url, read=("json",))
-        if scan.damage is not None:
-            raise BadSampleError(f"pool shard {url} is damaged: {scan.damage}")
-        if scan.repeated:
-            raise BadSampleError(f"pool shard {url}: key {scan.repeated[0].key!r} repeats an earlier sample's")
-        if not scan.samples:
-            raise BadSampleError(f"pool shard {url} holds no sample (empty, zeroed or not a tar)")
+    def _scan(self, url: str, listed: Any, wanted: set[str] | None) -> None:
+        # Every candidate must be found, as when the pool was indexed (`read_samples`): a damaged or zeroed shard, or
+        # a repeated key, is an error; an empty shard that sizes.json lists as empty (or not at all) is fine.
+        scan = scan_whole(url, listed, read=("json",))
         for sample in scan.samples:
             raw = sample.data.get("json")
             if raw is None:
@@ -60,8 +61,9 @@ class CandidateStore:
             try:
                 record = json.loads(raw)
                 did = str(record["id"])
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise BadSampleError(f"shard {url}, sample {sample.key!r}: not a candidate record ({err})") from None
+            except (ValueError, RecursionError, KeyError, TypeError) as err:  # not UTF-8 or JSON, too deep, no id
+                problem = " ".join(f"not a candidate record ({type(err).__name__}: {err})".split())
+                raise BadSampleError(f"shard {url}, sample {sample.key!r}: {problem}") from None
             self.size += 1
             if did in self.locations:
                 self.duplicates += 1

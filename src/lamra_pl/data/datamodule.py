@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +15,7 @@ from lamra_pl.data.evaluation import eval_pipeline
 from lamra_pl.data.items import ChunkedItems, Job, plan
 from lamra_pl.data.stream import SampleIndex, TrainStream
 from lamra_pl.errors import BadSampleError, LamraError
+from lamra_pl.formats import shard_fingerprint, spec_root
 from lamra_pl.formats.shards import expand_shards
 from lamra_pl.formats.task import POOL, QUERIES, task_dirs
 
@@ -24,48 +24,42 @@ RETRIEVAL_PARTS = (("queries", QUERIES), ("pool", POOL))
 SHOWN_CHANGES = 3  # shard changes a refused resume names
 
 
-def spec_root(spec: str) -> Path:
-    """The folder a shard spec's names are relative to: the folder itself, or the path before its first part with
-    a wildcard or a brace ("data/{a,b}/x-*.tar" -> "data"), or a single file's folder."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return path
-    for i, part in enumerate(path.parts):
-        if any(c in part for c in "*?[{"):
-            return Path(*path.parts[:i])
-    return path.parent
-
-
-def shard_names(specs: list[str]) -> dict[str, str]:
-    """Shard path -> its name in a shard fingerprint: its path below its spec's root, prefixed with the root when
-    there are several specs (a MixDataModule's sources)."""
-    names = {}
+def shard_files(specs: list[str]) -> dict[str, list[Any]]:
+    """Shard path -> [name, size in bytes, digest of its ends]: its `lamra_pl.formats.shard_fingerprint`, as an
+    index's inputs are fingerprinted, the name below its spec's root, prefixed with the root when there are several
+    specs (a MixDataModule's sources); [name, None, None] for a shard that cannot be read (gone, a dangling link)."""
+    files: dict[str, list[Any]] = {}
     for spec in specs:
         root = spec_root(spec)
         for url in expand_shards(spec):
-            name = os.path.relpath(url, root)
-            names[url] = name if len(specs) == 1 else f"{root}/{name}"
-    return names
+            try:
+                name, size, ends = shard_fingerprint(url, root)
+            except LamraError:
+                name, size, ends = os.path.relpath(url, root), None, None
+            files[url] = [name if len(specs) == 1 else f"{root}/{name}", size, ends]
+    return files
 
 
-def _size(path: str) -> int | None:
-    try:
-        return os.stat(path).st_size
-    except OSError:  # gone, a dangling link
-        return None
-
-
-def shard_changes(saved: dict[str, Any], names: dict[str, str], samples: dict[str, int] | None = None) -> list[str]:
-    """How the training shards differ from a fingerprint (`ShardDataModule.state_dict`'s "shards"): by name,
-    size in bytes and, given `samples` (name -> samples indexed), samples."""
-    then: dict[str, list[Any]] = saved["files"]
-    now = {name: _size(url) for url, name in names.items()}
+def shard_changes(saved: Any, files: dict[str, list[Any]], samples: dict[str, int] | None = None) -> list[str]:
+    """How the training shards (`files`, from `shard_files`) differ from a fingerprint (`ShardDataModule.state_dict`'s
+    "shards": {"files": {name: [bytes, ends digest, samples]}}; checkpoints of an unreleased version hold [bytes,
+    samples]): by name, size in bytes, the digest of their ends and, given `samples` (name -> samples indexed),
+    samples. A fingerprint that is not one is a LamraError."""
+    then = saved.get("files") if isinstance(saved, dict) else None
+    if not isinstance(then, dict) or not all(isinstance(v, list) and len(v) in (2, 3) for v in then.values()):
+        raise LamraError(
+            "the checkpoint's fingerprint of the training shards is not readable (a damaged or foreign checkpoint); "
+            "start a new run"
+        )
+    now = {name: (size, ends) for name, size, ends in files.values()}
     changes = [f"shard {name} is gone" for name in sorted(then.keys() - now.keys())]
     changes += [f"new shard {name}" for name in sorted(now.keys() - then.keys())]
     for name in sorted(then.keys() & now.keys()):
-        size, count = then[name]
-        if size != now[name]:
-            changes.append(f"shard {name} was {size} bytes, is now {now[name]}")
+        size, *ends, count = then[name]
+        if size != now[name][0]:
+            changes.append(f"shard {name} was {size} bytes, is now {now[name][0]}")
+        elif ends and ends[0] != now[name][1]:
+            changes.append(f"shard {name} was rewritten: the same size, other bytes")
         elif samples is not None and count != samples[name]:
             changes.append(f"shard {name} held {count} samples, now {samples[name]}")
     return changes
@@ -78,9 +72,9 @@ class ShardDataModule(LightningDataModule):
     ranks, in equal full batches (DDP needs them); a batch is a function of its number only, so the state this
     DataModule saves in checkpoints (the batches consumed) makes `--ckpt_path last` resume with exactly the data
     the uninterrupted run would have seen, whatever the number of workers; the state also holds the training shards'
-    fingerprint (names, bytes and samples per shard), and a resume over changed shards is refused with a one-line
-    error naming them. Unusable samples are replaced and counted. Evaluation reads each sample once,
-    deterministically.
+    fingerprint (names, bytes, digests of their ends and samples per shard, `lamra_pl.formats.shard_fingerprint` as
+    an index's inputs), and a resume over changed shards is refused with a one-line error naming them. Unusable
+    samples are replaced and counted. Evaluation reads each sample once, deterministically.
     The DataModule is handed the module's collator (`connect(module.collator())`; `lamra-pl fit|validate|test` do
     this), a `collate.Collator`: it knows how a record becomes an example (the retriever's positive/instruction/
     negatives, or a reranker sample's chats) and the prompts.
@@ -127,7 +121,7 @@ class ShardDataModule(LightningDataModule):
         # Where the training stream stands: batch `consumed` starts at global entry `entry`.
         self.consumed, self.entry = 0, 0
         self._stream: TrainStream | None = None
-        self.fingerprint: dict[str, Any] | None = None  # the training shards' names, sizes and samples: `state_dict`
+        self.fingerprint: dict[str, Any] | None = None  # the training shards' fingerprint: `state_dict`
         self._resumed_shards: dict[str, Any] | None = None  # the checkpoint's fingerprint, until checked
 
     def connect(self, collator: Collator) -> None:
@@ -159,17 +153,18 @@ class ShardDataModule(LightningDataModule):
     def build_index(self) -> SampleIndex:
         return SampleIndex.build(self._urls("train_shards"))
 
-    def _check_shards(self, index: SampleIndex | None = None) -> None:
-        """Refuse to resume over other training shards than the checkpoint's run read: same names, sizes and (given
-        the index) samples per shard. A checkpoint without a fingerprint (written before there was one) resumes."""
+    def _check_shards(self, files: dict[str, list[Any]] | None = None, index: SampleIndex | None = None) -> None:
+        """Refuse to resume over other training shards than the checkpoint's run read (`files`: theirs now, from
+        `shard_files`): same names, sizes, digests of their ends and (given the index) samples per shard. A
+        checkpoint without a fingerprint (written before there was one) resumes."""
         if self._resumed_shards is None:
             return
-        names = shard_names(self.train_specs())
+        files = shard_files(self.train_specs()) if files is None else files
         samples = None
         if index is not None:
             per_shard = dict(zip(index.urls, index.samples_per_shard(), strict=True))
-            samples = {name: per_shard.get(url, 0) for url, name in names.items()}
-        changes = shard_changes(self._resumed_shards, names, samples)
+            samples = {name: per_shard.get(url, 0) for url, (name, *_) in files.items()}
+        changes = shard_changes(self._resumed_shards, files, samples)
         if changes:
             more = f" and {len(changes) - SHOWN_CHANGES} more changes" if len(changes) > SHOWN_CHANGES else ""
             raise LamraError(
@@ -178,11 +173,13 @@ class ShardDataModule(LightningDataModule):
                 "a new run"
             )
 
-    def _fingerprint(self, index: SampleIndex) -> dict[str, Any]:
+    def _fingerprint(self, files: dict[str, list[Any]], index: SampleIndex) -> dict[str, Any]:
+        """The training shards' fingerprint for `state_dict`: {"files": {name: [bytes, ends digest, samples]},
+        "samples": N}."""
         per_shard = dict(zip(index.urls, index.samples_per_shard(), strict=True))
-        names = shard_names(self.train_specs())
-        files = {names.get(url, url): [_size(url), per_shard[url]] for url in index.urls}
-        return {"files": dict(sorted(files.items())), "samples": len(index)}
+        named = {url: files.get(url, [url, None, None]) for url in index.urls}
+        shards = {name: [size, ends, per_shard[url]] for url, (name, size, ends) in named.items()}
+        return {"files": dict(sorted(shards.items())), "samples": len(index)}
 
     def new_stream(self, index: SampleIndex, **settings: Any) -> TrainStream:
         return TrainStream(index, **settings)
@@ -190,11 +187,12 @@ class ShardDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
         if self.index is None:
-            self._check_shards()  # before the index is built: names and sizes
+            files = shard_files(self.train_specs())
+            self._check_shards(files)  # before the index is built: names, sizes and digests
             self.index = self.build_index()
-            self._check_shards(self.index)  # and samples per shard
+            self._check_shards(files, self.index)  # and samples per shard
             self._resumed_shards = None
-            self.fingerprint = self._fingerprint(self.index)
+            self.fingerprint = self._fingerprint(files, self.index)
         per_rank = h.batches_per_epoch or max(1, len(self.index) // (h.batch_size * self.world))
         self._stream = self.new_stream(
             self.index,
@@ -212,9 +210,10 @@ class ShardDataModule(LightningDataModule):
         return self._loader(self._stream)
 
     # Lightning saves these in checkpoints and restores them before asking for the dataloaders.
-    # "shards" is the fingerprint of the training shards (names, bytes and samples per shard): a resume over changed
-    # shards is refused. Lightning loads the state after `setup` and before `train_dataloader` builds the index, so
-    # names and sizes are compared at once when fitting, samples once the index is built.
+    # "shards" is the fingerprint of the training shards (names, bytes, digests of their ends and samples per shard):
+    # a resume over changed shards is refused. Lightning loads the state after `setup` and before `train_dataloader`
+    # builds the index, so names, sizes and digests are compared at once when fitting, samples once the index is
+    # built.
     def state_dict(self) -> dict[str, Any]:
         entry = self._stream.entry_of(self.consumed) if self._stream is not None else self.entry
         state = {"consumed": self.consumed, "entry": entry, "seed": self.hparams.seed}

@@ -111,9 +111,9 @@ def _split_by_node(src: Iterable[Any], rank: int, world: int) -> Iterator[Any]:
 
 
 def _samples(urls: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Every sample of each shard, or an error naming a shard that would lose or merge samples (`read_samples`)."""
-    for shard in urls:
-        yield from read_samples([shard["url"]])
+    """Every sample of each shard (this rank's and worker's), or an error naming a shard that would lose or merge
+    samples: one `read_samples` over the stream of shards, so each folder's sizes.json is read once."""
+    return read_samples(shard["url"] for shard in urls)
 
 
 def eval_pipeline(

@@ -18,9 +18,11 @@ full (DDP gathers need equal sizes) and still a pure function. Each replacement 
 reported with the batch; the index's own losses ride on rank 0's batch 0:
 
 * `unreadable_shard`: a shard of which no sample can be read (not a tar, a dangling link, a zeroed file, damage
-  before the end of its first sample);
+  before the end of its first sample); a file of zeros reads as an empty tar of any size, so one longer than an
+  empty tar as tar tools write it by default (`lamra_pl.formats.tar_index.EMPTY_TAR`) is counted as a zeroed file;
 * `damaged_shard`: a shard read up to damage (a truncated file, a corrupt header): the samples before it are used;
-* `empty_shard`: a complete tar holding no sample (only the end-of-archive blocks);
+* `empty_shard`: a complete tar holding no sample (only the end-of-archive blocks, at most EMPTY_TAR bytes of
+  zeros);
 * `repeated_key`: a sample whose key an earlier sample of the same shard has: the first one is used, the later
   ones are counted (one each) and left out (`lamra_pl.formats.tar_index.scan_tar`).
 """
@@ -42,7 +44,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from lamra_pl.data.collate import Collator
 from lamra_pl.errors import BadSampleError, LamraError
 from lamra_pl.formats.sample import SKIP_REASONS, UnreadableImage, decode_record
-from lamra_pl.formats.tar_index import parse_sample, scan_tar
+from lamra_pl.formats.tar_index import EMPTY_TAR, parse_sample, scan_tar
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,7 @@ class SampleIndex:
                 continue
             if not scan.samples:
                 what = f"all its {scan.size} bytes are zero" if scan.zeroed else scan.damage
-                if scan.damage is not None:
+                if scan.damage is not None or (scan.zeroed and scan.size > EMPTY_TAR):
                     lost["unreadable_shard"] += 1
                     log.warning("skipping shard %s: it cannot be read, no sample in it (%s)", url, what)
                 else:

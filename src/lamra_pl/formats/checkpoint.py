@@ -23,7 +23,6 @@ class paths its hyper-parameters name are data that `lamra_pl.models.checkpoints
 
 from __future__ import annotations
 
-import os
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +33,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lamra_pl.errors import LamraError
 from lamra_pl.files import atomic_write
+from lamra_pl.formats import portable_path, resolve_path
 
 FORMAT, VERSION = "lamra-pl-checkpoint", 1
 KEY = "lamra_pl_checkpoint"
@@ -80,23 +80,16 @@ def portable(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
     backbone = hparams.get("backbone") if isinstance(hparams, dict) else None
     out = {**checkpoint, KEY: {"format": FORMAT, "version": VERSION, "paths": RELATIVE_TO_FILE}}
     if isinstance(backbone, dict) and isinstance(backbone.get("path"), str):
-        given = backbone["path"]
-        if not os.path.isabs(given):
-            rel = os.path.relpath(os.path.abspath(given), os.path.dirname(os.path.abspath(path)))
-            out["hyper_parameters"] = {**hparams, "backbone": {**backbone, "path": rel}}
+        stored = portable_path(backbone["path"], Path(path).parent)
+        out["hyper_parameters"] = {**hparams, "backbone": {**backbone, "path": stored}}
     return out
 
 
 def backbone_path(stored: str, checkpoint: dict[str, Any], path: str | Path) -> str:
     """Where the backbone a checkpoint at `path` names is: an absolute path as stored; a relative one against the
     checkpoint's folder (or, for checkpoints of another writer, the working directory first)."""
-    if os.path.isabs(stored):
-        return stored
-    beside = str(Path(path).parent / stored)
     marked = isinstance(checkpoint.get(KEY), dict) and checkpoint[KEY].get("paths") == RELATIVE_TO_FILE
-    if marked or not Path(stored).exists():
-        return beside
-    return stored
+    return resolve_path(stored, Path(path).parent, relative_to_folder=marked)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -120,6 +113,8 @@ class CheckpointWriter(AtomicCheckpointIO):
     errors (`read`)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if "://" in str(path) and not str(path).startswith("file://"):  # a remote file: no folder to be relative to
+            return super().save_checkpoint(checkpoint, path, storage_options)
         super().save_checkpoint(portable(checkpoint, str(path).removeprefix("file://")), path, storage_options)
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> Any:

@@ -22,14 +22,14 @@ id order (`id_ranks`), so a ranking does not depend on the order rows were writt
 
 Inputs. `inputs` is the digest of the input fingerprint (`fingerprint`): the kind, the instruction settings
 (`instruction_seed`, and whether the model reads instructions) and every input shard's name (relative to its source
-folder), size in bytes and a digest of its first and last 64 KiB (cheap on any pool; a rewritten shard differs at
-its start). It does not depend on where the sources are, so the same pool, moved or named by another path, is the
-same input. A resume goes on only over the same inputs: the same kind, settings and shard names, and every chunk
-already encoded from a shard that is still the same (a shard not yet encoded may have changed, e.g. a broken shard
-that stopped the run was fixed: it is encoded as it is now). Anything else is a one-line refusal that leaves parts/
-as it is. Re-running a finished index compares the digest, and does nothing if it is the same. Indexes and parts
-written before `inputs` was recorded are compared by their `sources` and `instruction_seed` (parts: their chunk
-count), as then.
+folder), size in bytes and a digest of its first and last 64 KiB (`lamra_pl.formats.shard_fingerprint`, which a
+training resume checks too; cheap on any pool; a rewritten shard differs at its start). It does not depend on where
+the sources are, so the same pool, moved or named by another path, is the same input. A resume goes on only over
+the same inputs: the same kind, settings and shard names, and every chunk already encoded from a shard that is still
+the same (a shard not yet encoded may have changed, e.g. a broken shard that stopped the run was fixed: it is encoded
+as it is now). Anything else is a one-line refusal that leaves parts/ as it is. Re-running a finished index compares
+the digest, and does nothing if it is the same. Indexes and parts written before `inputs` was recorded are compared
+by their `sources` and `instruction_seed` (parts: their chunk count), as then.
 
 Paths. `sources` are stored relative to the index folder when they were given relative (an absolute one as given;
 `paths` says so), and `EmbeddingIndex.meta["sources"]` holds them resolved against where the index is now: an index
@@ -53,6 +53,7 @@ import numpy as np
 
 from lamra_pl.errors import LamraError
 from lamra_pl.files import atomic_write
+from lamra_pl.formats import parse_json, portable_path, read_json, resolve_path, shard_fingerprint, spec_root
 from lamra_pl.formats.sample import modality
 from lamra_pl.formats.shards import expand_shards
 
@@ -62,64 +63,18 @@ PROBE_TEXTS = ("lamra-pl index probe: a red square on a white background.", "A d
 SAME_MODEL_COSINE = 0.99  # bf16 vs fp32 of one model stays above this; a different model does not
 RELATIVE_TO_INDEX = "relative to the index"
 MODEL_FILE = "model.json"
-ENDS = 1 << 16  # bytes read at each end of a shard for its fingerprint
-
-
-def portable_path(path: str, folder: str | Path) -> str:
-    """How an artefact in `folder` stores `path` (absolute, or relative to the working directory): an absolute path
-    as given, a relative one relative to `folder`."""
-    if os.path.isabs(path):
-        return path
-    return os.path.relpath(os.path.abspath(path), os.path.abspath(folder))
-
-
-def resolve_path(stored: str, folder: str | Path, relative_to_folder: bool = True) -> str:
-    """Where a path stored in an artefact in `folder` is: an absolute path as stored; a relative one against
-    `folder` (written by `portable_path`), or, for artefacts that stored paths as given (`relative_to_folder`
-    False), against the working directory first."""
-    if os.path.isabs(stored):
-        return stored
-    beside = os.path.normpath(os.path.join(folder, stored))
-    if relative_to_folder or (not os.path.exists(stored) and os.path.exists(beside)):
-        return beside
-    return stored
-
-
-def _source_base(spec: str) -> Path:
-    """The folder a shard spec's shard names are relative to: the folder itself, or where its pattern starts."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return path
-    plain = []
-    for part in path.parts:
-        if any(c in part for c in "*?[{"):
-            return Path(*plain) if plain else Path(".")
-        plain.append(part)
-    return path.parent
-
-
-def _ends(path: str, span: int = ENDS) -> str:
-    """A digest of a shard's first and last `span` bytes. Tar sizes move in 10 KiB records, so a size alone misses
-    most edits; a rewritten shard also has new member headers (names, sizes, times) at its start."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        digest.update(f.read(span))
-        size = f.seek(0, os.SEEK_END)
-        f.seek(max(span, size - span))
-        digest.update(f.read(span))
-    return digest.hexdigest()[:16]
 
 
 def fingerprint(
     kind: str, sources: list[str] | tuple[str, ...], instruction_seed: int | None, instructions: bool | None
 ) -> dict[str, Any]:
     """What an index is encoded from, independent of where the sources are: the kind, the instruction settings,
-    and each input shard (in chunk order) as [name relative to its source folder, size in bytes, `_ends` digest];
-    "digest" is the sha256 of all of it (index.json's `inputs`)."""
+    and each input shard (in chunk order) as its `lamra_pl.formats.shard_fingerprint` (name relative to its source
+    folder, size in bytes, digest of its ends); "digest" is the sha256 of all of it (index.json's `inputs`)."""
     shards = []
     for spec in sources:
-        base = _source_base(spec)
-        shards += [[os.path.relpath(url, base), os.path.getsize(url), _ends(url)] for url in expand_shards(spec)]
+        root = spec_root(spec)
+        shards += [shard_fingerprint(url, root) for url in expand_shards(spec)]
     fields = {"kind": kind, "instruction_seed": instruction_seed, "instructions": instructions, "shards": shards}
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     return {**fields, "digest": f"sha256:{digest}"}
@@ -168,12 +123,11 @@ class EmbeddingIndex:
                 else ""
             )
             raise LamraError(f"{self.path} is not a complete index: it has no index.json{hint}")
-        try:
-            self.meta: dict[str, Any] = json.loads(meta_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise LamraError(f"{meta_file}: not a {FORMAT} v{VERSION} index (not JSON: {err})") from None
+        self.meta: dict[str, Any] = read_json(meta_file, f"a {FORMAT} v{VERSION} index")
         if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
             raise LamraError(f"{meta_file}: not a {FORMAT} v{VERSION} index")
+        if not all(type(self.meta.get(k)) is int and self.meta[k] >= 0 for k in ("count", "dim")):
+            raise LamraError(f"{meta_file}: its count and dim are not whole numbers (a damaged {FORMAT})")
         # index.json as written, with its sources resolved against where the index is now (see Paths above)
         marked = self.meta.get("paths") == RELATIVE_TO_INDEX
         sources = self.meta.get("sources")
@@ -214,8 +168,8 @@ class EmbeddingIndex:
     @cached_property
     def modalities(self) -> list[str]:
         """Each row's M-BEIR modality ("text", "image" or "image,text"), from items.jsonl."""
-        with open(self.path / ITEMS, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f]
+        with open(self.path / ITEMS, "rb") as f:
+            rows = [_row(line, self.path / ITEMS, number) for number, line in enumerate(f, start=1)]
         if len(rows) != len(self):
             raise LamraError(f"{self.path}/items.jsonl has {len(rows)} lines, index.json says {len(self)}")
         return [modality(r.get("txt") is not None, bool(r.get("img"))) for r in rows]
@@ -223,10 +177,10 @@ class EmbeddingIndex:
     def items(self, rows: list[int]) -> list[dict[str, Any]]:
         wanted = set(rows)
         found: dict[int, dict[str, Any]] = {}
-        with open(self.path / ITEMS, encoding="utf-8") as f:
+        with open(self.path / ITEMS, "rb") as f:
             for row, line in enumerate(f):
                 if row in wanted:
-                    found[row] = json.loads(line)
+                    found[row] = _row(line, self.path / ITEMS, row + 1)
                     if len(found) == len(wanted):
                         break
         return [found[r] for r in rows]
@@ -262,16 +216,17 @@ class ChunkStore:
         path = self.parts / MODEL_FILE
         where = [os.path.abspath(s) for s in manifest["sources"]]
         if path.is_file():
+            unreadable = f"{path} is not readable: delete {self.out} and encode again"
             try:
-                recorded = json.loads(path.read_text())
+                recorded = read_json(path, "the record of an unfinished index")
                 model = recorded["model"]
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-                raise LamraError(f"{path} is not readable: delete {self.out} and encode again") from None
+            except (LamraError, KeyError, TypeError):
+                raise LamraError(unreadable) from None
             check_same_model(probe, model, f"the unfinished index in {self.out}")
             try:
                 self._check_inputs(recorded, manifest, where)
             except (KeyError, TypeError, ValueError, IndexError):
-                raise LamraError(f"{path} is not readable: delete {self.out} and encode again") from None
+                raise LamraError(unreadable) from None
             same = {"inputs": manifest["inputs"], "sources": manifest["sources"], "where": where}
             if all(recorded.get(k) == v for k, v in same.items()):
                 return
@@ -322,7 +277,7 @@ class ChunkStore:
 
     def assemble(self, num_chunks: int) -> Path:
         """Concatenate the chunks in order into embeddings.npy, ids.txt, items.jsonl; write index.json last."""
-        manifest = json.loads((self.parts / MODEL_FILE).read_text())
+        manifest = read_json(self.parts / MODEL_FILE, "the record of an unfinished index")
         missing = sorted(set(range(num_chunks)) - self.done())
         if missing:
             raise LamraError(f"{self.parts}: chunks {missing[:5]} were not encoded; run the command again to resume")
@@ -348,11 +303,14 @@ class ChunkStore:
                     f.write(np.ascontiguousarray(a, dtype=np.float16).tobytes())
 
         atomic_write(target, fill)
-        items_text = "".join(
-            self.chunk_path(c).with_suffix(".jsonl").read_text(encoding="utf-8") for c in range(num_chunks)
-        )
-        atomic_write(self.out / ITEMS, items_text)
-        ids = [json.loads(line)["id"] for line in items_text.splitlines()]
+        rows = [self.chunk_path(c).with_suffix(".jsonl") for c in range(num_chunks)]
+        texts = [path.read_text(encoding="utf-8") for path in rows]
+        atomic_write(self.out / ITEMS, "".join(texts))
+        ids = [
+            str(_row(line, path, number)["id"])
+            for path, text in zip(rows, texts, strict=True)
+            for number, line in enumerate(text.splitlines(), start=1)
+        ]
         atomic_write(self.out / IDS, "".join(f"{i}\n" for i in ids))
         meta = {
             "format": FORMAT,
@@ -370,3 +328,11 @@ class ChunkStore:
         atomic_write(self.out / META, json.dumps(meta))
         shutil.rmtree(self.parts)
         return self.out
+
+
+def _row(line: str | bytes, path: Path, number: int) -> dict[str, Any]:
+    """One items.jsonl row: an object with an "id"; anything else is a one-line LamraError naming path:line."""
+    row = parse_json(line, f"{path}:{number}")
+    if not isinstance(row, dict) or "id" not in row:
+        raise LamraError(f'{path}:{number}: not an item row (an object with an "id")')
+    return row

@@ -11,7 +11,8 @@ Layout version VERSION (`lamra-pl retrieve` writes OUT/local/ and OUT/global/, `
                          "tasks": {TASK: {"run_file", "qrels_file", "task_file", "queries", "pool_ids"
                                           [, "retrieval_run_file"]}},
                          ["rerank": {"model", "mode", "prompt", "top_n", "fusion": {TASK: w}, "fewer_than_top_n"}]}
-                        (manifests without "format" and "version", from before they were recorded, read as version 1)
+                        (manifests without "format" and "version", from before they were recorded, read as version 1);
+                        TASK is a plain name (`lamra_pl.formats.safe_name`): files and folders are named after it
       scores/<task>.tsv reranked folders: `qid did retrieval_rank retrieval_score rerank_score` per reranked pair
       results.json, results.md   written by `lamra-pl evaluate` (`lamra_pl.pipelines.evaluate`), with its
                         TensorBoard run (`lamra_pl.formats.tensorboard`) beside them
@@ -40,7 +41,8 @@ import numpy as np
 
 from lamra_pl.errors import LamraError
 from lamra_pl.files import atomic_write
-from lamra_pl.formats.index import IDS, portable_path, resolve_path
+from lamra_pl.formats import portable_path, read_json, resolve_path, safe_name
+from lamra_pl.formats.index import IDS
 from lamra_pl.formats.task import TASK_FILE, pool_ids_file, qrels_file, query_shards
 
 FORMAT, VERSION = "lamra-pl-runs", 1
@@ -101,15 +103,14 @@ def read_run_file(path: str | Path) -> Run:
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     """A run folder's runs.json, its version checked (a folder written by `lamra-pl retrieve` or `rerank`), with its
-    paths resolved against where the folder is now (see Paths above): usable from the working directory."""
+    paths resolved against where the folder is now (see Paths above): usable from the working directory. Its task
+    names are plain file names (`lamra_pl.formats.safe_name`): `rerank`, `rerank-data` and `mine` name their output
+    after them."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
         raise LamraError(f"{folder} has no {MANIFEST}: give a folder written by `lamra-pl retrieve`")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LamraError(f"{path} is not a {FORMAT} manifest (not JSON: {err})") from None
+    manifest = read_json(path, f"a {FORMAT} manifest")
     if not isinstance(manifest, dict):
         raise LamraError(f"{path} is not a {FORMAT} manifest (not a JSON object)")
     if manifest.get("format", FORMAT) != FORMAT or manifest.get("version", VERSION) != VERSION:
@@ -121,6 +122,11 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     if not isinstance(manifest.get("pool"), str) or not isinstance(tasks, dict):
         raise LamraError(f'{path} is not a {FORMAT} manifest (it needs "pool" and "tasks")')
     for name, entry in tasks.items():
+        if not safe_name(name):  # the commands name files and folders after it: OUT/<task>.run, OUT/<task>/
+            raise LamraError(
+                f"{path}: task {name!r} is not a plain name (letters, digits, '_', '.', '-', starting with a letter "
+                "or digit, no '..'): files are named after it, so it could write outside the output folder"
+            )
         paths = {k: v for k, v in entry.items() if k in PATH_FIELDS} if isinstance(entry, dict) else None
         if paths is None or not all(isinstance(v, str) for v in paths.values()) or "run_file" not in paths:
             raise LamraError(f'{path}: task {name!r} is not an entry with a "run_file" and paths as strings')

@@ -57,6 +57,10 @@ SKIP_REASONS = (
 )
 # PIL's decompression-bomb bound: larger images are refused before they are decoded.
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# The image formats PIL may open from data (a shard member, an M-BEIR image, a user's file): M-BEIR's and the
+# demo's (JPEG, PNG), what web-crawled sets hold under those names, nothing else; PIL would otherwise open any format
+# it knows (EPS among them, rendered by running Ghostscript on the file). Another format is an unreadable image.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 @dataclass
@@ -255,7 +259,7 @@ def modality_of(txt: str | None, img: str | None) -> str:
 def _open_image(data: bytes, member: str, max_pixels: int | None = None) -> Image.Image:
     limit = max_pixels or MAX_IMAGE_PIXELS
     try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
         if image.width * image.height > limit:
             raise UnreadableImage(member, f"{image.width}x{image.height} is over {limit} pixels", oversized=True)
         image.load()

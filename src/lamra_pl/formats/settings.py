@@ -19,11 +19,13 @@ their name says. A folder with no settings file is a plain checkpoint, read with
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lamra_pl.errors import LamraError
 from lamra_pl.files import atomic_write
+from lamra_pl.formats import read_json
 
 FORMAT, VERSION = "lamra-pl-settings", 2
 SETTINGS_FILE = "lamra_pl.json"
@@ -42,28 +44,31 @@ def write_settings(folder: str | Path, class_path: str, init_args: dict[str, Any
     )
 
 
-def read_settings(folder: str | Path) -> tuple[str, dict[str, Any], int] | None:
-    """(class path, init args, layout version) of a model folder's settings file; None when it has none."""
+@dataclass
+class Settings:
+    """A model folder's settings file, read."""
+
+    class_path: str
+    init_args: dict[str, Any]
+    version: int
+    path: Path  # the file they were read from (lamra_pl.json, or a version 1 file)
+
+
+def read_settings(folder: str | Path) -> Settings | None:
+    """The settings of a model folder; None when it has none."""
     folder = Path(folder)
     path = folder / SETTINGS_FILE
     if path.is_file():
-        data = _json(path)
-        if data.get("format") != FORMAT or data.get("version") != VERSION:
+        data = read_json(path, "a lamra-pl settings file")
+        if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
             raise LamraError(f"{path}: not a {FORMAT} file of version {VERSION}")
         if not isinstance(data.get("class_path"), str) or not isinstance(data.get("init_args"), dict):
             raise LamraError(f"{path}: needs a 'class_path' string and an 'init_args' mapping")
-        return data["class_path"], data["init_args"], VERSION
+        return Settings(data["class_path"], data["init_args"], VERSION, path)
     for name, class_path in LEGACY_FILES.items():
         if (folder / name).is_file():
-            data = _json(folder / name)
+            data = read_json(folder / name, "a lamra-pl settings file")
             if not isinstance(data, dict):
                 raise LamraError(f"{folder / name}: expected a mapping of settings")
-            return class_path, data, 1
+            return Settings(class_path, data, 1, folder / name)
     return None
-
-
-def _json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise LamraError(f"{path}: not valid JSON ({err})") from None

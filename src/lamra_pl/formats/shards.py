@@ -8,7 +8,7 @@ Layout version VERSION:
                              counts samples from the tar headers themselves (`lamra_pl.data.stream.SampleIndex`)
       ids.txt                pool shard folders only: the candidates' ids in shard order (written by
                              `convert-mbeir`), so a search can be restricted to the pool without reading it
-      .lamra_pl_incomplete   INCOMPLETE: present only while the folder is being written (see below)
+      .lamra_pl_incomplete   INCOMPLETE: present only while something is being written into the folder (below)
 
 A shard spec names shards as a folder (every .tar below it, sorted), a glob of folders or files ("train/*_task1")
 or a brace pattern ("data/train-{000000..000009}.tar").
@@ -18,17 +18,29 @@ PID`, which no spec matches) and renamed once complete, so a killed writer never
 shard's name. A folder being written carries the marker file INCOMPLETE from before its first shard until after
 its sizes.json; `expand_shards` refuses a folder that carries it, or whose folder above carries it (a tool writing
 a whole tree, e.g. `convert-mbeir`'s output folder, marks the top), so a killed or running writer's output is never
-trained or evaluated on. The marker's content belongs to the writer that left it (`write_shards`: the prefixes it
-was writing). Writing a prefix into a folder replaces that prefix's shards: none of an earlier write is left.
+trained or evaluated on. Writing a prefix into a folder replaces that prefix's shards: none of an earlier write is
+left.
+
+The marker (MARKER_VERSION) is UTF-8 text, each line ending in a newline: MARKER_HEADER, then `<writer> <entry>` for
+each thing being written, listed before its writing begins and removed once it is complete; the marker goes with its
+last entry. Every writer goes through `mark_incomplete` / `unmark_incomplete`, which rewrite it atomically, and
+removes only its own entries. The writers and their entries:
+
+    lamra-pl incomplete 1
+    write_shards shard                 `write_shards`: the shard prefix it writes into this folder
+    convert-mbeir eval/test/global_pool   `convert-mbeir`: a folder under its output folder, relative to it
+
+A marker of another format stops a writer with a one-line error (it belongs to something this version does not
+know); readers refuse a marked folder whatever the marker holds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import re
-import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -39,28 +51,58 @@ import webdataset as wds
 
 from lamra_pl.errors import BadSampleError, LamraError
 from lamra_pl.files import atomic_write
-from lamra_pl.formats.tar_index import parse_sample, scan_tar
+from lamra_pl.formats.tar_index import SIZES_FILE, listed_sizes, parse_sample, scan_whole
 
 VERSION = 1
-SIZES_FILE = "sizes.json"
 POOL_IDS = "ids.txt"
-INCOMPLETE = ".lamra_pl_incomplete"  # a folder being written (or whose writer was killed): never read
 PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a shard prefix: a plain file name, no path
+INCOMPLETE = ".lamra_pl_incomplete"  # a folder being written (or whose writer was killed): never read
+MARKER_VERSION = 1
+MARKER_HEADER = f"lamra-pl incomplete {MARKER_VERSION}"
+WRITER = re.compile(r"[a-z][a-z0-9_-]*")  # a writer's name in the marker
+WRITE_SHARDS = "write_shards"  # the name `write_shards` marks its prefixes with
 
 
-def mark_incomplete(folder: Path, entry: str, writing: bool) -> None:
-    """Add `entry` to (writing) or remove it from the folder's INCOMPLETE marker, one entry a line; the marker goes
-    when its last entry does."""
+def incomplete_entries(folder: Path) -> list[tuple[str, str]]:
+    """The (writer, entry) lines of the folder's INCOMPLETE marker, in order; [] without one. A marker of another
+    format is a one-line LamraError."""
     marker = folder / INCOMPLETE
-    entries = dict.fromkeys(marker.read_text(errors="replace").splitlines() if marker.is_file() else [])
-    if writing:
-        entries[entry] = None
+    try:
+        lines = marker.read_bytes().decode("utf-8").split("\n")
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as err:
+        raise LamraError(f"{marker} cannot be read as an in-progress marker ({err}); delete it") from None
+    pairs = [line.split(" ", 1) for line in lines[1:-1]]
+    if lines[0] != MARKER_HEADER or lines[-1] or not all(len(p) == 2 and WRITER.fullmatch(p[0]) for p in pairs):
+        raise LamraError(
+            f"{marker} is not a lamra-pl in-progress marker of this version; once nothing is writing into {folder}, "
+            "delete it"
+        )
+    return list(dict.fromkeys((w, e) for w, e in pairs))
+
+
+def mark_incomplete(folder: Path, writer: str, *entries: str) -> None:
+    """Add `entries` of `writer` to the folder's INCOMPLETE marker, made if need be (with no entries: an empty
+    marker, the folder is still refused), before they are written."""
+    if not WRITER.fullmatch(writer) or not all(e and "\n" not in e for e in entries):
+        raise ValueError(f"not a writer name and entries of one line: {writer!r}, {entries!r}")
+    listed = incomplete_entries(folder)
+    _write_marker(folder, list(dict.fromkeys([*listed, *((writer, e) for e in entries)])))
+
+
+def unmark_incomplete(folder: Path, writer: str, *entries: str) -> None:
+    """Remove `entries` of `writer` (every entry of it when none is named) from the folder's INCOMPLETE marker once
+    they are written; the marker goes with its last entry."""
+    kept = [(w, e) for w, e in incomplete_entries(folder) if w != writer or (entries and e not in entries)]
+    if kept:
+        _write_marker(folder, kept)
     else:
-        entries.pop(entry, None)
-    if entries:
-        atomic_write(marker, "".join(f"{e}\n" for e in entries))
-    else:
-        marker.unlink(missing_ok=True)
+        (folder / INCOMPLETE).unlink(missing_ok=True)
+
+
+def _write_marker(folder: Path, entries: list[tuple[str, str]]) -> None:
+    atomic_write(folder / INCOMPLETE, "".join(f"{line}\n" for line in [MARKER_HEADER, *map(" ".join, entries)]))
 
 
 class _ShardFile:
@@ -80,6 +122,10 @@ class _ShardFile:
         os.replace(self.tmp, self.path)
 
     def discard(self) -> None:
+        # Closed first, else the tar stream's finaliser writes its buffer to the closed file ("Exception ignored" on
+        # stderr). It may fail as the write did (a full disk): the file is deleted anyway.
+        with contextlib.suppress(Exception):
+            self.tar.close()
         self.file.close()
         self.tmp.unlink(missing_ok=True)
 
@@ -97,7 +143,7 @@ def write_shards(
         raise LamraError(f"shard prefix {prefix!r} is not a plain file name (letters, digits, '_', '.', '-')")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    mark_incomplete(out, prefix, writing=True)
+    mark_incomplete(out, WRITE_SHARDS, prefix)
     ours = re.compile(rf"\.?{re.escape(prefix)}-\d{{6}}\.tar(\.tmp-\d+)?")
     for old in out.iterdir():
         if ours.fullmatch(old.name) and not old.is_dir():
@@ -135,7 +181,7 @@ def write_shards(
         previous = {}
     previous = {name: n for name, n in previous.items() if not ours.fullmatch(name) and (out / name).is_file()}
     atomic_write(sizes_path, json.dumps({**previous, **sizes}, indent=1, sort_keys=True))
-    mark_incomplete(out, prefix, writing=False)  # only now: sizes.json is complete
+    unmark_incomplete(out, WRITE_SHARDS, prefix)  # only now: sizes.json is complete
     return dict(sizes)
 
 
@@ -198,38 +244,17 @@ def expand_shards(spec: str) -> list[str]:
 def read_samples(urls: Iterable[str]) -> Iterator[dict[str, Any]]:
     """The raw WebDataset samples of shards, in order: {"__key__", "__url__", member suffix: bytes, ...}.
 
-    For evaluation and the tools, which must read every sample: a shard that cannot be read to its end (not a tar,
-    truncated, zeroed) or that repeats a key (WebDataset would merge or double the sample) is a BadSampleError
-    naming it, never a silently shorter pool. (Training counts and skips these instead: `lamra_pl.data.stream`.)
+    For evaluation and the tools, which must read every sample: a shard that would lose or merge samples
+    (`tar_index.scan_whole`: unreadable, damaged, zeroed, a repeated key, another count than its sizes.json) is a
+    BadSampleError naming it, never a silently shorter pool. (Training counts and skips these: `data.stream`.)
     """
-    listed_sizes: dict[Path, dict[str, Any]] = {}
+    sizes: dict[Path, dict[str, Any]] = {}  # each folder's sizes.json, read once
     for url in urls:
         url = str(url)
-        try:
-            scan = scan_tar(url)
-        except (OSError, tarfile.TarError) as err:
-            raise BadSampleError(f"shard {url} cannot be read as a tar ({type(err).__name__}: {err})") from None
-        if scan.damage is not None:
-            raise BadSampleError(f"shard {url} is damaged: {scan.damage}")
-        if scan.repeated:
-            raise BadSampleError(f"shard {url}: sample key {scan.repeated[0].key!r} repeats an earlier sample's")
         folder = Path(url).parent
-        if folder not in listed_sizes:
-            listed_sizes[folder] = _listed_sizes(folder)
-        listed = listed_sizes[folder].get(Path(url).name)
-        if isinstance(listed, int) and listed != len(scan.samples):  # e.g. zeroed: it reads as an empty tar
-            raise BadSampleError(
-                f"shard {url} holds {len(scan.samples)} samples; its folder's {SIZES_FILE} says {listed}"
-            )
+        if folder not in sizes:
+            sizes[folder] = listed_sizes(folder)
+        scan = scan_whole(url, sizes[folder].get(Path(url).name))
         with open(url, "rb") as f:
             for sample in scan.samples:
                 yield parse_sample(os.pread(f.fileno(), sample.end - sample.start, sample.start), url)
-
-
-def _listed_sizes(folder: Path) -> dict[str, Any]:
-    """A shard folder's sizes.json ({} when it has none or it is not a mapping): what its writer wrote."""
-    try:
-        sizes = json.loads((folder / SIZES_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return sizes if isinstance(sizes, dict) else {}

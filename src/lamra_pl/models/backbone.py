@@ -10,11 +10,10 @@ know (they fail clearly on an image).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch import LightningModule
@@ -41,6 +40,7 @@ from transformers.models.auto.modeling_auto import (
 from transformers.utils import is_gguf_available
 
 from lamra_pl.errors import LamraError
+from lamra_pl.formats import read_json
 
 EMB_TOKEN = "<emb>"
 
@@ -131,6 +131,11 @@ class BackboneSpec:
 
     def __post_init__(self) -> None:
         self.path = str(self.path)
+        # The values a checkpoint or settings file can hand in without a parser's type check in between.
+        for name, allowed in (("rope", Rope), ("dtype", DType), ("padding_side", Literal["left", "right"])):
+            value = getattr(self, name)
+            if value is not None and value not in get_args(allowed):
+                raise LamraError(f"backbone.{name} is {value!r}; use one of {list(get_args(allowed))}")
 
     @classmethod
     def of(cls, value: BackboneSpec | dict[str, Any]) -> BackboneSpec:
@@ -183,31 +188,29 @@ REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json", "processor_config.j
 
 
 def _json_file(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LamraError(f"{path}: not valid JSON ({err})") from None
+    data = read_json(path, "a Hugging Face settings file")
     if not isinstance(data, dict):
         raise LamraError(f"{path}: expected a JSON object")
     return data
 
 
-def refuse_remote_code(spec: BackboneSpec, asked_by: str | None = None) -> None:
-    """A one-line refusal when the backbone folder names code of its own and the user has not trusted it.
+def refuse_remote_code(spec: BackboneSpec, asked_by: str) -> None:
+    """A one-line refusal when a file (`asked_by`, a checkpoint's or a settings file's key) asked for
+    trust_remote_code, which is never taken from a file, and the backbone folder names code of its own that the
+    user has not trusted: loaded without that code, it would not be the model the file describes.
 
-    `asked_by`: the file key that asked for trust_remote_code (a checkpoint's or a settings file's), which is
-    never taken from a file; named in the refusal."""
+    (A folder naming code that no file asks for loads as transformers' own class: without trust_remote_code,
+    transformers never imports a folder's code.)"""
     if spec.trust_remote_code:
         return
     ckpt = checkpoint(spec.path)
     named = ckpt.remote_code()
     if named is None:
         return
-    asked = f"; {asked_by} asks for it, but trust comes only from your command line or YAML" if asked_by else ""
     raise LamraError(
-        f"{ckpt.folder / named} names code of its own (auto_map), which lamra-pl runs only with "
-        f"trust_remote_code set by you (--model.init_args.backbone.trust_remote_code true in fit, "
-        f"--trust_remote_code true in the tools){asked}"
+        f"{asked_by} is true and {ckpt.folder / named} names code of its own (auto_map): lamra-pl runs it only "
+        "when you set trust_remote_code yourself (--model.init_args.backbone.trust_remote_code true in fit, "
+        "--trust_remote_code true in the tools); a file cannot"
     )
 
 
@@ -297,7 +300,6 @@ def load_processor(spec: BackboneSpec, add_emb_token: bool = True) -> ProcessorM
     it); image resizing bounds and padding side as the spec says."""
     path, min_pixels, max_pixels, padding_side = spec.path, spec.min_pixels, spec.max_pixels, spec.padding_side
     trust_remote_code = spec.trust_remote_code
-    refuse_remote_code(spec)
     ckpt = checkpoint(path)
     p = ckpt.folder
     kind = model_type(path)
@@ -345,7 +347,6 @@ def load_backbone(spec: BackboneSpec, vocab_size: int, lora: LoraSpec | None = N
     """
     path, dtype = spec.path, spec.dtype
     train_vision_tower, train_projector = spec.train_vision_tower, spec.train_projector
-    refuse_remote_code(spec)
     ckpt = checkpoint(path)
     family = family_of(model_type(path))
     if family.text_only and (train_vision_tower or train_projector):

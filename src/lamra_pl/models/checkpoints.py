@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from collections.abc import Collection
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ import torch
 
 from lamra_pl.errors import LamraError
 from lamra_pl.formats import checkpoint as ckpt_format
-from lamra_pl.formats.settings import SETTINGS_FILE, read_settings, write_settings
+from lamra_pl.formats.settings import read_settings, write_settings
 from lamra_pl.models.backbone import BackboneSpec, checkpoint, refuse_remote_code
 from lamra_pl.models.base import ScheduleSpec, TrainingModule
 from lamra_pl.models.clip import CLIPModule
@@ -69,6 +70,8 @@ ALLOWED = {
     *_classes(torch.optim, torch.optim.Optimizer),
     *_classes(torch.optim.lr_scheduler, torch.optim.lr_scheduler.LRScheduler),
 }
+# The attention implementations of transformers itself: what a file may ask for (other values name kernels to fetch).
+ATTENTION = {"sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"}
 # Hyperparameters that are the Trainer's business or Lightning's bookkeeping, never a module's argument here.
 NOT_ARGUMENTS = ("_class_path", "_instantiator", "optimizer", "max_nonfinite_steps")
 # What a folder of merged weights changes about the module that wrote it: the adapter is merged (no LoRA), the dtype
@@ -80,11 +83,11 @@ def class_path_of(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def check_class_paths(values: dict[str, Any], where: str, key: str) -> None:
+def check_class_paths(values: dict[str, Any], where: str, key: str, also: Collection[str] = ()) -> None:
     """Refuse, naming its key, any class path in `values` (a checkpoint's hyper-parameters, a settings file's
-    arguments) that is not in ALLOWED."""
+    arguments) that is not in ALLOWED, nor in `also` (class paths the user's own config names)."""
     for found_key, class_path in ckpt_format.class_paths(values, key):
-        if class_path not in ALLOWED:
+        if class_path not in ALLOWED and class_path not in also:
             raise LamraError(
                 f"{where}: {found_key} names {class_path!r}, which lamra-pl does not load from a file (it imports "
                 "nothing a file names: only its own modules and torch's optimizers and schedulers)"
@@ -126,15 +129,18 @@ def build(cls: type[TrainingModule], args: dict[str, Any], where: str) -> Traini
     return cls(**args)
 
 
-def read_checkpoint(path: str | Path) -> tuple[type[TrainingModule], dict[str, Any], dict[str, Any]]:
+def read_checkpoint(
+    path: str | Path, also: Collection[str] = ()
+) -> tuple[type[TrainingModule], dict[str, Any], dict[str, Any]]:
     """(class, its arguments, the checkpoint) of a `lamra-pl fit` checkpoint, loaded with weights_only=True, its
-    class paths checked (`check_class_paths`) and its backbone path resolved (`formats.checkpoint.backbone_path`)."""
+    class paths checked (`check_class_paths`, `also`: those the user's config names) and its backbone path resolved
+    (`formats.checkpoint.backbone_path`)."""
     ckpt = ckpt_format.read(path)
     hparams = ckpt.get("hyper_parameters") or {}
     if not isinstance(hparams, dict):
         raise LamraError(f"checkpoint {path}: 'hyper_parameters' is not a mapping")
     hparams = dict(hparams)
-    check_class_paths(hparams, f"checkpoint {path}", "hyper_parameters")
+    check_class_paths(hparams, f"checkpoint {path}", "hyper_parameters", also)
     if "_class_path" in hparams:
         cls = module_class(hparams["_class_path"], f"checkpoint {path}")
     elif "clip_model" in hparams:  # the CLIP baseline's (its only model argument)
@@ -145,22 +151,22 @@ def read_checkpoint(path: str | Path) -> tuple[type[TrainingModule], dict[str, A
         cls = EmbeddingModule
     args = migrate(cls, hparams)
     backbone = args.get("backbone")
+    if isinstance(backbone, dict):
+        _check_file_values(backbone, f"checkpoint {path}: hyper_parameters.backbone")
     if isinstance(backbone, dict) and isinstance(backbone.get("path"), str):
         args["backbone"] = {**backbone, "path": ckpt_format.backbone_path(backbone["path"], ckpt, path)}
     return cls, args, ckpt
 
 
-def _untrusted(backbone: dict[str, Any], overrides: dict[str, Any], key: str) -> tuple[dict[str, Any], str | None]:
-    """The backbone settings with `trust_remote_code` the caller's (False unless given), and the file key that asked
-    for it, if one did."""
-    asked = key if backbone.get("trust_remote_code") is True else None
-    return {**backbone, "trust_remote_code": False, **overrides}, asked
-
-
-def _refuse_asked_remote_code(args: dict[str, Any], asked: str | None) -> None:
-    spec = args.get("backbone")
-    if asked is not None and isinstance(spec, dict) and "path" in spec:
-        refuse_remote_code(BackboneSpec(**spec), asked_by=asked)
+def _check_file_values(backbone: dict[str, Any], where: str) -> None:
+    """Refuse backbone settings read from a file that would make transformers fetch or run code: an attention
+    implementation other than transformers' own (a Hub kernel repository is code)."""
+    attention = backbone.get("attn_implementation")
+    if attention is not None and attention not in ATTENTION:
+        raise LamraError(
+            f"{where}.attn_implementation is {attention!r}; from a file lamra-pl takes only {sorted(ATTENTION)} "
+            "(another value, e.g. a kernel repository, only from your command line or YAML)"
+        )
 
 
 def load_module(
@@ -180,11 +186,13 @@ def load_module(
     overrides = {"gradient_checkpointing": False, **(backbone or {})}
     if p.is_file() and p.suffix != ".gguf":
         cls, args, ckpt = read_checkpoint(p)
-        asked = None
-        if isinstance(args.get("backbone"), dict):
-            where = f"checkpoint {p}: hyper_parameters.backbone.trust_remote_code"
-            args["backbone"], asked = _untrusted(args["backbone"], overrides, where)
-        _refuse_asked_remote_code(args, asked)
+        stored = args.get("backbone")
+        if isinstance(stored, dict):
+            # trust_remote_code is the caller's, never the file's (False unless the caller says otherwise).
+            args["backbone"] = {**stored, "trust_remote_code": False, **overrides}
+            if stored.get("trust_remote_code") is True:
+                where = f"checkpoint {p}: hyper_parameters.backbone.trust_remote_code"
+                refuse_remote_code(BackboneSpec(**args["backbone"]), asked_by=where)
         module = build(cls, args, f"checkpoint {p}")
         module.configure_model()
         module.on_load_checkpoint(ckpt)
@@ -197,15 +205,19 @@ def load_module(
         found = read_settings(p) if p.is_dir() else None
         cls, args = kind or EmbeddingModule, {}
         if found is not None:
-            check_class_paths({"class_path": found[0], "init_args": found[1]}, f"settings of {p}", SETTINGS_FILE)
-        if found is not None and issubclass(module_class(found[0], f"settings of {p}"), kind or TrainingModule):
-            class_path, args, _ = found
-            cls = module_class(class_path, f"settings of {p}")
-            args = migrate(cls, {"backbone": str(p), **args} if "backbone" not in args else args)
+            where = f"settings {found.path}"
+            check_class_paths({"class_path": found.class_path, "init_args": found.init_args}, where, found.path.name)
+        if found is not None and issubclass(module_class(found.class_path, where), kind or TrainingModule):
+            cls = module_class(found.class_path, where)
+            args = migrate(
+                cls, {"backbone": str(p), **found.init_args} if "backbone" not in found.init_args else found.init_args
+            )
         stored = args.get("backbone", {}) if isinstance(args.get("backbone"), dict) else {}
-        where = f"{p / SETTINGS_FILE}: init_args.backbone.trust_remote_code"
-        folder, _ = _untrusted({**stored, "path": str(p), **FOLDER}, overrides, where)
-        _refuse_asked_remote_code({"backbone": folder}, where if stored.get("trust_remote_code") is True else None)
+        if found is not None:
+            _check_file_values(stored, f"{found.path}: init_args.backbone")
+        folder = {**stored, "path": str(p), **FOLDER, **overrides}
+        if stored.get("trust_remote_code") is True and found is not None:
+            refuse_remote_code(BackboneSpec(**folder), asked_by=f"{found.path}: init_args.backbone.trust_remote_code")
         if "lora" in args:
             args["lora"] = None
         module = build(cls, {**args, "backbone": folder}, f"settings of {p}")

@@ -10,7 +10,6 @@ model is loaded.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from lamra_pl.data.items import Chunk, ChunkedItems, Job, plan
 from lamra_pl.errors import LamraError
 from lamra_pl.formats.index import ChunkStore, EmbeddingIndex, fingerprint, is_complete
 from lamra_pl.formats.shards import POOL_IDS, SIZES_FILE, expand_shards
+from lamra_pl.formats.tar_index import listed_sizes
 from lamra_pl.formats.task import TASK_FILE
 from lamra_pl.models.checkpoints import caller_settings, load_retriever
 from lamra_pl.models.contrastive import ContrastiveSteps
@@ -72,28 +72,26 @@ def refuse_empty_pool(pool: str) -> None:
     task = folder.parent / TASK_FILE
     owner = f" (the local pool of task {folder.parent})" if task.is_file() else ""
     empty = f"pool {pool}{owner} is empty"
-    ids, sizes = folder / POOL_IDS, folder / SIZES_FILE
-    if ids.is_file() and not _holds_text(ids):
+    ids = folder / POOL_IDS
+    if ids.is_file() and lists_no_id(ids):
         raise LamraError(f"{empty}: its {POOL_IDS} lists no candidate; there is nothing to index")
     if folder.is_dir() and not any(folder.rglob("*.tar")):
         raise LamraError(f"{empty}: it holds no .tar shard; there is nothing to index")
     expand_shards(pool)  # a pattern that matches nothing, or a missing shard file
-    if sizes.is_file() and not ids.is_file():
-        try:
-            counts = json.loads(sizes.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return  # a manifest for people: the shards themselves are read later
-        if isinstance(counts, dict) and counts and not any(isinstance(n, int) and n > 0 for n in counts.values()):
+    if folder.is_dir() and not ids.is_file():
+        counts = listed_sizes(folder)  # {} when it has none, or none readable: the shards themselves are read later
+        if counts and not any(isinstance(n, int) and n > 0 for n in counts.values()):
             raise LamraError(f"{empty}: its {SIZES_FILE} counts no sample; there is nothing to index")
 
 
-def _holds_text(path: Path) -> bool:
-    """Whether a file holds anything but white space (read up to its first non-blank block: ids.txt can be big)."""
+def lists_no_id(path: str | Path) -> bool:
+    """Whether a pool's ids.txt lists no id, only white space (read up to its first non-blank block: it can be
+    big): the one test of an empty pool, for `index` and `retrieve`'s local setting alike."""
     with open(path, "rb") as f:
         while block := f.read(1 << 16):
             if block.strip():
-                return True
-    return False
+                return False
+    return True
 
 
 class ChunkWriter(BasePredictionWriter):

@@ -34,7 +34,7 @@ from lamra_pl.formats.task import (
     task_info,
 )
 from lamra_pl.models.checkpoints import caller_settings, load_retriever
-from lamra_pl.pipelines.encode import encode
+from lamra_pl.pipelines.encode import encode, lists_no_id
 from lamra_pl.pipelines.predict import TrainerSpec
 from lamra_pl.ranking.search import Backend, search
 
@@ -124,7 +124,7 @@ def _local_rows(task: Path, index: EmbeddingIndex) -> np.ndarray:
     index."""
     task_info(task)
     ids = pool_ids(task)
-    if not any(i.strip() for i in ids):
+    if lists_no_id(pool_ids_file(task)):
         raise LamraError(
             f"task {task}: its local pool ({pool_ids_file(task)}) is empty, so the local setting has nothing to "
             "search; convert the task again, or retrieve with --pools '[global]'"

@@ -20,34 +20,31 @@ mbeir_<dataset>_task<N>_<split>.jsonl`, every pool under `cand_pool/`, `qrels/<s
     OUT_DIR/eval/<split>/global_pool/                  the union of the split's local pools
     OUT_DIR/report.json                                what was read, written and dropped, and why (below)
 
-Every file read is untrusted. Every problem is reported with file and line and counted by reason; without
-`--strict` the offending record (line) is skipped, with it the first problem stops the run with a one-line error.
-Per kind of line (candidates, train_queries, <split>_queries, <split>_qrels, instructions), read == written +
-dropped. The reasons:
+Every file read is untrusted. Each problem is logged with file:line and counted by reason in report.json; the
+record (line) is skipped, or with `--strict` the first problem stops the run with a one-line error. Per kind of
+line (candidates, train_queries, <split>_queries, <split>_qrels, instructions), read == written + dropped. Reasons:
 
-    malformed_line         not JSON (or nested too deeply to parse), not an object, a required field missing
+    malformed_line         not JSON (or nested too deeply), not an object, a required field missing
     not_utf8               a line that is not UTF-8 (only that line is lost)
-    bad_value              a value of the wrong type: an id (qid, did, list member) not a string or an integer, or
-                           empty or holding whitespace (ids become lines of ids.txt and fields of qrels); a
-                           pos_cand_list / neg_cand_list not a list (a string is not taken for a list of characters);
-                           a text not a string or null; an image path not a non-empty string or null; a modality
-                           not a string; an empty text with no image
+    bad_value              an id (qid, did, list member) not a string or an integer, empty or holding whitespace
+                           (ids become lines of ids.txt and fields of qrels); a pos/neg_cand_list not a list; a
+                           text not a string or null; an image path not a non-empty string or null; a modality not
+                           a string; an empty text with no image; an id, text or path holding a lone surrogate
+                           ("\\ud800" is valid JSON, not text)
     unknown_modality       a modality other than M-BEIR's "text", "image", "image,text"
     bad_task_id            a query's task_id other than null or an integer 0..8
-    unsafe_path            an image path that is absolute, or leads outside --root by `..` or through a symbolic
-                           link anywhere along it (the root itself may be a link; links into a folder given with
-                           --image_roots are allowed): such a file is never opened
-    missing_image          an image path naming no file under the root
-    bad_image              an image PIL cannot decode or convert to RGB: empty, truncated, not an image
-    oversized_image        an image of more than --max_image_pixels pixels (default PIL's bound, the one shard
-                           readers apply), found from its header before anything is decoded; PIL's own
-                           decompression-bomb guard (twice its bound) also counts here
-    unsafe_name            an output folder name taken from the data (below) that is not a plain name
+    unsafe_path            an image path that is absolute or leads outside --root (by `..` or a symbolic link;
+                           links into an --image_roots folder are allowed): never opened
+    missing_image          an image path naming no file
+    bad_image              not one of `formats.sample.IMAGE_FORMATS`, or an image PIL cannot decode or convert
+                           to RGB (empty, truncated)
+    oversized_image        more than --max_image_pixels pixels (default: the readers' bound), found from the header
+    unsafe_name            an output folder name from the data that is not a plain name (SAFE_NAME, no `..`)
     duplicate_candidate    a candidate id twice in one pool file with the same content: kept once
     conflicting_candidate  a candidate id met again (in any pool file) with other content: the first is kept
     duplicate_query        a qid twice in one evaluation query file, or twice in training with another row
-    duplicate_instruction  a (dataset id, query modality, candidate modality) twice in the instructions, or a
-                           dataset id under two names: the first row is kept
+    duplicate_instruction  a (dataset id, query modality, candidate modality) twice, or a dataset id under two
+                           names: the first row is kept
     unknown_positive / unknown_negative   a listed candidate id in no pool
     no_positive            a query left without a usable positive
     no_instruction         no instruction for the query's (dataset id, query modality, positive modality)
@@ -56,35 +53,27 @@ dropped. The reasons:
 Rules:
 
 * Candidate ids are global, as in M-BEIR, whose local pools repeat candidates of the union pools. Pool files are
-  read in sorted path order (`cand_pool/global/` before `cand_pool/local/`). An id met again in another pool file
-  with the same content (txt, img_path, modality) is the same candidate, now of that pool too: not a problem, it
-  is counted under report.json's "repeated". The same id again in the same file is `duplicate_candidate`; met
-  again anywhere with other content, `conflicting_candidate`: the first content stays, the later line is skipped
-  (so that id is not in the later file's pool).
-* A qid again in an evaluation query file: the first is kept, the later `duplicate_query`. In training, a qid
-  again with the identical row is M-BEIR's up-sampling (`mbeir_union_up_train.jsonl` repeats rows of its small
-  data sets on purpose): kept, counted under "repeated"; with another row it is `duplicate_query`.
-* Output folders are named `<dataset>_task<N>`, from the instructions' dataset names (else the dataset id that
-  starts the qid) and from the evaluation files' names. A name must match SAFE_NAME (letters, digits, `_ . -`,
-  starting with a letter or digit, no `..`): an instructions row with another name, and a training query whose
-  folder name would be another, is `unsafe_name` (skipped); an evaluation query file not named
-  `mbeir_<safe name>_task<0-8>_<split>.jsonl` and a `--splits` value that is not a safe name stop the run
-  (LamraError): they are the layout, not a record.
-* Images are checked when a record names them (once per path): inside the root, a file, within the pixel budget
-  (from the header), then fully decoded and converted to RGB, as readers will. They are stored as they were,
-  byte for byte (never re-encoded, so nothing is lost); the readers convert to RGB when they decode.
-* Atomic, fingerprinted output. OUT carries `lamra_pl.formats.shards.INCOMPLETE` from before a conversion's first
-  write into it until after report.json, which is written last (report.json present and no marker: the conversion
-  finished); `expand_shards` refuses every shard below a marked folder, so a killed conversion is never trained or
-  evaluated on. The marker lists, before each is created, every folder the conversion writes. report.json records the
-  arguments, every input file read (bytes, sha256), the images (count, bytes, a sha256 of their paths and sizes),
-  every file under the layout's folders that was not read and why, each task that came out with no queries or an
-  empty pool (still written: listed so it is not missed), the folders written ("outputs") and any folder under
-  OUT/train or OUT/eval that this run did not write (left as it was: a glob over OUT/train would read it).
-* A run over an OUT that holds an earlier conversion (finished: report.json; or killed: the marker) rewrites it
-  from scratch: first every folder that conversion listed is deleted, nothing else (other tools' folders in OUT
-  are left), and each folder it writes is emptied before it is written. An OUT whose report.json is not a
-  convert-mbeir report of this format is refused (one line).
+  read in sorted path order (`cand_pool/global/` first). An id met again in another pool file with the same
+  content (txt, img_path, modality) is the same candidate, also of that pool: counted under "repeated", not a
+  problem. Otherwise the first line of an id wins.
+* In training, a qid again with the identical row is M-BEIR's up-sampling (`mbeir_union_up_train.jsonl` repeats
+  rows on purpose): kept, counted under "repeated".
+* Output folders are `<dataset>_task<N>`, named from the instructions' dataset names (else the qid's dataset id)
+  and the evaluation files' names. An evaluation query file not named `mbeir_<safe name>_task<0-8>_<split>.jsonl`
+  and a `--splits` value that is not a safe name stop the run: they are the layout, not a record.
+* Images are checked once per path, when a record first names them: inside the root, a file, within the pixel
+  budget (header), then decoded and converted to RGB as readers will; that decode makes a conversion cost about
+  one pass of reading every image. They are stored byte for byte (never re-encoded).
+* Atomic, fingerprinted output. From before its first write until after report.json (written last), OUT carries
+  the shard folders' INCOMPLETE marker (`lamra_pl.formats.shards`), listing as `convert-mbeir <folder>` every
+  folder before it is written; `expand_shards` refuses everything below it, so a killed conversion is never read.
+  report.json records the arguments, every input file read (bytes, sha256), the images (count, bytes, a digest of
+  paths and sizes), every file of the layout not read and why, the tasks left without queries or pool (written
+  anyway), the folders written ("outputs") and those under OUT/train and OUT/eval it did not write.
+* A run over an earlier conversion (its report.json, or its marker if it was killed) rewrites it from scratch:
+  the folders that conversion listed are deleted, other tools' are left. A report.json of a lamra-pl that listed
+  no outputs (no "format"; read/written/dropped counts) stands for train_pool, eval/<split>/<name> and the
+  train/<name> folders with a task.json. An OUT whose report.json is none of these is refused.
 """
 
 from __future__ import annotations
@@ -106,9 +95,17 @@ from PIL import Image
 
 from lamra_pl.errors import LamraError
 from lamra_pl.files import atomic_write
-from lamra_pl.formats.sample import MAX_IMAGE_PIXELS, MODALITIES, encode_candidate, encode_record
-from lamra_pl.formats.shards import INCOMPLETE, write_pool_ids, write_shards
-from lamra_pl.formats.task import POOL, QUERIES, write_task
+from lamra_pl.formats import safe_name
+from lamra_pl.formats.sample import IMAGE_FORMATS, MAX_IMAGE_PIXELS, MODALITIES, encode_candidate, encode_record
+from lamra_pl.formats.shards import (
+    INCOMPLETE,
+    incomplete_entries,
+    mark_incomplete,
+    unmark_incomplete,
+    write_pool_ids,
+    write_shards,
+)
+from lamra_pl.formats.task import POOL, QUERIES, TASK_FILE, write_task
 
 log = logging.getLogger(__name__)
 
@@ -126,16 +123,13 @@ TASKS = {
 }
 RECALL_AT_10 = {"fashion200k", "fashioniq"}  # M-BEIR reports R@10 for these, R@5 elsewhere
 EVAL_FILE = re.compile(r"mbeir_(?P<dataset>.+)_task(?P<task>\d+)_(?P<split>[^_]+)\.jsonl")
-# A folder name made from data: a plain name, so `OUT/train/<name>` stays in OUT/train.
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
 ID = re.compile(r"\S+")  # ids are written one per line (ids.txt) and as space-separated fields (qrels.txt)
+# A lone surrogate: `"\ud800"` is valid JSON, yet no UTF-8 text (nor a path) can hold it.
+SURROGATE = re.compile("[\ud800-\udfff]")
 REPORT, REPORT_FORMAT, REPORT_VERSION = "report.json", "lamra-pl-mbeir-conversion", 1
+WRITER = "convert-mbeir"  # its name in the INCOMPLETE marker (lamra_pl.formats.shards)
 WHERE_KEPT = 20  # problem locations report.json keeps per reason (the log has every one)
 JSON_TYPES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list"}
-
-
-def safe_name(name: str) -> bool:
-    return bool(SAFE_NAME.fullmatch(name)) and ".." not in name
 
 
 def json_type(value: Any) -> str:
@@ -150,6 +144,8 @@ def id_problem(value: Any) -> str | None:
         return f"is {json_type(value)}, not a string or an integer"
     if not ID.fullmatch(str(value)):
         return f"{str(value)!r} is empty or holds whitespace"
+    if SURROGATE.search(str(value)):
+        return f"{value!r} holds a lone surrogate, not Unicode text"
     return None
 
 
@@ -180,11 +176,10 @@ class Candidate:
 
 
 class Output:
-    """OUT as a conversion owns it: the INCOMPLETE marker listing what it writes, and report.json, written last."""
+    """OUT as a conversion owns it: its entries in OUT's INCOMPLETE marker, and report.json, written last."""
 
     def __init__(self, out: Path) -> None:
         self.out = out
-        self.marker = out / INCOMPLETE
         self.outputs: list[str] = []
 
     @staticmethod
@@ -203,26 +198,20 @@ class Output:
             raise LamraError(f"--out {str(self.out)!r} is a file, not a folder")
         self.out.mkdir(parents=True, exist_ok=True)
         stale = self.earlier()
-        # The marker first, listing the stale folders: a kill while they are deleted leaves them listed.
-        atomic_write(self.marker, "".join(f"{rel}\n" for rel in stale))
+        mark_incomplete(self.out, WRITER, *stale)  # first: a kill while they are deleted leaves them listed
         (self.out / REPORT).unlink(missing_ok=True)
         for rel in stale:
             self.remove(rel)
 
     def earlier(self) -> list[str]:
-        """The folders an earlier conversion into OUT wrote: its marker's lines (killed) and its report's outputs."""
-        listed: list[str] = []
-        if self.marker.is_file():
-            text = self.marker.read_text(encoding="utf-8", errors="replace")
-            lines = text.split("\n")
-            # The last piece lacks its newline only if a kill cut the append short: that folder was not made yet.
-            for rel in lines[:-1]:
-                if not self.owned(rel):
-                    raise LamraError(
-                        f"{self.marker} lists {rel!r}, not a folder convert-mbeir writes; delete {self.out} or give "
-                        "another --out"
-                    )
-                listed.append(rel)
+        """The folders an earlier conversion into OUT wrote: its marker entries (killed) and its report's outputs."""
+        listed = [entry for writer, entry in incomplete_entries(self.out) if writer == WRITER]
+        unknown = [rel for rel in listed if not self.owned(rel)]
+        if unknown:
+            raise LamraError(
+                f"{self.out / INCOMPLETE} lists {unknown[0]!r}, not a folder convert-mbeir writes; delete {self.out} "
+                "or give another --out"
+            )
         report = self.out / REPORT
         if report.is_file():
             try:
@@ -230,18 +219,29 @@ class Output:
             except (ValueError, RecursionError):
                 previous = None
             outputs = previous.get("outputs") if isinstance(previous, dict) else None
-            if (
-                not isinstance(previous, dict)
-                or previous.get("format") != REPORT_FORMAT
-                or not isinstance(outputs, list)
-                or not all(self.owned(rel) for rel in outputs)
+            if isinstance(outputs, list) and previous.get("format") == REPORT_FORMAT and all(map(self.owned, outputs)):
+                listed += outputs
+            elif (
+                isinstance(previous, dict)
+                and "format" not in previous
+                and all(isinstance(previous.get(key), dict) for key in ("read", "written", "dropped"))
             ):
+                listed += self.legacy_outputs()
+            else:
                 raise LamraError(
                     f"{report} is not a report of a convert-mbeir conversion this lamra-pl can rewrite (format "
-                    f"{REPORT_FORMAT!r} listing its outputs); delete {self.out} or give another --out"
+                    f"{REPORT_FORMAT!r} listing its outputs, or an earlier version's); delete {self.out} or give "
+                    "another --out"
                 )
-            listed += outputs
         return list(dict.fromkeys(listed))
+
+    def legacy_outputs(self) -> list[str]:
+        """What a conversion of a lamra-pl whose report listed no outputs wrote: train_pool, eval/<split>/<name> and
+        the train/<name> folders with a task.json (convert-nli's train/nli_task1 has none: it is left)."""
+        found = [self.out / "train_pool", *(p for p in (self.out / "train").glob("*") if (p / TASK_FILE).is_file())]
+        found += [p for split in (self.out / "eval").glob("*") for p in split.glob("*")]
+        rels = [p.relative_to(self.out).as_posix() for p in found if p.is_dir() or p.is_symlink()]
+        return [rel for rel in rels if self.owned(rel)]
 
     def remove(self, rel: str) -> None:
         path = self.out / rel
@@ -258,10 +258,7 @@ class Output:
             raise LamraError(f"{rel!r} is not a folder name convert-mbeir may write")
         if rel in self.outputs:
             raise LamraError(f"two parts of the data would both be written to {self.out / rel}")
-        with open(self.marker, "a", encoding="utf-8") as f:
-            f.write(f"{rel}\n")
-            f.flush()
-            os.fsync(f.fileno())
+        mark_incomplete(self.out, WRITER, rel)
         self.outputs.append(rel)
         self.remove(rel)
         return self.out / rel
@@ -275,7 +272,7 @@ class Output:
 
     def finish(self, report: dict[str, Any]) -> None:
         atomic_write(self.out / REPORT, json.dumps(report, indent=1))
-        self.marker.unlink()  # only now: report.json is complete
+        unmark_incomplete(self.out, WRITER)  # only now: report.json is complete
 
 
 class Converter:
@@ -287,9 +284,8 @@ class Converter:
         image_roots: tuple[str, ...] = (),
     ) -> None:
         self.root = root
-        self.root_real = Path(os.path.realpath(root))
-        # Where image links may lead besides the root: the user's word (the command line), never the data's.
-        self.allowed = [self.root_real, *(Path(os.path.realpath(r)) for r in image_roots)]
+        # Where image paths may lead: the root and, through links, the user's --image_roots (never the data's word).
+        self.allowed = [Path(os.path.realpath(r)) for r in (root, *image_roots)]
         self.problems = problems
         self.max_image_pixels = max_image_pixels
         # Every non-empty input line is read, then written or dropped: read == written + dropped, per kind.
@@ -305,7 +301,6 @@ class Converter:
         self.image_sizes: dict[str, int] = {}  # image path (as the data gives it) -> bytes, for usable images
         self.image_problems: dict[str, tuple[str, str]] = {}  # image path -> (reason, detail)
         self.train_files: list[Path] = []
-        self.split_files: dict[str, list[Path]] = {}
         self.train_tasks_seen: set[str] = set()  # training folders some query row was meant for
         self.empty: list[dict[str, Any]] = []
 
@@ -385,7 +380,7 @@ class Converter:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(real) as image:  # reads the header only
+                with Image.open(real, formats=IMAGE_FORMATS) as image:  # reads the header only
                     if image.width * image.height > limit:
                         return "oversized_image", f"image {rel!r} is {image.width}x{image.height}, over {limit} pixels"
                     image.load()  # decodes: a truncated file fails here
@@ -398,18 +393,15 @@ class Converter:
         return None
 
     def image_ok(self, rel: str | None, path: Path, number: int) -> bool:
-        if rel is None:
+        """Whether a record's image may be used; each path is checked once, however many records name it."""
+        if rel is None or rel in self.image_sizes:
             return True
-        if rel not in self.image_sizes:
-            problem = self.image_problems.get(rel)
-            if problem is None:
-                problem = self.check_image(rel)
-                if problem is not None:
-                    self.image_problems[rel] = problem
-            if problem is not None:
-                self.problems(problem[0], path, number, problem[1])
-                return False
-        return True
+        problem = self.image_problems.get(rel) or self.check_image(rel)
+        if problem is None:
+            return True
+        self.image_problems[rel] = problem
+        self.problems(problem[0], path, number, problem[1])
+        return False
 
     def load_pools(self) -> None:
         files = sorted((self.root / "cand_pool").rglob("*.jsonl"))
@@ -467,6 +459,9 @@ class Converter:
             return "bad_value", f"{txt_key} is {json_type(txt)}, not a string or null"
         if img is not None and not (isinstance(img, str) and img):
             return "bad_value", f"{img_key} is {json_type(img) if img != '' else 'empty'}, not a path or null"
+        for key, text in ((txt_key, txt), (img_key, img)):
+            if text is not None and SURROGATE.search(text):
+                return "bad_value", f"{key} {text!r} holds a lone surrogate, not Unicode text"
         if txt is None and img is None:
             return "malformed_line", f"neither {txt_key} nor {img_key}"
         if img is None and not txt.strip():
@@ -638,8 +633,7 @@ class Converter:
             self.empty.append({"task": f"train/{name}", "empty": ["queries"], "written": False})
         for name, records in sorted(groups.items()):
             task_dir = output.claim(f"train/{name}")
-            samples = (encode_record(f"{i:08d}", **_fields(r)) for i, r in enumerate(records))
-            self.written["train_queries"] += sum(write_shards(samples, task_dir).values())
+            self.write_queries(records, task_dir, "train_queries")
             self.train_task(task_dir, records, pool)
 
     def train_pool(self, groups: dict[str, list[dict]]) -> list[Candidate]:
@@ -657,26 +651,15 @@ class Converter:
         dataset_id = records[0]["qid"].split(":")[0]
         modalities = {p["modality"] for r in records for p in r["positives"]}
         ids = [c.did for c in pool if c.modality in modalities and c.did.split(":")[0] == dataset_id]
-        # Up-sampled queries repeat their qrels lines: once each is enough.
-        qrels = dict.fromkeys(f"{r['qid']} 0 {p['id']} 1 {r['task_id']}" for r in records for p in r["positives"])
         dataset = self.dataset_names.get(dataset_id, dataset_id)
-        info = {
-            "dataset": dataset,
-            "task_id": records[0]["task_id"],
-            "split": "train",
-            "query_modalities": sorted({r["query_modality"] for r in records}),
-            "queries": len(records),
-            "pool": len(ids),
-            "recall_k": 10 if dataset in RECALL_AT_10 else 5,
-        }
         if not ids:
             self.empty.append({"task": f"train/{task_dir.name}", "empty": ["pool"], "written": True})
-        write_task(task_dir, info, qrels, pool=ids)
+        info = task_info(dataset, records[0]["task_id"], "train", records, len(ids))
+        write_task(task_dir, info, positive_qrels(records), pool=ids)
 
     def evaluation(self, output: Output, split: str) -> None:
         union: dict[str, Candidate] = {}
         files = sorted((self.root / "query" / split).glob("*.jsonl"))
-        self.split_files[split] = files
         for path in files:
             match = EVAL_FILE.fullmatch(path.name)
             if match is None or not safe_name(match["dataset"]) or int(match["task"]) not in range(9):
@@ -693,7 +676,6 @@ class Converter:
                 raise LamraError(f"{path}: its local pool {pool_file} does not exist")
             pool = {did: self.pool[did] for did in self.pool_files[pool_file]}
             records = []
-            query_modalities: set[str] = set()
             seen: dict[str, bytes] = {}
             qids_read: set[str] = set()
             for number, row in self.lines(path, f"{split}_queries"):
@@ -706,30 +688,16 @@ class Converter:
                     self.dropped[f"{split}_queries"] += 1
                 else:
                     records.append(record)
-                    query_modalities.add(row["query_modality"])
             task_dir = output.claim(f"eval/{split}/{dataset}_task{task}")
-            self.written[f"{split}_queries"] += sum(
-                write_shards(
-                    (encode_record(f"{i:08d}", **_fields(r)) for i, r in enumerate(records)), task_dir / QUERIES
-                ).values()
-            )
+            self.write_queries(records, task_dir / QUERIES, f"{split}_queries")
             self.write_pool(pool.values(), task_dir / POOL)
             kept = {r["qid"] for r in records}
             qrels_path = self.root / "qrels" / split / f"{name}_{split}_qrels.txt"
             if qrels_path.is_file():
                 lines = self.qrels(qrels_path, f"{split}_qrels", kept, qids_read, path)
             else:
-                lines = [f"{r['qid']} 0 {p['id']} 1 {r['task_id']}" for r in records for p in r["positives"]]
-            info = {
-                "dataset": dataset,
-                "task_id": task,
-                "split": split,
-                "query_modalities": sorted(query_modalities),
-                "queries": len(records),
-                "pool": len(pool),
-                "recall_k": 10 if dataset in RECALL_AT_10 else 5,
-            }
-            write_task(task_dir, info, lines)
+                lines = positive_qrels(records)
+            write_task(task_dir, task_info(dataset, task, split, records, len(pool)), lines)
             empty = [part for part, n in (("queries", len(records)), ("pool", len(pool))) if n == 0]
             if empty:
                 self.empty.append({"task": f"eval/{split}/{task_dir.name}", "empty": empty, "written": True})
@@ -753,6 +721,11 @@ class Converter:
                 self.problems("unknown_query", path, number, why)
             self.dropped[kind] += 1
         return lines
+
+    def write_queries(self, records: list[dict], folder: Path, kind: str) -> None:
+        fields = ({k: v for k, v in r.items() if k != "query_modality"} for r in records)  # (bookkeeping)
+        samples = (encode_record(f"{i:08d}", **f) for i, f in enumerate(fields))
+        self.written[kind] += sum(write_shards(samples, folder).values())
 
     def write_pool(self, candidates: Any, folder: Path) -> None:
         candidates = list(candidates)
@@ -808,9 +781,22 @@ class Converter:
         return {"files": len(self.image_sizes), "bytes": sum(self.image_sizes.values()), "sha256": digest.hexdigest()}
 
 
-def _fields(record: dict[str, Any]) -> dict[str, Any]:
-    """`encode_record`'s arguments of a converted query (without the bookkeeping kept beside them)."""
-    return {k: v for k, v in record.items() if k != "query_modality"}
+def task_info(dataset: str, task: int, split: str, records: list[dict], pool: int) -> dict[str, Any]:
+    """What task.json says of a converted task."""
+    return {
+        "dataset": dataset,
+        "task_id": task,
+        "split": split,
+        "query_modalities": sorted({r["query_modality"] for r in records}),
+        "queries": len(records),
+        "pool": pool,
+        "recall_k": 10 if dataset in RECALL_AT_10 else 5,
+    }
+
+
+def positive_qrels(records: list[dict]) -> list[str]:
+    """qrels lines of the queries' positives, once each (up-sampled training queries repeat theirs)."""
+    return list(dict.fromkeys(f"{r['qid']} 0 {p['id']} 1 {r['task_id']}" for r in records for p in r["positives"]))
 
 
 def convert(
