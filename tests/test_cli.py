@@ -7,7 +7,7 @@ import inspect
 import pytest
 
 from helpers import ROOT, clean_error, lamra_here, ok
-from lamra_pl.cli import COMMANDS, LIGHTNING, command
+from lamra_pl.cli import COMMANDS, LIGHTNING, command, summary, with_bare_flags
 from lamra_pl.errors import LamraError
 
 
@@ -16,6 +16,46 @@ def test_help_lists_every_subcommand_with_its_description():
     for name in [*LIGHTNING, *COMMANDS]:
         assert f"\n  {name} " in shown, name
     assert "Encode a candidate pool into an index folder" in shown  # `index`'s docstring, first paragraph
+
+
+def test_the_help_summaries_are_the_first_sentences_of_the_tools_docstrings():
+    for name, (_, text) in COMMANDS.items():
+        assert text == summary(command(name).__doc__ or ""), name
+
+
+def test_help_and_version_import_no_tool_torch_or_lightning():
+    """`lamra-pl --help` and `--version` answer at once: what they print needs neither torch nor any tool."""
+    import subprocess
+    import sys
+
+    code = "import sys\nfrom lamra_pl.cli import main\nmain(sys.argv[1:])\n"
+    code += "heavy = [m for m in ('torch', 'lightning', 'transformers', 'lamra_pl.pipelines') if m in sys.modules]\n"
+    code += "assert not heavy, heavy"
+    for flag in ("--help", "--version"):
+        proc = subprocess.run([sys.executable, "-c", code, flag], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("lamra-pl ") and proc.stdout.split()[1][0].isdigit()
+
+
+def test_a_bare_boolean_flag_means_true():
+    def tool(out: str, strict: bool = False, limit: int | None = None, fast: bool | None = None) -> None:
+        """A tool."""
+
+    assert with_bare_flags(tool, ["--strict", "--out", "x"]) == ["--strict", "true", "--out", "x"]
+    assert with_bare_flags(tool, ["--out", "x", "--strict"]) == ["--out", "x", "--strict", "true"]
+    assert with_bare_flags(tool, ["--strict", "false", "--fast"]) == ["--strict", "false", "--fast", "true"]
+    assert with_bare_flags(tool, ["--strict=false", "--limit", "3"]) == ["--strict=false", "--limit", "3"]
+    # Through the real command line: `convert-nli --strict` is taken, not "expected one argument".
+    proc = lamra_here("convert-nli", "--csv=missing.csv", "--out=/tmp/never", "--strict")
+    clean_error(proc, "missing.csv")
+
+
+def test_fit_offers_no_optimizer_flag_of_its_own():
+    """The modules build their optimizer (`model.init_args.optimizer`) with their LR schedule; LightningCLI's own
+    `--optimizer` would be a second, broken way."""
+    shown = ok(lamra_here("fit", "--help")).stdout
+    assert "--optimizer " not in shown and "--lr_scheduler " not in shown
+    assert "--model.init_args.optimizer" in shown or "--model CONFIG" in shown
 
 
 def test_every_tool_documents_each_of_its_arguments():
@@ -45,7 +85,7 @@ def _parsed(*args: str):
     """The config `lamra-pl` would instantiate for ARGS (after the checkpoint's settings are merged)."""
     from lightning.pytorch import LightningDataModule, LightningModule
 
-    from lamra_pl.cli import FitParser, LamraCLI
+    from lamra_pl.cli.lightning import FitParser, LamraCLI
 
     class Stop(Exception):
         pass

@@ -10,7 +10,7 @@ import yaml
 from lightning.pytorch import LightningDataModule, LightningModule
 
 from lamra_pl.callbacks import FinalMetrics
-from lamra_pl.cli import LamraCLI
+from lamra_pl.cli.lightning import LamraCLI
 from lamra_pl.data.datamodule import ShardDataModule
 from lamra_pl.models.clip import CLIPModule
 from lamra_pl.models.embedding import EmbeddingModule

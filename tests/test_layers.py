@@ -120,7 +120,7 @@ def test_the_rules_catch_each_kind_of_wrong_import():
 def test_every_command_is_a_function_of_a_layer_below_the_cli():
     from lamra_pl.cli import COMMANDS
 
-    for name, target in COMMANDS.items():
+    for name, (target, _) in COMMANDS.items():
         module = target.split(":")[0]
         assert LAYERS[unit(module)] < LAYERS["lamra_pl.cli"], name
 

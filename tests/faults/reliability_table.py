@@ -63,6 +63,7 @@ CLASSES: dict[str, tuple[str, ...]] = {
     "everyday mistakes (a bad path, key or value)": (
         "test_untrusted_files.py::test_a_bad_ckpt_path_is_one_line",
         "test_untrusted_files.py::test_a_bad_yaml_key_or_value_is_one_line_naming_the_file",
+        "test_untrusted_files.py::test_a_bad_trainer_setting_is_one_line",
         "test_loading.py::test_a_checkpoint_of_another_config_says_what_differs",
     ),
     "kills and non-finite steps in training": (

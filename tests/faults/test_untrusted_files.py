@@ -220,3 +220,11 @@ def test_a_bad_yaml_key_or_value_is_one_line_naming_the_file(tmp_path, change, n
         f"a YAML config with {'an unknown key' if 'unknown' in needles[0] else 'a value of the wrong type'}",
         "exit 2, one line: the file, the key and (for a typo) the closest valid key; no usage dump",
     )
+
+
+def test_a_bad_trainer_setting_is_one_line(finding):
+    backbone = f"--model.init_args.backbone.path={LEGACY / 'backbone'}"
+    proc = lamra_here("fit", "-c", "experiments/tiny/stage2_instruct.yaml", backbone, "--trainer.devices=0")
+    clean_error(proc, "devices")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    finding("`--trainer.devices=0`", "exit 2 with Lightning's reason on one line; no traceback")

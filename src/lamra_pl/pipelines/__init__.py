@@ -8,5 +8,6 @@ are the command line, `lamra_pl.cli`), and the library calls behind them.
     rerank_data.py  lamra-pl rerank-data: a run folder of training queries -> reranker training shards
     mine.py         lamra-pl mine: a run folder of training queries -> MM-Embed hard-negative shards
     merge.py        lamra-pl merge: a training checkpoint -> a model folder
+    export.py       lamra-pl export: a training checkpoint -> a folder other libraries load (a PEFT adapter)
     predict.py      the prediction scaffold the model-running jobs share (Trainer.predict over this rank's share)
 """

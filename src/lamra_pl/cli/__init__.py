@@ -15,39 +15,91 @@ import argparse
 import difflib
 import errno
 import importlib
+import inspect
 import itertools
 import logging
 import re
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, NoReturn
 
 from jsonargparse import ArgumentParser
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lamra_pl.errors import LamraError
 
-# Subcommand -> "module:function". Imported when the subcommand runs (or `--help` lists them).
-COMMANDS: dict[str, str] = {
-    "tiny-backbone": "lamra_pl.testing.tiny:tiny_backbone",
-    "emoji": "lamra_pl.recipes.emoji:emoji_data",
-    "convert-mbeir": "lamra_pl.recipes.mbeir:convert",
-    "convert-nli": "lamra_pl.recipes.nli:convert",
-    "merge": "lamra_pl.pipelines.merge:merge",
-    "index": "lamra_pl.pipelines.encode:index",
-    "retrieve": "lamra_pl.pipelines.retrieve:retrieve",
-    "evaluate": "lamra_pl.pipelines.evaluate:evaluate",
-    "chance": "lamra_pl.pipelines.evaluate:chance",
-    "search": "lamra_pl.api:search",
-    "rerank-data": "lamra_pl.pipelines.rerank_data:rerank_data",
-    "mine": "lamra_pl.pipelines.mine:mine",
-    "rerank": "lamra_pl.pipelines.rerank:rerank",
-    "tune-fusion": "lamra_pl.pipelines.rerank:tune",
-    "report": "lamra_pl.tools.report:report",
-    "grid": "lamra_pl.tools.grid:run_grid",
+# Subcommand -> ("module:function", its one-line summary: the first sentence of the function's docstring, kept
+# here so that `lamra-pl --help` imports no tool; tests/test_cli.py checks the two agree).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "tiny-backbone": (
+        "lamra_pl.testing.tiny:tiny_backbone",
+        "Write a tiny randomly initialised checkpoint (for tests and the CPU demo)",
+    ),
+    "emoji": (
+        "lamra_pl.recipes.emoji:emoji_data",
+        "Write the embedded default data set (OpenMoji images, CLDR names) in M-BEIR layout",
+    ),
+    "convert-mbeir": (
+        "lamra_pl.recipes.mbeir:convert",
+        "Convert an M-BEIR folder to training shards, evaluation sets and the global pool",
+    ),
+    "convert-nli": (
+        "lamra_pl.recipes.nli:convert",
+        "Convert SimCSE-style NLI triples (sent0,sent1,hard_neg) to text-only training shards",
+    ),
+    "merge": (
+        "lamra_pl.pipelines.merge:merge",
+        "Merge a LoRA adapter into its base weights (float32) and save a full checkpoint in the base dtype",
+    ),
+    "export": (
+        "lamra_pl.pipelines.export:export",
+        "Export a training checkpoint for other libraries: a PEFT adapter folder (`--to peft`)",
+    ),
+    "index": (
+        "lamra_pl.pipelines.encode:index",
+        "Encode a candidate pool into an index folder (run again, a killed run continues where it stopped)",
+    ),
+    "retrieve": (
+        "lamra_pl.pipelines.retrieve:retrieve",
+        "Search an index with the queries of evaluation tasks: a TREC run file per task and pool setting",
+    ),
+    "evaluate": (
+        "lamra_pl.pipelines.evaluate:evaluate",
+        "Score a run folder: M-BEIR Recall@K per task and averaged, and MM-Embed's modality bias",
+    ),
+    "chance": (
+        "lamra_pl.pipelines.evaluate:chance",
+        "Print the Recall@K of a random ranking on each task's local pool, to read real numbers against",
+    ),
+    "search": (
+        "lamra_pl.api:search",
+        "Search an index for a text, an image or both, and print the ranked candidates",
+    ),
+    "rerank-data": (
+        "lamra_pl.pipelines.rerank_data:rerank_data",
+        "Reranker training shards from a retriever's run files on the training queries (LamRA-Rank's data)",
+    ),
+    "mine": (
+        "lamra_pl.pipelines.mine:mine",
+        "MM-Embed's modality-aware hard negatives: training shards whose queries carry c1 + c2 mined negatives",
+    ),
+    "rerank": (
+        "lamra_pl.pipelines.rerank:rerank",
+        "Rerank the top N of each run file with a reranker and fuse: final = retrieval + w * rerank score",
+    ),
+    "tune-fusion": (
+        "lamra_pl.pipelines.rerank:tune",
+        "Pick the fusion weight w of each task on a validation split's reranked runs",
+    ),
+    "report": (
+        "lamra_pl.tools.report:report",
+        "Compare the training runs under a folder: a Markdown table and PNG plots, written into that folder",
+    ),
+    "grid": (
+        "lamra_pl.tools.grid:run_grid",
+        "Run a grid of fits and tool steps (a grid file), skipping the steps already done",
+    ),
 }
 LIGHTNING = {
     "fit": "train a module (a LightningCLI config: -c experiments/<stage>.yaml)",
@@ -58,15 +110,14 @@ LIGHTNING = {
 
 
 def command(name: str) -> Callable[..., Any]:
-    module, function = COMMANDS[name].split(":")
+    module, function = COMMANDS[name][0].split(":")
     return getattr(importlib.import_module(module), function)
 
 
 def usage() -> str:
-    lines = ["usage: lamra-pl SUBCOMMAND [--help] ...", "", "subcommands:"]
+    lines = ["usage: lamra-pl SUBCOMMAND [--help] ...", "       lamra-pl --version", "", "subcommands:"]
     lines += [f"  {name:<14} {text}" for name, text in LIGHTNING.items()]
-    for name in COMMANDS:
-        lines.append(f"  {name:<14} {summary(command(name).__doc__ or '')}")
+    lines += [f"  {name:<14} {text}" for name, (_, text) in COMMANDS.items()]
     lines += ["", "`lamra-pl SUBCOMMAND --help` describes one."]
     return "\n".join(lines)
 
@@ -76,7 +127,24 @@ def summary(doc: str) -> str:
     return " ".join(doc.strip().split("\n\n")[0].split()).rstrip(".")
 
 
-class _OneLineErrors:
+def with_bare_flags(function: Callable[..., Any], args: list[str]) -> list[str]:
+    """`args` with a bare boolean flag (`--strict`, as argparse and click users type it) given its value
+    (`--strict true`); a flag followed by a value, or written `--strict=false`, is left as it is."""
+    booleans = {
+        f"--{name}"
+        for name, parameter in inspect.signature(function, eval_str=True).parameters.items()
+        if parameter.annotation is bool or parameter.annotation == (bool | None)
+    }
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        following = args[i + 1] if i + 1 < len(args) else None
+        if arg in booleans and (following is None or following.startswith("--")):
+            out.append("true")
+    return out
+
+
+class OneLineErrors:
     """A parser that raises its errors (`argparse.ArgumentError`) for `main` to print as one line, instead of
     printing the whole usage before them. `--help` prints the usage as before."""
 
@@ -88,11 +156,7 @@ class _OneLineErrors:
         raise argparse.ArgumentError(None, message) from ex
 
 
-class ToolParser(_OneLineErrors, ArgumentParser):
-    pass
-
-
-class FitParser(_OneLineErrors, LightningArgumentParser):
+class ToolParser(OneLineErrors, ArgumentParser):
     pass
 
 
@@ -178,84 +242,6 @@ def _parser_keys(parser: Any) -> list[str]:
     return keys
 
 
-class LamraCLI(LightningCLI):
-    """LightningCLI over any LightningModule and DataModule by class path, which hands the DataModule the module's
-    collator (`connect`), reports lamra-pl's own errors as themselves, and reads a `--ckpt_path` as data."""
-
-    def _parse_ckpt_path(self) -> None:
-        """LightningCLI merges a checkpoint's hyper-parameters into the config, and jsonargparse then instantiates
-        whatever class paths they name. Here the checkpoint is first read as every checkpoint is
-        (`lamra_pl.models.checkpoints.read_checkpoint`: weights_only, every class path it names allowed: lamra-pl's
-        own or one your config names), and only then are a lamra-pl module's own arguments merged (migrated from
-        earlier versions; trust_remote_code stays what your config says). Another module's checkpoint is checked
-        and not merged; remote ones (s3://) are read by Lightning with weights_only."""
-        subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path is None or str(ckpt_path) in ("last", "best", "hpc") or str(ckpt_path).startswith("registry"):
-            return  # Lightning finds these itself and reads them through CheckpointWriter.load_checkpoint
-        if "://" in str(ckpt_path) and not str(ckpt_path).startswith("file://"):
-            return
-        from lamra_pl.formats.checkpoint import class_paths, read
-        from lamra_pl.models.checkpoints import MODULES, check_class_paths, class_path_of, read_checkpoint
-
-        config = self.config[subcommand]
-        path = str(ckpt_path).removeprefix("file://")
-        yours = {class_path for _, class_path in class_paths(config.as_dict(), "config")}
-        hparams = read(path).get("hyper_parameters") or {}
-        check_class_paths(dict(hparams), f"checkpoint {path}", "hyper_parameters", also=yours)
-        if hparams.get("_class_path") not in MODULES:
-            return  # a module built in Python, or one of your own: checked, its config is yours
-        cls, args, _ = read_checkpoint(path, also=yours)
-        backbone = args.get("backbone")
-        if isinstance(backbone, dict):
-            backbone.pop("trust_remote_code", None)
-        model = config.get("model")
-        named = model.get("class_path") if model is not None and hasattr(model, "get") else None
-        class_path = named if named is not None and MODULES.get(named) is cls else class_path_of(cls)
-        merged = {subcommand: {"model": {"class_path": class_path, "init_args": args}}}
-        self.config = self.parser.parse_object(merged, self.config)
-
-    def instantiate_classes(self) -> None:
-        try:
-            super().instantiate_classes()
-        except Exception as err:
-            # jsonargparse reports a failing __init__ as "does not validate against any of the Union subtypes";
-            # surface our own error (which names the bad path or value) instead.
-            cause = _lamra_cause(err)
-            if cause is None:
-                raise
-            raise cause from None
-        connect = getattr(self.datamodule, "connect", None)
-        collator = getattr(self.model, "collator", None)
-        if connect is not None and collator is not None:
-            connect(collator())
-
-
-def lightning_cli(args: list[str] | None) -> LamraCLI:
-    """`lamra-pl fit|validate|test|predict`."""
-    return LamraCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={"plugins": [{"class_path": "lamra_pl.CheckpointWriter"}]},
-        args=args,  # None: LightningCLI reads sys.argv itself
-        parser_kwargs={"prog": "lamra-pl"},
-        parser_class=FitParser,
-    )
-
-
-def _lamra_cause(err: BaseException | None) -> LamraError | None:
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, LamraError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     name = args[0] if args else None
@@ -267,9 +253,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         message = parse_error(str(err.message), args, keys)
         print(f"lamra-pl {name}: error: {message} (`lamra-pl {name} --help` lists the options)", file=sys.stderr)
         raise SystemExit(2) from None
-    except MisconfigurationException as err:  # Lightning's word for a bad Trainer setting (devices=0, ...)
-        print(f"lamra-pl {name}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        raise SystemExit(2) from None
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EROFS):
             raise
@@ -277,6 +260,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(2) from None
     except LamraError as err:
         print(f"lamra-pl: error: {_message(err)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception as err:  # last: everything above is more specific
+        if type(err).__name__ != "MisconfigurationException":  # Lightning's word for a bad Trainer setting
+            raise
+        print(f"lamra-pl {name}: error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -298,14 +286,20 @@ def run(name: str | None, args: list[str], argv: Sequence[str] | None) -> None:
     """The subcommand `name` with `args` (args[0] is the name)."""
     if name is None or name in ("-h", "--help"):
         print(usage())
+    elif name == "--version":
+        print(f"lamra-pl {version('lamra-pl')}")
     elif name in LIGHTNING:
+        from lamra_pl.cli.lightning import lightning_cli
+
         lightning_cli(None if argv is None else args)
     elif name in COMMANDS:
         from jsonargparse import auto_cli
 
         # The tools' per-line warnings (skipped records, ...) go to stderr as plain lines.
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
-        auto_cli(command(name), args=args[1:], as_positional=False, prog=f"lamra-pl {name}", parser_class=ToolParser)
+        function = command(name)
+        tool_args = with_bare_flags(function, args[1:])
+        auto_cli(function, args=tool_args, as_positional=False, prog=f"lamra-pl {name}", parser_class=ToolParser)
     else:
         close = difflib.get_close_matches(name, [*LIGHTNING, *COMMANDS], n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
