@@ -46,7 +46,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "convert-nli": (
         "lamra_pl.recipes.nli:convert",
-        "Convert SimCSE-style NLI triples (sent0,sent1,hard_neg) to text-only training shards",
+        "Convert SimCSE-style NLI triples (sent0,sent1,hard_neg) or pairs (sent0,sent1) to text-only training shards",
     ),
     "merge": (
         "lamra_pl.pipelines.merge:merge",
