@@ -157,7 +157,7 @@ class OneLineErrors:
 
 
 class ToolParser(OneLineErrors, ArgumentParser):
-    pass
+    """The tools' parser (jsonargparse's, built from each function's signature), its errors raised as one line."""
 
 
 # jsonargparse's messages for an unknown key: "Group 'trainer' does not accept option 'max_stepz'", "Subcommand

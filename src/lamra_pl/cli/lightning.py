@@ -14,7 +14,7 @@ from lamra_pl.errors import LamraError
 
 
 class FitParser(OneLineErrors, LightningArgumentParser):
-    pass
+    """LightningCLI's parser, its errors raised for `lamra_pl.cli.main` to print as one line."""
 
 
 class LamraCLI(LightningCLI):
@@ -35,16 +35,19 @@ class LamraCLI(LightningCLI):
         if "://" in str(ckpt_path) and not str(ckpt_path).startswith("file://"):
             return
         from lamra_pl.formats.checkpoint import class_paths, read
-        from lamra_pl.models.checkpoints import MODULES, check_class_paths, class_path_of, read_checkpoint
+        from lamra_pl.models.checkpoints import MODULES, check_class_paths, checkpoint_arguments, class_path_of
 
         config = self.config[subcommand]
         path = str(ckpt_path).removeprefix("file://")
         yours = {class_path for _, class_path in class_paths(config.as_dict(), "config")}
-        hparams = read(path).get("hyper_parameters") or {}
+        ckpt = read(path)  # once: the checks below and the arguments merged come from this one read
+        hparams = ckpt.get("hyper_parameters") or {}
+        if not isinstance(hparams, dict):
+            raise LamraError(f"checkpoint {path}: 'hyper_parameters' is not a mapping")
         check_class_paths(dict(hparams), f"checkpoint {path}", "hyper_parameters", also=yours)
         if hparams.get("_class_path") not in MODULES:
             return  # a module built in Python, or one of your own: checked, its config is yours
-        cls, args, _ = read_checkpoint(path, also=yours)
+        cls, args = checkpoint_arguments(ckpt, path, also=yours)
         backbone = args.get("backbone")
         if isinstance(backbone, dict):
             backbone.pop("trust_remote_code", None)

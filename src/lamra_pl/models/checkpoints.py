@@ -136,6 +136,13 @@ def read_checkpoint(
     class paths checked (`check_class_paths`, `also`: those the user's config names) and its backbone path resolved
     (`formats.checkpoint.backbone_path`)."""
     ckpt = ckpt_format.read(path)
+    return (*checkpoint_arguments(ckpt, path, also), ckpt)
+
+
+def checkpoint_arguments(
+    ckpt: dict[str, Any], path: str | Path, also: Collection[str] = ()
+) -> tuple[type[TrainingModule], dict[str, Any]]:
+    """`read_checkpoint` of a checkpoint already read from `path`: (class, its arguments)."""
     hparams = ckpt.get("hyper_parameters") or {}
     if not isinstance(hparams, dict):
         raise LamraError(f"checkpoint {path}: 'hyper_parameters' is not a mapping")
@@ -155,7 +162,7 @@ def read_checkpoint(
         _check_file_values(backbone, f"checkpoint {path}: hyper_parameters.backbone")
     if isinstance(backbone, dict) and isinstance(backbone.get("path"), str):
         args["backbone"] = {**backbone, "path": ckpt_format.backbone_path(backbone["path"], ckpt, path)}
-    return cls, args, ckpt
+    return cls, args
 
 
 def _check_file_values(backbone: dict[str, Any], where: str) -> None:
