@@ -29,3 +29,24 @@ def test_train_step_benchmark_reports_every_configuration(tmp_path):
         assert 0 < row["mfu"] < 1, row  # model FLOPs over time over the measured matmul peak
         assert row["model_gflops_per_pair"] > 0 and row["peak_tflops"] > 0
     assert "| tiny | 4 | 2 |" in proc.stdout  # the Markdown table
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_runs_every_step_on_cpu(tmp_path):
+    """`gpu_check.sh --dry-run` runs the GPU check's every command on CPU at tiny sizes, so the script run on a
+    lent GPU cannot rot between GPU sessions."""
+    out = tmp_path / "check"
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHON": sys.executable}
+    command = ["bash", str(ROOT / "experiments/benchmarks/gpu_check.sh"), "--dry-run", "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "gpu_check.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == ["environment"] + ["pipeline"] * 8 + ["train", "gradcache", "search"]
+    assert all(row["status"] == "ok" for row in rows), rows
+    assert rows[0]["found"]["device"] == "CPU"
+    # the pipeline really ran: the FSDP2 fit's checkpoint was indexed, retrieved, reranked and evaluated
+    results = json.loads((out / "pipeline" / "reranked" / "results.json").read_text())
+    assert results
+    report = (out / "gpu_check.md").read_text()
+    assert report in proc.stdout
+    assert "| tiny | 4 | - |" in report and "| tiny | 4 | 2 |" in report and "| torch | 200 | 5,000 |" in report
