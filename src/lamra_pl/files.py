@@ -1,9 +1,11 @@
-"""Atomic file writes: a reader (or a resumed run) sees the old file or the new one, never half of one."""
+"""Atomic file and folder writes: a reader (or a resumed run) sees the old file or the new one, never half of one."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -22,6 +24,24 @@ def atomic_write(path: str | Path, data: str | bytes | Callable[[IO[bytes]], Any
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """A folder written whole or not at all: yields a temporary folder beside `path` to write into, renamed to `path`
+    when the block ends, removed when it raises. `path` must not exist, or be an empty folder (the caller refuses
+    anything else: an existing folder's files are never mixed with new ones)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # this process's own leftover, from an earlier failed attempt
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.replace(tmp, path)
 
 
 def __getattr__(name: str) -> Any:

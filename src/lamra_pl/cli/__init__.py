@@ -54,7 +54,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "export": (
         "lamra_pl.pipelines.export:export",
-        "Export a training checkpoint for other libraries: a PEFT adapter folder (`--to peft`)",
+        "Export a training checkpoint or model folder for other libraries: PEFT, sentence-transformers, vLLM (`--to`)",
     ),
     "index": (
         "lamra_pl.pipelines.encode:index",

@@ -233,6 +233,36 @@ def load_module(
     raise LamraError(f"model {str(path)!r} is neither a checkpoint file nor a checkpoint folder")
 
 
+def stored_module(path: str | Path) -> tuple[type[TrainingModule], dict[str, Any]]:
+    """(class, arguments) that a checkpoint or model folder records, read without building anything, as
+    `load_module(path)` reads them: a checkpoint's hyperparameters (`read_checkpoint`); a folder's settings file, the
+    folder itself its backbone; a folder without settings, or a .gguf file, an EmbeddingModule with its defaults.
+    The arguments hold only what was recorded: a missing one is the class's default (`argument`)."""
+    p = Path(path)
+    if p.is_file() and p.suffix != ".gguf":
+        cls, args, _ = read_checkpoint(p)
+        return cls, args
+    checkpoint(p)  # a clear error if it is neither a checkpoint folder nor an existing .gguf file
+    found = read_settings(p) if p.is_dir() else None
+    if found is None:
+        return EmbeddingModule, {"backbone": {"path": str(p)}}
+    where = f"settings {found.path}"
+    check_class_paths({"class_path": found.class_path, "init_args": found.init_args}, where, found.path.name)
+    cls = module_class(found.class_path, where)
+    args = migrate(
+        cls, {"backbone": str(p), **found.init_args} if "backbone" not in found.init_args else found.init_args
+    )
+    stored = args.get("backbone") if isinstance(args.get("backbone"), dict) else {}
+    return cls, {**args, "backbone": {**stored, "path": str(p)}}
+
+
+def argument(cls: type[TrainingModule], args: dict[str, Any], name: str) -> Any:
+    """The value of `cls`'s argument `name` in recorded `args`, or the class's default where none was recorded."""
+    if name in args:
+        return args[name]
+    return inspect.signature(cls).parameters[name].default
+
+
 def caller_settings(backbone: str | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
     """`load_module`'s backbone overrides from a tool's or the API's arguments: a backbone path for a checkpoint
     whose backbone is elsewhere now, and the user's trust in a backbone folder's own code."""
