@@ -37,6 +37,7 @@ PUBLIC: dict[str, str] = {
     "AtomicCheckpointIO": "lamra_pl.formats.checkpoint",
     "CheckpointWriter": "lamra_pl.formats.checkpoint",
     "Retriever": "lamra_pl.api",
+    "Reranker": "lamra_pl.api",
 }
 __all__ = sorted(PUBLIC)
 

@@ -80,6 +80,17 @@ def read_chunk(chunk: Chunk, instruction_seed: int | None, instructions: bool = 
     return items
 
 
+def batch_rows(items: Sequence[Item], collator: ItemEncoder, batch_size: int, bucket: bool = True) -> list[list[int]]:
+    """How `items` are batched for embedding: lists of at most `batch_size` positions, in length order (ties in
+    input order) with `bucket`, so that a batch pads little; in input order without. The same items always give the
+    same batches (an index's chunks, the Python API's lists)."""
+    order = list(range(len(items)))
+    if bucket:
+        lengths = [collator.length(item) for item in items]
+        order.sort(key=lambda i: (lengths[i], i))
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
 class ChunkedItems(IterableDataset):
     """Batches of `chunks`, each chunk read whole and (with `bucket`) sorted by length before batching; the data
     workers share the chunks out."""
@@ -109,11 +120,7 @@ class ChunkedItems(IterableDataset):
         for chunk in worker_share(self.chunks):
             # A model trained without instructions (its collator says so) is evaluated without them.
             items = read_chunk(chunk, self.instruction_seed, self.collator.instructions)
-            order = list(range(len(items)))
-            if self.bucket:
-                lengths = [self.collator.length(item) for item in items]
-                order.sort(key=lambda i: (lengths[i], i))
-            batches = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)] or [[]]
+            batches = batch_rows(items, self.collator, self.batch_size, self.bucket) or [[]]
             for rows in batches:
                 yield {
                     "items": self.collator.encode([items[i] for i in rows]) if rows else None,

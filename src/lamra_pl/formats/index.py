@@ -29,7 +29,9 @@ the same inputs: the same kind, settings and shard names, and every chunk alread
 the same (a shard not yet encoded may have changed, e.g. a broken shard that stopped the run was fixed: it is encoded
 as it is now). Anything else is a one-line refusal that leaves parts/ as it is. Re-running a finished index compares
 the digest, and does nothing if it is the same. Indexes and parts written before `inputs` was recorded are compared
-by their `sources` and `instruction_seed` (parts: their chunk count), as then.
+by their `sources` and `instruction_seed` (parts: their chunk count), as then. An index built from items given in
+Python (`lamra_pl.api.Retriever.build_index`) has no sources: each chunk of its items is described as a shard is
+([name, size, digest], `inputs_fingerprint`), and it resumes and refuses the same way.
 
 Paths. `sources` are stored relative to the index folder when they were given relative (an absolute one as given;
 `paths` says so), and `EmbeddingIndex.meta["sources"]` holds them resolved against where the index is now: an index
@@ -75,6 +77,14 @@ def fingerprint(
     for spec in sources:
         root = spec_root(spec)
         shards += [shard_fingerprint(url, root) for url in expand_shards(spec)]
+    return inputs_fingerprint(kind, shards, instruction_seed, instructions)
+
+
+def inputs_fingerprint(
+    kind: str, shards: list[list[Any]], instruction_seed: int | None, instructions: bool | None
+) -> dict[str, Any]:
+    """`fingerprint` of inputs already described one chunk each, as [name, size in bytes, digest] (a shard's
+    `shard_fingerprint`; the Python API's lists of items describe their chunks the same way)."""
     fields = {"kind": kind, "instruction_seed": instruction_seed, "instructions": instructions, "shards": shards}
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     return {**fields, "digest": f"sha256:{digest}"}
@@ -108,6 +118,33 @@ def check_same_model(probe: np.ndarray, recorded: dict[str, Any], where: str) ->
             f"this model's (cosine {cosine.min():.3f} < {SAME_MODEL_COSINE}); use the same checkpoint, or build a "
             "new index into another folder"
         )
+
+
+def finished(out: str | Path, sources: list[str], inputs: dict[str, Any], probe: np.ndarray) -> bool:
+    """True if `out` is a complete index of the same inputs (`inputs`: their `fingerprint`) by the same model (its
+    `probe`), so there is nothing to encode; False if it is not complete; an error if it is another's."""
+    if not is_complete(out):
+        return False
+    index = EmbeddingIndex(out)
+    index.check_model(probe)
+    recorded = index.meta.get("inputs")
+    if recorded is not None:  # the digest of the fingerprint: the same inputs wherever they are now
+        if recorded == inputs["digest"]:
+            return True
+        raise LamraError(
+            f"{out} already holds an index of {_named(index.meta.get('sources') or [])} "
+            f"(instruction_seed {index.meta.get('instruction_seed')}); this run's inputs differ "
+            f"({_named(sources)}: {len(inputs['shards'])} "
+            f"{'shards' if sources else 'chunks'}, instruction_seed {inputs['instruction_seed']}); delete {out} or "
+            "choose another folder"
+        )
+    # An index written before its inputs were recorded: compared by what it names, as then.
+    if index.meta.get("sources") != list(sources) or index.meta.get("instruction_seed") != inputs["instruction_seed"]:
+        raise LamraError(
+            f"{out} already holds an index of {index.meta.get('sources')} (instruction_seed "
+            f"{index.meta.get('instruction_seed')}); choose another folder"
+        )
+    return True
 
 
 class EmbeddingIndex:
@@ -257,8 +294,8 @@ class ChunkStore:
         kind = mine["kind"]
         if recorded.get("where") != where:
             raise LamraError(
-                f"{self.parts} was started on {kind} {', '.join(recorded['sources'])} ({len(old)} shards), this run "
-                f"reads {', '.join(manifest['sources'])} ({len(new)} shards); {fix}"
+                f"{self.parts} was started on {kind} {_named(recorded['sources'])} ({len(old)} shards), this run "
+                f"reads {_named(manifest['sources'])} ({len(new)} shards); {fix}"
             )
         if old_names != new_names:
             added, removed = sorted(set(new_names) - set(old_names)), sorted(set(old_names) - set(new_names))
@@ -271,9 +308,8 @@ class ChunkStore:
             (name, then, *_), (_, now, *_) = old[changed[0]], new[changed[0]]
             size = f"{then} bytes then, {now} now" if then != now else "the same size, other bytes"
             what = f"{name} changed after it was encoded: {size}"
-        raise LamraError(
-            f"the shards of {', '.join(manifest['sources'])} changed since {self.parts} was started ({what}); {fix}"
-        )
+        inputs = f"the shards of {_named(manifest['sources'])}" if manifest["sources"] else _named([])
+        raise LamraError(f"{inputs} changed since {self.parts} was started ({what}); {fix}")
 
     def assemble(self, num_chunks: int) -> Path:
         """Concatenate the chunks in order into embeddings.npy, ids.txt, items.jsonl; write index.json last."""
@@ -328,6 +364,12 @@ class ChunkStore:
         atomic_write(self.out / META, json.dumps(meta))
         shutil.rmtree(self.parts)
         return self.out
+
+
+def _named(sources: list[str]) -> str:
+    """The inputs of an index in a message: its pool shard folders, or (none) the items given in Python
+    (`lamra_pl.api.Retriever.build_index`)."""
+    return ", ".join(sources) or "items given in Python"
 
 
 def _row(line: str | bytes, path: Path, number: int) -> dict[str, Any]:

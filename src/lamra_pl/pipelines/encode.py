@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from lamra_pl.data.items import Chunk, ChunkedItems, Job, plan
 from lamra_pl.errors import LamraError
-from lamra_pl.formats.index import ChunkStore, EmbeddingIndex, fingerprint, is_complete
+from lamra_pl.formats.index import ChunkStore, EmbeddingIndex, fingerprint, finished
 from lamra_pl.formats.shards import POOL_IDS, SIZES_FILE, expand_shards
 from lamra_pl.formats.tar_index import listed_sizes
 from lamra_pl.formats.task import TASK_FILE
@@ -157,7 +157,7 @@ def encode(
         queries = job.kind == "queries"  # a pool's candidates carry no instruction
         seed, instructions = (instruction_seed, collator.instructions) if queries else (None, None)
         inputs = fingerprint(job.kind, job.sources, seed, instructions)
-        if not _finished(job, inputs, probe):
+        if not finished(job.out, list(job.sources), inputs, probe):
             unfinished.append((job, inputs))
     jobs = [job for job, _ in unfinished]
     chunks = plan(jobs)
@@ -185,33 +185,4 @@ def encode(
         return False
     for j, store in enumerate(stores):
         store.assemble(sum(c.job == j for c in chunks))
-    return True
-
-
-def _finished(job: Job, inputs: dict[str, Any], probe: np.ndarray) -> bool:
-    """True if `job.out` is a complete index of the same inputs (`inputs`: their fingerprint) by the same model; an
-    error if it is another's."""
-    if not is_complete(job.out):
-        return False
-    index = EmbeddingIndex(job.out)
-    index.check_model(probe)
-    recorded = index.meta.get("inputs")
-    if recorded is not None:  # the digest of the fingerprint: the same inputs wherever they are now
-        if recorded == inputs["digest"]:
-            return True
-        raise LamraError(
-            f"{job.out} already holds an index of {', '.join(index.meta.get('sources') or [])} "
-            f"(instruction_seed {index.meta.get('instruction_seed')}); this run's inputs differ "
-            f"({', '.join(job.sources)}: {len(inputs['shards'])} shards, instruction_seed "
-            f"{inputs['instruction_seed']}); delete {job.out} or choose another folder"
-        )
-    # An index written before its inputs were recorded: compared by what it names, as then.
-    if (
-        index.meta.get("sources") != list(job.sources)
-        or index.meta.get("instruction_seed") != inputs["instruction_seed"]
-    ):
-        raise LamraError(
-            f"{job.out} already holds an index of {index.meta.get('sources')} (instruction_seed "
-            f"{index.meta.get('instruction_seed')}); choose another folder"
-        )
     return True
