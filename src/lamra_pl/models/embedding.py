@@ -24,7 +24,13 @@ from lamra_pl.models.base import ScheduleSpec, TrainingModule
 from lamra_pl.models.contrastive import ContrastiveSteps
 from lamra_pl.models.embedding_inputs import EmbeddingCollator
 from lamra_pl.models.gradcache import GradCacheSpec, check_trainer, gradcache_step
-from lamra_pl.models.pooling import LatentAttentionPooling, Pooling, pooling_index, states_at
+from lamra_pl.models.pooling import (
+    LatentAttentionPooling,
+    Pooling,
+    pooling_index,
+    refuse_earlier_block,
+    states_at,
+)
 
 
 class EmbeddingModule(ContrastiveSteps, TrainingModule):
@@ -34,11 +40,13 @@ class EmbeddingModule(ContrastiveSteps, TrainingModule):
         backbone: the LMM and how it loads and trains (`BackboneSpec`: path, rope, dtype, pixels, freezing, ...).
         lora: LoRA on the language model's linear layers (`LoraSpec`); null for full fine-tuning of the language
             model.
-        pooling: "before_emb" (LamRA), "last_token", or "latent_attention" (NV-Embed's, MM-Embed's pooling: trainable
-            latent cross-attention + MLP + mean over the real tokens, `latents` latents and `latent_heads` heads;
-            its weights train with the adapter and `merge` saves them).
+        pooling: "before_emb" (LamRA), "last_token", or "latent_attention" (NV-Embed's block, MM-Embed's pooling:
+            pre-norm cross-attention to `latents` trainable latents with `latent_heads` heads, a GEGLU feed-forward,
+            residuals, then the mean over the real tokens; its weights train with the adapter and `merge` saves
+            them; NV-Embed's own weights load from the folder's pooling file).
         latents: latent-attention pooling's latent array size.
         latent_heads: latent-attention pooling's heads.
+        latent_head_dim: latent-attention pooling's width per head (default: the hidden size, as NV-Embed's).
         temperature: InfoNCE temperature (LamRA: 0.05).
         learnable_temperature: train the temperature, CLIP-style.
         max_text_tokens: texts are cut to this many tokens before the prompt is built (LamRA: 480).
@@ -56,6 +64,7 @@ class EmbeddingModule(ContrastiveSteps, TrainingModule):
         pooling: Pooling = "before_emb",
         latents: int = 512,
         latent_heads: int = 8,
+        latent_head_dim: int | None = None,
         temperature: float = 0.05,
         learnable_temperature: bool = False,
         max_text_tokens: int | None = 480,
@@ -71,6 +80,7 @@ class EmbeddingModule(ContrastiveSteps, TrainingModule):
         self.processor = self.backbone.processor
         self.model: torch.nn.Module | None = None
         self.pooling, self.latents, self.latent_heads = pooling, latents, latent_heads
+        self.latent_head_dim = latent_head_dim
         self.max_text_tokens, self.instructions = max_text_tokens, instructions
         self.gradcache = GradCacheSpec.of(gradcache)
         # GradCache needs several backward passes per optimizer step, which only manual optimisation allows.
@@ -84,10 +94,14 @@ class EmbeddingModule(ContrastiveSteps, TrainingModule):
             self.model = self.backbone.build(self)
         if self.pooling == "latent_attention" and self.latent_pool is None:
             hidden = hf_model(self.model).config.get_text_config().hidden_size
-            self.latent_pool = LatentAttentionPooling(hidden, self.latents, self.latent_heads)
+            self.latent_pool = LatentAttentionPooling(hidden, self.latents, self.latent_heads, self.latent_head_dim)
             self.latent_pool.load_if_saved(self.backbone.spec.path)  # a merged folder's trained pooling
         if self.device_mesh is not None:
             refuse_unsharded_trainables(self)
+
+    def check_checkpoint_matches(self, saved: dict[str, torch.Tensor]) -> None:
+        refuse_earlier_block(saved, "checkpoint", prefix="latent_pool.")
+        super().check_checkpoint_matches(saved)
 
     def configure_callbacks(self) -> list[Callback]:
         if self.gradcache is not None:  # the first hook that sees the Trainer, before Lightning checks it

@@ -3,20 +3,23 @@
 * "before_emb" (LamRA): the state of the token just before the first `<emb>` (the `\\n` ending
   `<|im_start|>assistant\\n`); "last_token": the state of the last non-padding token. Both are a position per row
   (`pooling_index`) and hold for left and right padding.
-* "latent_attention" (NV-Embed's, MM-Embed's; spec mmembed_mbeir.md section 1.1): the last-layer states are the
-  queries of a multi-head cross-attention whose keys and values are one trainable latent array (r latents;
-  NV-Embed: 512 latents, 8 heads); an MLP (Linear, GELU, Linear) follows, then the mean over the real tokens
-  (`LatentAttentionPooling`). Its weights train with the adapter, are saved in the `fit` checkpoint, and
+* "latent_attention" (NV-Embed's, MM-Embed's; spec mmembed_mbeir.md section 1.1), NV-Embed's published block
+  (`LatentAttentionPooling`): the last-layer states are the queries of a multi-head cross-attention whose keys and
+  values are one trainable latent array (NV-Embed: 512 latents, 8 heads of the hidden size each), both sides
+  layer-normalised first; a residual around it; then a pre-norm GEGLU feed-forward (4x wide) with its residual; then
+  the mean over the real tokens. Its weights train with the adapter, are saved in the `fit` checkpoint, and
   `lamra-pl merge` writes them beside the merged model (`formats.settings.POOLING_FILE`), from where a model built on
-  that folder loads them.
+  that folder loads them; a pooling file laid out as NV-Embed's `latent_attention_model` loads too (`NV_EMBED_KEYS`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -46,21 +49,91 @@ def states_at(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return states[torch.arange(index.numel(), device=index.device), index]
 
 
+def refuse_earlier_block(names: Iterable[str], where: str, prefix: str = "") -> None:
+    """Weights of the block built before 2026-11-26 (nn.MultiheadAttention + MLP, no norms, residuals or GEGLU: not
+    NV-Embed's) cannot be mapped onto this one: one line saying so."""
+    if any(name.startswith((prefix + "attention.in_proj", prefix + "mlp.")) for name in names):
+        raise LamraError(
+            f"{where}: latent-attention weights of the earlier block (attention.*, mlp.*: no norms, residuals or "
+            "GEGLU), which is not NV-Embed's and is no longer built; train the pooling again"
+        )
+
+
+# NV-Embed's parameter names (its `LatentAttentionModel`, optionally under `latent_attention_model.`) -> ours.
+NV_EMBED_KEYS = {
+    "latents": "latents",
+    "cross_attend_blocks.0.norm.": "attention_norm.",
+    "cross_attend_blocks.0.norm_context.": "latent_norm.",
+    "cross_attend_blocks.0.fn.to_q.": "to_q.",
+    "cross_attend_blocks.0.fn.to_kv.": "to_kv.",
+    "cross_attend_blocks.0.fn.to_out.": "to_out.",
+    "cross_attend_blocks.1.norm.": "feed_forward_norm.",
+    "cross_attend_blocks.1.fn.net.0.": "feed_forward_in.",
+    "cross_attend_blocks.1.fn.net.2.": "feed_forward_out.",
+}
+NV_EMBED_PREFIX = "latent_attention_model."
+
+
 class LatentAttentionPooling(nn.Module):
-    def __init__(self, hidden_size: int, latents: int = 512, heads: int = 8) -> None:
+    """NV-Embed's latent-attention pooling block, as published.
+
+    Shapes (d = hidden size, r latents, h heads of `head_dim` each, default d as NV-Embed's): states [B, L, d] are
+    the queries, `latents` [r, d] the keys and values; `to_q` d -> h*head_dim, `to_kv` d -> 2*h*head_dim, `to_out`
+    h*head_dim -> d (no biases); the feed-forward d -> 8d (GEGLU halves it to 4d) -> d. No attention mask: every
+    token attends to every latent; padding is dropped by the masked mean at the end.
+    """
+
+    def __init__(self, hidden_size: int, latents: int = 512, heads: int = 8, head_dim: int | None = None) -> None:
         super().__init__()
-        self.latents = nn.Parameter(torch.randn(latents, hidden_size) * hidden_size**-0.5)
-        self.attention = nn.MultiheadAttention(hidden_size, heads, batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size))
+        self.heads, self.head_dim = heads, head_dim or hidden_size
+        inner = heads * self.head_dim
+        self.latents = nn.Parameter(torch.randn(latents, hidden_size))
+        self.attention_norm = nn.LayerNorm(hidden_size)
+        self.latent_norm = nn.LayerNorm(hidden_size)
+        self.to_q = nn.Linear(hidden_size, inner, bias=False)
+        self.to_kv = nn.Linear(hidden_size, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, hidden_size, bias=False)
+        self.feed_forward_norm = nn.LayerNorm(hidden_size)
+        self.feed_forward_in = nn.Linear(hidden_size, 8 * hidden_size)
+        self.feed_forward_out = nn.Linear(4 * hidden_size, hidden_size)
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, L, H] states and [B, L] mask (1 = a real token) -> [B, H], in this module's dtype."""
         states = states.to(self.latents.dtype)
-        latents = self.latents.unsqueeze(0).expand(states.shape[0], -1, -1)
-        attended, _ = self.attention(states, latents, latents, need_weights=False)
-        out = self.mlp(attended)
-        weights = mask.to(out.dtype).unsqueeze(-1)
-        return (out * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        batch, length, _ = states.shape
+        queries = self._heads(self.to_q(self.attention_norm(states)))
+        # the latents' keys and values are the same for every row: computed once, broadcast over the batch
+        keys, values = self.to_kv(self.latent_norm(self.latents)).unsqueeze(0).chunk(2, dim=-1)
+        keys, values = (self._heads(t).expand(batch, -1, -1, -1) for t in (keys, values))
+        attended = F.scaled_dot_product_attention(queries, keys, values)
+        hidden = states + self.to_out(attended.transpose(1, 2).reshape(batch, length, -1))
+        value, gate = self.feed_forward_in(self.feed_forward_norm(hidden)).chunk(2, dim=-1)
+        hidden = hidden + self.feed_forward_out(value * F.gelu(gate))
+        weights = mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N, heads * head_dim] -> [B, heads, N, head_dim]."""
+        return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
+
+    def load_state(self, state: dict[str, torch.Tensor], where: str) -> None:
+        """Load our own layout or NV-Embed's (names mapped by `NV_EMBED_KEYS`); shapes must match."""
+        refuse_earlier_block(state, where)
+        renamed = {}
+        for key, tensor in state.items():
+            name = key.removeprefix(NV_EMBED_PREFIX)
+            for theirs, ours in NV_EMBED_KEYS.items():
+                if name.startswith(theirs):
+                    name = ours + name[len(theirs) :]
+                    break
+            renamed[name] = tensor
+        try:
+            self.load_state_dict(renamed)
+        except RuntimeError as error:
+            first = str(error).strip().splitlines()
+            raise LamraError(
+                f"{where}: these latent-attention weights do not fit this model: {' '.join(first)[:400]}"
+            ) from None
 
     def save(self, folder: str | Path) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, Path(folder) / POOLING_FILE)
@@ -68,5 +141,5 @@ class LatentAttentionPooling(nn.Module):
     def load_if_saved(self, folder: str | Path) -> bool:
         path = Path(folder) / POOLING_FILE
         if path.is_file():
-            self.load_state_dict(load_file(path))
+            self.load_state(load_file(path), str(path))
         return path.is_file()
