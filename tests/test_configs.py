@@ -30,6 +30,7 @@ CONFIGS = sorted(
 RETRIEVER = "lamra_ret/stage2_instruct.yaml"
 ABLATION_STAGE = {"rerank_pointwise": "lamra_rank/rerank_joint.yaml", "rerank_listwise": "lamra_rank/rerank_joint.yaml"}
 ABLATION_STAGE["rerank_joint"] = ABLATION_STAGE["rerank_pointwise"]
+ABLATION_STAGE["rerank_answer_labels"] = ABLATION_STAGE["rerank_pointwise"]
 
 
 def resolve(class_path: str) -> object:
@@ -97,6 +98,17 @@ def test_paper_recipes():
         1.0,
         1.0,
     )
+    assert model.labels == "assistant_turn"  # LamRA's label span
+    # LamRA ran every stage with plain 1-D positions (spec lamra.md section 1); MM-Embed's recipes run on its backbone
+    for config in (
+        "lamra_ret/stage1_text",
+        "lamra_ret/stage2_instruct",
+        "lamra_rank/rerank_joint",
+        "mm_embed/stage_hardneg",
+        "mm_embed/stage_continual",
+    ):
+        parsed = cli(ParseOnly, "-c", str(ROOT / f"experiments/{config}.yaml")).config.model.init_args
+        assert parsed.backbone.rope == "1d", config
     # 128 queries per step over 16 GPUs, one epoch of M-BEIR's training queries
     trainer = rank.trainer
     per_step = rank.data.init_args.batch_size * trainer.accumulate_grad_batches * trainer.devices * trainer.num_nodes
@@ -133,6 +145,7 @@ def test_every_ablation_of_the_issue_has_an_overlay():
     assert {"no_stage1", "no_instruction", "hardneg_off", "hardneg_random", "hardneg_modality", "clip"} <= names
     assert {"rerank_pointwise", "rerank_listwise", "rerank_joint"} <= names
     assert any(n.startswith("temperature_") for n in names)
+    assert {"rope_model", "rerank_answer_labels"} <= names  # this project's departures from the papers
 
 
 @pytest.mark.parametrize("grid", GRIDS, ids=lambda p: p.name)

@@ -24,7 +24,7 @@ from lamra_pl.formats.shards import expand_shards
 from lamra_pl.formats.task import read_qrels
 from lamra_pl.models.backbone import BackboneSpec, hf_model
 from lamra_pl.models.checkpoints import load_reranker
-from lamra_pl.models.rerank_inputs import IGNORE, LIST_ANSWER, JudgePrompt, RerankExample
+from lamra_pl.models.rerank_inputs import IGNORE, LIST_ANSWER, JudgePrompt, RerankCollator, RerankExample
 from lamra_pl.models.reranker import RerankModule
 from lamra_pl.pipelines.rerank_data import draw
 from lamra_pl.ranking.fusion import fuse, fused_ranking, tune_fusion
@@ -82,6 +82,29 @@ def test_label_mask_covers_exactly_the_answer_tokens(reranker, side):
         real = inputs["attention_mask"][row].nonzero().flatten()
         # the span ends right before the template's trailing newline: nothing of the user turn is trained
         assert positions[-1] == real[-2]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_lamra_labels_cover_the_whole_assistant_turn(reranker, side):
+    """`labels: assistant_turn` (LamRA's collator): the generation prompt's header, the answer, the end of turn and
+    the template's newline after it, and nothing of the system or user turns."""
+    collator = RerankCollator(reranker.processor, max_text_tokens=256, labels="assistant_turn")
+    tokenizer = collator.processor.tokenizer
+    tokenizer.padding_side = side
+    try:
+        batch = collator(EXAMPLES)
+    finally:
+        tokenizer.padding_side = "left"
+    inputs, labels = batch["inputs"], batch["labels"]
+    for row, answer in enumerate(["Yes", "No", "Yes", LIST_ANSWER.format(2)]):
+        kept = labels[row] != IGNORE
+        assert tokenizer.decode(labels[row, kept]) == f"<|im_start|>assistant\n{answer}<|im_end|>\n"
+        positions = kept.nonzero().flatten()
+        assert torch.equal(positions, torch.arange(positions[0], positions[0] + len(positions)))  # one span
+        real = inputs["attention_mask"][row].nonzero().flatten()
+        assert positions[-1] == real[-1]  # up to the last real token: the newline after the turn
+    with pytest.raises(LamraError, match="model.labels"):
+        RerankCollator(reranker.processor, labels="everything")
 
 
 def test_loss_does_not_depend_on_the_padding_side(reranker):

@@ -9,17 +9,19 @@ Zero-shot judging (MM-Embed, spec mmembed_mbeir.md section 4) is a third prompt,
 candidate, then a yes/no question (`JudgePrompt`; MM-Embed's True/False question by default); the score is
 P(True) over {True, False} at the answer's first token, as P(Yes) is for LamRA's pointwise prompt.
 
-Training labels cover the assistant's answer and its end-of-turn token, found from the chat template's own
-structure: the conversation rendered with the answer must extend the prompt rendered with
-`add_generation_prompt=True`, and its tail (everything after the prompt) must tokenize to the same ids inside the
-sequence as alone. Nothing depends on a tokenizer's special-token ids or on the padding side.
+Training labels cover the assistant's answer and its end-of-turn token (`labels="answer"`), or, as LamRA's code
+does, the whole assistant turn: the generation prompt's header before the answer and the template's newline after
+the turn too (`labels="assistant_turn"`). Either is found from the chat template's own structure: the
+conversation rendered with the answer must extend the prompt rendered with `add_generation_prompt=True` (without,
+for the whole turn), and its tail (everything after the prompt) must tokenize to the same ids inside the sequence
+as alone. Nothing depends on a tokenizer's special-token ids or on the padding side.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import BatchFeature, ProcessorMixin
@@ -50,6 +52,7 @@ IGNORE = -100  # the label of every position the loss skips
 # becomes the candidate's modality ("image", "text" or "image and text").
 JUDGE_QUESTION = "Does the above {candidate} match the query? True or False"
 CANDIDATE_WORDS = {"text": "text", "image": "image", "image,text": "image and text"}
+LabelSpan = Literal["answer", "assistant_turn"]
 
 
 @dataclass(frozen=True)
@@ -155,9 +158,16 @@ class RerankCollator:
     """
 
     def __init__(
-        self, processor: ProcessorMixin, max_text_tokens: int | None = 256, judge: JudgePrompt | None = None
+        self,
+        processor: ProcessorMixin,
+        max_text_tokens: int | None = 256,
+        judge: JudgePrompt | None = None,
+        labels: LabelSpan = "answer",
     ) -> None:
+        if labels not in ("answer", "assistant_turn"):
+            raise LamraError(f"model.labels must be 'answer' or 'assistant_turn', got {labels!r}")
         self.processor = processor
+        self.labels = labels
         self.max_text_tokens = max_text_tokens
         self.judge = judge
         tokenizer = processor.tokenizer
@@ -195,11 +205,14 @@ class RerankCollator:
         return {"inputs": inputs, "labels": labels, "kinds": kinds, "query_ids": [e.query.id for e in examples]}
 
     def labelled(self, chats: list[list[dict[str, Any]]]) -> tuple[BatchFeature, torch.Tensor]:
-        """Processor batch of whole conversations and labels that keep only each assistant answer (+ end of turn)."""
+        """Processor batch of whole conversations and labels that keep only each assistant answer (+ end of turn),
+        or each whole assistant turn (`labels="assistant_turn"`)."""
         full = self.processor.apply_chat_template(chats, tokenize=False, add_generation_prompt=False)
+        # where the labels start: after the generation prompt (the answer), or before it (the assistant turn)
         prompts = self.processor.apply_chat_template(
-            [chat[:-1] for chat in chats], tokenize=False, add_generation_prompt=True
+            [chat[:-1] for chat in chats], tokenize=False, add_generation_prompt=self.labels == "answer"
         )
+        whole_turn = self.labels == "assistant_turn"
         tokenizer = self.processor.tokenizer
         tails = []
         for text, prompt in zip(full, prompts, strict=True):
@@ -209,8 +222,9 @@ class RerankCollator:
                     "assistant's answer cannot be located"
                 )
             ids = tokenizer(text[len(prompt) :], add_special_tokens=False)["input_ids"]
-            # The answer and its end-of-turn marker; the template's whitespace after the turn is not trained.
-            while ids and not tokenizer.decode(ids[-1:]).strip():
+            # The answer and its end-of-turn marker; the template's whitespace after the turn is trained only with
+            # the whole turn (LamRA's labels).
+            while ids and not whole_turn and not tokenizer.decode(ids[-1:]).strip():
                 ids.pop()
             tails.append(ids)
         inputs = self._batch(full, chats)

@@ -22,7 +22,7 @@ from lamra_pl.models.backbone import Backbone, BackboneSpec, LoraSpec, hf_model,
 from lamra_pl.models.base import ScheduleSpec, TrainingModule
 from lamra_pl.models.losses import Reduction, answer_token_loss
 from lamra_pl.models.pooling import pooling_index, states_at
-from lamra_pl.models.rerank_inputs import IGNORE, JudgePrompt, RerankCollator
+from lamra_pl.models.rerank_inputs import IGNORE, JudgePrompt, LabelSpan, RerankCollator
 
 
 class RerankModule(TrainingModule):
@@ -41,6 +41,8 @@ class RerankModule(TrainingModule):
             weights it is the stock causal-LM loss over the assistant turns; "kinds": the paper's
             L = w_point * mean(pointwise tokens) + w_list * mean(listwise tokens).
         max_text_tokens: query and candidate texts are cut to this many tokens (LamRA: 256).
+        labels: which tokens the loss reads: "answer" (the answer and its end-of-turn token) or "assistant_turn"
+            (LamRA's code: also the assistant header before the answer and the newline after the turn).
         optimizer: built from the trainable parameters.
         schedule: the learning-rate schedule (`ScheduleSpec`: warmup_ratio, lr_schedule).
     """
@@ -53,6 +55,7 @@ class RerankModule(TrainingModule):
         listwise_weight: float = 1.0,
         loss_reduction: Reduction = "tokens",
         max_text_tokens: int | None = 256,
+        labels: LabelSpan = "answer",
         optimizer: OptimizerCallable = torch.optim.AdamW,
         schedule: ScheduleSpec | None = None,
     ) -> None:
@@ -68,7 +71,8 @@ class RerankModule(TrainingModule):
         self.weights = (pointwise_weight, listwise_weight)
         self.loss_reduction: Reduction = loss_reduction
         self.max_text_tokens = max_text_tokens
-        self._collator = RerankCollator(self.processor, max_text_tokens=max_text_tokens)
+        self.labels: LabelSpan = labels
+        self._collator = RerankCollator(self.processor, max_text_tokens=max_text_tokens, labels=labels)
 
     def configure_model(self) -> None:
         if self.model is None:
