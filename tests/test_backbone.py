@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
+import pytest
+import torch
+
+from helpers import lamra, ok
+from lamra_pl.api import Retriever
 from lamra_pl.errors import LamraError
 from lamra_pl.models.backbone import EMB_TOKEN, BackboneSpec, LoraSpec, load_backbone, load_processor
 
@@ -110,3 +119,91 @@ def test_min_max_pixels_override_reaches_the_processor(tiny_backbone):
     image = Image.new("RGB", (56, 56), "red")
     grid = [p.image_processor(images=[image], return_tensors="pt")["image_grid_thw"].tolist() for p in (small, large)]
     assert grid == [[[1, 4, 4]], [[1, 8, 8]]]  # 14-px patches: 56 px -> 4 x 4, resized to 112 px -> 8 x 8
+
+
+EMBED = """
+import sys
+import numpy as np
+from lamra_pl.api import Retriever
+retriever = Retriever.from_checkpoint(sys.argv[1])
+np.save(sys.argv[2], retriever.encode(texts=["red circle", "a blue square on white", "green"]))
+if len(sys.argv) > 3:  # build an index in this process, search it in another
+    retriever.build_index(["red circle", "blue square", "green triangle"], ids=["a", "b", "c"], out=sys.argv[3])
+if len(sys.argv) > 4:
+    print([hit.id for hit in retriever.search(sys.argv[4], query_text="red circle", k=2)])
+"""
+
+
+@pytest.fixture(scope="module")
+def no_spare_rows(tiny_text_lm, tmp_path_factory) -> tuple[Path, Path]:
+    """A text LM whose embedding matrix has exactly its tokenizer's rows (as many real small LMs), so `<emb>` needs a
+    new row; and a 2-step `fit` on it with `pooling: last_token` (the pooling the new row reaches)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lamra_pl.formats.sample import encode_record
+    from lamra_pl.formats.shards import write_shards
+
+    root = tmp_path_factory.mktemp("no_spare_rows")
+    folder = root / "lm"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_text_lm)
+    model = AutoModelForCausalLM.from_pretrained(tiny_text_lm)
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    words = ["red", "green", "blue", "small", "large"]
+    samples = [
+        encode_record(f"t{i}", qid=f"t:{i}", query={"txt": f"{a} {b}"}, positives=[{"id": f"d{i}", "txt": f"{b} {a}"}])
+        for i, (a, b) in enumerate((a, b) for a in words for b in words if a != b)
+    ]
+    write_shards(samples, root / "shards", maxcount=10)
+    ok(
+        lamra(
+            "fit",
+            "-c",
+            "experiments/tiny/stage1_text.yaml",
+            f"--model.init_args.backbone.path={folder}",
+            f"--data.init_args.train_shards={root / 'shards'}",
+            "--model.init_args.pooling=last_token",
+            "--data.init_args.batch_size=4",
+            "--data.init_args.num_workers=0",
+            "--trainer.max_steps=2",
+            f"--trainer.logger.init_args.save_dir={root / 'runs'}",
+            "--trainer.logger.init_args.version=run",
+        )
+    )
+    return folder, next((root / "runs").glob("*/run/checkpoints/last.ckpt"))
+
+
+@pytest.mark.slow
+def test_a_new_emb_row_is_the_mean_of_the_others_so_every_process_embeds_alike(no_spare_rows, tmp_path):
+    folder, checkpoint = no_spare_rows
+    from transformers import AutoTokenizer
+
+    assert EMB_TOKEN not in AutoTokenizer.from_pretrained(folder).get_vocab()
+    spec = BackboneSpec(folder, gradient_checkpointing=False)
+    processor = load_processor(spec, add_emb_token=True)
+    model = load_backbone(spec, len(processor.tokenizer))
+    rows = model.get_input_embeddings().weight
+    assert rows.shape[0] == len(processor.tokenizer)  # it was resized
+    torch.testing.assert_close(rows[-1], rows[:-1].mean(0))
+    # two processes: the same vectors; the index one builds, the other searches (same-model check passes)
+    index, first, second = tmp_path / "index", tmp_path / "a.npy", tmp_path / "b.npy"
+    run = [sys.executable, "-c", EMBED, str(checkpoint)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    subprocess.run([*run, str(first), str(index)], check=True, capture_output=True, env=env)
+    found = subprocess.run(
+        [*run, str(second), str(tmp_path / "other"), str(index)], capture_output=True, text=True, env=env
+    )
+    assert found.returncode == 0, found.stderr[-2000:]
+    assert found.stdout.strip().splitlines()[-1].startswith("['a'")
+    np.testing.assert_array_equal(np.load(first), np.load(second))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_and_its_merged_folder_embed_alike_with_a_new_emb_row(no_spare_rows, tmp_path):
+    _, checkpoint = no_spare_rows
+    ok(lamra("merge", f"--ckpt={checkpoint}", f"--out={tmp_path / 'merged'}"))
+    texts = ["red circle", "a blue square on white", "green"]
+    from_checkpoint = Retriever.from_checkpoint(checkpoint).encode(texts=texts)
+    from_merged = Retriever.from_checkpoint(tmp_path / "merged").encode(texts=texts)
+    np.testing.assert_allclose(from_merged, from_checkpoint, atol=1e-5)

@@ -338,6 +338,23 @@ def load_processor(spec: BackboneSpec, add_emb_token: bool = True) -> ProcessorM
     return processor
 
 
+@torch.no_grad()
+def mean_new_rows(model: PreTrainedModel, old_rows: int) -> None:
+    """Rows added by resizing = the mean of the existing rows, in the input and (untied) output embeddings.
+
+    transformers draws them at random (`mean_resizing=True` samples around the mean), so each load would give
+    `<emb>` another vector and, with `pooling: last_token`, another embedding; the mean makes every pooling a pure
+    function of the saved base weights, and checkpoints and merged folders need not carry the row.
+    """
+    seen: set[int] = set()
+    for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+        weight = getattr(layer, "weight", None)
+        if weight is None or id(weight) in seen or weight.shape[0] <= old_rows:
+            continue
+        seen.add(id(weight))
+        weight[old_rows:] = weight[:old_rows].float().mean(0).to(weight.dtype)
+
+
 def load_backbone(spec: BackboneSpec, vocab_size: int, lora: LoraSpec | None = None) -> PreTrainedModel:
     """The model at `spec.path`, resized to `vocab_size` if needed, with LoRA (or full fine-tuning) and freezing.
 
@@ -361,9 +378,11 @@ def load_backbone(spec: BackboneSpec, vocab_size: int, lora: LoraSpec | None = N
         **ckpt.load_kwargs(model=True),
     )
     family = model_family(model)
-    if vocab_size > model.get_input_embeddings().num_embeddings:
+    rows = model.get_input_embeddings().num_embeddings
+    if vocab_size > rows:
         # Real Qwen2-VL checkpoints have spare rows, so `<emb>` fits without resizing; never shrink.
         model.resize_token_embeddings(vocab_size, mean_resizing=False)
+        mean_new_rows(model, rows)
     if spec.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
