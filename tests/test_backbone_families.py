@@ -1,5 +1,6 @@
-"""Every backbone family trains: LLaVA-Next (MM-Embed's) and text-only causal LMs, beside Qwen2-VL (whose tests
-are everywhere else). Each is a tiny random checkpoint written by `lamra-pl tiny-backbone` and loaded by path."""
+"""Every backbone family trains, embeds, reranks and judges: Qwen2.5-VL, Qwen3-VL, Qwen3.5, LLaVA-Next (MM-Embed's)
+and text-only causal LMs, beside Qwen2-VL (whose tests are everywhere else). Each is a tiny random checkpoint
+written by `lamra-pl tiny-backbone` (or its builder) and loaded by path."""
 
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ from helpers import lamra_here, ok, scalars
 from lamra_pl.errors import LamraError
 from lamra_pl.formats.sample import Item, encode_record
 from lamra_pl.formats.shards import write_shards
-from lamra_pl.models.backbone import BackboneSpec, LoraSpec, load_backbone, load_processor
+from lamra_pl.models.backbone import BackboneSpec, LoraSpec, hf_model, load_backbone, load_processor, render_chats
 from lamra_pl.models.checkpoints import load_module, load_reranker
 from lamra_pl.models.embedding import EmbeddingModule
-from lamra_pl.models.embedding_inputs import EmbeddingCollator
-from lamra_pl.models.rerank_inputs import IGNORE, JudgePrompt, RerankExample
+from lamra_pl.models.embedding_inputs import EmbeddingCollator, embedding_messages
+from lamra_pl.models.export_templates import base_template, embedding_template, rerank_template
+from lamra_pl.models.rerank_inputs import IGNORE, JudgePrompt, RerankCollator, RerankExample, pointwise_messages
 from lamra_pl.models.reranker import RerankModule
-from lamra_pl.testing.tiny import write_gguf
+from lamra_pl.testing.tiny import QWEN_VL_BUILDERS, write_gguf
 
 TEXTS = [Item("t0", "red circle"), Item("t1", "a blue square on white"), Item("t2", "green"), Item("t3", "a triangle")]
 IMAGES = [
@@ -31,6 +33,31 @@ IMAGES = [
     Item("i1", "a square", shape_image("blue", "square", 84)),
     Item("i2", None, shape_image("green", "triangle", 40)),
 ]
+
+
+# The Qwen-VL families besides Qwen2-VL, as the fixtures below name them.
+QWEN_FAMILIES = ["tiny_qwen2_5_vl", "tiny_qwen3_vl", "tiny_qwen3_5"]
+# Every family this file covers, with the items it can read.
+FAMILY_ITEMS = [(name, TEXTS + IMAGES) for name in [*QWEN_FAMILIES, "tiny_llava_next"]] + [("tiny_text_lm", TEXTS)]
+
+
+def _tiny(model_type: str, factory: pytest.TempPathFactory) -> Path:
+    return QWEN_VL_BUILDERS[model_type](factory.mktemp("backbone") / model_type)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_5_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _tiny("qwen2_5_vl", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _tiny("qwen3_vl", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3_5(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _tiny("qwen3_5", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +83,9 @@ def text_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize(
     ("model_type", "stage", "shards", "items", "decoder"),
     [
+        ("qwen2_5_vl", "stage2_instruct", "shape_shards", TEXTS + IMAGES, "model.language_model.layers."),
+        ("qwen3_vl", "stage2_instruct", "shape_shards", TEXTS + IMAGES, "model.language_model.layers."),
+        ("qwen3_5", "stage2_instruct", "shape_shards", TEXTS + IMAGES, "model.language_model.layers."),
         ("llava_next", "stage2_instruct", "shape_shards", TEXTS + IMAGES, "model.language_model.layers."),
         ("qwen2", "stage1_text", "text_shards", TEXTS, "model.layers."),
         ("llama", "stage1_text", "text_shards", TEXTS, "model.layers."),
@@ -99,7 +129,7 @@ def test_each_family_trains_with_a_finite_loss_and_merges(model_type, stage, sha
 
 
 @pytest.mark.parametrize("pooling", ["before_emb", "last_token", "latent_attention"])
-@pytest.mark.parametrize(("backbone", "items"), [("tiny_llava_next", TEXTS + IMAGES), ("tiny_text_lm", TEXTS)])
+@pytest.mark.parametrize(("backbone", "items"), FAMILY_ITEMS)
 def test_every_pooling_embeds_and_backpropagates_on_every_family(backbone, items, pooling, request):
     module = EmbeddingModule(
         BackboneSpec(request.getfixturevalue(backbone), gradient_checkpointing=False),
@@ -121,6 +151,53 @@ def test_every_pooling_embeds_and_backpropagates_on_every_family(backbone, items
     assert any(g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize(("backbone", "items"), FAMILY_ITEMS)
+def test_padding_never_changes_an_embedding_on_any_family(backbone, items, padding_side, request):
+    """A batch embeds as its items do one by one, padded on either side (Qwen3.5's linear-attention layers carry
+    a recurrent state that padding must not reach)."""
+    spec = BackboneSpec(request.getfixturevalue(backbone), gradient_checkpointing=False, padding_side=padding_side)
+    module = EmbeddingModule(spec, lora=LoraSpec(r=4, alpha=8, dropout=0.0))
+    module.configure_model()
+    module.eval()
+    collate = EmbeddingCollator(module.processor)
+    batch = collate.encode(items)
+    assert (batch["attention_mask"] == 0).any(), "the batch must actually be padded"
+    with torch.no_grad():
+        together = module.embed(batch)
+        alone = torch.cat([module.embed(collate.encode([item])) for item in items])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+    assert len({tuple(row.round(decimals=4).tolist()) for row in together}) == len(items)  # nothing constant
+
+
+@pytest.mark.parametrize("backbone", QWEN_FAMILIES)
+def test_mrope_positions_are_each_qwen_familys_own(backbone, request):
+    """`rope: model` gives an image row the model's own 3-D positions (`get_rope_index`), `rope: 1d` sequential
+    ones; a text row embeds the same under both."""
+    embedded, positions = {}, {}
+    for rope in ("model", "1d"):
+        spec = BackboneSpec(request.getfixturevalue(backbone), gradient_checkpointing=False, rope=rope)
+        module = EmbeddingModule(spec, lora=LoraSpec(r=4, alpha=8, dropout=0.0))
+        module.configure_model()
+        module.eval()
+        batch = EmbeddingCollator(module.processor).encode([TEXTS[1], IMAGES[1]])
+        positions[rope] = module.backbone.position_ids(module.model, batch)
+        with torch.no_grad():
+            embedded[rope] = module.embed(batch)
+        if rope == "model":
+            reference, _ = module.trunk.get_rope_index(
+                batch["input_ids"],
+                mm_token_type_ids=batch["mm_token_type_ids"],
+                image_grid_thw=batch["image_grid_thw"],
+                attention_mask=batch["attention_mask"],
+            )
+    ours = positions["model"]
+    assert torch.equal(ours, reference) and ours.shape[0] == 3 and not torch.equal(ours[1], ours[2])
+    assert positions["1d"].ndim == 2
+    diff = (embedded["model"] - embedded["1d"]).abs().max(-1).values
+    assert diff[0] < 1e-6 and diff[1] > 1e-5, diff
+
+
 def test_llava_next_chat_carries_one_bos_and_one_placeholder_run_per_image(tiny_llava_next):
     """The Mistral-style template writes <s> and the tokenizer would add another: the collator must not."""
     processor = load_processor(BackboneSpec(tiny_llava_next))
@@ -134,7 +211,9 @@ def test_llava_next_chat_carries_one_bos_and_one_placeholder_run_per_image(tiny_
     assert runs.tolist() == [0, 1, 1, 1] and len(batch["image_sizes"]) == 3
 
 
-@pytest.mark.parametrize(("backbone", "items"), [("tiny_llava_next", IMAGES), ("tiny_text_lm", TEXTS)])
+@pytest.mark.parametrize(
+    ("backbone", "items"), [(name, IMAGES) for name in [*QWEN_FAMILIES, "tiny_llava_next"]] + [("tiny_text_lm", TEXTS)]
+)
 def test_a_reranker_trains_on_every_family(backbone, items, request):
     """LamRA-Rank's joint pointwise + listwise loss, with its answer-token labels found from each chat template."""
     reranker = RerankModule(
@@ -150,6 +229,104 @@ def test_a_reranker_trains_on_every_family(backbone, items, request):
     assert torch.isfinite(loss) and loss > 0 and {"loss_pointwise", "loss_listwise"} <= set(stats)
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in reranker.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize(("backbone", "items"), FAMILY_ITEMS)
+def test_rerank_scores_pointwise_and_listwise_do_not_depend_on_the_batch(backbone, items, request):
+    """P(Yes) of each pair and the listwise distribution of each list are the same in a padded batch as alone, and
+    every chat's labels are exactly its answer and end of turn (no thinking block: Qwen3.5 renders its
+    non-thinking form)."""
+    reranker = RerankModule(BackboneSpec(request.getfixturevalue(backbone), gradient_checkpointing=False))
+    reranker.configure_model()
+    reranker.eval()
+    collator = reranker.collator()
+    tokenizer = collator.processor.tokenizer
+    query = Item("q", "find this one")
+    example = RerankExample(query, [(items[0], True), (items[-1], False)], [items[1], items[0]], 2)
+    batch = collator([example])
+    answers = [tokenizer.decode(row[row != IGNORE]).strip() for row in batch["labels"]]
+    assert [a.removesuffix(tokenizer.eos_token) for a in answers] == ["Yes", "No", "Ans: (2)"], answers
+    pairs = [(query, items[0]), (Item("q2", "a longer query about shapes"), items[-1]), (items[1], items[2])]
+    inputs = collator.pointwise_inputs(pairs)
+    assert (inputs["attention_mask"] == 0).any()
+    p_yes = reranker.score_pointwise(inputs)
+    alone = torch.cat([reranker.score_pointwise(collator.pointwise_inputs([pair])) for pair in pairs])
+    torch.testing.assert_close(p_yes, alone, atol=1e-5, rtol=0)
+    lists = [(query, items[:3]), (items[-1], items[1:3])]
+    scores = reranker.score_listwise(collator.listwise_inputs(lists), [3, 2])
+    torch.testing.assert_close(scores.sum(-1), torch.ones(2))
+    assert scores[1, 2] == 0
+    single = reranker.score_listwise(collator.listwise_inputs(lists[1:]), [2])
+    torch.testing.assert_close(scores[1, :2], single[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backbone", QWEN_FAMILIES)
+def test_zero_shot_p_true_is_the_first_generated_step_on_each_qwen_family(backbone, request):
+    """As `rerank --zero_shot true` loads a folder: P(True) from one forward equals `generate`'s first step, on
+    image, text and image+text candidates, after the non-thinking generation prompt (Qwen3.5's empty thinking
+    block, which its default prompt would leave open)."""
+    judge = load_reranker(request.getfixturevalue(backbone), judge=JudgePrompt())
+    collator = judge.collator()
+    pairs = [(Item("q0", "Find the red circle."), IMAGES[0]), (Item("q1", "a shape", IMAGES[1].image), TEXTS[1])]
+    pairs.append((Item("q2", "text only"), IMAGES[1]))
+    inputs = collator.pointwise_inputs(pairs)
+    prompts = collator.processor.tokenizer.batch_decode(inputs["input_ids"])
+    for prompt, words in zip(prompts, ("image", "text", "image and text"), strict=True):
+        assert f"Does the above {words} match the query? True or False" in prompt
+        assert prompt.endswith("<|im_start|>assistant\n" + ("<think>\n\n</think>\n\n" if "3_5" in backbone else ""))
+    p_true = judge.score_pointwise(inputs)
+    out = hf_model(judge.model).generate(
+        **inputs, max_new_tokens=1, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    first = out.logits[0][:, [collator.yes_id, collator.no_id]].float().softmax(-1)[:, 0]
+    torch.testing.assert_close(p_true, first, atol=1e-5, rtol=0)
+    assert len(set(p_true.tolist())) == 3
+
+
+def test_a_template_that_thinks_before_answering_is_refused(tiny_qwen3_5, tmp_path):
+    """A thinking-only template (its generation prompt always opens a thinking block) would have every answer
+    scored inside the block: the reranker refuses it rather than train or score the wrong position."""
+    folder = tmp_path / "thinking-only"
+    shutil.copytree(tiny_qwen3_5, folder)
+    template = folder / "chat_template.jinja"
+    text = template.read_text()
+    assert "enable_thinking is defined and enable_thinking is false" in text
+    template.write_text(text.replace("enable_thinking is defined and enable_thinking is false", "false"))
+    processor = load_processor(BackboneSpec(folder), add_emb_token=False)
+    with pytest.raises(LamraError, match=r"does not write the assistant's answer where its generation prompt ends"):
+        RerankCollator(processor)
+
+
+def test_qwen3_5_exported_chat_templates_render_the_collators_non_thinking_chats(tiny_qwen3_5):
+    """The templates `lamra-pl export` writes (for sentence-transformers and vLLM) render Qwen3.5's chats as the
+    collators do: the embedding chat up to `<emb>`, and LamRA-Rank's pointwise prompt after the empty thinking
+    block, not inside an open one."""
+    processor = load_processor(BackboneSpec(tiny_qwen3_5))
+    base = base_template(processor)
+    image, text = IMAGES[1], TEXTS[1]
+    embedding = embedding_template(base, "before_emb", text_only=False)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": image.text}]}]
+    served = processor.apply_chat_template(messages, chat_template=embedding, tokenize=False)
+    [ours] = render_chats(processor, [embedding_messages(image)], generation_prompt=False)
+    assert served == ours.split("<emb>")[0] and served.endswith("</think>\n\n")
+    rerank = rerank_template(base, text_only=False)
+    messages = [{"role": "query", "content": [{"type": "text", "text": text.text}]}]
+    messages.append({"role": "document", "content": [{"type": "image"}, {"type": "text", "text": image.text}]})
+    served = processor.apply_chat_template(messages, chat_template=rerank, tokenize=False)
+    [ours] = render_chats(processor, [pointwise_messages(text, image)], generation_prompt=True)
+    assert served == ours and served.endswith("<think>\n\n</think>\n\n")
+
+
+def test_qwen3_vl_projector_includes_its_deepstack_mergers(tiny_qwen3_vl):
+    """`train_projector` opens the merger and every DeepStack merger; `train_vision_tower` alone keeps them frozen."""
+    vocab = len(load_processor(BackboneSpec(tiny_qwen3_vl)).tokenizer)
+
+    def trainable(**flags: bool) -> set[str]:
+        model = load_backbone(BackboneSpec(tiny_qwen3_vl, gradient_checkpointing=False, **flags), vocab, LoraSpec(r=4))
+        return {n.split(".")[4] for n, p in model.named_parameters() if p.requires_grad and ".visual." in n}
+
+    assert trainable(train_projector=True) == {"merger", "deepstack_merger_list"}
+    assert trainable(train_vision_tower=True) == {"patch_embed", "pos_embed", "blocks"}
 
 
 def test_a_gguf_causal_lm_loads_as_its_checkpoint_folder_and_trains(tiny_text_lm, text_shards, tmp_path):

@@ -51,22 +51,34 @@ Rope = Literal["model", "1d"]
 @dataclass(frozen=True)
 class Family:
     """Where an architecture keeps its parts, as qualified names inside the `from_pretrained` model (None: it has
-    no such part), and whether its image processor takes `min_pixels`/`max_pixels` (Qwen2-VL's dynamic
-    resolution; LLaVA-Next's tiles have the vision tower's fixed size)."""
+    no such part; the projector may be several modules), and whether its image processor takes
+    `min_pixels`/`max_pixels` (Qwen2-VL's dynamic resolution; LLaVA-Next's tiles have the vision tower's fixed
+    size)."""
 
     language_model: str
     vision_tower: str | None
-    projector: str | None
+    projector: str | tuple[str, ...] | None
     pixel_bounds: bool = False
 
     @property
     def text_only(self) -> bool:
         return self.vision_tower is None
 
+    @property
+    def projectors(self) -> tuple[str, ...]:
+        return (self.projector,) if isinstance(self.projector, str) else self.projector or ()
 
+
+# Qwen2-VL's layout, which its successors keep: the vision tower's merger projects into the language model.
+QWEN_VL = Family("model.language_model", "model.visual", "model.visual.merger", pixel_bounds=True)
 FAMILIES: dict[str, Family] = {
-    "qwen2_vl": Family("model.language_model", "model.visual", "model.visual.merger", pixel_bounds=True),
-    "qwen2_5_vl": Family("model.language_model", "model.visual", "model.visual.merger", pixel_bounds=True),
+    "qwen2_vl": QWEN_VL,
+    "qwen2_5_vl": QWEN_VL,
+    # DeepStack: besides the merger, one merger per tapped vision layer feeds an early decoder layer.
+    "qwen3_vl": replace(QWEN_VL, projector=("model.visual.merger", "model.visual.deepstack_merger_list")),
+    # Qwen3.5 (dense) is natively multimodal: Qwen3-VL's vision tower and processor before a hybrid decoder
+    # (Gated DeltaNet and full attention), no DeepStack.
+    "qwen3_5": QWEN_VL,
     "llava_next": Family("model.language_model", "model.vision_tower", "model.multi_modal_projector"),
 }
 # A causal LM keeps its decoder at its `base_model_prefix` ("model" for most, GPT-2's "transformer"): `model_family`
@@ -99,17 +111,17 @@ class BackboneSpec:
     """Which checkpoint a module is built on, and how it is loaded and trained (`model.backbone` in a config).
 
     Args:
-        path: local directory of a Hugging Face checkpoint (Qwen2-VL, Qwen2.5-VL, LLaVA-Next, or any text-only causal
-            LM), or a text-only causal LM's .gguf file; never downloaded.
-        rope: "model" uses the backbone's own positions (mRoPE for Qwen2-VL images, as `generate` does); "1d"
-            reproduces the LamRA reference, which ran the decoder with plain sequential positions. Both count
-            positions over non-padding tokens, so padding never moves them.
+        path: local directory of a Hugging Face checkpoint (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, LLaVA-Next, or
+            any text-only causal LM), or a text-only causal LM's .gguf file; never downloaded.
+        rope: "model" uses the backbone's own positions (mRoPE for the Qwen-VL families' images, as `generate`
+            does); "1d" reproduces the LamRA reference, which ran the decoder with plain sequential positions. Both
+            count positions over non-padding tokens, so padding never moves them.
         dtype: weight dtype of the base model ("auto": the checkpoint's). LoRA weights stay float32.
         attn_implementation: the transformers attention implementation ("sdpa", "eager", "flash_attention_2").
         gradient_checkpointing: non-reentrant activation checkpointing in the decoder.
         trust_remote_code: let transformers run code shipped with the checkpoint (off unless you set it).
-        min_pixels, max_pixels: image resizing bounds given to the processor (Qwen2-VL's dynamic resolution;
-            LamRA: 4*28*28, 300*28*28).
+        min_pixels, max_pixels: image resizing bounds given to the processor (the Qwen-VL families' dynamic
+            resolution; LamRA: 4*28*28, 300*28*28).
         padding_side: override the tokenizer's padding side.
         train_vision_tower, train_projector: unfreeze these (frozen by default, as in LamRA).
         train_lm_head: unfreeze the LM head (a tied head is the input embedding matrix, so training it trains both);
@@ -295,6 +307,33 @@ class TextProcessor:
         )
 
 
+def chat_template_of(processor: ProcessorMixin | TextProcessor) -> str:
+    """The chat template a processor (or a text-only backbone's tokenizer) renders with by default."""
+    template = getattr(processor, "chat_template", None)
+    if template is None:
+        template = processor.tokenizer.chat_template
+    if isinstance(template, dict):
+        template = template["default"]
+    return template
+
+
+# The template variable that turns a thinking model's template (Qwen3.5's, Qwen3's) to its non-thinking form.
+NO_THINKING = {"enable_thinking": False}
+
+
+def render_chats(
+    processor: ProcessorMixin | TextProcessor, chats: list[list[dict[str, Any]]], generation_prompt: bool
+) -> list[str]:
+    """The chats as the checkpoint's chat template writes them (special tokens included), in its non-thinking form.
+
+    Every assistant turn here is a direct answer (`<emb>.`, Yes/No, "Ans: (k)"), scored where the generation prompt
+    ends: a template that opens a thinking block there by default (Qwen3.5's) would put the scored position inside
+    it. `enable_thinking` goes only to a template that reads it (a processor warns of a variable its template does
+    not use)."""
+    extra = NO_THINKING if "enable_thinking" in chat_template_of(processor) else {}
+    return processor.apply_chat_template(chats, tokenize=False, add_generation_prompt=generation_prompt, **extra)
+
+
 def load_processor(spec: BackboneSpec, add_emb_token: bool = True) -> ProcessorMixin | TextProcessor:
     """The checkpoint's processor with `<emb>` added (unless `add_emb_token=False`: the reranker has no use for
     it); image resizing bounds and padding side as the spec says."""
@@ -392,9 +431,11 @@ def load_backbone(spec: BackboneSpec, vocab_size: int, lora: LoraSpec | None = N
     if train_vision_tower:
         _module(model, family.vision_tower).requires_grad_(True)
         if not train_projector:
-            _module(model, family.projector).requires_grad_(False)
+            for name in family.projectors:
+                _module(model, name).requires_grad_(False)
     if train_projector:
-        _module(model, family.projector).requires_grad_(True)
+        for name in family.projectors:
+            _module(model, name).requires_grad_(True)
     if spec.train_lm_head:
         model.get_output_embeddings().requires_grad_(True)
     if lora is None:

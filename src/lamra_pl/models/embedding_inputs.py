@@ -17,7 +17,7 @@ from transformers import BatchFeature, ProcessorMixin
 
 from lamra_pl.errors import LamraError
 from lamra_pl.formats.sample import Item, Record, with_instruction
-from lamra_pl.models.backbone import EMB_TOKEN
+from lamra_pl.models.backbone import EMB_TOKEN, render_chats
 
 # LamRA's user-turn templates; note the trailing space.
 PROMPTS = {
@@ -111,9 +111,7 @@ class EmbeddingCollator:
 
     def encode(self, items: list[Item]) -> BatchFeature:
         items = [self._truncated(item) for item in items]
-        texts = self.processor.apply_chat_template(
-            [embedding_messages(item) for item in items], tokenize=False, add_generation_prompt=False
-        )
+        texts = render_chats(self.processor, [embedding_messages(item) for item in items], generation_prompt=False)
         images = [item.image for item in items if item.image is not None]
         # The rendered chat holds its special tokens already (a Mistral template writes <s>): add none.
         return self.processor(

@@ -3,7 +3,7 @@
 sentence-transformers and vLLM take an input as chat messages and render it with a chat template; neither runs
 lamra-pl's collators. The templates here take the messages those libraries build and rebuild from them the chat the
 collator would have built, then render it with the backbone's own template (pasted inside, so any backbone family
-works). What they read:
+works), in its non-thinking form as the collators render it (`backbone.render_chats`). What they read:
 
 * a `system` message: the task instruction (a query's), prepended to the text as `with_instruction` does
   (`format_text(INSTRUCTION + " " + TEXT)`: stripped, capitalised, ending in punctuation); sentence-transformers puts
@@ -26,9 +26,8 @@ tokens, so inputs with longer texts differ (the model cards say so).
 from __future__ import annotations
 
 import json
-from typing import Any
 
-from lamra_pl.models.backbone import EMB_TOKEN
+from lamra_pl.models.backbone import EMB_TOKEN, chat_template_of
 from lamra_pl.models.embedding_inputs import ASSISTANT, PROMPTS
 from lamra_pl.models.pooling import Pooling
 from lamra_pl.models.rerank_inputs import POINTWISE_INSTRUCTION
@@ -138,14 +137,8 @@ def rerank_template(base: str, text_only: bool) -> str:
     return "\n".join([_header("pointwise reranker"), _collect(roles), _NO_IMAGES if text_only else "", parts, rendered])
 
 
-def base_template(processor: Any) -> str:
-    """The chat template a processor (or a text-only backbone's tokenizer) renders with by default."""
-    template = getattr(processor, "chat_template", None)
-    if template is None:
-        template = processor.tokenizer.chat_template
-    if isinstance(template, dict):
-        template = template["default"]
-    return template
+# The chat template a processor (or a text-only backbone's tokenizer) renders with by default.
+base_template = chat_template_of
 
 
 def _render(base: str, chat: str, generation_prompt: bool) -> str:
@@ -156,6 +149,8 @@ def _render(base: str, chat: str, generation_prompt: bool) -> str:
         [
             f"{{%- set messages = {chat} -%}}",
             f"{{%- set add_generation_prompt = {'true' if generation_prompt else 'false'} -%}}",
+            # The collators render in the non-thinking form (`backbone.render_chats`); other templates ignore it.
+            "{%- set enable_thinking = false -%}",
             "{#- The backbone's own chat template: -#}",
             "{%- set rendered %}{{ '' }}" + base + "{{ '' }}{% endset -%}",
             "{{- rendered -}}",

@@ -28,6 +28,7 @@ from transformers import BatchFeature, ProcessorMixin
 
 from lamra_pl.errors import BadSampleError, LamraError
 from lamra_pl.formats.sample import Item, Record, with_instruction
+from lamra_pl.models.backbone import render_chats
 from lamra_pl.models.embedding_inputs import truncate_text
 
 POINTWISE_INSTRUCTION = (
@@ -182,6 +183,21 @@ class RerankCollator:
             if ids[:-1] != prefix:
                 raise LamraError(f"the tokenizer splits {LIST_PREFIX + str(k)!r} so that {k} is not one token")
             self.index_ids.append(ids[-1])
+        self._refuse_answer_away_from_prompt()
+
+    def _refuse_answer_away_from_prompt(self) -> None:
+        """Scores are read where the generation prompt ends, and training teaches the answer there: a template that
+        writes something else first (a thinking-only template opening a thinking block) is refused."""
+        chat = _chat([{"type": "text", "text": "Query:"}], YES)
+        [full] = render_chats(self.processor, [chat], generation_prompt=False)
+        [prompt] = render_chats(self.processor, [chat[:-1]], generation_prompt=True)
+        if not (full.startswith(prompt) and full[len(prompt) :].lstrip().startswith(YES)):
+            after = full[len(prompt) :] if full.startswith(prompt) else full[-len(YES) - 40 :]
+            raise LamraError(
+                f"the chat template does not write the assistant's answer where its generation prompt ends (it "
+                f"renders {after[:40]!r} there; a thinking block?): the answer would be scored and trained at a "
+                "position it does not take. Use an instruct (non-thinking) checkpoint or template"
+            )
 
     # ----------------------------------------------------------------------------------- training
     @staticmethod
@@ -207,11 +223,9 @@ class RerankCollator:
     def labelled(self, chats: list[list[dict[str, Any]]]) -> tuple[BatchFeature, torch.Tensor]:
         """Processor batch of whole conversations and labels that keep only each assistant answer (+ end of turn),
         or each whole assistant turn (`labels="assistant_turn"`)."""
-        full = self.processor.apply_chat_template(chats, tokenize=False, add_generation_prompt=False)
+        full = render_chats(self.processor, chats, generation_prompt=False)
         # where the labels start: after the generation prompt (the answer), or before it (the assistant turn)
-        prompts = self.processor.apply_chat_template(
-            [chat[:-1] for chat in chats], tokenize=False, add_generation_prompt=self.labels == "answer"
-        )
+        prompts = render_chats(self.processor, [chat[:-1] for chat in chats], generation_prompt=self.labels == "answer")
         whole_turn = self.labels == "assistant_turn"
         tokenizer = self.processor.tokenizer
         tails = []
@@ -259,7 +273,7 @@ class RerankCollator:
             chats = [judge_messages(self._truncated(q), self._truncated(c), judge) for q, c in pairs]
         else:
             chats = [pointwise_messages(self._truncated(q), self._truncated(c)) for q, c in pairs]
-        texts = self.processor.apply_chat_template(chats, tokenize=False, add_generation_prompt=True)
+        texts = render_chats(self.processor, chats, generation_prompt=True)
         return self._batch(texts, chats)
 
     def listwise_inputs(self, lists: list[tuple[Item, list[Item]]]) -> BatchFeature:
@@ -269,7 +283,7 @@ class RerankCollator:
         if too_long:
             raise LamraError(f"a listwise prompt holds 1 to {MAX_LIST} candidates, got {too_long[0]}")
         chats = [listwise_messages(self._truncated(q), [self._truncated(c) for c in cs]) for q, cs in lists]
-        texts = self.processor.apply_chat_template(chats, tokenize=False, add_generation_prompt=True)
+        texts = render_chats(self.processor, chats, generation_prompt=True)
         return self._batch([t + LIST_PREFIX for t in texts], chats)
 
     # ------------------------------------------------------------------------------------ helpers

@@ -1,5 +1,5 @@
-"""Tiny, randomly initialised checkpoint directories for tests and the CPU demo: Qwen2-VL (the demo's), LLaVA-Next
-(MM-Embed's family) and text-only causal LMs.
+"""Tiny, randomly initialised checkpoint directories for tests and the CPU demo: Qwen2-VL (the demo's), Qwen2.5-VL,
+Qwen3-VL, Qwen3.5, LLaVA-Next (MM-Embed's family) and text-only causal LMs.
 
 Each is written the way a real checkpoint is (config.json, model.safetensors, tokenizer and processor files,
 chat template), so everything downstream loads it with `from_pretrained(path)`, the same code path as
@@ -26,11 +26,20 @@ from transformers import (
     LlavaNextProcessor,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
 )
 
 from lamra_pl.errors import LamraError
@@ -72,6 +81,66 @@ CHAT_TEMPLATE = (
     "<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Qwen3's vocabulary (Qwen3-VL's and Qwen3.5's) adds its thinking tags to Qwen2-VL's special tokens.
+QWEN3_SPECIAL_TOKENS = [*SPECIAL_TOKENS, "<think>", "</think>"]
+
+# Qwen3-VL-Instruct's chat template without its tool-calling branches: no default system turn, vision placeholders.
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% if messages[0]['role'] == 'system' %}<|im_start|>system\n"
+    "{% if messages[0]['content'] is string %}{{ messages[0]['content'] }}"
+    "{% else %}{% for content in messages[0]['content'] %}{% if 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endif %}"
+    "{% for message in messages %}{% if message['role'] == 'user' %}<|im_start|>user\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% elif message['role'] == 'assistant' %}<|im_start|>assistant\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}{% if 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Qwen3.5's chat template without its tool-calling and reasoning-content branches: contents trimmed, the assistant
+# turns after the last user turn opened with a (here empty) thinking block, and a generation prompt that opens a
+# thinking block, or writes an empty one when `enable_thinking` is false.
+QWEN3_5_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% macro render_content(content, do_vision_count) %}{% if content is string %}{{ content }}"
+    "{% else %}{% for item in content %}"
+    "{% if 'image' in item or 'image_url' in item or item['type'] == 'image' %}"
+    "{% if do_vision_count %}{% set image_count.value = image_count.value + 1 %}{% endif %}"
+    "{% if add_vision_id %}{{ 'Picture ' ~ image_count.value ~ ': ' }}{% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'video' in item or item['type'] == 'video' %}"
+    "{% if do_vision_count %}{% set video_count.value = video_count.value + 1 %}{% endif %}"
+    "{% if add_vision_id %}{{ 'Video ' ~ video_count.value ~ ': ' }}{% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in item %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}{% endmacro %}"
+    "{% if messages[0]['role'] == 'system' %}"
+    "<|im_start|>system\n{{ render_content(messages[0]['content'], false)|trim }}<|im_end|>\n{% endif %}"
+    "{% set ns = namespace(last_query_index=-1) %}"
+    "{% for message in messages %}{% if message['role'] == 'user' %}{% set ns.last_query_index = loop.index0 %}"
+    "{% endif %}{% endfor %}"
+    "{% for message in messages %}{% set content = render_content(message['content'], true)|trim %}"
+    "{% if message['role'] == 'user' %}<|im_start|>user\n{{ content }}<|im_end|>\n"
+    "{% elif message['role'] == 'assistant' %}<|im_start|>assistant\n"
+    "{% if loop.index0 > ns.last_query_index %}<think>\n\n</think>\n\n{% endif %}{{ content }}<|im_end|>\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
+    "{% else %}<think>\n{% endif %}{% endif %}"
 )
 
 # Enough text for the BPE merges to cover the prompt scaffolding; user text adds its own vocabulary.
@@ -196,19 +265,7 @@ def build_tiny_qwen2vl(
     half = head_dim // 2
     # mRoPE sections (temporal, height, width) must sum to head_dim / 2.
     mrope = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
-    tokenizer = train_tokenizer(
-        corpus,
-        vocab_size,
-        SPECIAL_TOKENS,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        extra_special_tokens={
-            "image_token": "<|image_pad|>",
-            "video_token": "<|video_pad|>",
-            "vision_start_token": "<|vision_start|>",
-            "vision_end_token": "<|vision_end|>",
-        },
-    )
+    tokenizer = qwen_tokenizer(corpus, vocab_size, SPECIAL_TOKENS)
     processor = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
         video_processor=Qwen2VLVideoProcessor(),
@@ -249,6 +306,252 @@ def build_tiny_qwen2vl(
     )
     torch.manual_seed(seed)
     return _save(Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype), processor, out)
+
+
+def qwen_tokenizer(corpus: Iterable[str], rows: int, special_tokens: list[str]) -> PreTrainedTokenizerFast:
+    """A Qwen-VL family's tokenizer (`train_tokenizer` over `special_tokens`): ends a turn with <|im_end|>, pads with
+    <|endoftext|>, and names its vision tokens as the family's processors look them up."""
+    return train_tokenizer(
+        corpus,
+        rows,
+        special_tokens,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={
+            "image_token": "<|image_pad|>",
+            "video_token": "<|video_pad|>",
+            "vision_start_token": "<|vision_start|>",
+            "vision_end_token": "<|vision_end|>",
+        },
+    )
+
+
+def _qwen_text_config(
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    intermediate_size: int | None,
+    vocab_size: int,
+    head_dim: int | None,
+    mrope: list[int],
+    rope: dict[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The decoder of a Qwen-VL family, whose rotary pairs split into `mrope` sections (temporal, height, width);
+    `head_dim` None: hidden_size / num_heads (the config has no such key)."""
+    return {
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size or 4 * hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        **({} if head_dim is None else {"head_dim": head_dim}),
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope, **(rope or {})},
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": None,
+        "use_cache": False,
+        **extra,
+    }
+
+
+def _vision_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    """The vision token ids a Qwen-VL family's config names."""
+    names = ("image", "<|image_pad|>"), ("video", "<|video_pad|>"), ("vision_start", "<|vision_start|>")
+    ids = {f"{key}_token_id": tokenizer.convert_tokens_to_ids(token) for key, token in names}
+    return {**ids, "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>")}
+
+
+def _heads(hidden_size: int, num_heads: int) -> int:
+    head_dim = hidden_size // num_heads
+    if head_dim * num_heads != hidden_size or head_dim % 2:
+        raise LamraError(f"hidden_size {hidden_size} must split into {num_heads} heads of even size")
+    return head_dim
+
+
+def build_tiny_qwen2_5_vl(
+    out: str | Path,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int | None = None,
+    vision_depth: int = 2,
+    vision_dim: int = 32,
+    vocab_size: int = 512,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 112 * 112,
+    corpus: Iterable[str] = (),
+    seed: int = 0,
+) -> Path:
+    """Write a tiny random Qwen2.5-VL checkpoint to `out`: Qwen2-VL's tokenizer, chat template and 14-pixel patches,
+    a vision tower of windowed attention blocks (the last one full attention, as Qwen2.5-VL's every eighth) with
+    RMSNorm and SwiGLU, and Qwen2_5_VLProcessor."""
+    head_dim = _heads(hidden_size, num_heads)
+    half = head_dim // 2
+    tokenizer = qwen_tokenizer(corpus, vocab_size, SPECIAL_TOKENS)
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
+        video_processor=Qwen2VLVideoProcessor(),
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,  # Qwen2.5-VL-Instruct's is Qwen2-VL's
+    )
+    shape = {"num_layers": num_layers, "num_heads": num_heads, "num_kv_heads": num_kv_heads}
+    config = Qwen2_5_VLConfig(
+        text_config=_qwen_text_config(
+            tokenizer,
+            hidden_size=hidden_size,
+            **shape,
+            intermediate_size=intermediate_size,
+            vocab_size=vocab_size,
+            head_dim=None,
+            mrope=[half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8],
+        ),
+        vision_config={
+            "depth": vision_depth,
+            "hidden_size": vision_dim,
+            "intermediate_size": 2 * vision_dim,
+            "num_heads": 2,
+            "out_hidden_size": hidden_size,  # the merger projects into the language model's width
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 112,
+            "fullatt_block_indexes": [vision_depth - 1],
+        },
+        **_vision_token_ids(tokenizer),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return _save(Qwen2_5_VLForConditionalGeneration._from_config(config), processor, out)
+
+
+def _qwen3_processor(tokenizer: PreTrainedTokenizerFast, template: str, min_pixels: int, max_pixels: int) -> Any:
+    """Qwen3-VL's processor (Qwen3.5's too): 16-pixel patches merged 2x2, images normalised to [-1, 1]."""
+    half = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "patch_size": 16}
+    return Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels, **half),
+        video_processor=Qwen3VLVideoProcessor(**half),
+        tokenizer=tokenizer,
+        chat_template=template,
+    )
+
+
+def _qwen3_vision(vision_depth: int, vision_dim: int, hidden_size: int) -> dict[str, Any]:
+    """Qwen3-VL's and Qwen3.5's vision tower: 16-pixel patches with a learned 4x4 position grid (interpolated to
+    each image), merged 2x2 into the language model's width."""
+    return {
+        "depth": vision_depth,
+        "hidden_size": vision_dim,
+        "intermediate_size": 2 * vision_dim,
+        "num_heads": 2,
+        "out_hidden_size": hidden_size,
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "num_position_embeddings": 16,
+    }
+
+
+def build_tiny_qwen3_vl(
+    out: str | Path,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int | None = None,
+    vision_depth: int = 2,
+    vision_dim: int = 32,
+    vocab_size: int = 512,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 112 * 112,
+    corpus: Iterable[str] = (),
+    seed: int = 0,
+) -> Path:
+    """Write a tiny random Qwen3-VL (Instruct) checkpoint to `out`: a Qwen3 decoder (q/k norms) with interleaved
+    mRoPE, a vision tower whose first block also feeds the decoder's first layer (DeepStack), Qwen3VLProcessor and
+    Qwen3-VL-Instruct's chat template."""
+    head_dim = _heads(hidden_size, num_heads)
+    half = head_dim // 2
+    spatial = half * 5 // 16  # Qwen3-VL's [24, 20, 20] for 64 rotary pairs
+    tokenizer = qwen_tokenizer(corpus, vocab_size, QWEN3_SPECIAL_TOKENS)
+    processor = _qwen3_processor(tokenizer, QWEN3_VL_CHAT_TEMPLATE, min_pixels, max_pixels)
+    shape = {"num_layers": num_layers, "num_heads": num_heads, "num_kv_heads": num_kv_heads}
+    config = Qwen3VLConfig(
+        text_config=_qwen_text_config(
+            tokenizer,
+            hidden_size=hidden_size,
+            **shape,
+            intermediate_size=intermediate_size,
+            vocab_size=vocab_size,
+            head_dim=head_dim,
+            mrope=[half - 2 * spatial, spatial, spatial],
+            rope={"mrope_interleaved": True},
+        ),
+        vision_config={**_qwen3_vision(vision_depth, vision_dim, hidden_size), "deepstack_visual_indexes": [0]},
+        **_vision_token_ids(tokenizer),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return _save(Qwen3VLForConditionalGeneration._from_config(config), processor, out)
+
+
+def build_tiny_qwen3_5(
+    out: str | Path,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int | None = None,
+    vision_depth: int = 2,
+    vision_dim: int = 32,
+    vocab_size: int = 512,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 112 * 112,
+    corpus: Iterable[str] = (),
+    seed: int = 0,
+) -> Path:
+    """Write a tiny random Qwen3.5 (dense) checkpoint to `out`: the natively multimodal Qwen3.5, whose decoder
+    interleaves Gated DeltaNet linear-attention layers with gated full-attention layers (every fourth, and the last
+    here), rotary on a quarter of each head, Qwen3-VL's processor and Qwen3.5's chat template (thinking tags)."""
+    head_dim = 2 * _heads(hidden_size, num_heads)  # Qwen3.5's heads are wide; a quarter of each is rotary
+    pairs = head_dim // 8
+    tokenizer = qwen_tokenizer(corpus, vocab_size, QWEN3_SPECIAL_TOKENS)
+    processor = _qwen3_processor(tokenizer, QWEN3_5_CHAT_TEMPLATE, min_pixels, max_pixels)
+    interval = min(4, num_layers)
+    layer_types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(num_layers)]
+    shape = {"num_layers": num_layers, "num_heads": num_heads, "num_kv_heads": num_kv_heads}
+    config = Qwen3_5Config(
+        text_config=_qwen_text_config(
+            tokenizer,
+            hidden_size=hidden_size,
+            **shape,
+            intermediate_size=intermediate_size,
+            vocab_size=vocab_size,
+            head_dim=head_dim,
+            mrope=[pairs - 2 * (pairs // 3), pairs // 3, pairs // 3],
+            rope={"mrope_interleaved": True, "partial_rotary_factor": 0.25},
+            layer_types=layer_types,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+            linear_conv_kernel_dim=4,
+        ),
+        vision_config=_qwen3_vision(vision_depth, vision_dim, hidden_size),
+        **_vision_token_ids(tokenizer),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return _save(Qwen3_5ForConditionalGeneration._from_config(config), processor, out)
 
 
 def build_tiny_llava_next(
@@ -426,6 +729,14 @@ def write_gguf(folder: str | Path, out: str | Path) -> Path:
     return out
 
 
+QWEN_VL_BUILDERS = {
+    "qwen2_vl": build_tiny_qwen2vl,
+    "qwen2_5_vl": build_tiny_qwen2_5_vl,
+    "qwen3_vl": build_tiny_qwen3_vl,
+    "qwen3_5": build_tiny_qwen3_5,
+}
+
+
 def tiny_backbone(
     out: str,
     model_type: str = "qwen2_vl",
@@ -442,14 +753,14 @@ def tiny_backbone(
 
     Args:
         out: output directory.
-        model_type: "qwen2_vl" (the demo's), "llava_next" (MM-Embed's family), or a text-only causal LM's
-            model_type ("qwen2", "llama", "mistral", ...).
+        model_type: "qwen2_vl" (the demo's), "qwen2_5_vl", "qwen3_vl", "qwen3_5", "llava_next" (MM-Embed's
+            family), or a text-only causal LM's model_type ("qwen2", "llama", "mistral", ...).
         hidden_size: language model width (the vision projector maps into it).
         num_layers: decoder layers.
         vocab_size: embedding rows; the byte-level BPE tokenizer is trained to leave a few spare.
         vision_dim: vision tower width (multimodal models).
-        min_pixels: smallest image area the processor resizes to (qwen2_vl).
-        max_pixels: largest image area the processor resizes to (qwen2_vl).
+        min_pixels: smallest image area the processor resizes to (the Qwen-VL families).
+        max_pixels: largest image area the processor resizes to (the Qwen-VL families).
         corpus: optional text file (one text per line) to train the tokenizer on besides the prompts.
         seed: weight initialisation seed.
     """
@@ -459,15 +770,17 @@ def tiny_backbone(
             raise LamraError(f"corpus file {corpus!r} does not exist")
         lines = Path(corpus).read_text(encoding="utf-8").splitlines()
     shape = {"hidden_size": hidden_size, "num_layers": num_layers, "vocab_size": vocab_size}
-    if model_type == "qwen2_vl":
-        path = build_tiny_qwen2vl(
-            out, **shape, vision_dim=vision_dim, min_pixels=min_pixels, max_pixels=max_pixels, corpus=lines, seed=seed
-        )
+    if model_type in QWEN_VL_BUILDERS:
+        pixels = {"min_pixels": min_pixels, "max_pixels": max_pixels}
+        path = QWEN_VL_BUILDERS[model_type](out, **shape, vision_dim=vision_dim, **pixels, corpus=lines, seed=seed)
     elif model_type == "llava_next":
         path = build_tiny_llava_next(out, **shape, vision_dim=vision_dim, corpus=lines, seed=seed)
     elif family_of(model_type, where="--model_type").text_only:
         path = build_tiny_causal_lm(out, model_type=model_type, **shape, corpus=lines, seed=seed)
     else:
-        raise LamraError(f"--model_type {model_type!r}: a tiny builder exists for qwen2_vl, llava_next and causal LMs")
+        raise LamraError(
+            f"--model_type {model_type!r}: a tiny builder exists for {', '.join(QWEN_VL_BUILDERS)}, llava_next and "
+            "causal LMs"
+        )
     print(f"tiny {model_type} written to {path}")
     return path
