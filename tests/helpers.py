@@ -31,13 +31,53 @@ def fit_tiny_with_callbacks(folder: Path, callbacks: list[dict], *args: str) -> 
     overlay = folder / f"callbacks-{len(list(folder.glob('callbacks-*')))}.yaml"
     overlay.write_text(json.dumps({"trainer": {"callbacks": callbacks}}))
     config = ("-c", "experiments/tiny/stage2_instruct.yaml", "-c", str(overlay))
-    return lamra("fit", *config, *args, env={"PYTHONPATH": str(FAULTS)})
+    # FAULTS first, then whatever the tests run with (a checkout's src/ on PYTHONPATH stays the one under test).
+    path = os.pathsep.join(p for p in (str(FAULTS), os.environ.get("PYTHONPATH", "")) if p)
+    return lamra("fit", *config, *args, env={"PYTHONPATH": path})
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def hparams_session(run_dir: Path) -> dict[str, object]:
+    """The hyperparameters of the run's TensorBoard HParams session (as TensorBoard reads it), {} if it has none."""
+    from tensorboard.plugins.hparams import metadata
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    try:
+        content = events.PluginTagToContent(metadata.PLUGIN_NAME)
+    except KeyError:  # no hparams summary at all
+        return {}
+    if metadata.SESSION_START_INFO_TAG not in content:
+        return {}
+    start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    return {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+
+
+def hparams_tab(logdir: Path) -> tuple[list[str], list[str], list[str]]:
+    """What TensorBoard's HParams tab shows for `logdir` (`tensorboard --logdir`), from the hparams plugin's own
+    code: the session runs, the hyperparameter columns and the metric columns (scalar tags)."""
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import backend_context, metadata
+
+    mux = plugin_event_multiplexer.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(logdir))
+    mux.Reload()
+    provider = data_provider.MultiplexerDataProvider(mux, str(logdir))
+    tab = backend_context.Context(base_plugin.TBContext(logdir=str(logdir), multiplexer=mux, data_provider=provider))
+    request = context.RequestContext()
+    found = tab.hparams_metadata(request, "")
+    experiment = tab.experiment_from_metadata(
+        request, "", True, found, tab.hparams_from_data_provider(request, "", None)
+    )
+    sessions = sorted(run for run, tags in found.items() if metadata.SESSION_START_INFO_TAG in tags)
+    return sessions, [h.name for h in experiment.hparam_infos], [m.name.tag for m in experiment.metric_infos]
 
 
 def lamra_here(*args: str) -> subprocess.CompletedProcess:

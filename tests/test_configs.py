@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import LearningRateMonitor
 
 from lamra_pl.callbacks import FinalMetrics
 from lamra_pl.cli.lightning import LamraCLI
@@ -72,6 +73,10 @@ def test_config_parses(config):
     parsed = cli(ParseOnly, "-c", str(config)).config
     assert parsed.model.class_path.endswith(("EmbeddingModule", "RerankModule", "CLIPModule"))
     assert parsed.trainer.max_steps > 0
+    # Every fit logs its learning rate per step (the schedule in TensorBoard) and its hyperparameters at the end.
+    callbacks = {resolve(c.class_path): c.get("init_args") for c in parsed.trainer.callbacks}
+    assert callbacks[LearningRateMonitor].logging_interval == "step"
+    assert FinalMetrics in callbacks and parsed.trainer.logger.init_args.default_hp_metric is False
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)

@@ -2,7 +2,7 @@
 
 Two gloo DDP processes give the same loss and gradients as one process on the concatenated batch, and GradCache
 (`model.gradcache.chunk_size`) gives the same gradients as encoding the batch on one graph, in one process or
-two, with and without LoRA dropout.
+two, with and without LoRA dropout. The skipped-sample counts are summed over the processes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import scalars
+
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_grads.py"
+SKIPS = Path(__file__).parent / "scripts" / "ddp_skips.py"
 
 Grads = dict[str, torch.Tensor]
 
@@ -87,3 +90,25 @@ def test_gradcache_replays_the_dropout_draws_of_each_chunk(step_grads, devices):
     assert_same_step(with_dropout, step_grads(devices, "chunked", 0.1))
     without = step_grads(1, "full", 0.0)
     assert not torch.allclose(with_dropout["__loss__"], without["__loss__"]), "dropout was not active"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", [1, 2])
+def test_skip_counts_are_summed_over_ranks_and_logged_from_the_first_skip(devices, tmp_path):
+    """Rank 1 skips 2 samples in its third batch, rank 0 one in its fifth: the logged totals are the sums over
+    ranks, each reason from the step of its first skip on; reasons never met log nothing. Ranks logging
+    different reasons must not wait on each other (the run would hang until the gloo timeout)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(SKIPS), str(run), str(devices)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logged = {t: v for t, v in scalars(run).items() if t.startswith("data/")}
+    assert logged == {
+        "data/skipped_bad_sample": [(step, 2.0) for step in range(2, 6)],
+        "data/skipped_unreadable_image": [(4, 1.0), (5, 1.0)],
+    }
+    assert "training samples skipped: {'unreadable_image': 1, 'oversized_image': 0, 'bad_sample': 2," in (
+        proc.stdout + proc.stderr
+    )

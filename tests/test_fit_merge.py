@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import lamra, scalars
+from helpers import hparams_session, lamra, scalars
 from lamra_pl.api import Retriever
 from lamra_pl.models.backbone import BackboneSpec, LoraSpec
 from lamra_pl.models.checkpoints import load_module
@@ -47,7 +47,18 @@ def test_fit_runs_end_to_end_and_the_loss_falls(trained):
     assert len(losses) == 60
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.7 * first, (first, last)
-    assert series["data/skipped_unreadable_image"][-1][1] == 0
+    # Counters of what never happened are not logged (no flat zero curves): nothing was skipped here.
+    assert not [tag for tag in series if tag.startswith("data/skipped_") or tag == "train/nonfinite_steps"]
+    # The learning-rate monitor of the config: 3% warmup of 60 steps (2 steps from 0), then cosine down to 0.
+    lr = [v for _, v in series["lr-AdamW"]]
+    assert len(lr) == 60 and lr[:3] == pytest.approx([0.0, 5e-4, 1e-3]) and lr[3] < lr[2] and lr[-1] < 1e-5
+    # A fit without validation is still a TensorBoard HParams session: its config's hyperparameters, flattened
+    # as `lamra-pl report` reads them, beside its scalars' last values; not "finished" (no hp/* metrics).
+    session = hparams_session(trained)
+    assert session["model.class"] == "lamra_pl.EmbeddingModule" and session["model.lora.r"] == 32
+    assert session["model.optimizer.lr"] == pytest.approx(1e-3) and session["data.batch_size"] == 12
+    assert session["trainer.max_steps"] == 60 and session["model.instructions"] == "True"
+    assert not any(tag.startswith("hp/") for tag in series)
 
 
 @pytest.mark.slow

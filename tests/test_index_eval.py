@@ -100,6 +100,64 @@ def test_evaluation_equals_a_hand_computation(evaluated, pool):
     assert logged[f"eval_{pool}/average/R@5"][0][1] == pytest.approx(average["R@5"])
 
 
+def trec_qrels(path: Path) -> dict[str, dict[str, int]]:
+    """A qrels file read as pytrec_eval's `parse_qrel` and ir_measures' TREC reader read it: exactly four
+    whitespace-separated columns, `query_id iteration doc_id relevance` (M-BEIR's fifth column fails here)."""
+    qrels: dict[str, dict[str, int]] = {}
+    for line in path.read_text().splitlines():
+        query_id, _, doc_id, relevance = line.split()
+        assert doc_id not in qrels.setdefault(query_id, {})
+        qrels[query_id][doc_id] = int(relevance)
+    return qrels
+
+
+def trec_run(path: Path) -> dict[str, dict[str, float]]:
+    """A run file read as pytrec_eval's `parse_run` reads it: `query_id Q0 doc_id rank score tag`."""
+    run: dict[str, dict[str, float]] = {}
+    for line in path.read_text().splitlines():
+        query_id, _, doc_id, _, score, _ = line.split()
+        run.setdefault(query_id, {})[doc_id] = float(score)
+    return run
+
+
+@pytest.mark.parametrize("pool", ["local", "global"])
+def test_trec_tools_read_the_qrels_and_runs_and_score_them_as_lamra_pl_does(evaluated, pool):
+    results = json.loads((evaluated["runs"] / pool / "results.json").read_text())
+    for task, got in results["tasks"].items():
+        folder = evaluated["data"] / "eval/test" / task
+        with pytest.raises(ValueError, match="too many values to unpack"):
+            trec_qrels(folder / "qrels.txt")  # M-BEIR's five columns: why the four-column file is there
+        qrels = trec_qrels(folder / "qrels.trec")
+        assert {q: set(docs) for q, docs in qrels.items()} == read_qrels(folder / "qrels.txt")
+        run = trec_run(Path(got["run_file"]))
+        for k in (1, 5, 10):  # the hit rate from the TREC files, ranked by score as trec_eval does (ties by id)
+            top = {q: sorted(docs, key=lambda d: (-docs[d], d))[:k] for q, docs in run.items()}
+            hits = [any(qrels[q].get(d, 0) > 0 for d in top[q]) for q in qrels]
+            assert np.mean(hits) == pytest.approx(got[f"R@{k}"], abs=1e-12), (task, k)
+
+
+def test_results_name_each_task_as_mbeir_does_and_hold_chance_as_numbers(evaluated):
+    from lamra_pl.pipelines.evaluate import chance
+
+    tool = chance(f"{evaluated['data']}/eval/test/*_task*")  # `lamra-pl chance`: each task's local pool
+    global_pool = len((evaluated["data"] / "eval/test/global_pool/ids.txt").read_text().split())
+    for pool in ("local", "global"):
+        results = json.loads((evaluated["runs"] / pool / "results.json").read_text())
+        for task, got in results["tasks"].items():
+            assert (got["dataset_id"], got["task_id"], got["mbeir_name"]) == (10, int(task[-1]), f"mbeir_{task}")
+            assert set(got["chance"]) == {"R@1", "R@5", "R@10"}
+            assert all(type(v) is float and 0 < v <= 1 for v in got["chance"].values())
+            if pool == "local":
+                assert got["chance"] == pytest.approx(tool[task], abs=1e-12)
+            else:  # R@1 of a random ranking: the share of the pool that is positive, per query
+                positives = read_qrels(evaluated["data"] / "eval/test" / task / "qrels.txt")
+                want = np.mean([len(positives[q]) / global_pool for q in read_run_file(got["run_file"]).qids])
+                assert got["chance"]["R@1"] == pytest.approx(want, abs=1e-12)
+        # A model folder has no training step: its numbers are drawn at step 0.
+        logged = scalars(evaluated["runs"] / pool)
+        assert {points[0][0] for points in logged.values()} == {0}
+
+
 def test_evaluation_twice_gives_identical_numbers(evaluated, tmp_path):
     again = tmp_path / "runs"
     model, index, data = evaluated["model"], evaluated["index"], evaluated["data"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, lamra_here, ok
+from helpers import ROOT, lamra_here, ok, scalars
 from lamra_pl.api import Retriever
 from lamra_pl.formats.index import EmbeddingIndex
 from lamra_pl.models.checkpoints import load_module
@@ -67,10 +67,42 @@ def test_a_legacy_index_is_searched_and_its_runs_are_retrieved_identically(tmp_p
 def test_a_legacy_run_folder_evaluates_identically(pool, tmp_path):
     runs = tmp_path / pool
     shutil.copytree(LEGACY / "runs" / pool, runs, ignore=shutil.ignore_patterns("events.*", "hparams.yaml", "results*"))
-    ok(lamra_here("evaluate", f"--runs={runs}"))
+    proc = ok(lamra_here("evaluate", f"--runs={runs}"))
     old = json.loads((LEGACY / "runs" / pool / "results.json").read_text())
     new = json.loads((runs / "results.json").read_text())
-    assert new == old and new["tasks"] and "wrong_modality@10" in new["average"]
+    # The same numbers; each task now also names itself as M-BEIR does and carries its chance level.
+    added = {"dataset_id", "task_id", "mbeir_name", "chance"}
+    assert {t: {k: v for k, v in r.items() if k not in added} for t, r in new["tasks"].items()} == old["tasks"]
+    assert all(set(r) == set(old["tasks"][t]) | added for t, r in new["tasks"].items())
+    assert {k: v for k, v in new.items() if k != "tasks"} == {k: v for k, v in old.items() if k != "tasks"}
+    assert new["tasks"] and "wrong_modality@10" in new["average"]
+    # Logged at the training step of the checkpoint the index names (the old code logged at 0).
+    step = torch.load(LEGACY / "retriever.ckpt", weights_only=True, map_location="cpu")["global_step"]
+    assert step == 3 and f"step 3 (the step of {LEGACY.relative_to(ROOT)}/retriever.ckpt)" in proc.stdout
+    logged = scalars(runs)
+    assert logged and {points[0][0] for points in logged.values()} == {step}
+    again = tmp_path / "again"
+    shutil.copytree(runs, again, ignore=shutil.ignore_patterns("events.*", "hparams.yaml", "results*"))
+    ok(lamra_here("evaluate", f"--runs={again}", "--step=11"))  # given: as given
+    assert {points[0][0] for points in scalars(again).values()} == {11}
+
+
+def test_the_report_reads_legacy_evaluation_runs(tmp_path):
+    """Event files of the old code (final metrics at step 0, written with TensorBoard's experiment summary) are
+    tabulated as they were, beside a new evaluation of the same rankings."""
+    shutil.copytree(LEGACY / "runs" / "local", tmp_path / "old", ignore=shutil.ignore_patterns("*.run"))
+    shutil.copytree(LEGACY / "runs" / "local", tmp_path / "new", ignore=shutil.ignore_patterns("events.*", "results*"))
+    ok(lamra_here("evaluate", f"--runs={tmp_path / 'new'}"))
+    ok(lamra_here("report", f"--runs={tmp_path}"))
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert set(saved) == {"old", "new"}
+    want = json.loads((LEGACY / "runs" / "local" / "results.json").read_text())
+    for run in ("old", "new"):
+        assert saved[run]["status"] == "finished"
+        for task, numbers in want["tasks"].items():
+            for metric in ("R@1", "R@5", "R@10"):
+                assert saved[run]["metrics"][f"{task}/{metric}"] == pytest.approx(numbers[metric], rel=1e-6)
+    assert saved["old"]["metrics"] == saved["new"]["metrics"]
 
 
 def test_earlier_class_paths_import_as_the_classes_that_replaced_them():

@@ -74,6 +74,8 @@ def test_round_trip_reads_every_field_back(mbeir, tmp_path):
         assert sorted(qrels) == sorted(
             (mbeir / f"qrels/test/mbeir_emoji_task{task}_test_qrels.txt").read_text().splitlines()
         )
+        trec = (folder / "qrels.trec").read_text().splitlines()  # `qid 0 did relevance`, for TREC tools
+        assert trec == [" ".join(line.split()[:4]) for line in qrels] and {len(t.split()) for t in trec} == {4}
     assert sorted(decode_candidate(s).id for s in samples(out / "eval/test/global_pool")) == sorted(union)
     assert len(SampleIndex.build(expand_shards(str(out / "train")))) == len(source)
 
@@ -161,6 +163,8 @@ def test_training_folders_are_tasks_on_the_training_pool(mbeir, tmp_path):
         qrels = [line.split() for line in (task / "qrels.txt").read_text().splitlines()]
         assert info["queries"] == len(records) and info["split"] == "train"
         assert sorted((q, d) for q, _, d, _, _ in qrels) == sorted((r.qid, p.id) for r in records for p in r.positives)
+        trec = [line.split() for line in (task / "qrels.trec").read_text().splitlines()]  # TREC's four columns
+        assert trec == [line[:4] for line in qrels] and all(len(line) == 4 for line in trec)
         pool = (task / "pool/ids.txt").read_text().splitlines()
         assert info["pool"] == len(pool) > 0 and set(pool) <= set(train_pool)
         wanted = {modality[p.id] for r in records for p in r.positives}

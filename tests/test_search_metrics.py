@@ -99,6 +99,7 @@ def test_recall_is_a_hit_rate_with_several_positives():
 
 def test_chance_level():
     assert chance(100, [1], (1, 10)) == pytest.approx({"R@1": 0.01, "R@10": 0.10})
+    assert chance(4, [1, 0], (1, 5, 10)) == pytest.approx({"R@1": 0.125, "R@5": 0.5, "R@10": 0.5})  # K >= pool
     two = 1 - math.comb(98, 5) / math.comb(100, 5)  # two positives among 100, top 5
     assert chance(100, [2, 1], (5,))["R@5"] == pytest.approx((two + 0.05) / 2)
 

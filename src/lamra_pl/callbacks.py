@@ -3,7 +3,7 @@
     SkipCounts       the training samples the data stream replaced, per reason: logged, reported, resumed
     NonFiniteGuard   a step with non-finite gradients is skipped and counted; too many in a row stop the run
     RngResume        every rank's RNG states ride in checkpoints, so random draws continue exactly after a resume
-    FinalMetrics     the hyperparameters and the final `val/*` metrics as TensorBoard hparams (`hp/*`) at fit end
+    FinalMetrics     the final `val/*` metrics (`hp/*`) and the hyperparameters as a TensorBoard HParams session
 
 The shipped configs name them in `trainer.callbacks` (where their settings live); a lamra-pl module adds the first
 three itself when a Trainer has none of that type (`missing_policies`), so a module trained from Python, or with a
@@ -12,20 +12,22 @@ callback list of its own, keeps them. Their state is saved under one checkpoint 
 
 from __future__ import annotations
 
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch.distributed.tensor import DTensor
 
 from lamra_pl.errors import LamraError
 from lamra_pl.formats.sample import SKIP_REASONS
-from lamra_pl.formats.tensorboard import FINAL, LIVE
+from lamra_pl.formats.tensorboard import FINAL, LIVE, flatten, read_hparams, write_session
 
 RESUME_KEY = "lamra_pl_resume"  # {"rng": [per rank], "skipped": [reasons], "nonfinite_steps": n}
 
@@ -41,11 +43,13 @@ def _gather(trainer: Trainer, value: Any) -> list[Any]:
 
 class SkipCounts(Callback):
     """Counts the training samples the data stream skipped and replaced (each batch carries its counts under
-    "skipped", one per `SKIP_REASONS`), logs the running totals as `data/skipped_<reason>` (summed over ranks) and
-    reports them when training ends. A resumed run goes on from the checkpoint's totals."""
+    "skipped", one per `SKIP_REASONS`), logs the running totals (summed over ranks) as `data/skipped_<reason>` from
+    the first step a sample was skipped for that reason (a reason never met logs nothing: no flat zero curves), and
+    reports them all when training ends. A resumed run goes on from the checkpoint's totals."""
 
     def __init__(self) -> None:
         self.skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
+        self.totals = [0] * len(SKIP_REASONS)  # over ranks, as of the last step
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -53,13 +57,17 @@ class SkipCounts(Callback):
         skipped = batch.get("skipped") if isinstance(batch, dict) else None
         if skipped is not None:
             self.skipped += skipped.cpu()
-        for reason, count in zip(SKIP_REASONS, self.skipped.tolist(), strict=True):
-            # Cumulative per rank, summed over ranks: equal batch counts per rank make this safe per step.
-            pl_module.log(f"data/skipped_{reason}", float(count), reduce_fx="sum", sync_dist=True, batch_size=1)
+        # One sum over ranks per step, which every rank calls; which counts are logged then follows from the sums,
+        # the same on every rank (a rank logging with sync_dist while another does not would wait forever).
+        # (A copy: the reduction is in place.)
+        summed = trainer.strategy.reduce(self.skipped.to(pl_module.device, copy=True), reduce_op="sum")
+        self.totals = [int(n) for n in summed.tolist()]
+        for reason, count in zip(SKIP_REASONS, self.totals, strict=True):
+            if count:
+                pl_module.log(f"data/skipped_{reason}", float(count), batch_size=1)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        totals = {reason: int(trainer.callback_metrics.get(f"data/skipped_{reason}", 0)) for reason in SKIP_REASONS}
-        rank_zero_info(f"lamra-pl: training samples skipped: {totals}")
+        rank_zero_info(f"lamra-pl: training samples skipped: {dict(zip(SKIP_REASONS, self.totals, strict=True))}")
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         total = torch.stack(_gather(trainer, self.skipped.clone())).sum(0)
@@ -75,7 +83,8 @@ class SkipCounts(Callback):
 
 class NonFiniteGuard(Callback):
     """A step whose gradients are not finite (a NaN/inf loss) is skipped: no update, no moment decay. It is counted
-    (`train/nonfinite_steps`), and more than `max_in_a_row` such steps in a row stop the run with an error.
+    (`train/nonfinite_steps`, logged from the first such step on), and more than `max_in_a_row` such steps in a row
+    stop the run with an error.
 
     Args:
         max_in_a_row: non-finite steps in a row tolerated before the run stops.
@@ -106,7 +115,8 @@ class NonFiniteGuard(Callback):
                     f"NonFiniteGuard callback's max_in_a_row={self.max_in_a_row}: lower the learning rate, check the "
                     "data and the precision, or resume from an earlier checkpoint"
                 )
-        pl_module.log("train/nonfinite_steps", float(self.steps), batch_size=1)
+        if self.steps:  # from the first skipped step on (the count and the decision are the same on every rank)
+            pl_module.log("train/nonfinite_steps", float(self.steps), batch_size=1)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         rank_zero_info(f"lamra-pl: non-finite steps skipped: {self.steps}")
@@ -149,8 +159,12 @@ class RngResume(Callback):
 
 
 class FinalMetrics(Callback):
-    """At the end of a successful fit, log the hyperparameters once with the final `val/*` metrics as `hp/*`
-    (TensorBoard's HParams tab; use `TensorBoardLogger(default_hp_metric=False)`)."""
+    """At the end of a successful fit: the final `val/*` metrics once as `hp/*`, at the last training step, and the
+    fit's hyperparameters as its TensorBoard HParams session (`fit_hparams`), for every fit, validated or not, so
+    the HParams tab compares fits by their hyperparameters and the last values of their scalars (`train/loss`,
+    `hp/*`, ...). Use `TensorBoardLogger(default_hp_metric=False)`, as every shipped config does: otherwise Lightning
+    writes a session of its own at fit start (with a placeholder `hp_metric` and an experiment summary), and
+    TensorBoard reads that first one instead."""
 
     @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -161,8 +175,29 @@ class FinalMetrics(Callback):
             for name, value in trainer.callback_metrics.items()
             if name.startswith(LIVE)
         }
-        hparams = {**pl_module.hparams, **(trainer.datamodule.hparams if trainer.datamodule else {})}
-        trainer.logger.log_hyperparams(hparams, metrics)
+        if metrics:
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        write_session(trainer.logger, fit_hparams(trainer, pl_module), trainer.global_step)
+
+
+def fit_hparams(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+    """A fit's hyperparameters, flat with dotted keys as `lamra-pl report` reads them (`model.temperature`,
+    `model.backbone.path`, `data.batch_size`): the run's config.yaml when LightningCLI wrote one (it also holds
+    the optimizer and the trainer's settings), else the module's and the data module's init arguments."""
+    folder = Path(trainer.logger.log_dir) if trainer.logger is not None and trainer.logger.log_dir else None
+    if folder is not None and (folder / "config.yaml").is_file():
+        return read_hparams(folder)
+    tree = {"model": _init_args(pl_module)}
+    if trainer.datamodule is not None:
+        tree["data"] = _init_args(trainer.datamodule)
+    return flatten(tree)
+
+
+def _init_args(component: LightningModule | LightningDataModule) -> dict[str, Any]:
+    """A module's class and saved init arguments (without Lightning's own `_class_path`, `_instantiator`)."""
+    kind = type(component)
+    args = {k: asdict(v) if is_dataclass(v) and not isinstance(v, type) else v for k, v in component.hparams.items()}
+    return {"class": f"{kind.__module__}.{kind.__qualname__}", **{k: v for k, v in args.items() if k[:1] != "_"}}
 
 
 POLICIES = (SkipCounts, NonFiniteGuard, RngResume)

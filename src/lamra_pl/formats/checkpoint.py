@@ -60,6 +60,15 @@ def read(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def global_step(path: str | Path) -> int | None:
+    """The training step a `fit` checkpoint at `path` was saved at (Lightning's "global_step"); None when `path` is
+    not a file (a merged model folder, which has no step). A file that is no checkpoint is a LamraError (`read`)."""
+    if not Path(path).is_file():
+        return None
+    step = read(path).get("global_step")
+    return int(step) if isinstance(step, int) else None
+
+
 def class_paths(value: Any, key: str = "hyper_parameters") -> Iterator[tuple[str, str]]:
     """(key, class path) of every `class_path` (and Lightning's `_class_path`, `_instantiator`) in `value`."""
     if isinstance(value, dict):

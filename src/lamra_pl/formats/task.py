@@ -7,6 +7,10 @@ Layout version VERSION:
                               "query_modalities", "queries": n, "pool": n, "recall_k": 5 | 10}
                              (folders written before the version field read as version 1)
       qrels.txt              M-BEIR qrels, one line per positive: `qid 0 did relevance task_id` (relevance > 0 counts)
+      qrels.trec             the same in TREC's four columns, `qid 0 did relevance`, for TREC tools (trec_eval,
+                             pytrec_eval, ir_measures), which refuse the fifth; with the run files of `lamra-pl
+                             retrieve` (`qid Q0 did rank score tag`) they score a run folder without lamra-pl
+                             (folders written before it have qrels.txt only, which is all lamra-pl reads)
       queries/               the query shards (`lamra_pl.formats.sample` records); a training task folder holds
                              its shards at its top level instead
       pool/ids.txt           the ids of the task's local pool; an evaluation task's pool/ also holds the pool's
@@ -30,6 +34,7 @@ from lamra_pl.formats.shards import POOL_IDS, write_pool_ids
 FORMAT, VERSION = "lamra-pl-task", 1
 TASK_FILE = "task.json"
 QRELS_FILE = "qrels.txt"
+TREC_QRELS_FILE = "qrels.trec"
 QUERIES = "queries"
 POOL = "pool"
 
@@ -79,12 +84,16 @@ def pool_ids(task_dir: str | Path) -> list[str]:
 def write_task(
     task_dir: str | Path, info: dict[str, Any], qrels: Iterable[str], pool: Iterable[str] | None = None
 ) -> Path:
-    """task.json (with this layout's format and version), qrels.txt (lines as given) and, if given, pool/ids.txt."""
+    """task.json (with this layout's format and version), qrels.txt (M-BEIR lines as given: `qid 0 did relevance
+    [task_id]`), qrels.trec (their first four columns) and, if given, pool/ids.txt."""
     task_dir = Path(task_dir)
     task_dir.mkdir(parents=True, exist_ok=True)
     if pool is not None:
         write_pool_ids(task_dir / POOL, pool)
-    qrels_file(task_dir).write_text("".join(f"{line}\n" for line in qrels))
+    lines = list(qrels)
+    qrels_file(task_dir).write_text("".join(f"{line}\n" for line in lines))
+    trec = (" ".join(line.split()[:4]) for line in lines if line.strip())
+    (task_dir / TREC_QRELS_FILE).write_text("".join(f"{line}\n" for line in trec))
     (task_dir / TASK_FILE).write_text(json.dumps({"format": FORMAT, "version": VERSION, **info}, indent=1))
     return task_dir
 

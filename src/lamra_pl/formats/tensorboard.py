@@ -4,13 +4,24 @@ Layout version VERSION (a `TensorBoardLogger` version folder; `lamra-pl evaluate
 
     RUN/
       events.out.tfevents.*  scalars: `train/*`, `val/*` (validation over steps: LIVE), `eval_<pool>/*`, and the
-                             final metrics `hp/<task>/<metric>` (FINAL), logged once with the hyperparameters as
-                             TensorBoard hparams when a fit ends (`lamra_pl.callbacks.FinalMetrics`) or an
-                             evaluation is written (`write_evaluation`)
+                             final metrics `hp/<task>/<metric>` (FINAL), logged once, at the run's last training
+                             step, when a fit ends (`lamra_pl.callbacks.FinalMetrics`) or an evaluation is written
+                             (`write_evaluation`: the evaluated checkpoint's step); with them the run's
+                             hyperparameters as a TensorBoard HParams session (`write_session`)
       config.yaml            the run's hyperparameters (LightningCLI), or else
       hparams.yaml           (Lightning's own)
 
 A run is *finished* when it has FINAL metrics. Event files that cannot be read are reported, never dropped.
+
+HParams sessions are written without TensorBoard's "experiment" summary, on purpose: TensorBoard takes the first
+experiment summary it finds in a log folder as the list of metric columns for every run, so fits (training
+scalars) and evaluations (`hp/*`) logged side by side could not be compared. Without one, the HParams tab builds
+its columns from every session's hyperparameters and every scalar of the session runs, each at its last value.
+TensorBoard reads one session per run, the first: an evaluation logged into a fit (`lamra-pl evaluate --log_to`)
+adds its numbers to the fit's row, under the fit's own session.
+
+`lamra-pl report` writes its plots as images into the run REPORT_RUN of the folder it compares, which is not a run
+of its own (`find_boards` leaves it out).
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ VERSION = 1
 FINAL = "hp/"  # final metrics, logged once
 LIVE = "val/"  # validation metrics over steps
 EVENTS = "events.out.tfevents.*"
+REPORT_RUN = "report_plots"  # the TensorBoard run `lamra-pl report` writes its figures into
 # Config entries that name where and how a run was logged, not what it trained: never "varied".
 IGNORED = ("trainer.logger", "trainer.callbacks", "trainer.plugins", "trainer.enable_progress_bar", "ckpt_path")
 
@@ -59,9 +71,11 @@ class Board:
 
 
 def find_boards(root: Path) -> list[Path]:
-    """Folders under `root` holding event files, config.yaml or hparams.yaml (each a run), sorted."""
+    """Folders under `root` holding event files, config.yaml or hparams.yaml (each a run), sorted; not checkpoint
+    folders, nor the report's own figures (REPORT_RUN)."""
     marks = [*root.rglob(EVENTS), *root.rglob("config.yaml"), *root.rglob("hparams.yaml")]
-    return sorted({p.parent for p in marks if "checkpoints" not in p.parts})
+    parts = [p.relative_to(root).parts for p in marks]
+    return sorted({root.joinpath(*q[:-1]) for q in parts if "checkpoints" not in q and REPORT_RUN not in q[:-1]})
 
 
 def has_events(folder: Path) -> bool:
@@ -74,7 +88,8 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
         for key, value in tree.items():
             out.update(flatten(value, f"{prefix}{key}."))
         return out
-    return {prefix[:-1]: tree if isinstance(tree, (int, float, str, bool)) or tree is None else json.dumps(tree)}
+    plain = isinstance(tree, (int, float, str, bool)) or tree is None
+    return {prefix[:-1]: tree if plain else json.dumps(tree, default=str)}  # a list as JSON, a path as its text
 
 
 def read_hparams(folder: Path) -> dict[str, Any]:
@@ -128,14 +143,44 @@ def read_board(folder: Path, root: Path) -> Board:
     return board
 
 
+def session_values(hparams: dict[str, Any]) -> dict[str, int | float | str]:
+    """`hparams` (flat) as the values an HParams session holds: numbers and strings as they are, booleans as "True"
+    or "False" (as the report prints them; torch's summary would write 1.0 and 0.0), anything else as JSON; None (an
+    unset option) is left out, as TensorBoard would leave it."""
+    out: dict[str, int | float | str] = {}
+    for key, value in hparams.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            out[key] = str(value)
+        else:
+            plain = isinstance(value, (int, float, str))
+            out[key] = value if plain else json.dumps(value, sort_keys=True, default=str)
+    return out
+
+
+def write_session(logger: Any, hparams: dict[str, Any], step: int) -> None:
+    """The HParams session of the run `logger` (a Lightning `TensorBoardLogger`) writes to: `hparams` (flat, dotted
+    keys) at `step`, marked successful. Its metrics are the run's scalars (see the module docstring); Lightning's
+    `log_hyperparams(params, metrics)` would also write the experiment summary that hides other runs' metrics."""
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+    _, start, end = hparams_summaries(session_values(hparams), {})  # the end marks the session successful
+    writer = logger.experiment._get_file_writer()  # torch's SummaryWriter has no public add_summary
+    writer.add_summary(start, step)
+    writer.add_summary(end, step)
+    writer.flush()
+
+
 def write_evaluation(
     folder: Path, scalars: dict[str, float], step: int, hparams: dict[str, Any], final: dict[str, float]
 ) -> None:
-    """Log an evaluation into the run in `folder`: `scalars` at `step`, then `hparams` with `final` as FINAL
-    metrics (their names without the prefix), as a fit's end logs them."""
+    """Log an evaluation into the run in `folder`: `scalars` and `final` as FINAL metrics (their names without the
+    prefix) at `step`, and `hparams` as its HParams session (also hparams.yaml), as a fit's end logs them."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     logger = TensorBoardLogger(str(folder), name="", version="", default_hp_metric=False)
-    logger.log_metrics(scalars, step=step)
-    logger.log_hyperparams(hparams, {FINAL + name: value for name, value in final.items()})
+    logger.log_metrics({**scalars, **{FINAL + name: value for name, value in final.items()}}, step=step)
+    logger.log_hyperparams(hparams)  # hparams.yaml only (no metrics: nothing else is written)
+    write_session(logger, hparams, step)
     logger.finalize("success")

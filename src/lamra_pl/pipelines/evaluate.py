@@ -10,10 +10,20 @@ with the same `ranking.metrics.score_task`.
 results.json:
     {"pool": "local" | "global",
      "tasks": {TASK: {"R@1": x, "R@5": x, "R@10": x, "reported": "R@5", "run_file": PATH, "qrels_file": PATH,
-                      "num_queries": n[, "wrong_modality@10": x]}},
+                      "num_queries": n[, "wrong_modality@10": x],
+                      "dataset_id": 9, "task_id": 0, "mbeir_name": "mbeir_mscoco_task0",
+                      "chance": {"R@1": x, "R@5": x, "R@10": x}}},
      "average": {"R@1": x, "R@5": x, "R@10": x, "reported": x[, "wrong_modality@10": x]}}
 "reported" is M-BEIR's metric for the task (R@10 for Fashion200K and FashionIQ, R@5 elsewhere); the average's
-"reported" is M-BEIR's headline number, the unweighted mean of the tasks' reported metrics.
+"reported" is M-BEIR's headline number, the unweighted mean of the tasks' reported metrics. "dataset_id" is
+M-BEIR's dataset id, the prefix of the task's query ids ("9:1234"; null when they have none or several), "task_id"
+and the dataset's name are the task folder's (task.json), and "mbeir_name" is M-BEIR's name of the unit (its file
+names' `mbeir_<dataset>_task<N>`). "chance" is the Recall@K of a random ranking of the pool searched (`chance`'s
+formula, counting the positives that are in that pool). Files written before these four fields read as they were:
+nothing reads results.json back but people and their tools (`lamra-pl report` reads the TensorBoard run).
+
+The TensorBoard numbers are logged at the training step of the checkpoint evaluated (the reranker's in a reranked
+folder, else the retriever's that the index names; 0 for a model folder), so they line up with that fit's curves.
 
 MM-Embed's modality bias is measured when the run folder's index is at hand (every `retrieve` and `rerank` folder
 names it): "wrong_modality@10", per task and averaged, is the share of each query's top 10 whose modality (from the
@@ -31,6 +41,7 @@ import numpy as np
 
 from lamra_pl.errors import LamraError
 from lamra_pl.files import atomic_write
+from lamra_pl.formats.checkpoint import global_step
 from lamra_pl.formats.index import EmbeddingIndex, is_complete
 from lamra_pl.formats.runs import RESULTS, read_manifest, read_run_file, relocate
 from lamra_pl.formats.task import TASK_FILE, qrels_file, read_qrels, task_dirs, task_info
@@ -40,7 +51,7 @@ from lamra_pl.ranking.metrics import chance as chance_level
 
 
 def evaluate(
-    runs: str, step: int = 0, log_to: str | None = None, tasks: str | None = None, index: str | None = None
+    runs: str, step: int | None = None, log_to: str | None = None, tasks: str | None = None, index: str | None = None
 ) -> dict[str, Any]:
     """Score a run folder: M-BEIR Recall@K per task and averaged, and MM-Embed's modality bias.
 
@@ -50,7 +61,8 @@ def evaluate(
 
     Args:
         runs: a run folder written by `lamra-pl retrieve` (holds runs.json).
-        step: the TensorBoard step to log the numbers at (e.g. the checkpoint's training step).
+        step: the TensorBoard step to log the numbers at; by default the training step of the checkpoint evaluated
+            (the reranker's for a reranked folder, else the retriever's), 0 for a model folder.
         log_to: a TensorBoard run folder to log into instead of RUNS, e.g. the fit that trained the model, whose
             report row then shows these numbers (a reranker fit, which validates nothing itself).
         tasks: where the task folders are, when not where runs.json says (moved data): the folder that holds
@@ -59,10 +71,37 @@ def evaluate(
             bias).
     """
     results = evaluate_runs(runs, tasks=tasks, index=index)
+    if step is None:
+        step, source = checkpoint_step(runs, index)
+    else:
+        source = "--step"
     board = save_results(results, runs, step=step, log_to=log_to, index=index)
     print(markdown(results))
-    print(f"\n{Path(runs) / RESULTS}; TensorBoard: {board}")
+    print(f"\n{Path(runs) / RESULTS}; TensorBoard: {board}, step {step} ({source})")
     return results
+
+
+def checkpoint_step(runs_dir: str | Path, index: str | None = None) -> tuple[int, str]:
+    """The training step of the checkpoint a run folder's rankings come from (the reranker's when it was reranked,
+    else the retriever's that the index names), 0 when that is a model folder or not at hand; and where it came
+    from, in words."""
+    manifest = read_manifest(runs_dir)
+    rerank = manifest.get("rerank")
+    model = rerank.get("model") if rerank else _retriever(index if index is not None else manifest.get("index"))
+    if not model:
+        return 0, "no model named"
+    if not Path(model).exists():
+        return 0, f"{model} is not there to read its step"
+    try:
+        found = global_step(model)
+    except LamraError as err:  # the step is where the numbers are drawn, not what they are: they are still logged
+        return 0, f"no step read: {err}"
+    return (found, f"the step of {model}") if found is not None else (0, f"{model} is a model folder")
+
+
+def _retriever(index: str | None) -> str | None:
+    """The model an index was encoded with, as given to `lamra-pl index`; None when the index is not at hand."""
+    return EmbeddingIndex(index).meta["model"].get("path") if index and is_complete(index) else None
 
 
 def load_manifest(runs_dir: str | Path, tasks: str | None = None, index: str | None = None) -> dict[str, Any]:
@@ -124,13 +163,28 @@ def evaluate_runs(
             "run_file": str(run_file),
             "qrels_file": str(qrels_path),
             "num_queries": len(run.qids),
+            **mbeir_ids(info, run.qids),
         }
+        if run.qids:  # a random ranking of the pool searched, its positives counted as that pool holds them
+            positives = [sum(d in row_of for d in qrels[q]) for q in run.qids]
+            scored[name]["chance"] = chance_level(len(row_of), positives, ks)
         if modality_of is not None:
             targets = [next((modality_of[d] for d in sorted(qrels[q]) if d in modality_of), None) for q in run.qids]
             share = wrong_modality(run.ranked, targets, modality_of, BIAS_K)
             if not np.isnan(share):  # no query with a positive in the index: no measure, rather than NaN
                 scored[name][f"wrong_modality@{BIAS_K}"] = share
     return {"pool": manifest["pool"], "tasks": scored, "average": summarise(scored, ks)}
+
+
+def mbeir_ids(info: dict[str, Any], qids: list[str]) -> dict[str, Any]:
+    """M-BEIR's names of a task: its dataset id (the prefix of its query ids, "9" of "9:1234", as a number when it
+    is one; None when the ids have no prefix or several), its task id and its name (`mbeir_<dataset>_task<N>`)."""
+    prefixes = {q.split(":", 1)[0] for q in qids if ":" in q}
+    dataset_id: int | str | None = prefixes.pop() if len(prefixes) == 1 and all(":" in q for q in qids) else None
+    if isinstance(dataset_id, str) and dataset_id.isdigit():
+        dataset_id = int(dataset_id)
+    task = info.get("task_id")
+    return {"dataset_id": dataset_id, "task_id": task, "mbeir_name": f"mbeir_{info.get('dataset')}_task{task}"}
 
 
 def _modalities(index: str | None) -> dict[str, str] | None:
@@ -177,8 +231,7 @@ def evaluation_hparams(runs_dir: str | Path, index: str | None = None) -> dict[s
     pool and depth, and any reranking."""
     manifest = read_manifest(runs_dir)
     index = index if index is not None else manifest.get("index")
-    model = EmbeddingIndex(index).meta["model"].get("path") if index and is_complete(index) else None
-    hparams = {"retriever": model, "index": index, "pool": manifest["pool"], "k": manifest.get("k")}
+    hparams = {"retriever": _retriever(index), "index": index, "pool": manifest["pool"], "k": manifest.get("k")}
     hparams["instruction_seed"] = manifest.get("instruction_seed")
     rerank = manifest.get("rerank")
     if rerank:

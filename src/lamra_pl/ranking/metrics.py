@@ -61,10 +61,13 @@ def pad_positives(positives: list[list[int]]) -> np.ndarray:
 
 
 def chance(pool_size: int, positives_per_query: list[int], ks: tuple[int, ...]) -> dict[str, float]:
-    """Expected hit rate of a random ranking: 1 - C(N - P, k) / C(N, k), averaged over queries."""
+    """Expected hit rate of a random ranking: 1 - C(N - P, k) / C(N, k), averaged over queries (1 for a query with
+    a positive when k >= N: the top k is the whole pool)."""
 
     def one(p: int, k: int) -> float:
-        return 1.0 - math.comb(pool_size - p, k) / math.comb(pool_size, k) if p else 0.0
+        if not p:
+            return 0.0
+        return 1.0 - math.comb(pool_size - p, k) / math.comb(pool_size, k) if k < pool_size else 1.0
 
     n = len(positives_per_query)
     return {f"R@{k}": sum(one(p, k) for p in positives_per_query) / n for k in ks}

@@ -2,7 +2,9 @@
 
 A run is a TensorBoard run folder (`lamra_pl.formats.tensorboard`: event files, and config.yaml or hparams.yaml).
 The report is a Markdown table (one row per run; columns: the hyperparameters that differ between runs, then every
-retrieval metric, best per column in bold) and two plots, written into RUNS_DIR.
+retrieval metric, best per column in bold) and two plots, written into RUNS_DIR; the plots also as images of the
+TensorBoard run RUNS_DIR/report_plots (`REPORT_RUN`, rewritten each time). It prints a compact table: each run's
+status and average columns (the full table is report.md).
 
 A run is *finished* when `lamra_pl.callbacks.FinalMetrics` logged its `hp/*` metrics at the end of fit (or
 `lamra-pl evaluate` did); its row shows those. An unfinished run (still training, or killed) shows its last `val/*`
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lamra_pl.errors import LamraError
-from lamra_pl.formats.tensorboard import LIVE, Board, find_boards, read_board
+from lamra_pl.formats.tensorboard import EVENTS, LIVE, REPORT_RUN, Board, find_boards, read_board
 
 
 def varied(runs: list[Board]) -> list[str]:
@@ -35,9 +37,12 @@ def metric_order(name: str) -> tuple[int, str, float, str]:
     return (0 if group == "average" else 1, group, k, metric)
 
 
-def table(runs: list[Board]) -> str:
-    keys = varied(runs)
+def table(runs: list[Board], averages_only: bool = False) -> str:
+    """The report's Markdown table; `averages_only`: the run, its status and the average columns (the terminal's)."""
+    keys = [] if averages_only else varied(runs)
     metrics = sorted({m for r in runs for m in r.metrics()}, key=metric_order)
+    if averages_only:
+        metrics = [m for m in metrics if m.startswith("average/")]
     best = {
         # Lower is better for a loss and the modality bias; higher for Recall and accuracies.
         m: (min if _lower_is_better(m) else max)((r.metrics()[m] for r in runs if m in r.metrics()), default=None)
@@ -67,13 +72,15 @@ def _cell(metric: str, value: float) -> str:
     return f"{100 * value:.2f}" if percent else f"{value:.4g}"
 
 
-def plot(runs: list[Board], out: Path) -> list[Path]:
+def figures(runs: list[Board]) -> dict[str, Any]:
+    """The report's plots as matplotlib figures, by name: `val_recall` (the validation average over steps) and
+    `final_average` (each run's final average Recall); a plot without data is left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
+    out = {}
     curves = [(r, tag) for r in runs for tag in sorted(r.curves) if tag.startswith(LIVE + "average/")]
     if curves:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -83,9 +90,7 @@ def plot(runs: list[Board], out: Path) -> list[Path]:
         ax.set(xlabel="step", ylabel="Recall (%)", title="validation Recall, average over tasks")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / "val_recall.png", dpi=120)
-        plt.close(fig)
-        written.append(out / "val_recall.png")
+        out["val_recall"] = fig
     finals = [(r, r.metrics()) for r in runs if not r.problem]
     names = sorted({m for _, ms in finals for m in ms if m.startswith("average/")}, key=metric_order)
     if finals and names:
@@ -99,9 +104,29 @@ def plot(runs: list[Board], out: Path) -> list[Path]:
         ax.set(ylabel="Recall (%)", title="final average Recall")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / "final_average.png", dpi=120)
-        plt.close(fig)
-        written.append(out / "final_average.png")
+        out["final_average"] = fig
+    return out
+
+
+def plot(runs: list[Board], out: Path) -> list[Path]:
+    """The plots as PNG files in `out` and as images (`report/<name>`) of the TensorBoard run `out/REPORT_RUN`,
+    whose earlier event files are replaced; returns the PNG files."""
+    import matplotlib.pyplot as plt
+    from torch.utils.tensorboard import SummaryWriter
+
+    drawn = figures(runs)
+    board = out / REPORT_RUN
+    for old in board.glob(EVENTS) if board.is_dir() else []:  # this report's own run: one set of figures
+        old.unlink()
+    written: list[Path] = []
+    if not drawn:
+        return written
+    with SummaryWriter(str(board)) as writer:
+        for name, fig in drawn.items():
+            fig.savefig(out / f"{name}.png", dpi=120)
+            writer.add_figure(f"report/{name}", fig, global_step=0, close=False)
+            plt.close(fig)
+            written.append(out / f"{name}.png")
     return written
 
 
@@ -127,6 +152,9 @@ def report(runs: str) -> dict[str, Any]:
     (base / "report.json").write_text(json.dumps(exact, indent=1, sort_keys=True))
     plots = plot(boards, base)
     files = [str(base / "report.md"), *map(str, plots)]
-    print(text)
-    print("\n".join(files))
+    print(table(boards, averages_only=True))
+    print(f"{base / 'report.md'}: the full table (the hyperparameters that differ, every task)")
+    print("\n".join(map(str, plots)))
+    if plots:
+        print(f"{base / REPORT_RUN}: the plots in TensorBoard")
     return {"table": text, "runs": exact, "files": files}
