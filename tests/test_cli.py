@@ -7,7 +7,7 @@ import inspect
 import pytest
 
 from helpers import ROOT, clean_error, lamra_here, ok
-from lamra_pl.cli import COMMANDS, LIGHTNING, command, summary, with_bare_flags
+from lamra_pl.cli import COMMANDS, LIGHTNING, command, summary, tool, with_bare_flags
 from lamra_pl.errors import LamraError
 
 
@@ -35,6 +35,154 @@ def test_help_and_version_import_no_tool_torch_or_lightning():
         proc = subprocess.run([sys.executable, "-c", code, flag], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("lamra-pl ") and proc.stdout.split()[1][0].isdigit()
+
+
+def test_a_tools_help_and_its_argument_errors_import_no_torch():
+    """`lamra-pl TOOL --help`, and a mistake in a tool's arguments, answer at once: the command line is read from
+    the tool's source (`lamra_pl.cli.tool`); the tool's module, and with it torch, is imported once the arguments
+    parse."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from lamra_pl.cli import COMMANDS, main
+heavy = ("torch", "lightning", "transformers", "webdataset", "peft")
+for name, (target, _) in COMMANDS.items():
+    try:
+        main([name, "--help"])
+    except SystemExit as stop:
+        assert stop.code == 0, (name, stop.code)
+    loaded = [m for m in (*heavy, target.split(":")[0]) if m in sys.modules]
+    assert not loaded, (name, loaded)
+try:
+    main(["index", "--model=m", "--pool=p", "--out=o", "--trainer.devicez=2"])
+except SystemExit as stop:
+    assert stop.code == 2, stop.code
+loaded = [m for m in heavy if m in sys.modules]
+assert not loaded, loaded
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shown = " ".join(proc.stdout.split())
+    for name, (_, text) in COMMANDS.items():
+        assert f"usage: lamra-pl {name} " in shown and text in shown, name  # its usage and docstring, printed
+    assert "lamra-pl index: error:" in proc.stderr and "devicez" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_every_tools_command_line_read_from_its_source_is_its_functions():
+    """The twin `tool` builds from a tool's source has the function's parameters, defaults, types and docstring,
+    and jsonargparse makes the same parser of both."""
+    import typing
+
+    from jsonargparse import auto_parser
+
+    from lamra_pl.cli import ToolParser, _twin
+
+    for name in COMMANDS:
+        twin, function = _twin(name), command(name)  # _twin raises where the reader does not follow the source
+        assert twin.__doc__ == function.__doc__, name
+        real = inspect.signature(function).parameters
+        read = inspect.signature(twin).parameters
+        assert list(read) == list(real), name
+        hints = typing.get_type_hints(function)
+        for key, parameter in read.items():
+            assert parameter.kind == real[key].kind, (name, key)
+            assert parameter.default == real[key].default, (name, key)
+            assert parameter.annotation == hints[key], (name, key)
+        helps = [
+            auto_parser(f, as_positional=False, prog=f"lamra-pl {name}", parser_class=ToolParser).format_help()
+            for f in (twin, function)
+        ]
+        assert helps[0] == helps[1], name
+
+
+PROBE_TOOLS = '''
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from lamra_pl.ranking.search import Backend
+
+Mode = Literal["a", "b"]
+WIDTH = 2 * len("abc")
+if os.sep == "/":
+    SEP = "/"
+else:
+    SEP = "|"
+
+
+def plain(out: str, mode: Mode = "a", width: int = WIDTH, backend: Backend = "auto") -> tuple:
+    """A tool."""
+    return out, mode, width, backend
+
+
+def branched(out: str, sep: str = SEP) -> str:
+    """A tool."""
+    return out + sep
+
+
+def forwarding(out: str, **kwargs: int) -> str:
+    """A tool."""
+    return out
+'''
+
+
+def test_the_source_reader_leaves_what_it_does_not_follow_to_the_import(tmp_path, monkeypatch):
+    """A signature the reader follows gives a twin that calls the function; one it does not (a name bound under an
+    `if`, **kwargs) gives the function itself."""
+    from typing import Literal
+
+    (tmp_path / "lamra_probe_tools.py").write_text(PROBE_TOOLS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for function in ("plain", "branched", "forwarding"):
+        monkeypatch.setitem(COMMANDS, f"probe-{function}", (f"lamra_probe_tools:{function}", "A tool"))
+    import lamra_probe_tools
+
+    twin = tool("probe-plain")
+    assert twin is not lamra_probe_tools.plain
+    parameters = inspect.signature(twin).parameters
+    assert parameters["width"].default == 6 and parameters["mode"].annotation == Literal["a", "b"]
+    assert parameters["backend"].annotation == Literal["auto", "faiss", "torch"]  # followed into ranking/search.py
+    assert twin(out="o", mode="b", width=1, backend="torch") == ("o", "b", 1, "torch")  # the function's result
+    assert tool("probe-branched") is lamra_probe_tools.branched
+    assert tool("probe-forwarding") is lamra_probe_tools.forwarding
+
+
+def test_every_argument_of_the_modules_and_datamodules_has_its_help():
+    """`lamra-pl fit --model.help CLASS` / `--data.help CLASS` describe every option: each init argument of the
+    modules, the DataModules and the settings classes they take (BackboneSpec, LoraSpec, ...) has a description in
+    the parser jsonargparse builds from the class (from the docstring's `Args:` section)."""
+    import typing
+
+    from jsonargparse import ArgumentParser
+
+    import lamra_pl
+
+    def ours(hint: object, found: list[type]) -> None:
+        """`hint`'s lamra_pl classes, and those of their init arguments, into `found`."""
+        if inspect.isclass(hint) and hint.__module__.startswith("lamra_pl.") and hint not in found:
+            found.append(hint)
+            for value in typing.get_type_hints(hint.__init__).values():
+                ours(value, found)
+        for arg in typing.get_args(hint):
+            ours(arg, found)
+
+    classes: list[type] = []
+    for name in ("EmbeddingModule", "RerankModule", "CLIPModule", "ShardDataModule", "MixDataModule"):
+        ours(getattr(lamra_pl, name), classes)
+    names = {c.__name__ for c in classes}
+    assert {"BackboneSpec", "LoraSpec", "ScheduleSpec", "GradCacheSpec"} <= names, names
+    for cls in classes:
+        parser = ArgumentParser()
+        parser.add_class_arguments(cls, "model")
+        options = [a for a in parser._actions if a.dest.startswith("model.") and not a.dest.endswith(".help")]
+        undocumented = [a.dest for a in options if not (a.help or "").strip()]
+        assert options and not undocumented, (cls.__name__, undocumented)
+        arguments = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs")]
+        given = {a.dest.split(".")[1] for a in options}
+        assert set(arguments) <= given, (cls.__name__, set(arguments) - given)
 
 
 def test_a_bare_boolean_flag_means_true():

@@ -6,20 +6,27 @@ the library function COMMANDS names, whose signature and docstring are its comma
     lamra-pl grid --grid experiments/demo/demo.yaml
     lamra-pl TOOL --help
 
-Errors in user input (paths, config keys, data) print as one line and exit with status 2.
+Errors in user input (paths, config keys, data) print as one line and exit with status 2. A tool's command line is
+read from its function's source (`tool`): its --help, and a mistake in its arguments, answer without importing the
+tool (and torch); the tool's module is imported once the arguments parse.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import builtins
 import difflib
 import errno
+import functools
 import importlib
+import importlib.util
 import inspect
 import itertools
 import logging
 import re
 import sys
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from importlib.metadata import version
 from pathlib import Path
@@ -112,6 +119,142 @@ LIGHTNING = {
 def command(name: str) -> Callable[..., Any]:
     module, function = COMMANDS[name][0].split(":")
     return getattr(importlib.import_module(module), function)
+
+
+# A tool's command line is its function's signature and docstring, but importing the function's module imports the
+# job's whole stack (torch, transformers, Lightning: seconds). So the parser is built from the function's twin: the
+# same parameters, defaults, annotations and docstring, read from the module's source without running it. Each name
+# the signature uses is evaluated as the module binds it: an assignment at the module's top level (evaluated, its
+# own names likewise), an import (a lamra_pl module's name followed into that module's source, any other module
+# imported), a class or function defined there (its module imported: a type of a command line lives in a module
+# that imports nothing heavy, e.g. pipelines/trainer.py). Called with the parsed arguments, the twin imports the
+# function and calls it. Whatever the reader does not follow (a name bound twice or under an `if`, *args, a
+# decorator, no source file) gives the function itself: slower, never different. tests/test_cli.py checks that every
+# tool has a twin, that its parser is the function's own, and that its --help imports no torch.
+
+
+class _Unread(Exception):
+    """A signature or a name the source reader does not follow."""
+
+
+@functools.cache
+def _bindings(module: str) -> dict[str, list[ast.stmt]]:
+    """The top-level statements of `module`'s source that bind each name (the module is not imported, only its
+    parent packages)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+        raise _Unread(f"{module} has no source file")
+    try:
+        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"), spec.origin)
+    except (OSError, SyntaxError, UnicodeDecodeError) as err:  # the import says what is wrong
+        raise _Unread(f"{spec.origin}: {err}") from err
+    bindings: dict[str, list[ast.stmt]] = defaultdict(list)
+    for node in tree.body:
+        for name in _bound(node):
+            bindings[name].append(node)
+    return bindings
+
+
+def _bound(statement: ast.stmt) -> set[str]:
+    """The names a top-level statement binds; for an if, try, for or with, every name bound inside it (which
+    `_value` then refuses)."""
+    if isinstance(statement, ast.AnnAssign) and statement.value is None:
+        return set()  # an annotation alone binds nothing
+    names: set[str] = set()
+    pending: list[ast.AST] = [statement]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)  # and not the names of its body: they are its own
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names.update(alias.asname or alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif not isinstance(node, ast.ListComp | ast.SetComp | ast.DictComp | ast.GeneratorExp | ast.Lambda):
+            pending.extend(ast.iter_child_nodes(node))  # (a comprehension's variables are its own)
+    return names
+
+
+@functools.cache
+def _value(module: str, name: str) -> Any:
+    """What `name` is bound to at the top level of `module`, as importing the module would bind it."""
+    nodes = _bindings(module).get(name, [])
+    if not nodes:
+        if hasattr(builtins, name):
+            return getattr(builtins, name)
+        raise _Unread(f"{module}.{name} is not bound at its top level")
+    if len(nodes) > 1:
+        raise _Unread(f"{module}.{name} is bound more than once")
+    node = nodes[0]
+    if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+        return _evaluate(module, node.value)
+    if isinstance(node, ast.AnnAssign) and node.value is not None:
+        return _evaluate(module, node.value)
+    if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        imported = next(a.name for a in node.names if (a.asname or a.name) == name)
+        if node.module.split(".")[0] != "lamra_pl":
+            found = importlib.import_module(node.module)
+            return (
+                getattr(found, imported)
+                if hasattr(found, imported)
+                else importlib.import_module(f"{node.module}.{imported}")
+            )
+        if imported not in _bindings(node.module):
+            raise _Unread(f"{node.module}.{imported} is a module, or not bound at its top level")
+        return _value(node.module, imported)
+    if isinstance(node, ast.Import):
+        alias = next(a for a in node.names if (a.asname or a.name.split(".")[0]) == name)
+        imported = importlib.import_module(alias.name)
+        return imported if alias.asname else sys.modules[alias.name.split(".")[0]]
+    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+        return getattr(importlib.import_module(module), name)
+    raise _Unread(f"{module}.{name} is bound by a statement the reader does not follow")
+
+
+def _evaluate(module: str, expression: ast.expr) -> Any:
+    """An expression of `module`'s source, evaluated with the module's top-level names."""
+    names = {n.id for n in ast.walk(expression) if isinstance(n, ast.Name)}
+    scope = {name: _value(module, name) for name in names}
+    return eval(compile(ast.Expression(expression), module, "eval"), {"__builtins__": {}}, scope)
+
+
+def tool(name: str) -> Callable[..., Any]:
+    """The function of subcommand `name` for its command line: its twin (above), or the function itself when the
+    reader does not follow its signature."""
+    try:
+        return _twin(name)
+    except _Unread:
+        return command(name)
+
+
+def _twin(name: str) -> Callable[..., Any]:
+    module, function = COMMANDS[name][0].split(":")
+    nodes = _bindings(module).get(function, [])
+    if len(nodes) != 1 or not isinstance(nodes[0], ast.FunctionDef):
+        raise _Unread(f"{module}.{function} is not a function defined once")
+    node = nodes[0]
+    args = node.args
+    if args.posonlyargs or args.vararg or args.kwarg or node.decorator_list:
+        raise _Unread(f"{module}.{function}: positional-only parameters, *args, **kwargs or a decorator")
+    defaults = [None] * (len(args.args) - len(args.defaults)) + list(args.defaults)
+    parameters = []
+    for kind, arguments, values in (
+        (inspect.Parameter.POSITIONAL_OR_KEYWORD, args.args, defaults),
+        (inspect.Parameter.KEYWORD_ONLY, args.kwonlyargs, args.kw_defaults),
+    ):
+        for arg, default in zip(arguments, values, strict=True):
+            annotation = inspect.Parameter.empty if arg.annotation is None else _evaluate(module, arg.annotation)
+            value = inspect.Parameter.empty if default is None else _evaluate(module, default)
+            parameters.append(inspect.Parameter(arg.arg, kind, default=value, annotation=annotation))
+
+    def twin(**kwargs: Any) -> Any:
+        return command(name)(**kwargs)
+
+    twin.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    twin.__annotations__ = {p.name: p.annotation for p in parameters if p.annotation is not p.empty}
+    twin.__doc__ = ast.get_docstring(node, clean=False)
+    twin.__name__ = twin.__qualname__ = function
+    return twin
 
 
 def usage() -> str:
@@ -297,7 +440,7 @@ def run(name: str | None, args: list[str], argv: Sequence[str] | None) -> None:
 
         # The tools' per-line warnings (skipped records, ...) go to stderr as plain lines.
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
-        function = command(name)
+        function = tool(name)
         tool_args = with_bare_flags(function, args[1:])
         auto_cli(function, args=tool_args, as_positional=False, prog=f"lamra-pl {name}", parser_class=ToolParser)
     else:

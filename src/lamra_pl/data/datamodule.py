@@ -80,8 +80,10 @@ class ShardDataModule(LightningDataModule):
     negatives, or a reranker sample's chats) and the prompts.
 
     Args:
-        train_shards, val_shards, test_shards: a shard folder or a brace pattern of .tar files; validation on
-            `val_shards` is the in-batch loss and accuracy.
+        train_shards: the training shards: a shard folder or a brace pattern of .tar files.
+        val_shards: the validation shards (a folder or a pattern, as train_shards); validation on them is the
+            in-batch loss and accuracy.
+        test_shards: the shards `lamra-pl test` scores, as validation scores val_shards (a folder or a pattern).
         val_tasks: evaluation task folders (a glob such as "data/eval/val/*_task*", written by convert-mbeir):
             validation then also encodes their queries and local pools and logs M-BEIR Recall@K per task
             (`val/<task>/R@k`) and averaged, with the code of `lamra-pl index/retrieve/evaluate`.

@@ -149,6 +149,7 @@ class MixDataModule(ShardDataModule):
     Args:
         sources: {shard folder or pattern: ratio}; the ratios are normalised to probabilities.
         homogeneous: one task (a source's shard folder) per global batch, instead of a source per query.
+        train_shards: not taken: the training data are `sources` (given, it is refused).
         **kwargs: `ShardDataModule`'s arguments (batch_size, num_negatives, val_tasks, seed, ...), but not
             train_shards.
     """

@@ -88,7 +88,15 @@ TEXT_ONLY = Family("model", None, None)
 
 @dataclass
 class LoraSpec:
-    """LoRA on the language model's linear layers (never the vision tower, projector or LM head)."""
+    """LoRA on the language model's linear layers (never the vision tower, projector or LM head).
+
+    Args:
+        r: the rank of each adapter (LamRA: 64 in stage 1, 128 in stage 2).
+        alpha: the adapters' scale numerator: an adapter's update is scaled by alpha / r (LamRA: 2 * r).
+        dropout: dropout on each adapter's input, in training.
+        targets: names of the language model's linear layers that get an adapter (a layer of the same name in the
+            vision tower gets none).
+    """
 
     r: int = 64
     alpha: int = 128
@@ -120,10 +128,15 @@ class BackboneSpec:
         attn_implementation: the transformers attention implementation ("sdpa", "eager", "flash_attention_2").
         gradient_checkpointing: non-reentrant activation checkpointing in the decoder.
         trust_remote_code: let transformers run code shipped with the checkpoint (off unless you set it).
-        min_pixels, max_pixels: image resizing bounds given to the processor (the Qwen-VL families' dynamic
-            resolution; LamRA: 4*28*28, 300*28*28).
+        min_pixels: the fewest pixels an image is resized to, given to the processor (the Qwen-VL families'
+            dynamic resolution; LamRA: 4*28*28).
+        max_pixels: the most pixels an image is resized to, given to the processor (the Qwen-VL families'
+            dynamic resolution; LamRA: 300*28*28).
         padding_side: override the tokenizer's padding side.
-        train_vision_tower, train_projector: unfreeze these (frozen by default, as in LamRA).
+        train_vision_tower: unfreeze the vision tower (frozen by default, as in LamRA); the projector stays frozen
+            unless train_projector.
+        train_projector: unfreeze the projector between the vision tower and the language model (frozen by
+            default, as in LamRA).
         train_lm_head: unfreeze the LM head (a tied head is the input embedding matrix, so training it trains both);
             only the reranker reads it.
     """

@@ -10,4 +10,5 @@ are the command line, `lamra_pl.cli`), and the library calls behind them.
     merge.py        lamra-pl merge: a training checkpoint -> a model folder
     export.py       lamra-pl export: a training checkpoint -> a folder other libraries load (a PEFT adapter)
     predict.py      the prediction scaffold the model-running jobs share (Trainer.predict over this rank's share)
+    trainer.py      TrainerSpec, the Trainer they run in (`--trainer.*`): apart, so a command line needs no Lightning
 """

@@ -26,7 +26,8 @@ from lamra_pl.formats.tar_index import listed_sizes
 from lamra_pl.formats.task import TASK_FILE
 from lamra_pl.models.checkpoints import caller_settings, load_retriever
 from lamra_pl.models.contrastive import ContrastiveSteps
-from lamra_pl.pipelines.predict import TrainerSpec, predict
+from lamra_pl.pipelines.predict import predict
+from lamra_pl.pipelines.trainer import TrainerSpec
 
 
 def index(

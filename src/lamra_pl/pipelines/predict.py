@@ -2,48 +2,18 @@
 
 A job supplies a dataset of batches for a rank (built once the Trainer knows its rank and world size, so each rank
 reads its own share) and a prediction writer (a `BasePredictionWriter` that puts each batch's predictions where
-they belong); `predict` runs `Trainer.predict` over them on every rank and waits for all. `TrainerSpec` is the
-Trainer such a job runs in, set from the command line as `fit`'s is (`--trainer.devices 4`).
+they belong); `predict` runs `Trainer.predict` over them on every rank and waits for all. The Trainer such a job
+runs in is `lamra_pl.pipelines.trainer.TrainerSpec`'s.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
-
-
-@dataclass
-class TrainerSpec:
-    """The Trainer a tool runs its model in (names as `lamra-pl fit`'s `--trainer.*`).
-
-    Args:
-        accelerator: cpu, gpu or auto.
-        devices: devices to run on; more than one runs DDP, each rank taking its share of the data.
-        precision: Lightning precision, e.g. bf16-mixed (default 32-true).
-    """
-
-    accelerator: str = "auto"
-    devices: int = 1
-    precision: str | None = None
-
-    def build(self, progress: bool = False) -> Trainer:
-        """A Trainer for prediction: no logger or checkpoints; DDP when more than one device."""
-        many = self.devices == -1 or self.devices > 1
-        return Trainer(
-            accelerator=self.accelerator,
-            devices=self.devices,
-            strategy="ddp" if many else "auto",
-            precision=self.precision,
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            enable_progress_bar=progress,
-        )
 
 
 class RankBatches(Protocol):

@@ -46,7 +46,8 @@ from lamra_pl.formats.shards import expand_shards, read_samples
 from lamra_pl.formats.task import QUERIES, read_qrels, task_info
 from lamra_pl.models.checkpoints import caller_settings, load_reranker
 from lamra_pl.models.rerank_inputs import JUDGE_QUESTION, MAX_LIST, JudgePrompt, RerankCollator
-from lamra_pl.pipelines.predict import TrainerSpec, predict
+from lamra_pl.pipelines.predict import predict
+from lamra_pl.pipelines.trainer import TrainerSpec
 from lamra_pl.ranking.fusion import GRID, fuse, load_weights, tune_fusion, weight_for
 
 Mode = Literal["pointwise", "listwise"]

@@ -35,7 +35,7 @@ from lamra_pl.formats.task import (
 )
 from lamra_pl.models.checkpoints import caller_settings, load_retriever
 from lamra_pl.pipelines.encode import encode, lists_no_id
-from lamra_pl.pipelines.predict import TrainerSpec
+from lamra_pl.pipelines.trainer import TrainerSpec
 from lamra_pl.ranking.search import Backend, search
 
 Pool = Literal["local", "global"]
