@@ -38,6 +38,7 @@ PUBLIC: dict[str, str] = {
     "CheckpointWriter": "lamra_pl.formats.checkpoint",
     "Retriever": "lamra_pl.api",
     "Reranker": "lamra_pl.api",
+    "ModelSettings": "lamra_pl.formats.settings",
 }
 __all__ = sorted(PUBLIC)
 

@@ -44,6 +44,7 @@ from lamra_pl.errors import LamraError
 from lamra_pl.formats import shard_fingerprint
 from lamra_pl.formats.index import ChunkStore, EmbeddingIndex, finished, inputs_fingerprint
 from lamra_pl.formats.sample import IMAGE_FORMATS, Item, with_instruction
+from lamra_pl.formats.settings import ModelSettings, module_args
 from lamra_pl.models.checkpoints import caller_settings, load_reranker, load_retriever
 from lamra_pl.models.contrastive import ContrastiveSteps
 from lamra_pl.models.rerank_inputs import JUDGE_QUESTION, MAX_LIST, JudgePrompt
@@ -96,13 +97,19 @@ class Retriever:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, device: str = "cpu", backbone: str | Path | None = None, trust_remote_code: bool = False
+        cls,
+        path: str | Path,
+        device: str = "cpu",
+        backbone: str | Path | None = None,
+        trust_remote_code: bool = False,
+        settings: ModelSettings | None = None,
     ) -> Retriever:
         """The retriever of a `fit` checkpoint or a model folder. `backbone`: where a checkpoint's backbone is now,
         when not where the checkpoint says; `trust_remote_code`: run code the backbone folder ships (never taken
-        from a file)."""
-        settings = caller_settings(None if backbone is None else str(backbone), trust_remote_code)
-        return cls(load_retriever(path, backbone=settings).to(device), path)
+        from a file); `settings`: how the model reads its inputs (`ModelSettings(rope="1d", max_pixels=...)`), for a
+        folder without lamra-pl's settings file (a released LamRA folder) or to change what the model records."""
+        overrides = caller_settings(None if backbone is None else str(backbone), trust_remote_code, settings)
+        return cls(load_retriever(path, backbone=overrides, module=module_args(settings)).to(device), path)
 
     @property
     def instructions(self) -> bool:
@@ -311,16 +318,17 @@ class Reranker:
         zero_shot: bool = False,
         question: str = JUDGE_QUESTION,
         answers: tuple[str, str] = ("True", "False"),
+        settings: ModelSettings | None = None,
     ) -> Reranker:
         """The reranker of a `fit` checkpoint or a model folder (a merged reranker; an off-the-shelf instruct model
         reranks with LamRA-Rank's prompt). `zero_shot`: a model folder (or .gguf file) judges with MM-Embed's
         question instead, `question` after the query and the candidate ({candidate} names its modality), the score
         being P(answers[0]) over the two answers, as `lamra-pl rerank --zero_shot true`. `backbone`: where a
         checkpoint's backbone is now; `trust_remote_code`: run code the backbone folder ships (never taken from a
-        file)."""
+        file); `settings`: how the model reads its inputs (`ModelSettings`: rope, pixels, max_text_tokens)."""
         judge = JudgePrompt(question, *answers) if zero_shot else None
-        settings = caller_settings(None if backbone is None else str(backbone), trust_remote_code)
-        return cls(load_reranker(path, judge=judge, backbone=settings).to(device))
+        overrides = caller_settings(None if backbone is None else str(backbone), trust_remote_code, settings)
+        return cls(load_reranker(path, judge=judge, backbone=overrides, module=module_args(settings)).to(device))
 
     @property
     def zero_shot(self) -> bool:
@@ -529,6 +537,7 @@ def search(
     backend: Backend = "auto",
     backbone: str | None = None,
     trust_remote_code: bool = False,
+    settings: ModelSettings | None = None,
 ) -> list[Hit]:
     """Search an index for a text, an image or both, and print the ranked candidates.
 
@@ -543,10 +552,14 @@ def search(
         backend: faiss, torch or auto.
         backbone: the backbone folder of a checkpoint whose backbone is no longer where it says.
         trust_remote_code: run code the backbone folder ships (a file never turns this on).
+        settings: how the model reads its inputs (`--settings.rope 1d`, `--settings.max_pixels N`, ...): for a
+            folder without lamra-pl's settings file, or to change what the model records.
     """
     if text is None and image is None:
         raise LamraError("give --text, --image or both")
-    retriever = Retriever.from_checkpoint(model, backbone=backbone, trust_remote_code=trust_remote_code)
+    retriever = Retriever.from_checkpoint(
+        model, backbone=backbone, trust_remote_code=trust_remote_code, settings=settings
+    )
     hits = retriever.search(index, query_text=text, query_image=image, k=k, instruction=instruction, backend=backend)
     assert isinstance(hits, list)
     print(f"{'rank':>4}  {'score':>7}  {'id':<16} text | image")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lamra_pl.errors import LamraError
 from lamra_pl.files import atomic_write
@@ -35,6 +35,43 @@ LEGACY_FILES = {
     "lamra_pl_embedding.json": "lamra_pl.models.embedding.EmbeddingModule",
     "lamra_pl_rerank.json": "lamra_pl.models.rerank.RerankModule",
 }
+
+
+@dataclass
+class ModelSettings:
+    """How a model's weights read their inputs, as the user gives them to a tool (`--settings.rope 1d`) or to the
+    Python API (`settings=ModelSettings(rope="1d")`): for a folder without this project's settings file (a
+    released LamRA or Qwen-VL folder, which would otherwise be read with the defaults), or to change what a folder or
+    checkpoint records. Each unset field keeps what the model records, or the default.
+
+    Args:
+        rope: positions: "model" (the backbone's own, mRoPE for the Qwen-VL families) or "1d" (plain sequential
+            positions, as LamRA trained and evaluated).
+        min_pixels: the fewest pixels an image is resized to (LamRA: 3136 = 4*28*28).
+        max_pixels: the most pixels an image is resized to (LamRA: 235200 = 300*28*28; a Qwen2-VL-Instruct folder's
+            own processor allows up to about 16k image tokens).
+        pooling: a retriever's pooling: "before_emb" (LamRA), "last_token" or "latent_attention".
+        max_text_tokens: texts are cut to this many tokens (LamRA: 480 for the retriever, 256 for the reranker).
+    """
+
+    rope: Literal["model", "1d"] | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    pooling: Literal["before_emb", "last_token", "latent_attention"] | None = None
+    max_text_tokens: int | None = None
+
+    def backbone_args(self) -> dict[str, Any]:
+        """The set fields that are the backbone's (`BackboneSpec`)."""
+        return {k: v for k in ("rope", "min_pixels", "max_pixels") if (v := getattr(self, k)) is not None}
+
+    def module_args(self) -> dict[str, Any]:
+        """The set fields that are the module's own arguments."""
+        return {k: v for k in ("pooling", "max_text_tokens") if (v := getattr(self, k)) is not None}
+
+
+def module_args(settings: ModelSettings | None) -> dict[str, Any]:
+    """`settings.module_args()`, or nothing when the caller gave no settings."""
+    return {} if settings is None else settings.module_args()
 
 
 def write_settings(folder: str | Path, class_path: str, init_args: dict[str, Any]) -> Path:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import warnings
 from collections.abc import Collection
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -33,7 +34,7 @@ import torch
 
 from lamra_pl.errors import LamraError
 from lamra_pl.formats import checkpoint as ckpt_format
-from lamra_pl.formats.settings import read_settings, write_settings
+from lamra_pl.formats.settings import SETTINGS_FILE, ModelSettings, read_settings, write_settings
 from lamra_pl.models.backbone import BackboneSpec, checkpoint, refuse_remote_code
 from lamra_pl.models.base import ScheduleSpec, TrainingModule
 from lamra_pl.models.clip import CLIPModule
@@ -177,7 +178,10 @@ def _check_file_values(backbone: dict[str, Any], where: str) -> None:
 
 
 def load_module(
-    path: str | Path, kind: type[TrainingModule] | None = None, backbone: dict[str, Any] | None = None
+    path: str | Path,
+    kind: type[TrainingModule] | None = None,
+    backbone: dict[str, Any] | None = None,
+    module: dict[str, Any] | None = None,
 ) -> TrainingModule:
     """The module at `path` (a checkpoint, a model folder or a .gguf file), built and loaded, in eval mode.
 
@@ -186,11 +190,14 @@ def load_module(
     another kind of module (a merged retriever read as a zero-shot judge). Without `kind`, a folder is what its
     settings say, an EmbeddingModule when they say nothing. `backbone`: the caller's settings that override the
     backbone's (e.g. {"dtype": "float32"}, {"path": DIR} for a checkpoint whose backbone moved,
-    {"trust_remote_code": True}, which no file can set). Activation checkpointing is off: a loaded module is not
-    trained.
+    {"trust_remote_code": True}, which no file can set); `module`: the caller's values of the module's own arguments
+    (`ModelSettings.module_args`: pooling, max_text_tokens). A folder without a settings file is read with the
+    defaults of what the caller did not give, and a warning names each. Activation checkpointing is off: a loaded
+    module is not trained.
     """
     p = Path(path)
     overrides = {"gradient_checkpointing": False, **(backbone or {})}
+    module_overrides = dict(module or {})
     if p.is_file() and p.suffix != ".gguf":
         cls, args, ckpt = read_checkpoint(p)
         stored = args.get("backbone")
@@ -200,11 +207,11 @@ def load_module(
             if stored.get("trust_remote_code") is True:
                 where = f"checkpoint {p}: hyper_parameters.backbone.trust_remote_code"
                 refuse_remote_code(BackboneSpec(**args["backbone"]), asked_by=where)
-        module = build(cls, args, f"checkpoint {p}")
-        module.configure_model()
-        module.on_load_checkpoint(ckpt)
-        module.load_state_dict(ckpt["state_dict"], strict=False)  # trainable tensors only, checked just above
-        return module.eval()
+        built = build(cls, {**args, **_fitting(cls, module_overrides, p)}, f"checkpoint {p}")
+        built.configure_model()
+        built.on_load_checkpoint(ckpt)
+        built.load_state_dict(ckpt["state_dict"], strict=False)  # trainable tensors only, checked just above
+        return built.eval()
     if p.is_dir() or p.suffix == ".gguf":
         checkpoint(p)  # a clear error if it is neither a checkpoint folder nor an existing .gguf file
         if "path" in (backbone or {}):
@@ -227,10 +234,41 @@ def load_module(
             refuse_remote_code(BackboneSpec(**folder), asked_by=f"{found.path}: init_args.backbone.trust_remote_code")
         if "lora" in args:
             args["lora"] = None
-        module = build(cls, {**args, "backbone": folder}, f"settings of {p}")
-        module.configure_model()
-        return module.eval()
+        given = _fitting(cls, module_overrides, p)
+        if found is None:
+            warn_defaults(p, cls, {**overrides, **given})
+        built = build(cls, {**args, **given, "backbone": folder}, f"settings of {p}")
+        built.configure_model()
+        return built.eval()
     raise LamraError(f"model {str(path)!r} is neither a checkpoint file nor a checkpoint folder")
+
+
+def _fitting(cls: type[TrainingModule], values: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The caller's module arguments, refused (one line) where `cls` has no such argument (a reranker's pooling)."""
+    accepted = inspect.signature(cls).parameters
+    for name in values:
+        if name not in accepted:
+            raise LamraError(f"{path} holds a {cls.__name__}, which has no {name!r} setting")
+    return values
+
+
+def warn_defaults(path: Path, cls: type[TrainingModule], given: dict[str, Any]) -> None:
+    """One line naming each reading setting a folder without this project's settings file is read with by default:
+    a released or off-the-shelf folder read with other positions, pixel bounds or pooling than it was trained with
+    gives other numbers, with no error."""
+    defaults = {"rope": "model", "min_pixels": "the processor's", "max_pixels": "the processor's"}
+    parameters = inspect.signature(cls).parameters
+    for name in ("pooling", "max_text_tokens"):
+        if name in parameters:
+            defaults[name] = parameters[name].default
+    used = {name: value for name, value in defaults.items() if name not in given}
+    if used:
+        warnings.warn(
+            f"{path} has no lamra-pl settings file ({SETTINGS_FILE}); read as a {cls.__name__} with the defaults "
+            + ", ".join(f"{name}={value}" for name, value in used.items())
+            + ": give --settings.NAME (Python: settings=ModelSettings(...)) where the folder was trained otherwise",
+            stacklevel=3,
+        )
 
 
 def stored_module(path: str | Path) -> tuple[type[TrainingModule], dict[str, Any]]:
@@ -263,35 +301,44 @@ def argument(cls: type[TrainingModule], args: dict[str, Any], name: str) -> Any:
     return inspect.signature(cls).parameters[name].default
 
 
-def caller_settings(backbone: str | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
+def caller_settings(
+    backbone: str | None = None, trust_remote_code: bool = False, settings: ModelSettings | None = None
+) -> dict[str, Any]:
     """`load_module`'s backbone overrides from a tool's or the API's arguments: a backbone path for a checkpoint
-    whose backbone is elsewhere now, and the user's trust in a backbone folder's own code."""
-    return {**({"path": backbone} if backbone is not None else {}), "trust_remote_code": trust_remote_code}
+    whose backbone is elsewhere now, the user's trust in a backbone folder's own code, and the backbone's part of
+    the user's `ModelSettings` (the module's part goes as `module=settings.module_args()`)."""
+    given = settings.backbone_args() if settings is not None else {}
+    return {**({"path": backbone} if backbone is not None else {}), "trust_remote_code": trust_remote_code, **given}
 
 
-def load_retriever(path: str | Path, backbone: dict[str, Any] | None = None) -> ContrastiveSteps:
+def load_retriever(
+    path: str | Path, backbone: dict[str, Any] | None = None, module: dict[str, Any] | None = None
+) -> ContrastiveSteps:
     """A retriever in eval mode: a `fit` checkpoint (an EmbeddingModule's or a CLIPModule's) or a model folder.
-    `backbone`: the caller's overrides (`caller_settings`)."""
-    module = load_module(path, kind=EmbeddingModule, backbone=backbone)
+    `backbone`, `module`: the caller's overrides (`caller_settings`, `ModelSettings.module_args`)."""
+    module = load_module(path, kind=EmbeddingModule, backbone=backbone, module=module)
     if not isinstance(module, ContrastiveSteps):
         raise LamraError(f"{path} holds a {type(module).__name__}, not a retriever")
     return module
 
 
 def load_reranker(
-    path: str | Path, judge: JudgePrompt | None = None, backbone: dict[str, Any] | None = None
+    path: str | Path,
+    judge: JudgePrompt | None = None,
+    backbone: dict[str, Any] | None = None,
+    module: dict[str, Any] | None = None,
 ) -> RerankModule:
     """A reranker in eval mode from a `fit` checkpoint or a model folder (a merged reranker, released LamRA-Rank
     weights, or an off-the-shelf instruct model for zero-shot reranking, which may also be a text-only causal LM's
     .gguf file). With `judge`, an off-the-shelf model scores with that zero-shot yes/no question (MM-Embed).
-    `backbone`: the caller's overrides (`caller_settings`)."""
+    `backbone`, `module`: the caller's overrides (`caller_settings`, `ModelSettings.module_args`)."""
     p = Path(path)
     if judge is not None and not (p.is_dir() or p.suffix == ".gguf"):
         raise LamraError(
             f"zero-shot reranking takes an off-the-shelf model's checkpoint folder (or .gguf file); {str(path)!r} is "
             "neither"
         )
-    module = load_module(p, kind=RerankModule, backbone=backbone)
+    module = load_module(p, kind=RerankModule, backbone=backbone, module=module)
     if not isinstance(module, RerankModule):
         raise LamraError(f"{path} holds a {type(module).__name__}, not a reranker")
     if judge is not None:

@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lamra_pl.data.items import Chunk, ChunkedItems, Job, plan
 from lamra_pl.errors import LamraError
 from lamra_pl.formats.index import ChunkStore, EmbeddingIndex, fingerprint, finished
+from lamra_pl.formats.settings import ModelSettings, module_args
 from lamra_pl.formats.shards import POOL_IDS, SIZES_FILE, expand_shards
 from lamra_pl.formats.tar_index import listed_sizes
 from lamra_pl.formats.task import TASK_FILE
@@ -40,6 +41,7 @@ def index(
     trainer: TrainerSpec | None = None,
     backbone: str | None = None,
     trust_remote_code: bool = False,
+    settings: ModelSettings | None = None,
 ) -> EmbeddingIndex | None:
     """Encode a candidate pool into an index folder (run again, a killed run continues where it stopped).
 
@@ -53,9 +55,13 @@ def index(
         trainer: the devices and precision to encode with (several devices share the pool out).
         backbone: the backbone folder of a checkpoint whose backbone is no longer where it says.
         trust_remote_code: run code the backbone folder ships (a file never turns this on).
+        settings: how the model reads its inputs (`--settings.rope 1d`, `--settings.max_pixels N`, ...): for a
+            folder without lamra-pl's settings file, or to change what the model records.
     """
     refuse_empty_pool(pool)
-    module = load_retriever(model, backbone=caller_settings(backbone, trust_remote_code))
+    module = load_retriever(
+        model, backbone=caller_settings(backbone, trust_remote_code, settings), module=module_args(settings)
+    )
     job = Job(out, (pool,), "pool")
     runner = (trainer or TrainerSpec()).build()
     settings = {"batch_size": batch_size, "num_workers": num_workers, "bucket": bucket, "trainer": runner}

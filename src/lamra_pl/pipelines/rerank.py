@@ -42,6 +42,7 @@ from lamra_pl.formats.runs import (
     write_manifest,
 )
 from lamra_pl.formats.sample import Item, decode_record, evaluation_query
+from lamra_pl.formats.settings import ModelSettings, module_args
 from lamra_pl.formats.shards import expand_shards, read_samples
 from lamra_pl.formats.task import QUERIES, read_qrels, task_info
 from lamra_pl.models.checkpoints import caller_settings, load_reranker
@@ -71,6 +72,7 @@ def rerank(
     answers: tuple[str, str] = ("True", "False"),
     backbone: str | None = None,
     trust_remote_code: bool = False,
+    settings: ModelSettings | None = None,
 ) -> Path | None:
     """Rerank the top N of each run file with a reranker and fuse: final = retrieval + w * rerank score.
 
@@ -96,6 +98,8 @@ def rerank(
         answers: the positive and negative answer words; the score is P(first) over the two.
         backbone: the backbone folder of a checkpoint whose backbone is no longer where it says.
         trust_remote_code: run code the backbone folder ships (a file never turns this on).
+        settings: how the model reads its inputs (`--settings.rope 1d`, `--settings.max_pixels N`, ...): for a
+            folder without lamra-pl's settings file, or to change what the model records.
     """
     judge = JudgePrompt(question, *answers) if zero_shot else None
     if judge is not None:
@@ -133,7 +137,10 @@ def rerank(
             )
     shards = [(name, url) for name, entry in tasks.items() for url in expand_shards(_queries(entry))]
     module = load_reranker(
-        model, judge=judge, backbone=caller_settings(backbone, trust_remote_code)
+        model,
+        judge=judge,
+        backbone=caller_settings(backbone, trust_remote_code, settings),
+        module=module_args(settings),
     )  # once the run folder and the pool are known to be usable
     runner = (trainer or TrainerSpec()).build()
     parts = out_dir / SCORES / "parts"

@@ -24,6 +24,7 @@ from lamra_pl.errors import LamraError
 from lamra_pl.files import atomic_write
 from lamra_pl.formats.index import IDS, EmbeddingIndex
 from lamra_pl.formats.runs import format_run, write_manifest
+from lamra_pl.formats.settings import ModelSettings, module_args
 from lamra_pl.formats.task import (
     TASK_FILE,
     pool_ids,
@@ -55,6 +56,7 @@ def retrieve(
     trainer: TrainerSpec | None = None,
     backbone: str | None = None,
     trust_remote_code: bool = False,
+    settings: ModelSettings | None = None,
 ) -> dict[str, Path]:
     """Search an index with the queries of evaluation tasks: a TREC run file per task and pool setting.
 
@@ -72,12 +74,16 @@ def retrieve(
         trainer: the devices and precision to encode the queries with.
         backbone: the backbone folder of a checkpoint whose backbone is no longer where it says.
         trust_remote_code: run code the backbone folder ships (a file never turns this on).
+        settings: how the model reads its inputs (`--settings.rope 1d`, `--settings.max_pixels N`, ...): for a
+            folder without lamra-pl's settings file, or to change what the model records.
     """
     searched = EmbeddingIndex(index)
     tasks = task_dirs(queries)
     out_dir = Path(out)
     subsets = {t.name: _local_rows(t, searched) for t in tasks} if "local" in pools else {}
-    module = load_retriever(model, backbone=caller_settings(backbone, trust_remote_code))
+    module = load_retriever(
+        model, backbone=caller_settings(backbone, trust_remote_code, settings), module=module_args(settings)
+    )
     probe = module.probe_embeddings()
     searched.check_model(probe)
     jobs = [Job(str(out_dir / "queries" / t.name), (str(query_shards(t)),), "queries") for t in tasks]
