@@ -165,3 +165,36 @@ def test_a_setting_the_module_does_not_have_is_one_line(lamra_folder, tmp_path):
 
     with pytest.raises(LamraError, match="no 'pooling' setting"):
         Reranker.from_checkpoint(lamra_folder, settings=ModelSettings(pooling="last_token"))
+
+
+def test_settings_write_makes_a_foreign_folder_read_as_trained(lamra_folder, pool, tmp_path):
+    import shutil
+
+    folder = tmp_path / "LamRA-Ret"
+    shutil.copytree(lamra_folder, folder)
+    shown = ok(lamra_here("settings", f"--model={folder}", "--settings.rope=1d"))
+    assert '"rope": "1d"' in shown.stdout and not (folder / SETTINGS_FILE).exists()  # without --write: printed only
+    pixels = ["--settings.min_pixels=3136", "--settings.max_pixels=12544"]
+    ok(lamra_here("settings", f"--model={folder}", "--settings.rope=1d", *pixels, "--write"))
+    assert (folder / SETTINGS_FILE).is_file()
+    written = lamra(
+        "index", f"--model={folder}", f"--pool={pool}", f"--out={tmp_path / 'index'}", env={"PYTHONWARNINGS": "default"}
+    )
+    ok(written)
+    assert "no lamra-pl settings file" not in written.stderr
+    given = ok(
+        lamra_here(
+            "index",
+            f"--model={lamra_folder}",
+            f"--pool={pool}",
+            f"--out={tmp_path / 'given'}",
+            "--settings.rope=1d",
+            *pixels,
+        )
+    )
+    assert given.returncode == 0
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "index" / "embeddings.npy"), np.load(tmp_path / "given" / "embeddings.npy")
+    )
+    refused = lamra_here("settings", f"--model={folder}", "--kind=reranker")
+    assert refused.returncode == 2 and "not a reranker" in refused.stderr

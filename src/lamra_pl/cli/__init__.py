@@ -59,6 +59,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lamra_pl.pipelines.merge:merge",
         "Merge a LoRA adapter into its base weights (float32) and save a full checkpoint in the base dtype",
     ),
+    "settings": (
+        "lamra_pl.pipelines.model_settings:model_settings",
+        "Print a model folder's settings file, as it is or with the settings given; --write saves it into the folder",
+    ),
     "export": (
         "lamra_pl.pipelines.export:export",
         "Export a training checkpoint or model folder for other libraries: PEFT, sentence-transformers, vLLM (`--to`)",

@@ -264,7 +264,7 @@ def warn_defaults(path: Path, cls: type[TrainingModule], given: dict[str, Any]) 
     used = {name: value for name, value in defaults.items() if name not in given}
     if used:
         warnings.warn(
-            f"{path} has no lamra-pl settings file ({SETTINGS_FILE}); read as a {cls.__name__} with the defaults "
+            f"{path} has no lamra-pl settings file ({SETTINGS_FILE}); read as {cls.__name__} with the defaults "
             + ", ".join(f"{name}={value}" for name, value in used.items())
             + ": give --settings.NAME (Python: settings=ModelSettings(...)) where the folder was trained otherwise",
             stacklevel=3,
