@@ -9,7 +9,7 @@ import pytest
 import yaml
 from lightning.pytorch import LightningDataModule, LightningModule
 
-from lamra_pl.callbacks import FinalMetrics
+from lamra_pl.callbacks import FinalMetrics, Progress
 from lamra_pl.cli.lightning import LamraCLI
 from lamra_pl.data.datamodule import ShardDataModule
 from lamra_pl.models.clip import CLIPModule
@@ -71,6 +71,9 @@ def test_config_parses(config):
     parsed = cli(ParseOnly, "-c", str(config)).config
     assert parsed.model.class_path.endswith(("EmbeddingModule", "RerankModule", "CLIPModule"))
     assert parsed.trainer.max_steps > 0
+    # training progress that reads in a log (lamra_pl.Progress), with the bar it stands in for turned on
+    assert any(resolve(c.class_path) is Progress for c in parsed.trainer.callbacks)
+    assert parsed.trainer.enable_progress_bar is not False
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
