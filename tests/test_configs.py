@@ -10,7 +10,7 @@ import yaml
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import LearningRateMonitor
 
-from lamra_pl.callbacks import FinalMetrics
+from lamra_pl.callbacks import FinalMetrics, Progress
 from lamra_pl.cli.lightning import LamraCLI
 from lamra_pl.data.datamodule import ShardDataModule
 from lamra_pl.models.clip import CLIPModule
@@ -77,6 +77,9 @@ def test_config_parses(config):
     callbacks = {resolve(c.class_path): c.get("init_args") for c in parsed.trainer.callbacks}
     assert callbacks[LearningRateMonitor].logging_interval == "step"
     assert FinalMetrics in callbacks and parsed.trainer.logger.init_args.default_hp_metric is False
+    # training progress that reads in a log (lamra_pl.Progress), with the bar it stands in for turned on
+    assert any(resolve(c.class_path) is Progress for c in parsed.trainer.callbacks)
+    assert parsed.trainer.enable_progress_bar is not False
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)

@@ -16,6 +16,7 @@ SRC = ROOT / "src"
 LAYERS: dict[str, int] = {
     "lamra_pl.errors": 0,
     "lamra_pl.files": 0,
+    "lamra_pl.progress": 0,  # progress bars and log lines
     "lamra_pl.formats": 1,  # every on-disk contract
     "lamra_pl.ranking": 2,  # search, metrics, fusion: arrays and files
     "lamra_pl.callbacks": 2,  # training policies

@@ -33,6 +33,7 @@ PUBLIC: dict[str, str] = {
     "NonFiniteGuard": "lamra_pl.callbacks",
     "RngResume": "lamra_pl.callbacks",
     "FinalMetrics": "lamra_pl.callbacks",
+    "Progress": "lamra_pl.callbacks",
     "FSDP2Strategy": "lamra_pl.strategies",
     "AtomicCheckpointIO": "lamra_pl.formats.checkpoint",
     "CheckpointWriter": "lamra_pl.formats.checkpoint",

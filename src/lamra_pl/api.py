@@ -37,7 +37,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from lamra_pl.data.items import batch_rows
 from lamra_pl.errors import LamraError
@@ -49,6 +48,7 @@ from lamra_pl.models.checkpoints import caller_settings, load_reranker, load_ret
 from lamra_pl.models.contrastive import ContrastiveSteps
 from lamra_pl.models.rerank_inputs import JUDGE_QUESTION, MAX_LIST, JudgePrompt
 from lamra_pl.models.reranker import RerankModule
+from lamra_pl.progress import progress
 from lamra_pl.ranking.search import Backend
 from lamra_pl.ranking.search import search as search_embeddings
 
@@ -522,9 +522,10 @@ def _candidates(candidates: Sequence[RerankInput]) -> Sequence[RerankInput]:
     return candidates
 
 
-def _progress(total: int, batch_size: int, show: bool | None, what: str) -> tqdm:
-    """A progress bar (count and rate) over `total` inputs; `show` None shows it when they span several batches."""
-    return tqdm(total=total, desc=what, unit="input", disable=not (total > batch_size if show is None else show))
+def _progress(total: int, batch_size: int, show: bool | None, what: str) -> Any:
+    """A progress report (count and rate: a bar on a terminal, lines in a log, `lamra_pl.progress`) over `total`
+    inputs; `show` None shows it when they span several batches."""
+    return progress(total=total, desc=what, unit="inputs", disable=not (total > batch_size if show is None else show))
 
 
 def search(

@@ -431,6 +431,9 @@ _parsers: list[Any] = []
 
 def run(name: str | None, args: list[str], argv: Sequence[str] | None) -> None:
     """The subcommand `name` with `args` (args[0] is the name)."""
+    from lamra_pl.cli.quiet import quiet_upstream  # the one place upstream noise is filtered
+
+    quiet_upstream()
     if name is None or name in ("-h", "--help"):
         print(usage())
     elif name == "--version":

@@ -19,6 +19,7 @@ from lamra_pl.errors import BadSampleError, LamraError
 from lamra_pl.formats.sample import Item, decode_candidate, member_image, modality, sample_location
 from lamra_pl.formats.shards import expand_shards
 from lamra_pl.formats.tar_index import listed_sizes, scan_whole
+from lamra_pl.progress import progress
 
 
 @dataclass(frozen=True)
@@ -43,12 +44,12 @@ class CandidateStore:
         self.duplicates = 0  # ids seen again in a later sample: the first one is kept
         self.size = 0  # every candidate in the pool, wanted or not
         sizes: dict[Path, dict[str, Any]] = {}  # each folder's sizes.json, read once
-        for spec in self.sources:
-            for url in expand_shards(spec):
-                folder = Path(url).parent
-                if folder not in sizes:
-                    sizes[folder] = listed_sizes(folder)
-                self._scan(url, sizes[folder].get(Path(url).name), wanted)
+        urls = [url for spec in self.sources for url in expand_shards(spec)]
+        for url in progress(urls, desc="reading the pool's shards", unit="shards"):
+            folder = Path(url).parent
+            if folder not in sizes:
+                sizes[folder] = listed_sizes(folder)
+            self._scan(url, sizes[folder].get(Path(url).name), wanted)
 
     def _scan(self, url: str, listed: Any, wanted: set[str] | None) -> None:
         # Every candidate must be found, as when the pool was indexed (`read_samples`): a damaged or zeroed shard, or

@@ -133,6 +133,10 @@ class ShardDataModule(LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.trainer is not None:
             self.rank, self.world = self.trainer.global_rank, self.trainer.world_size
+            if stage == "fit" and self.hparams.val_shards is None and self.hparams.val_tasks is None:
+                # Nothing to validate: no validation loop, rather than a loop over an empty list, which Lightning
+                # warns about in every fit ("Total length of `list` across ranks is zero").
+                self.trainer.limit_val_batches = 0
 
     def _loader(self, pipeline: Any) -> DataLoader:
         workers = self.hparams.num_workers
@@ -235,7 +239,7 @@ class ShardDataModule(LightningDataModule):
             self._check_shards()  # fail before the model is set up, not only when training starts
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
-        # Neither shards nor tasks means no validation during fit (an empty list is Lightning's "none").
+        # Neither shards nor tasks: no validation (an empty list; `setup` turns validation off during fit).
         loaders = [] if self.hparams.val_shards is None else [self._eval_loader("val_shards")]
         if self.hparams.val_tasks is not None:
             loaders.append(self._retrieval_loader(self.hparams.val_tasks))

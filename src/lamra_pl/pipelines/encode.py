@@ -15,8 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch import Trainer
 
 from lamra_pl.data.items import Chunk, ChunkedItems, Job, plan
 from lamra_pl.errors import LamraError
@@ -27,7 +26,7 @@ from lamra_pl.formats.tar_index import listed_sizes
 from lamra_pl.formats.task import TASK_FILE
 from lamra_pl.models.checkpoints import caller_settings, load_retriever
 from lamra_pl.models.contrastive import ContrastiveSteps
-from lamra_pl.pipelines.predict import predict
+from lamra_pl.pipelines.predict import BatchWriter, Tally, predict
 from lamra_pl.pipelines.trainer import TrainerSpec
 
 
@@ -101,25 +100,16 @@ def lists_no_id(path: str | Path) -> bool:
     return True
 
 
-class ChunkWriter(BasePredictionWriter):
+class ChunkWriter(BatchWriter):
     """Collects each chunk's batches and writes the chunk (in shard order) once all of them are embedded."""
 
     def __init__(self, chunks: list[Chunk], stores: list[ChunkStore]) -> None:
-        super().__init__(write_interval="batch")
+        super().__init__()
         self.chunks = chunks
         self.stores = stores
         self.pending: dict[int, list[tuple[torch.Tensor, torch.Tensor | None, list[dict[str, Any]]]]] = {}
 
-    def write_on_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        prediction: Any,
-        batch_indices: Any,
-        batch: dict[str, Any],
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
+    def write_batch(self, trainer: Trainer, prediction: Any, batch: dict[str, Any]) -> None:
         parts = self.pending.setdefault(batch["chunk"], [])
         embeddings = None if prediction is None else prediction.detach().float().cpu()
         parts.append((batch["positions"].cpu(), embeddings, batch["records"]))
@@ -183,13 +173,36 @@ def encode(
     if not jobs:
         return trainer.is_global_zero
 
-    def rank_batches(rank: int, world: int) -> ChunkedItems:
+    def rank_chunks(rank: int, world: int) -> list[Chunk]:
         done = [store.done() for store in stores]
-        todo = [c for c in chunks if c.number % world == rank and c.local not in done[c.job]]
-        return ChunkedItems(todo, collator, batch_size, bucket, instruction_seed)
+        return [c for c in chunks if c.number % world == rank and c.local not in done[c.job]]
 
-    if not predict(module, rank_batches, ChunkWriter(chunks, stores), trainer, num_workers):
+    def rank_batches(rank: int, world: int) -> ChunkedItems:
+        return ChunkedItems(rank_chunks(rank, world), collator, batch_size, bucket, instruction_seed)
+
+    pools = all(job.kind == "pool" for job in jobs)
+    tally = Tally(
+        "index" if pools else "retrieve: encoding queries",
+        "candidates" if pools else "queries",
+        lambda batch: len(batch["records"]),
+        lambda rank, world: chunk_items(rank_chunks(rank, world)),
+    )
+    if not predict(module, rank_batches, ChunkWriter(chunks, stores), trainer, num_workers, tally):
         return False
     for j, store in enumerate(stores):
         store.assemble(sum(c.job == j for c in chunks))
     return True
+
+
+def chunk_items(chunks: list[Chunk]) -> int | None:
+    """How many items `chunks` hold, as their folders' sizes.json list them (None if one does not: then progress
+    shows no total)."""
+    listed: dict[Path, dict[str, Any]] = {}
+    total = 0
+    for chunk in chunks:
+        folder = Path(chunk.url).parent
+        size = listed.setdefault(folder, listed_sizes(folder)).get(Path(chunk.url).name)
+        if isinstance(size, bool) or not isinstance(size, int):
+            return None
+        total += size
+    return total

@@ -38,6 +38,7 @@ from lamra_pl.formats.runs import read_run_file
 from lamra_pl.formats.sample import encode_record, member_item, query_samples, sample_location
 from lamra_pl.formats.shards import write_shards
 from lamra_pl.pipelines.rerank_data import retrieved_training_runs
+from lamra_pl.progress import counted, progress
 
 Strategy = Literal["modality", "topk", "random"]
 
@@ -168,13 +169,15 @@ def mine_negatives(runs: str, out: str, spec: MiningSpec, maxcount: int = 1000) 
         pool_by_modality.setdefault(store.modality(did), []).append(did)
     report: dict[str, Any] = {"runs": str(runs_dir), "spec": {**spec.__dict__, "window": list(spec.window)}}
     report["tasks"] = {}
+    bar = progress(total=sum(len(run.qids) for run in rankings.values()), desc="mine", unit="queries")
     for name, entry in manifest["tasks"].items():
         run = rankings[name]
         top = dict(zip(run.qids, run.ranked, strict=True))
         counts: Counter[str] = Counter()
-        samples = _samples(Path(entry["queries"]), top, store, pool_by_modality, spec, counts)
+        samples = counted(_samples(Path(entry["queries"]), top, store, pool_by_modality, spec, counts), bar)
         counts["samples"] = sum(write_shards(samples, Path(out) / name, maxcount=maxcount).values())
         report["tasks"][name] = dict(sorted(counts.items()))
+    bar.close()
     atomic_write(Path(out) / "report.json", json.dumps(report, indent=1))
     return report
 

@@ -23,7 +23,6 @@ from typing import Any, Literal
 
 import numpy as np
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import IterableDataset
 
 from lamra_pl.data.candidates import CandidateStore
@@ -47,7 +46,7 @@ from lamra_pl.formats.shards import expand_shards, read_samples
 from lamra_pl.formats.task import QUERIES, read_qrels, task_info
 from lamra_pl.models.checkpoints import caller_settings, load_reranker
 from lamra_pl.models.rerank_inputs import JUDGE_QUESTION, MAX_LIST, JudgePrompt, RerankCollator
-from lamra_pl.pipelines.predict import predict
+from lamra_pl.pipelines.predict import BatchWriter, Tally, predict
 from lamra_pl.pipelines.trainer import TrainerSpec
 from lamra_pl.ranking.fusion import GRID, fuse, load_weights, tune_fusion, weight_for
 
@@ -149,7 +148,15 @@ def rerank(
     def rank_batches(rank: int, world: int) -> RerankBatches:
         return RerankBatches(shards[rank::world], heads, store, collator, mode, batch_size, instruction_seed)
 
-    if not predict(module, rank_batches, ScoreWriter(parts), runner, num_workers):
+    # pairs scored (pointwise) or lists (listwise, one a query); a query with nothing retrieved is not scored
+    everything = sum(len(h) if mode == "pointwise" else 1 for head in heads.values() for h in head.values() if h)
+    tally = Tally(
+        "rerank",
+        "pairs" if mode == "pointwise" else "lists",
+        lambda batch: len(batch["tags"]),
+        lambda rank, world: everything if world == 1 else None,  # a rank's share is known once its shards are read
+    )
+    if not predict(module, rank_batches, ScoreWriter(parts), runner, num_workers, tally):
         return None
     scores = _read_scores(parts, runner.world_size)
     entries: dict[str, dict[str, Any]] = {}
@@ -244,11 +251,11 @@ class RerankBatches(IterableDataset):
         }
 
 
-class ScoreWriter(BasePredictionWriter):
+class ScoreWriter(BatchWriter):
     """Appends `task qid did score` lines of each batch to this rank's file in `folder`."""
 
     def __init__(self, folder: Path) -> None:
-        super().__init__(write_interval="batch")
+        super().__init__()
         self.folder = folder
         self.file: Any = None
 
@@ -256,16 +263,7 @@ class ScoreWriter(BasePredictionWriter):
         self.folder.mkdir(parents=True, exist_ok=True)
         self.file = (self.folder / f"rank-{trainer.global_rank}.tsv").open("w")
 
-    def write_on_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        prediction: Any,
-        batch_indices: Any,
-        batch: dict[str, Any],
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
+    def write_batch(self, trainer: Trainer, prediction: Any, batch: dict[str, Any]) -> None:
         scores = prediction.float().cpu().numpy()
         for row, (task, qid, dids) in enumerate(batch["tags"]):
             values = scores[row, : len(dids)] if scores.ndim == 2 else [scores[row]]

@@ -36,6 +36,7 @@ from lamra_pl.formats.index import EmbeddingIndex
 from lamra_pl.formats.runs import read_manifest, read_run_file
 from lamra_pl.formats.sample import encode_record, member_item, query_samples, sample_location
 from lamra_pl.formats.shards import write_shards
+from lamra_pl.progress import counted, progress
 
 MAX_LIST_NEGATIVES = 4  # LamRA: 1 to 4 negatives, so lists of 2 to 5 candidates
 
@@ -111,12 +112,13 @@ def rerank_data(runs: str, out: str, top_k: int = 100, seed: int = 0, maxcount: 
                 f"{index.meta['sources']}, e.g. {unknown[:3]}"
             )
     report: dict[str, Any] = {"runs": str(runs_dir), "top_k": top_k, "seed": seed, "tasks": {}}
+    bar = progress(total=sum(len(run.qids) for run in rankings.values()), desc="rerank-data", unit="queries")
     for name, entry in manifest["tasks"].items():
         run = rankings[name]
         top = {qid: ranked[:top_k] for qid, ranked in zip(run.qids, run.ranked, strict=True)}
         counts: Counter[str] = Counter()
         seen: set[str] = set()
-        samples = _samples(Path(entry["queries"]), top, store, seed, counts, seen)
+        samples = counted(_samples(Path(entry["queries"]), top, store, seed, counts, seen), bar)
         sizes = write_shards(samples, Path(out) / name, maxcount=maxcount)
         unknown_queries = sorted(set(top) - seen)
         if unknown_queries:
@@ -128,6 +130,7 @@ def rerank_data(runs: str, out: str, top_k: int = 100, seed: int = 0, maxcount: 
         counts["samples"] = sum(sizes.values())
         counts["fewer_than_top_k"] = sum(len(r) < top_k for r in top.values())
         report["tasks"][name] = dict(sorted(counts.items()))
+    bar.close()
     atomic_write(Path(out) / "report.json", json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
     return report

@@ -31,14 +31,17 @@ class TrainerSpec:
         (Annotated Any: naming the Trainer's type here would import Lightning with the command line.)"""
         from lightning.pytorch import Trainer
 
+        from lamra_pl.pipelines.predict import quiet_lightning
+
         many = self.devices == -1 or self.devices > 1
-        return Trainer(
-            accelerator=self.accelerator,
-            devices=self.devices,
-            strategy="ddp" if many else "auto",
-            precision=self.precision,
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            enable_progress_bar=progress,
-        )
+        with quiet_lightning():  # no device banner or tips from a tool's Trainer
+            return Trainer(
+                accelerator=self.accelerator,
+                devices=self.devices,
+                strategy="ddp" if many else "auto",
+                precision=self.precision,
+                logger=False,
+                enable_checkpointing=False,
+                enable_model_summary=False,
+                enable_progress_bar=progress,
+            )

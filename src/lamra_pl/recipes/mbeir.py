@@ -106,6 +106,7 @@ from lamra_pl.formats.shards import (
     write_shards,
 )
 from lamra_pl.formats.task import POOL, QUERIES, TASK_FILE, write_task
+from lamra_pl.progress import counted, progress
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +304,9 @@ class Converter:
         self.train_files: list[Path] = []
         self.train_tasks_seen: set[str] = set()  # training folders some query row was meant for
         self.empty: list[dict[str, Any]] = []
+        # Progress (`lamra_pl.progress`): every input line read, every sample written; `convert` closes them.
+        self.reading = progress(desc="convert-mbeir: reading", unit="lines")
+        self.writing = progress(desc="convert-mbeir: writing", unit="samples")
 
     # ----------------------------------------------------------------------------------- reading
     def text_lines(self, path: Path, kind: str, header: bool = False) -> Iterator[tuple[int, str]]:
@@ -316,6 +320,7 @@ class Converter:
                 if (header and number == 1) or not raw.strip():
                     continue
                 self.read[kind] += 1
+                self.reading.update(1)
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as err:
@@ -725,7 +730,7 @@ class Converter:
     def write_queries(self, records: list[dict], folder: Path, kind: str) -> None:
         fields = ({k: v for k, v in r.items() if k != "query_modality"} for r in records)  # (bookkeeping)
         samples = (encode_record(f"{i:08d}", **f) for i, f in enumerate(fields))
-        self.written[kind] += sum(write_shards(samples, folder).values())
+        self.written[kind] += sum(write_shards(counted(samples, self.writing), folder).values())
 
     def write_pool(self, candidates: Any, folder: Path) -> None:
         candidates = list(candidates)
@@ -733,7 +738,8 @@ class Converter:
             encode_candidate(f"{i:08d}", id=c.did, txt=c.txt, image=self.image(c.img), img_src=c.img)
             for i, c in enumerate(candidates)
         )
-        self.written[f"pool:{folder.parent.name}/{folder.name}"] = sum(write_shards(samples, folder).values())
+        written = write_shards(counted(samples, self.writing), folder)
+        self.written[f"pool:{folder.parent.name}/{folder.name}"] = sum(written.values())
         # The pool's ids in shard order: restricts a search of the global index to this pool without reading it.
         write_pool_ids(folder, (c.did for c in candidates))
 
@@ -842,6 +848,8 @@ def convert(
     converter.train(output)
     for split in splits:
         converter.evaluation(output, split)
+    converter.reading.close()
+    converter.writing.close()
     report = {
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,

@@ -23,6 +23,7 @@ from typing import Any
 from lamra_pl.errors import LamraError
 from lamra_pl.formats.sample import encode_record
 from lamra_pl.formats.shards import write_shards
+from lamra_pl.progress import counted, progress
 from lamra_pl.recipes.mbeir import Problems
 
 COLUMNS = ("sent0", "sent1", "hard_neg")
@@ -76,7 +77,8 @@ def convert(csv: str, out: str, strict: bool = False) -> dict[str, Any]:
                     negatives=[{"id": text_id(n), "txt": n} for n in negative],
                 )
 
-    write_shards(samples(), Path(out) / "train" / "nli_task1", maxcount=10000)
+    with progress(desc="convert-nli", unit="rows") as bar:
+        write_shards(counted(samples(), bar), Path(out) / "train" / "nli_task1", maxcount=10000)
     report = {**counts, "problems": dict(problems.counts)}
     print(json.dumps(report, indent=1))
     return report
