@@ -22,11 +22,11 @@ BACKENDS = ["faiss", "torch"]
 
 
 def exact_score(c: np.ndarray, q: np.ndarray) -> float:
-    """The contract's float64 score of one pair, on its own: 1-D rows, norms and sums by numpy's reduction."""
+    """The contract's float64 score of one pair, on its own: (c . q/|q|) / |c|, 1-D rows, sums by numpy."""
     c, q = np.asarray(c, np.float64), np.asarray(q, np.float64)
-    c = c / max(float(np.sqrt(np.add.reduce(c * c))), np.finfo(np.float64).tiny)
-    q = q / max(float(np.sqrt(np.add.reduce(q * q))), np.finfo(np.float64).tiny)
-    return float(np.add.reduce(c * q))
+    tiny = np.finfo(np.float64).tiny
+    q = q / max(float(np.sqrt(np.add.reduce(q * q))), tiny)
+    return float(np.add.reduce(c * q)) / max(float(np.sqrt(np.add.reduce(c * c))), tiny)
 
 
 def brute_force(
@@ -157,10 +157,11 @@ def test_realistic_shapes_agree_with_the_brute_force():
     candidates = unit_rows(centres[rng.integers(0, 4, 600)] + 0.6 * rng.standard_normal((600, 2048))).astype(np.float16)
     queries = (centres[rng.integers(0, 4, 24)] + 0.8 * rng.standard_normal((24, 2048))).astype(np.float32)
     ids = scrambled_ids(len(candidates))
-    c = unit_rows(candidates, np.float64)
+    c = candidates.astype(np.float64)
+    norms = np.sqrt(np.add.reduce(c * c, axis=-1))
     rows, scores = [], []
     for q in unit_rows(queries, np.float64):
-        s = np.add.reduce(c * q, axis=-1)
+        s = np.add.reduce(c * q, axis=-1) / norms
         ranked = sorted(range(len(c)), key=lambda j: (-s[j], ids[j]))[:25]
         rows.append(ranked)
         scores.append(s[ranked].tolist())
@@ -219,7 +220,7 @@ def test_the_error_bound_covers_every_term_of_the_argument():
     for dim in (1, 2, 32, 768, 2048, 4096, 2**20, 2**23, 2**24 - 4):
         rounding = 2 * u + u * u  # float64 unit rows rounded to float32
         blas = gamma(dim, u) * (1 + u) ** 2  # a float32 inner product in any order
-        float64_terms = gamma(dim, u64) * (1 + u) ** 2  # f's own rounding
+        float64_terms = gamma(2 * dim + 8, u64) * (1 + u) ** 2  # f against the exact inner product of ĉ and q̂
         norms = (1 + (dim + 4) * u64) ** 2  # the float64 unit rows' norms, <= 1 + (dim + 4) u64 each
         underflow = 4 * dim * Fraction(1, 2**126)  # float32 values and products below 2^-126, even flushed
         assert (rounding + blas + float64_terms) * norms + underflow <= Fraction(score_error_bound(dim)), dim

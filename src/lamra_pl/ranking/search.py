@@ -2,7 +2,7 @@
 
 Contract, the same for both backends. The score of a candidate row c for a query q is the float64 score
 
-    f(q, c) = sum_i fl(ĉ_i * q̂_i),   ĉ = c / ‖c‖,  q̂ = q / ‖q‖   (float64, from the stored values),
+    f(q, c) = fl( fl(sum_i fl(c_i * q̂_i)) / ‖c‖ ),   q̂ = q / ‖q‖   (float64, from the stored values),
 
 each norm sqrt(sum_i x_i²) and each sum taken by numpy's reduction along a contiguous float64 row (`row_norms`,
 `_exact_scores`), so equal vectors get bit-equal scores wherever and in whatever batch they are scored. The
@@ -11,8 +11,8 @@ the rank of the candidate's id (`lamra_pl.formats.index.id_ranks`): a full float
 tie-breaks. It does not depend on the backend, its BLAS, its batching or its order for equal scores.
 
 How it is reached without scoring every candidate in float64. The backend (faiss or torch) scores every
-candidate in float32, from ĉ and q̂ rounded to float32, and returns each query's `k + margin` best rows by
-those scores s. Then:
+candidate in float32, from the float64 unit rows ĉ = c / ‖c‖ and q̂ rounded to float32, and returns each
+query's `k + margin` best rows by those scores s. Then:
 
 1. Error bound: |s - f| <= ε = γ_{D+3} for every pair (`score_error_bound`), where D is the dimension,
    u = 2^-24 is float32's unit roundoff and γ_n = nu/(1-nu). The terms:
@@ -21,7 +21,8 @@ those scores s. Then:
    - a float32 inner product of length D, summed in any order, with or without fused multiply-adds (any BLAS,
      any blocking, split or not, CPU or GPU), is within γ_D·sum_i |x_i y_i| of the exact one (Higham,
      Accuracy and Stability of Numerical Algorithms, 2nd ed., §3.1);
-   - f, in float64, is within the same bound with 2^-53 for u;
+   - f, in float64, is within γ'_{2D+8}·‖q̂‖ of the exact ĉ·q̂ (γ' with 2^-53 for u: its own sum, the norm and
+     the division, and ĉ's rounding);
    - sum_i |ĉ_i q̂_i| <= ‖ĉ‖‖q̂‖ (Cauchy-Schwarz), and the float64 unit rows have norms within (D+4)·2^-53 of 1.
    Their sum, with float32 underflow (values or products below 2^-126, even flushed to zero) on top, stays
    below γ_{D+3} for every D < 2^24 - 3: `tests/test_search_metrics.py` checks it in exact arithmetic. At
@@ -156,10 +157,9 @@ def search(
     n = rows.size
     if n == 0:
         raise LamraError("the candidate pool to search is empty")
-    q64 = np.empty(queries.shape)
-    if (bad := _first_non_finite(_normalise(queries, q64))) is not None:
+    q64, q32 = np.empty(queries.shape), np.empty(queries.shape, dtype=np.float32)
+    if (bad := _first_non_finite(_normalise(queries, q64, q32))) is not None:
         raise LamraError(f"query {bad} has a NaN, infinite or overflowing value: it cannot be searched")
-    q32 = q64.astype(np.float32)
     slack = 2 * score_error_bound(candidates.shape[1])
     engine = _Backend(resolve_backend(backend), device)
     norms = np.zeros(candidates.shape[0])  # float64 norm of each candidate row searched, filled by the backend
@@ -168,7 +168,9 @@ def search(
     todo = np.arange(len(queries))
     width = min(k + margin, n)
     while todo.size:
-        found = engine.topk(candidates, rows, q32[todo], width, block_rows, query_batch, norms)
+        found = engine.topk(
+            candidates, rows, q32 if todo.size == len(q32) else q32[todo], width, block_rows, query_batch, norms
+        )
         done = _complete(found.scores, k, width, n, slack)
         if done.any():
             top = _rescore(candidates, q64[todo[done]], found.rows[done], found.scores[done], norms, tie, k, slack)
@@ -222,9 +224,9 @@ def _exact_scores(candidates: np.ndarray, q64: np.ndarray, rows: np.ndarray, nor
     """f(q, c) for each query and its rows ([Q, m], valid rows first, -1 = none: -inf), chunk by chunk on threads.
 
     Per chunk of queries with about as many rows each (sorted by that count, so little is padding): gather the
-    stored rows, convert them to float64 and divide them by their norms (as `unit_rows` does), multiply by the
-    unit query and reduce along each row: one pass at a time over a buffer that stays in cache, and the same
-    operations, in the same order, for every (query, row) pair.
+    stored rows, convert them to float64, multiply by the unit query, reduce along each row and divide by the
+    row's norm: one pass at a time over a buffer that stays in cache, and the same operations, in the same
+    order, for every (query, row) pair.
     """
     num_queries, dim = len(rows), candidates.shape[1]
     out = np.full(rows.shape, -np.inf)
@@ -254,10 +256,11 @@ def _exact_scores(candidates: np.ndarray, q64: np.ndarray, rows: np.ndarray, nor
             np.take(candidates, idx, axis=0, out=stored[: idx.size])
             x = buffer[: idx.size]
             np.copyto(x, stored[: idx.size])  # exact: float16 and float32 values are float64 values
-            np.divide(x, np.maximum(norms[idx], TINY)[:, None], out=x)
             x3 = x.reshape(len(queries), width, dim)
             np.multiply(x3, q64[queries][:, None, :], out=x3)
-            out[queries, :width] = np.where(valid, np.add.reduce(x3, axis=-1), -np.inf)
+            dots = np.add.reduce(x3, axis=-1)  # one division per pair, not per value: ĉ itself is not needed
+            dots /= np.maximum(norms[idx], TINY).reshape(dots.shape)
+            out[queries, :width] = np.where(valid, dots, -np.inf)
 
     parts = [chunks[i::workers] for i in range(workers)]
     if workers == 1:
@@ -344,9 +347,9 @@ class _Backend:
         return np.concatenate(out_scores), np.concatenate(out_rows).astype(np.int64)
 
 
-def _normalise(x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out = `unit_rows(x, float64)` rounded once to out's dtype; returns the float64 row norms. In cache-sized
-    chunks that reuse two buffers (a whole-array float64 copy would cost more in page faults than in maths)."""
+def _normalise(x: np.ndarray, *outs: np.ndarray) -> np.ndarray:
+    """Each of `outs` = `unit_rows(x, float64)` rounded once to its dtype; returns the float64 row norms. In
+    cache-sized chunks that reuse two buffers (a whole float64 copy would cost more in page faults than maths)."""
     dim = x.shape[1]
     norms = np.empty(len(x))
     step = max(1, RESCORE_BYTES // (8 * max(dim, 1)))
@@ -359,7 +362,8 @@ def _normalise(x: np.ndarray, out: np.ndarray) -> np.ndarray:
             np.multiply(part, part, out=square)
             norms[start : start + size] = norm = np.sqrt(np.add.reduce(square, axis=-1))  # = row_norms(part)
             np.divide(part, np.maximum(norm, TINY)[:, None], out=part)
-            out[start : start + size] = part
+            for out in outs:
+                out[start : start + size] = part
     return norms
 
 
@@ -379,6 +383,9 @@ def _take(candidates: np.ndarray, rows: np.ndarray) -> np.ndarray:
 def _merge(
     scores_a: np.ndarray, rows_a: np.ndarray, scores_b: np.ndarray, rows_b: np.ndarray, width: int
 ) -> tuple[np.ndarray, np.ndarray]:
+    """The best `width` of two lists sorted by descending score (a backend's lists are), -inf where no row."""
+    if rows_a.shape[1] == 0:  # the first block: already sorted
+        return np.where(rows_b >= 0, scores_b, -np.inf).astype(np.float32, copy=False), rows_b
     scores = np.concatenate([scores_a, scores_b], axis=1)
     rows = np.concatenate([rows_a, rows_b], axis=1)
     scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32)
