@@ -290,6 +290,7 @@ class _Backend:
     def __init__(self, name: Literal["faiss", "torch"], device: str | None) -> None:
         self.name = name
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.kept: tuple[np.ndarray, np.ndarray] | None = None  # a one-block pool's unit rows, for the next round
 
     def topk(
         self,
@@ -306,13 +307,18 @@ class _Backend:
         best_rows = np.full((len(q32), 0), -1, dtype=np.int64)
         for start in range(0, rows.size, block_rows):
             block_ids = rows[start : start + block_rows]
-            block = np.empty((len(block_ids), candidates.shape[1]), dtype=np.float32)
-            norms[block_ids] = block_norms = _normalise(_take(candidates, block_ids), block)
-            if (bad := _first_non_finite(block_norms)) is not None:
-                raise LamraError(
-                    f"candidate row {block_ids[bad]} has a NaN, infinite or overflowing value: "
-                    "the pool cannot be searched"
-                )
+            if self.kept is not None and rows.size <= block_rows:
+                block, norms[block_ids] = self.kept
+            else:
+                block = np.empty((len(block_ids), candidates.shape[1]), dtype=np.float32)
+                norms[block_ids] = block_norms = _normalise(_take(candidates, block_ids), block)
+                if (bad := _first_non_finite(block_norms)) is not None:
+                    raise LamraError(
+                        f"candidate row {block_ids[bad]} has a NaN, infinite or overflowing value: "
+                        "the pool cannot be searched"
+                    )
+                if rows.size <= block_rows:  # a query searched again need not normalise the pool again
+                    self.kept = block, block_norms
             w = min(width, len(block_ids))
             if self.name == "faiss":
                 scores, local = self._faiss(block, q32, w)
@@ -326,14 +332,14 @@ class _Backend:
     @staticmethod
     def _faiss(block: np.ndarray, q32: np.ndarray, w: int) -> tuple[np.ndarray, np.ndarray]:
         faiss = faiss_module()
+        if not (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0):
+            # IndexFlatIP.search's own kernel, without copying the block into an index first
+            return faiss.knn(q32, block, w, metric=faiss.METRIC_INNER_PRODUCT)
         index = faiss.IndexFlatIP(block.shape[1])
         index.add(block)
-        if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-            options = faiss.GpuMultipleClonerOptions()
-            options.shard = True  # split the candidates over the GPUs (as UniIR does), not the queries
-            index = faiss.index_cpu_to_all_gpus(index, options)
-        scores, local = index.search(q32, w)
-        return scores, local
+        options = faiss.GpuMultipleClonerOptions()
+        options.shard = True  # split the candidates over the GPUs (as UniIR does), not the queries
+        return faiss.index_cpu_to_all_gpus(index, options).search(q32, w)
 
     def _torch(self, block: np.ndarray, q32: np.ndarray, w: int, query_batch: int) -> tuple[np.ndarray, np.ndarray]:
         cand = torch.from_numpy(block).to(self.device)
