@@ -1,4 +1,5 @@
-"""The training-step benchmark script runs (so RESULTS.md's command keeps working) and reports sane figures."""
+"""The training-step and search benchmark scripts run (so RESULTS.md's commands keep working) and report sane
+figures."""
 
 from __future__ import annotations
 
@@ -50,3 +51,23 @@ def test_gpu_check_dry_run_runs_every_step_on_cpu(tmp_path):
     report = (out / "gpu_check.md").read_text()
     assert report in proc.stdout
     assert "| tiny | 4 | - |" in report and "| tiny | 4 | 2 |" in report and "| torch | 200 | 5,000 |" in report
+
+
+@pytest.mark.slow
+def test_search_benchmark_times_raw_faiss_and_search_on_the_same_vectors(tmp_path):
+    command = [sys.executable, str(ROOT / "experiments/benchmarks/search_throughput.py"), "--raw-faiss"]
+    command += ["--queries", "64", "--candidates", "3000", "--dim", "128", "--k", "10", "--repeats", "2"]
+    command += ["--pool", str(tmp_path / "pool.npy")]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "error"}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    header, _, row = proc.stdout.strip().splitlines()[-3:]
+    assert header.startswith("| queries | candidates | dim | k | raw faiss prep (s) | raw faiss search (s) |")
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:4] == ["64", "3,000", "128", "10"]
+    prep, raw, ours = map(float, cells[4:7])
+    assert prep >= 0 and raw > 0 and ours > 0
+    ratio, ratio_with_prep = float(cells[7].removesuffix("x")), float(cells[8].removesuffix("x"))
+    assert ratio == pytest.approx(ours / raw, abs=0.002 / raw + 0.001)  # seconds are printed to 1 ms
+    assert 0 < ratio_with_prep <= ratio
+    assert 0 <= int(cells[9]) <= 64  # queries whose top 10 differ from raw faiss's, as sets
