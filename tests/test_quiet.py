@@ -71,8 +71,17 @@ def demo(tiny_backbone, tmp_path_factory) -> dict[str, subprocess.CompletedProce
     queries = f"--queries={data}/eval/test/*_task*"
     ran["retrieve"] = run("retrieve", f"--model={ckpt}", f"--index={index}", queries, f"--out={runs}", "--k=10")
     ran["evaluate"] = run("evaluate", f"--runs={runs / 'local'}")
+    # the bare backbone has no lamra-pl settings file: its settings stated, as the demo states them (else a warning)
+    stated = (
+        "--settings.rope=model --settings.max_text_tokens=256 --settings.min_pixels=3136 --settings.max_pixels=12544"
+    )
     ran["rerank"] = run(
-        "rerank", f"--model={tiny_backbone}", f"--runs={runs / 'local'}", f"--out={root / 'reranked'}", "--top_n=3"
+        "rerank",
+        f"--model={tiny_backbone}",
+        f"--runs={runs / 'local'}",
+        f"--out={root / 'reranked'}",
+        "--top_n=3",
+        *stated.split(),
     )
     ran["search"] = run("search", f"--model={ckpt}", f"--index={index}", "--text=red circle", "--k=2")
     return ran
