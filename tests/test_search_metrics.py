@@ -78,7 +78,7 @@ def pool_with_ties() -> tuple[np.ndarray, np.ndarray, list[str]]:
 def near_ties() -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Scores closer than float32 can tell apart, at the top of the ranking and around the k-th.
 
-    Variants of one row that differ only in a component that is 0 in the row: m·2^-24 (float16 subnormals),
+    Variants of one row that differ only in a component that is 0 in the row: m*2^-24 (float16 subnormals),
     m = -30..30, each twice (exact duplicates). The query weighs that component 0.3, so their float64 scores
     step by ~2e-8 (float32 rounds scores near 0.9 to ~6e-8) and their norms do not move in float64.
     Then 200 random rows, and copies of a random row at ~the score of those variants.
@@ -195,7 +195,7 @@ def test_dimension_mismatch_and_non_finite_values_are_clear_errors():
 
 
 def test_the_float32_error_bound_holds_for_aligned_and_random_pairs():
-    """|faiss's float32 score - the float64 score| <= ε, including q = c, where sum |c_i q_i| is largest."""
+    """|faiss's float32 score - the float64 score| <= eps, including q = c, where sum |c_i q_i| is largest."""
     rng = np.random.default_rng(3)
     for dim in (32, 2048):
         candidates = rng.standard_normal((300, dim)).astype(np.float16)
@@ -211,7 +211,7 @@ def test_the_float32_error_bound_holds_for_aligned_and_random_pairs():
 
 
 def test_the_error_bound_covers_every_term_of_the_argument():
-    """The sum of the terms in the module docstring's argument, in exact arithmetic, is below ε for any dim."""
+    """The sum of the terms in the module docstring's argument, in exact arithmetic, is below eps for any dim."""
     u, u64 = Fraction(1, 2**24), Fraction(1, 2**53)
 
     def gamma(n: int, unit: Fraction) -> Fraction:
@@ -220,7 +220,7 @@ def test_the_error_bound_covers_every_term_of_the_argument():
     for dim in (1, 2, 32, 768, 2048, 4096, 2**20, 2**23, 2**24 - 4):
         rounding = 2 * u + u * u  # float64 unit rows rounded to float32
         blas = gamma(dim, u) * (1 + u) ** 2  # a float32 inner product in any order
-        float64_terms = gamma(2 * dim + 8, u64) * (1 + u) ** 2  # f against the exact inner product of ĉ and q̂
+        float64_terms = gamma(2 * dim + 8, u64) * (1 + u) ** 2  # f against the exact inner product of ch and qh
         norms = (1 + (dim + 4) * u64) ** 2  # the float64 unit rows' norms, <= 1 + (dim + 4) u64 each
         underflow = 4 * dim * Fraction(1, 2**126)  # float32 values and products below 2^-126, even flushed
         assert (rounding + blas + float64_terms) * norms + underflow <= Fraction(score_error_bound(dim)), dim

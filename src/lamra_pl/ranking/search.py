@@ -1,43 +1,46 @@
-"""Exact top-k inner-product search: faiss `IndexFlatIP` (sharded over GPUs when faiss-gpu sees some) or torch.
+"""Exact top-k inner-product search: faiss (`faiss.knn`, the brute-force kernel of `IndexFlatIP`, or an
+`IndexFlatIP` sharded over the GPUs when faiss-gpu sees some) or torch.
 
 Contract, the same for both backends. The score of a candidate row c for a query q is the float64 score
 
-    f(q, c) = fl( fl(sum_i fl(c_i * q̂_i)) / ‖c‖ ),   q̂ = q / ‖q‖   (float64, from the stored values),
+    f(q, c) = fl( fl(sum_i fl(c_i * qh_i)) / |c| ),   qh = q / |q|   (float64, from the stored values),
 
-each norm sqrt(sum_i x_i²) and each sum taken by numpy's reduction along a contiguous float64 row (`row_norms`,
-`_exact_scores`), so equal vectors get bit-equal scores wherever and in whatever batch they are scored. The
-result is the first k rows of the whole pool sorted by (f descending, tie key ascending), where the tie key is
-the rank of the candidate's id (`lamra_pl.formats.index.id_ranks`): a full float64 ranking with id
-tie-breaks. It does not depend on the backend, its BLAS, its batching or its order for equal scores.
+each norm sqrt(sum_i x_i^2) and each sum taken by numpy's reduction along a contiguous float64 row (`row_norms`,
+`_exact_scores`; a zero row scores 0), so equal vectors get bit-equal scores wherever and in whatever batch
+they are scored. The result is the first k rows of the whole pool sorted by (f descending, tie key ascending),
+where the tie key is the rank of the candidate's id (`lamra_pl.formats.index.id_ranks`): a full float64
+ranking with id tie-breaks. It does not depend on the backend, its BLAS, its batching or its order for equal
+scores.
 
 How it is reached without scoring every candidate in float64. The backend (faiss or torch) scores every
-candidate in float32, from the float64 unit rows ĉ = c / ‖c‖ and q̂ rounded to float32, and returns each
+candidate in float32, from the float64 unit rows ch = c / |c| and qh rounded to float32, and returns each
 query's `k + margin` best rows by those scores s. Then:
 
-1. Error bound: |s - f| <= ε = γ_{D+3} for every pair (`score_error_bound`), where D is the dimension,
-   u = 2^-24 is float32's unit roundoff and γ_n = nu/(1-nu). The terms:
-   - rounding the float64 unit rows ĉ and q̂ to float32 changes each component by a relative u at most, so
-     it moves their inner product by at most (2u + u²)·sum_i |ĉ_i q̂_i|;
+1. Error bound: |s - f| <= eps = gamma_{D+3} for every pair (`score_error_bound`), where D is the dimension,
+   u = 2^-24 is float32's unit roundoff and gamma_n = nu/(1-nu). The terms:
+   - rounding the float64 unit rows ch and qh to float32 changes each component by a relative u at most, so
+     it moves their inner product by at most (2u + u^2)*sum_i |ch_i qh_i|;
    - a float32 inner product of length D, summed in any order, with or without fused multiply-adds (any BLAS,
-     any blocking, split or not, CPU or GPU), is within γ_D·sum_i |x_i y_i| of the exact one (Higham,
-     Accuracy and Stability of Numerical Algorithms, 2nd ed., §3.1);
-   - f, in float64, is within γ'_{2D+8}·‖q̂‖ of the exact ĉ·q̂ (γ' with 2^-53 for u: its own sum, the norm and
-     the division, and ĉ's rounding);
-   - sum_i |ĉ_i q̂_i| <= ‖ĉ‖‖q̂‖ (Cauchy-Schwarz), and the float64 unit rows have norms within (D+4)·2^-53 of 1.
+     any blocking, split or not, CPU or GPU), is within gamma_D*sum_i |x_i y_i| of the exact one (Higham,
+     Accuracy and Stability of Numerical Algorithms, 2nd ed., section 3.1);
+   - f, in float64, is within gamma'_{2D+8}*|qh| of the exact ch . qh (gamma' with 2^-53 for u: its own sum,
+     the norm and the division, and ch's rounding);
+   - sum_i |ch_i qh_i| <= |ch| |qh| (Cauchy-Schwarz), and the float64 unit rows have norms within
+     (D+4)*2^-53 of 1.
    Their sum, with float32 underflow (values or products below 2^-126, even flushed to zero) on top, stays
-   below γ_{D+3} for every D < 2^24 - 3: `tests/test_search_metrics.py` checks it in exact arithmetic. At
-   D = 2048, ε ≈ 1.2e-4. The argument needs IEEE float32 arithmetic: the torch backend runs its matmul with
+   below gamma_{D+3} for every D < 2^24 - 3: `tests/test_search_metrics.py` checks it in exact arithmetic. At
+   D = 2048, eps ~ 1.2e-4. The argument needs IEEE float32 arithmetic: the torch backend runs its matmul with
    TF32 and bf16 reductions switched off (`_ieee_float32_matmul`), and faiss-gpu creates its cuBLAS handles
    with reduced-precision reductions disallowed.
 2. Which rows can be in the top k. Let b be the k-th best float32 score. The k rows with s >= b have
-   f >= b - ε, so the k-th best f is >= b - ε, and a row with s < b - 2ε has f < b - ε: at least k rows beat
-   it strictly, and it is in no top k, whatever the ties. So the top k by (f, tie) lies in
-   A = {rows with s >= b - 2ε}.
-3. A is complete when the backend's last returned score is < b - 2ε (every row not returned scores no more
-   than that), or when the whole pool was returned. Otherwise the query is searched again with the width
-   doubled (margin 0 always takes a second search), until it is complete.
-4. Only the rows of A are scored in float64 (about k per query, plus the few within 2ε of the k-th score:
-   ε ≈ 1.2e-4 at D = 2048), sorted by (f desc, tie key), and the first k returned with their f.
+   f >= b - eps, so the k-th best f is >= b - eps, and a row with s < b - 2*eps has f < b - eps: at least k
+   rows beat it strictly, and it is in no top k, whatever the ties. So the top k by (f, tie) lies in
+   A = {rows with s >= b - 2*eps}.
+3. A is complete when the backend's last returned score is < b - 2*eps (every row not returned scores no
+   more than that), or when the whole pool was returned. Otherwise the query is searched again with the
+   width doubled (margin 0 always takes a second search), until it is complete.
+4. Only the rows of A are scored in float64 (about k per query, plus the few within 2*eps of the k-th score:
+   eps ~ 1.2e-4 at D = 2048), sorted by (f desc, tie key), and the first k returned with their f.
 
 Candidates are float16 rows (an index's `embeddings.npy`, memory-mapped is fine); float32 or float64 rows are
 exact too. They are scored block by block (`block_rows` rows normalised at a time), so memory stays bounded
@@ -49,10 +52,10 @@ the CPU.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -61,7 +64,7 @@ from lamra_pl.errors import LamraError
 
 Backend = Literal["auto", "faiss", "torch"]
 UNIT_ROUNDOFF = 2.0**-24  # float32
-RESCORE_BYTES = 2**22  # float64 values per rescoring chunk and thread: kept in cache between its passes
+RESCORE_BYTES = 2**22  # bytes of float64 values per rescoring chunk and thread: kept in cache between passes
 TINY = np.finfo(np.float64).tiny
 
 
@@ -93,7 +96,7 @@ def resolve_backend(backend: Backend) -> Literal["faiss", "torch"]:
 
 
 def score_error_bound(dim: int) -> float:
-    """ε: |float32 backend score - float64 score| <= ε for unit rows of dimension `dim` (module docstring)."""
+    """eps: |float32 backend score - float64 score| <= eps for unit rows of dimension `dim` (module docstring)."""
     n = (dim + 3) * UNIT_ROUNDOFF
     if n >= 1:
         raise LamraError(f"exact search needs a dimension below {int(1 / UNIT_ROUNDOFF) - 3}, got {dim}")
@@ -172,8 +175,11 @@ def search(
             candidates, rows, q32 if todo.size == len(q32) else q32[todo], width, block_rows, query_batch, norms
         )
         done = _complete(found.scores, k, width, n, slack)
-        if done.any():
-            top = _rescore(candidates, q64[todo[done]], found.rows[done], found.scores[done], norms, tie, k, slack)
+        if done.all():  # (no copies of the queries or of what was found)
+            top = _rescore(candidates, q64, todo, found.rows, found.scores, norms, tie, k, slack)
+            out_rows[todo], out_scores[todo] = top.rows, top.scores
+        elif done.any():
+            top = _rescore(candidates, q64, todo[done], found.rows[done], found.scores[done], norms, tie, k, slack)
             out_rows[todo[done]], out_scores[todo[done]] = top.rows, top.scores
         todo = todo[~done]
         width = min(2 * width, n)
@@ -196,6 +202,7 @@ def _complete(scores: np.ndarray, k: int, width: int, n: int, slack: float) -> n
 def _rescore(
     candidates: np.ndarray,
     q64: np.ndarray,
+    which: np.ndarray,
     rows: np.ndarray,
     scores: np.ndarray,
     norms: np.ndarray,
@@ -203,12 +210,13 @@ def _rescore(
     k: int,
     slack: float,
 ) -> TopK:
-    """The top k of complete queries: their rows within `slack` of the k-th float32 score, sorted exactly."""
+    """The top k of complete queries (`q64[which]`): their rows within `slack` of the k-th float32 score, sorted
+    exactly."""
     kth = scores[:, min(k, scores.shape[1]) - 1]
     needed = (scores >= (kth - slack)[:, None]) & (rows >= 0)  # a prefix of each row: scores are sorted
     width = int(needed.sum(axis=1).max())
     rows = np.where(needed[:, :width], rows[:, :width], -1)
-    exact = _exact_scores(candidates, q64, rows, norms)
+    exact = _exact_scores(candidates, q64, which, rows, norms)
     ties = np.where(rows >= 0, tie[np.maximum(rows, 0)], np.iinfo(np.int64).max)
     order = np.lexsort((ties, -exact), axis=-1)[:, :k]
     out_rows = np.take_along_axis(rows, order, -1)
@@ -220,8 +228,11 @@ def _rescore(
     return TopK(out_rows.astype(np.int64), out_scores)
 
 
-def _exact_scores(candidates: np.ndarray, q64: np.ndarray, rows: np.ndarray, norms: np.ndarray) -> np.ndarray:
-    """f(q, c) for each query and its rows ([Q, m], valid rows first, -1 = none: -inf), chunk by chunk on threads.
+def _exact_scores(
+    candidates: np.ndarray, q64: np.ndarray, which: np.ndarray, rows: np.ndarray, norms: np.ndarray
+) -> np.ndarray:
+    """f(q, c) for each query `q64[which[i]]` and its rows `rows[i]` ([Q, m], valid rows first, -1 = none: -inf),
+    chunk by chunk on threads.
 
     Per chunk of queries with about as many rows each (sorted by that count, so little is padding): gather the
     stored rows, convert them to float64, multiply by the unit query, reduce along each row and divide by the
@@ -242,7 +253,6 @@ def _exact_scores(candidates: np.ndarray, q64: np.ndarray, rows: np.ndarray, nor
         chunks.append((order[start:stop], int(counts[order[stop - 1]])))
         start = stop
     size = max(len(queries) * width for queries, width in chunks)
-    workers = max(1, min(torch.get_num_threads(), len(chunks)))
 
     def run(part: list[tuple[np.ndarray, int]]) -> None:
         stored = np.empty((size, dim), dtype=candidates.dtype)
@@ -257,17 +267,12 @@ def _exact_scores(candidates: np.ndarray, q64: np.ndarray, rows: np.ndarray, nor
             x = buffer[: idx.size]
             np.copyto(x, stored[: idx.size])  # exact: float16 and float32 values are float64 values
             x3 = x.reshape(len(queries), width, dim)
-            np.multiply(x3, q64[queries][:, None, :], out=x3)
-            dots = np.add.reduce(x3, axis=-1)  # one division per pair, not per value: ĉ itself is not needed
+            np.multiply(x3, q64[which[queries]][:, None, :], out=x3)
+            dots = np.add.reduce(x3, axis=-1)  # one division per pair, not per value: ch itself is not needed
             dots /= np.maximum(norms[idx], TINY).reshape(dots.shape)
             out[queries, :width] = np.where(valid, dots, -np.inf)
 
-    parts = [chunks[i::workers] for i in range(workers)]
-    if workers == 1:
-        run(parts[0])
-    else:
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(run, parts))
+    _on_threads(run, chunks)
     return out
 
 
@@ -355,22 +360,38 @@ class _Backend:
 
 def _normalise(x: np.ndarray, *outs: np.ndarray) -> np.ndarray:
     """Each of `outs` = `unit_rows(x, float64)` rounded once to its dtype; returns the float64 row norms. In
-    cache-sized chunks that reuse two buffers (a whole float64 copy would cost more in page faults than maths)."""
+    cache-sized chunks that reuse two buffers per thread (a whole float64 copy would cost more in page faults
+    than in maths)."""
     dim = x.shape[1]
     norms = np.empty(len(x))
     step = max(1, RESCORE_BYTES // (8 * max(dim, 1)))
-    rows, squares = np.empty((min(step, len(x)), dim)), np.empty((min(step, len(x)), dim))
-    with np.errstate(over="ignore", invalid="ignore"):  # a non-finite norm is the caller's error
-        for start in range(0, len(x), step):
-            size = min(step, len(x) - start)
-            part, square = rows[:size], squares[:size]
-            np.copyto(part, x[start : start + size])  # exact: float16 and float32 values are float64 values
-            np.multiply(part, part, out=square)
-            norms[start : start + size] = norm = np.sqrt(np.add.reduce(square, axis=-1))  # = row_norms(part)
-            np.divide(part, np.maximum(norm, TINY)[:, None], out=part)
-            for out in outs:
-                out[start : start + size] = part
+
+    def run(starts: list[int]) -> None:
+        rows, squares = np.empty((min(step, len(x)), dim)), np.empty((min(step, len(x)), dim))
+        with np.errstate(over="ignore", invalid="ignore"):  # a non-finite norm is the caller's error
+            for start in starts:
+                size = min(step, len(x) - start)
+                part, square = rows[:size], squares[:size]
+                np.copyto(part, x[start : start + size])  # exact: float16 and float32 values are float64 values
+                np.multiply(part, part, out=square)
+                norms[start : start + size] = norm = np.sqrt(np.add.reduce(square, axis=-1))  # = row_norms(part)
+                np.divide(part, np.maximum(norm, TINY)[:, None], out=part)
+                for out in outs:
+                    out[start : start + size] = part
+
+    _on_threads(run, list(range(0, len(x), step)))
     return norms
+
+
+def _on_threads(run: Callable[[list[Any]], None], items: list[Any]) -> None:
+    """run(part) for `torch.get_num_threads()` interleaved parts of `items`, on as many threads: the numpy work
+    inside releases the GIL."""
+    workers = max(1, min(torch.get_num_threads(), len(items)))
+    if workers == 1:
+        run(items)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(run, [items[i::workers] for i in range(workers)]))
 
 
 def _first_non_finite(norms: np.ndarray) -> int | None:
