@@ -24,11 +24,20 @@ from lamra_pl.formats.shards import expand_shards
 from lamra_pl.formats.task import read_qrels
 from lamra_pl.models.backbone import BackboneSpec, hf_model
 from lamra_pl.models.checkpoints import load_reranker
-from lamra_pl.models.rerank_inputs import IGNORE, LIST_ANSWER, JudgePrompt, RerankCollator, RerankExample
+from lamra_pl.models.rerank_inputs import (
+    IGNORE,
+    JUDGE_DOMAINS,
+    LIST_ANSWER,
+    JudgePrompt,
+    RerankCollator,
+    RerankExample,
+    judge_question,
+)
 from lamra_pl.models.reranker import RerankModule
+from lamra_pl.pipelines.rerank import _task_kind
 from lamra_pl.pipelines.rerank_data import draw
 from lamra_pl.ranking.fusion import fuse, fused_ranking, tune_fusion
-from lamra_pl.recipes.mbeir import convert
+from lamra_pl.recipes.mbeir import TASKS, convert
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mbeir_tiny"
 
@@ -195,6 +204,35 @@ def test_zero_shot_p_true_from_one_forward_equals_the_first_generated_step(backb
     assert len(set(p_true.tolist())) == 3
     with pytest.raises(LamraError, match="only placeholder"):
         JudgePrompt("Is the {query} matched by this {candidate}?")
+
+
+def test_zero_shot_judge_asks_mm_embeds_question_for_each_task(tiny_backbone, tmp_path):
+    """By default the judge asks MM-Embed's question for the pair's task: the paper's own words for MSCOCO's
+    text-to-image task, the same pattern for the other M-BEIR tasks, the generic question elsewhere; a given
+    question is asked everywhere."""
+    assert judge_question("mscoco", 0, "image") == "Does the above daily-life image match the caption? True or False"
+    asked = {judge_question(d, t, c[1]) for d in JUDGE_DOMAINS for c, t in TASKS.items()}
+    assert len(asked) > 40 and all(q.endswith("? True or False") and "  " not in q for q in asked)
+    assert judge_question("emoji", 0, "image") == "Does the above image match the query? True or False"
+    judge = load_reranker(tiny_backbone, judge=JudgePrompt())
+    collator = judge.collator()
+    tasks = [("mscoco", 0), ("webqa", 1), None]
+    prompts = collator.processor.tokenizer.batch_decode(collator.pointwise_inputs(MULTIMODAL_PAIRS, tasks)["input_ids"])
+    expected = [
+        "Does the above daily-life image match the caption? True or False",
+        "Does the above Wikipedia passage match the question? True or False",
+        "Does the above image and text match the query? True or False",
+    ]
+    for prompt, question in zip(prompts, expected, strict=True):
+        assert prompt.count("True or False") == 1 and question in prompt
+    given = JudgePrompt("Is the {candidate} relevant? True or False")
+    assert {given.asks("text", t) for t in tasks} == {"Is the text relevant? True or False"}
+    # `rerank` reads each task's (dataset, task id) from the task.json its run folder names
+    task = tmp_path / "mscoco_task0"
+    task.mkdir()
+    (task / "task.json").write_text(json.dumps({"format": "lamra-pl-task", "dataset": "MSCOCO", "task_id": 0}))
+    assert _task_kind({"task_file": str(task / "task.json")}) == ("mscoco", 0)
+    assert _task_kind({}) is None
 
 
 def test_listwise_scores_are_defined_for_every_candidate(reranker):

@@ -46,7 +46,7 @@ from lamra_pl.formats.sample import IMAGE_FORMATS, Item, with_instruction
 from lamra_pl.formats.settings import ModelSettings, module_args
 from lamra_pl.models.checkpoints import caller_settings, load_reranker, load_retriever
 from lamra_pl.models.contrastive import ContrastiveSteps
-from lamra_pl.models.rerank_inputs import JUDGE_QUESTION, MAX_LIST, JudgePrompt
+from lamra_pl.models.rerank_inputs import MAX_LIST, JudgePrompt
 from lamra_pl.models.reranker import RerankModule
 from lamra_pl.progress import progress
 from lamra_pl.ranking.search import Backend
@@ -316,13 +316,15 @@ class Reranker:
         backbone: str | Path | None = None,
         trust_remote_code: bool = False,
         zero_shot: bool = False,
-        question: str = JUDGE_QUESTION,
+        question: str | None = None,
         answers: tuple[str, str] = ("True", "False"),
         settings: ModelSettings | None = None,
     ) -> Reranker:
         """The reranker of a `fit` checkpoint or a model folder (a merged reranker; an off-the-shelf instruct model
-        reranks with LamRA-Rank's prompt). `zero_shot`: a model folder (or .gguf file) judges with MM-Embed's
-        question instead, `question` after the query and the candidate ({candidate} names its modality), the score
+        reranks with LamRA-Rank's prompt). `zero_shot`: a model folder (or .gguf file) judges with a yes/no
+        question instead, asked after the query and the candidate: `question` ({candidate} names its modality), or
+        by default "Does the above {candidate} match the query? True or False" (the API knows no task, so not
+        MM-Embed's per-task wording, which `lamra-pl rerank` asks of M-BEIR tasks); the score
         being P(answers[0]) over the two answers, as `lamra-pl rerank --zero_shot true`. `backbone`: where a
         checkpoint's backbone is now; `trust_remote_code`: run code the backbone folder ships (never taken from a
         file); `settings`: how the model reads its inputs (`ModelSettings`: rope, pixels, max_text_tokens)."""

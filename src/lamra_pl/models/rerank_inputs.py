@@ -6,8 +6,9 @@ numbered (1)..(K); the assistant answers "Ans: (k)" for the best one. The instru
 trained on (spec lamra.md section 4).
 
 Zero-shot judging (MM-Embed, spec mmembed_mbeir.md section 4) is a third prompt, for scoring only: the query, the
-candidate, then a yes/no question (`JudgePrompt`; MM-Embed's True/False question by default); the score is
-P(True) over {True, False} at the answer's first token, as P(Yes) is for LamRA's pointwise prompt.
+candidate, then a yes/no question (`JudgePrompt`; by default MM-Embed's True/False question for the pair's task,
+`judge_question`); the score is P(True) over {True, False} at the answer's first token, as P(Yes) is for LamRA's
+pointwise prompt.
 
 Training labels cover the assistant's answer and its end-of-turn token (`labels="answer"`), or, as LamRA's code
 does, the whole assistant turn: the generation prompt's header before the answer and the template's newline after
@@ -49,29 +50,84 @@ LIST_ANSWER = "Ans: ({})"
 LIST_PREFIX = LIST_ANSWER.split("{}")[0]  # teacher-forced before the index at scoring time
 MAX_LIST = 9  # candidate numbers must be single tokens; "(10)" would be two digits
 IGNORE = -100  # the label of every position the loss skips
-# MM-Embed's judge question, e.g. "Does the above daily-life image match the caption? True or False"; {candidate}
-# becomes the candidate's modality ("image", "text" or "image and text").
+# The zero-shot judge's question for a task MM-Embed's wording does not cover (or a caller that names no task);
+# {candidate} becomes the candidate's modality ("image", "text" or "image and text").
 JUDGE_QUESTION = "Does the above {candidate} match the query? True or False"
 CANDIDATE_WORDS = {"text": "text", "image": "image", "image,text": "image and text"}
+# MM-Embed's per-task wording (spec mmembed_mbeir.md section 4). The paper prints one question, for MSCOCO's
+# text-to-image task: "Does the above daily-life image match the caption? True or False", i.e. "Does the above
+# <the dataset's kind of candidate> match the <what the query is>?". The other M-BEIR tasks follow that pattern,
+# with each dataset's kind of candidate taken from the words of its M-BEIR instructions (query_instructions.tsv:
+# "everyday image", "news-related image", "Wikipedia passage", ...). Only the MSCOCO question is the paper's own.
+JUDGE_DOMAINS = {  # dataset -> the adjective its instructions give its candidates
+    "mscoco": "daily-life",
+    "cirr": "daily-life",
+    "visualnews": "news",
+    "edis": "news",
+    "fashion200k": "fashion",
+    "fashioniq": "fashion",
+    "webqa": "Wikipedia",
+    "oven": "Wikipedia",
+    "infoseek": "Wikipedia",
+    "nights": "",
+}
+JUDGE_CANDIDATES = {"image": "{domain} image", "text": "{domain} passage", "image,text": "{domain} image and its text"}
+JUDGE_CAPTIONS = {"image": "{domain} image", "text": "caption", "image,text": "{domain} image and its caption"}
+JUDGE_QUERIES = {  # M-BEIR task id -> what the query is (lamra_pl.recipes.mbeir.TASKS)
+    0: "caption",  # text -> image
+    1: "question",  # text -> text (WebQA)
+    2: "query",  # text -> image and text (EDIS headlines, WebQA questions)
+    3: "image",  # image -> text: the candidate is a caption
+    4: "reference image",  # image -> image (NIGHTS)
+    5: "image",  # image -> image and text
+    6: "image and question",  # image and text -> text (OVEN, InfoSeek)
+    7: "reference image and its modification",  # image and text -> image (FashionIQ, CIRR)
+    8: "image and question",  # image and text -> image and text (OVEN, InfoSeek)
+}
+QUESTION_DATASETS = {"webqa": "question", "edis": "headline"}  # what a text query of task 2 is, per dataset
+
+
+def judge_question(dataset: str | None, task_id: int | None, candidate_modality: str) -> str:
+    """MM-Embed's zero-shot question for a candidate of an M-BEIR task (`JUDGE_DOMAINS`); `JUDGE_QUESTION` for a
+    dataset or task outside M-BEIR's (the candidate's modality filled in)."""
+    if dataset not in JUDGE_DOMAINS or task_id not in JUDGE_QUERIES:
+        return JUDGE_QUESTION.format(candidate=CANDIDATE_WORDS[candidate_modality])
+    domain = JUDGE_DOMAINS[dataset]
+    nouns = JUDGE_CAPTIONS if task_id == 3 else JUDGE_CANDIDATES
+    candidate = " ".join(nouns[candidate_modality].format(domain=domain).split())
+    query = QUESTION_DATASETS.get(dataset, JUDGE_QUERIES[task_id]) if task_id == 2 else JUDGE_QUERIES[task_id]
+    return f"Does the above {candidate} match the {query}? True or False"
+
+
 LabelSpan = Literal["answer", "assistant_turn"]
 
 
 @dataclass(frozen=True)
 class JudgePrompt:
-    """A zero-shot pointwise prompt: "Query:" query, "Candidate:" candidate, then `question` (which may name the
-    candidate's modality as {candidate}); the score is P(yes) over {yes, no} at the answer's first token."""
+    """A zero-shot pointwise prompt: "Query:" query, "Candidate:" candidate, then a question; the score is P(yes)
+    over {yes, no} at the answer's first token. `question` None asks MM-Embed's question for the pair's task
+    (`judge_question`); a text is asked for every task (it may name the candidate's modality as {candidate})."""
 
-    question: str = JUDGE_QUESTION
+    question: str | None = None
     yes: str = "True"
     no: str = "False"
 
     def __post_init__(self) -> None:
+        if self.question is None:
+            return
         try:
             self.question.format(candidate="image")
         except (KeyError, IndexError, ValueError) as err:
             raise LamraError(
                 f"judge question {self.question!r}: the only placeholder it may hold is {{candidate}} ({err!r})"
             ) from None
+
+    def asks(self, candidate_modality: str, task: tuple[str, int] | None = None) -> str:
+        """The question asked of a candidate of `task` ((dataset, M-BEIR task id); None: not known)."""
+        if self.question is not None:
+            return self.question.format(candidate=CANDIDATE_WORDS[candidate_modality])
+        dataset, task_id = task if task is not None else (None, None)
+        return judge_question(dataset, task_id, candidate_modality)
 
 
 @dataclass
@@ -106,8 +162,10 @@ def listwise_messages(query: Item, candidates: list[Item], answer: int | None = 
     return _chat(content, None if answer is None else LIST_ANSWER.format(answer))
 
 
-def judge_messages(query: Item, candidate: Item, prompt: JudgePrompt) -> list[dict[str, Any]]:
-    question = prompt.question.format(candidate=CANDIDATE_WORDS[candidate.modality])
+def judge_messages(
+    query: Item, candidate: Item, prompt: JudgePrompt, task: tuple[str, int] | None = None
+) -> list[dict[str, Any]]:
+    question = prompt.asks(candidate.modality, task)
     content = [{"type": "text", "text": "Query:"}, *_content(query), {"type": "text", "text": "Candidate:"}]
     return _chat([*content, *_content(candidate), {"type": "text", "text": question}], None)
 
@@ -266,11 +324,17 @@ class RerankCollator:
         )
 
     # ------------------------------------------------------------------------------------ scoring
-    def pointwise_inputs(self, pairs: list[tuple[Item, Item]]) -> BatchFeature:
-        """Prompts (generation prompt included) of (query, candidate) pairs, for P(Yes) at their last token."""
+    def pointwise_inputs(
+        self, pairs: list[tuple[Item, Item]], tasks: list[tuple[str, int] | None] | None = None
+    ) -> BatchFeature:
+        """Prompts (generation prompt included) of (query, candidate) pairs, for P(Yes) at their last token.
+        `tasks`: each pair's (dataset, M-BEIR task id), which picks a zero-shot judge's question."""
         if self.judge is not None:
-            judge = self.judge
-            chats = [judge_messages(self._truncated(q), self._truncated(c), judge) for q, c in pairs]
+            judge, tasks = self.judge, tasks or [None] * len(pairs)
+            chats = [
+                judge_messages(self._truncated(q), self._truncated(c), judge, t)
+                for (q, c), t in zip(pairs, tasks, strict=True)
+            ]
         else:
             chats = [pointwise_messages(self._truncated(q), self._truncated(c)) for q, c in pairs]
         texts = render_chats(self.processor, chats, generation_prompt=True)

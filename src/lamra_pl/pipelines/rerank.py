@@ -45,7 +45,7 @@ from lamra_pl.formats.settings import ModelSettings, module_args
 from lamra_pl.formats.shards import expand_shards, read_samples
 from lamra_pl.formats.task import QUERIES, read_qrels, task_info
 from lamra_pl.models.checkpoints import caller_settings, load_reranker
-from lamra_pl.models.rerank_inputs import JUDGE_QUESTION, MAX_LIST, JudgePrompt, RerankCollator
+from lamra_pl.models.rerank_inputs import CANDIDATE_WORDS, MAX_LIST, JudgePrompt, RerankCollator
 from lamra_pl.pipelines.predict import BatchWriter, Tally, predict
 from lamra_pl.pipelines.trainer import TrainerSpec
 from lamra_pl.ranking.fusion import GRID, fuse, load_weights, tune_fusion, weight_for
@@ -67,7 +67,7 @@ def rerank(
     num_workers: int = 1,
     trainer: TrainerSpec | None = None,
     zero_shot: bool = False,
-    question: str = JUDGE_QUESTION,
+    question: str | None = None,
     answers: tuple[str, str] = ("True", "False"),
     backbone: str | None = None,
     trust_remote_code: bool = False,
@@ -92,8 +92,11 @@ def rerank(
         num_workers: data loader processes per device.
         trainer: the devices and precision to score with.
         zero_shot: score with the judge question below instead of LamRA-Rank's prompt (model: a folder).
-        question: the zero-shot question after the query and candidate; {candidate} names the candidate's
-            modality ("image", "text", "image and text").
+        question: the zero-shot question after the query and candidate, for every task; {candidate} names the
+            candidate's modality ("image", "text", "image and text"). Default: MM-Embed's question for each task
+            ("Does the above daily-life image match the caption? True or False" for MSCOCO's text-to-image task;
+            "Does the above {candidate} match the query? True or False" for a task outside M-BEIR); the questions
+            asked are written into the output's runs.json.
         answers: the positive and negative answer words; the score is P(first) over the two.
         backbone: the backbone folder of a checkpoint whose backbone is no longer where it says.
         trust_remote_code: run code the backbone folder ships (a file never turns this on).
@@ -145,8 +148,10 @@ def rerank(
     parts = out_dir / SCORES / "parts"
     collator = module.collator()
 
+    kinds = {name: _task_kind(entry) for name, entry in tasks.items()}  # which question a zero-shot judge asks
+
     def rank_batches(rank: int, world: int) -> RerankBatches:
-        return RerankBatches(shards[rank::world], heads, store, collator, mode, batch_size, instruction_seed)
+        return RerankBatches(shards[rank::world], heads, store, collator, mode, batch_size, instruction_seed, kinds)
 
     # pairs scored (pointwise) or lists (listwise, one a query); a query with nothing retrieved is not scored
     everything = sum(len(h) if mode == "pointwise" else 1 for head in heads.values() for h in head.values() if h)
@@ -183,7 +188,7 @@ def rerank(
     about = {
         "model": model,
         "mode": "zero-shot judge" if judge is not None else mode,
-        "prompt": judge.question if judge is not None else "LamRA-Rank",
+        "prompt": _questions(judge, kinds) if judge is not None else "LamRA-Rank",
         "top_n": top_n,
         "fusion": {n: _weight_text(weight_for(weights, n)) for n in tasks},
         # queries whose run holds fewer than top_n candidates (a small pool or a shallow run): all were reranked
@@ -192,6 +197,22 @@ def rerank(
     write_manifest(out_dir, {**manifest, "tasks": entries, "rerank": about})
     print(f"reranked run files in {out_dir}; score them with: lamra-pl evaluate --runs {out_dir}")
     return out_dir
+
+
+def _task_kind(entry: dict[str, Any]) -> tuple[str, int] | None:
+    """(dataset, M-BEIR task id) of a run folder's task, from its task.json; None where it does not say."""
+    if not entry.get("task_file"):
+        return None
+    info = task_info(Path(entry["task_file"]).parent)
+    dataset, task_id = info.get("dataset"), info.get("task_id")
+    if not isinstance(dataset, str) or isinstance(task_id, bool) or not isinstance(task_id, int):
+        return None
+    return dataset.lower(), task_id
+
+
+def _questions(judge: JudgePrompt, kinds: dict[str, tuple[str, int] | None]) -> dict[str, dict[str, str]]:
+    """The question a zero-shot judge asked in each task, per candidate modality."""
+    return {name: {m: judge.asks(m, kind) for m in CANDIDATE_WORDS} for name, kind in kinds.items()}
 
 
 class RerankBatches(IterableDataset):
@@ -207,9 +228,11 @@ class RerankBatches(IterableDataset):
         mode: Mode,
         batch_size: int,
         instruction_seed: int | None,
+        kinds: dict[str, tuple[str, int] | None] | None = None,
     ) -> None:
         self.shards, self.heads, self.store, self.collator = shards, heads, store, collator
         self.mode, self.batch_size, self.instruction_seed = mode, batch_size, instruction_seed
+        self.kinds = kinds or {}  # each task's (dataset, M-BEIR task id): which question a zero-shot judge asks
 
     @property
     def units(self) -> int:
@@ -238,7 +261,8 @@ class RerankBatches(IterableDataset):
             yield self._listwise(pending) if self.mode == "listwise" else self._pointwise(pending)
 
     def _pointwise(self, rows: list[tuple[str, str, Item, list[str]]]) -> dict[str, Any]:
-        inputs = self.collator.pointwise_inputs([(q, self.store.item(dids[0])) for _, _, q, dids in rows])
+        pairs = [(q, self.store.item(dids[0])) for _, _, q, dids in rows]
+        inputs = self.collator.pointwise_inputs(pairs, [self.kinds.get(t) for t, _, _, _ in rows])
         return {"mode": "pointwise", "inputs": inputs, "tags": [(t, qid, dids) for t, qid, _, dids in rows]}
 
     def _listwise(self, rows: list[tuple[str, str, Item, list[str]]]) -> dict[str, Any]:
