@@ -98,6 +98,7 @@ def test_index_with_rope_1d_reproduces_lamra_positions_and_warns_only_without_se
             "--settings.rope=1d",
             "--settings.pooling=before_emb",
             "--settings.max_text_tokens=480",
+            "--settings.system_prompt=default",
             *pixels,
         )
     )
@@ -125,7 +126,14 @@ def test_index_with_rope_1d_reproduces_lamra_positions_and_warns_only_without_se
     ok(default)
     warning = [line for line in default.stderr.splitlines() if "no lamra-pl settings file" in line]
     assert len(warning) == 1, default.stderr[-2000:]
-    for name in ("rope=model", "pooling=before_emb", "max_text_tokens=480", "min_pixels", "max_pixels"):
+    for name in (
+        "rope=model",
+        "pooling=before_emb",
+        "max_text_tokens=480",
+        "min_pixels",
+        "max_pixels",
+        "system_prompt",
+    ):
         assert name in warning[0]
     with_mrope = np.load(tmp_path / "default" / "embeddings.npy").astype(np.float32)
     given_vectors = np.load(tmp_path / "given" / "embeddings.npy").astype(np.float32)
@@ -176,6 +184,7 @@ def test_settings_write_makes_a_foreign_folder_read_as_trained(lamra_folder, poo
     assert '"rope": "1d"' in shown.stdout and not (folder / SETTINGS_FILE).exists()  # without --write: printed only
     pixels = ["--settings.min_pixels=3136", "--settings.max_pixels=12544"]
     ok(lamra_here("settings", f"--model={folder}", "--settings.rope=1d", *pixels, "--write"))
+    assert json.loads((folder / SETTINGS_FILE).read_text())["init_args"]["backbone"]["system_prompt"] == "default"
     assert (folder / SETTINGS_FILE).is_file()
     written = lamra(
         "index", f"--model={folder}", f"--pool={pool}", f"--out={tmp_path / 'index'}", env={"PYTHONWARNINGS": "default"}
@@ -198,3 +207,55 @@ def test_settings_write_makes_a_foreign_folder_read_as_trained(lamra_folder, poo
     )
     refused = lamra_here("settings", f"--model={folder}", "--kind=reranker")
     assert refused.returncode == 2 and "not a reranker" in refused.stderr
+
+
+DEFAULT_TURN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"  # Qwen2-VL's template writes it
+
+
+def test_system_prompt_default_none_or_a_text(lamra_folder, pool, tmp_path):
+    """`system_prompt`: the template's own system turn (Qwen2-VL's "You are a helpful assistant."), none at all, or
+    a given text; the setting reaches every tool through the settings file and `--settings.system_prompt`."""
+    from lamra_pl.errors import LamraError
+    from lamra_pl.models.backbone import BackboneSpec, load_processor, render_chats
+
+    chat = [
+        {"role": "user", "content": [{"type": "text", "text": "a red circle"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "<emb>."}]},
+    ]
+    rendered = {
+        prompt: render_chats(load_processor(BackboneSpec(str(lamra_folder), system_prompt=prompt)), [chat], False)[0]
+        for prompt in ("default", "none", "Embed this.")
+    }
+    assert rendered["default"].startswith(DEFAULT_TURN)
+    assert rendered["none"] == rendered["default"].replace(DEFAULT_TURN, "")
+    assert rendered["Embed this."] == rendered["default"].replace(
+        DEFAULT_TURN, "<|im_start|>system\nEmbed this.<|im_end|>\n"
+    )
+    settings = dict(rope="1d", min_pixels=3136, max_pixels=12544, pooling="before_emb", max_text_tokens=480)
+    texts = [t for _, t, _ in ITEMS]
+    images = [shape_image(*i) if i else None for _, _, i in ITEMS]
+    vectors = {
+        prompt: Retriever.from_checkpoint(
+            lamra_folder, settings=ModelSettings(**settings, system_prompt=prompt)
+        ).encode_documents(texts=texts, images=images)
+        for prompt in ("default", "none")
+    }
+    assert np.abs(vectors["default"] - vectors["none"]).max() > 1e-3  # the system turn is read
+    folder = tmp_path / "no-system"
+    import shutil
+
+    shutil.copytree(lamra_folder, folder)
+    args = [f"--settings.{k}={v}" for k, v in settings.items()]
+    ok(lamra_here("settings", f"--model={folder}", *args, "--settings.system_prompt=none", "--write"))
+    ok(lamra_here("index", f"--model={folder}", f"--pool={pool}", f"--out={tmp_path / 'index'}"))
+    indexed = np.load(tmp_path / "index" / "embeddings.npy").astype(np.float32)
+    np.testing.assert_allclose(indexed, vectors["none"], atol=1e-3)  # the index stores float16
+    refused = lamra_here("export", f"--model={folder}", f"--out={tmp_path / 'st'}", "--to=sentence-transformers")
+    assert refused.returncode == 2 and "system_prompt 'none'" in refused.stderr, refused.stderr
+    with pytest.raises(LamraError, match="refuses a system turn|cannot be cut out"):
+        template = (
+            "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no') }}{% endif %}{% endfor %}"
+        )
+        processor = load_processor(BackboneSpec(str(lamra_folder), system_prompt="none"))
+        processor.chat_template = template
+        render_chats(processor, [chat], False)

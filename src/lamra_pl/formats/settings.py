@@ -52,6 +52,8 @@ class ModelSettings:
             own processor allows up to about 16k image tokens).
         pooling: a retriever's pooling: "before_emb" (LamRA), "last_token" or "latent_attention".
         max_text_tokens: texts are cut to this many tokens (LamRA: 480 for the retriever, 256 for the reranker).
+        system_prompt: the chats' system turn: "default" (the chat template's own, as LamRA), "none" (no system
+            turn) or a text.
     """
 
     rope: Literal["model", "1d"] | None = None
@@ -59,10 +61,12 @@ class ModelSettings:
     max_pixels: int | None = None
     pooling: Literal["before_emb", "last_token", "latent_attention"] | None = None
     max_text_tokens: int | None = None
+    system_prompt: str | None = None
 
     def backbone_args(self) -> dict[str, Any]:
         """The set fields that are the backbone's (`BackboneSpec`)."""
-        return {k: v for k in ("rope", "min_pixels", "max_pixels") if (v := getattr(self, k)) is not None}
+        names = ("rope", "min_pixels", "max_pixels", "system_prompt")
+        return {k: v for k in names if (v := getattr(self, k)) is not None}
 
     def module_args(self) -> dict[str, Any]:
         """The set fields that are the module's own arguments."""

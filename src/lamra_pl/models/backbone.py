@@ -11,6 +11,7 @@ know (they fail clearly on an image).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -133,6 +134,9 @@ class BackboneSpec:
         max_pixels: the most pixels an image is resized to, given to the processor (the Qwen-VL families'
             dynamic resolution; LamRA: 300*28*28).
         padding_side: override the tokenizer's padding side.
+        system_prompt: the system turn of every chat the model reads: "default" (the chat template's own, as
+            LamRA: Qwen2-VL's "You are a helpful assistant."; none where the template writes none), "none" (no
+            system turn, even where the template writes a default one), or any other text (a system turn with it).
         train_vision_tower: unfreeze the vision tower (frozen by default, as in LamRA); the projector stays frozen
             unless train_projector.
         train_projector: unfreeze the projector between the vision tower and the language model (frozen by
@@ -150,6 +154,7 @@ class BackboneSpec:
     min_pixels: int | None = None
     max_pixels: int | None = None
     padding_side: Literal["left", "right"] | None = None
+    system_prompt: str = "default"
     train_vision_tower: bool = False
     train_projector: bool = False
     train_lm_head: bool = False
@@ -344,7 +349,69 @@ def render_chats(
     it. `enable_thinking` goes only to a template that reads it (a processor warns of a variable its template does
     not use)."""
     extra = NO_THINKING if "enable_thinking" in chat_template_of(processor) else {}
-    return processor.apply_chat_template(chats, tokenize=False, add_generation_prompt=generation_prompt, **extra)
+    system = getattr(processor, SYSTEM_PROMPT_ATTRIBUTE, "default")
+
+    def render(chats: list[list[dict[str, Any]]]) -> list[str]:
+        return processor.apply_chat_template(chats, tokenize=False, add_generation_prompt=generation_prompt, **extra)
+
+    if system == "default":
+        return render(chats)
+    if system != "none":
+        return _render_or_refuse(processor, render, [[_system_turn(chat, system), *chat] for chat in chats])
+    # No system turn: render with a marker system turn and cut that turn out (`_system_turn_wrappers`).
+    rendered = _render_or_refuse(processor, render, [[_system_turn(chat, SYSTEM_MARKER), *chat] for chat in chats])
+    wrappers = _system_turn_wrappers(processor, render)
+    out = []
+    for text in rendered:
+        cut = next((p + SYSTEM_MARKER + q for p, q in wrappers if p + SYSTEM_MARKER + q in text), None)
+        if cut is None or text.count(SYSTEM_MARKER) != 1:
+            raise LamraError(f"{_template_owner(processor)}: system_prompt none: {NO_SYSTEM_TURN}")
+        out.append(text.replace(cut, "", 1))
+    return out
+
+
+# The system prompt a backbone's chats are rendered with rides on its processor (`load_processor` sets it from
+# `BackboneSpec.system_prompt`), so every collator and tool that renders through `render_chats` applies it.
+SYSTEM_PROMPT_ATTRIBUTE = "lamra_system_prompt"
+SYSTEM_MARKER, SECOND_MARKER = "\u2063lamra-system-a\u2063", "\u2063lamra-system-b\u2063"
+NO_SYSTEM_TURN = "its chat template does not render a system turn that can be cut out; use 'default' or a text"
+
+
+def _system_turn(chat: list[dict[str, Any]], text: str) -> dict[str, Any]:
+    """A system message in the form of the chat's own messages (content a string, or a list of parts)."""
+    content = chat[0]["content"] if chat else ""
+    return {"role": "system", "content": text if isinstance(content, str) else [{"type": "text", "text": text}]}
+
+
+def _template_owner(processor: ProcessorMixin | TextProcessor) -> str:
+    return str(getattr(processor, "name_or_path", None) or getattr(processor.tokenizer, "name_or_path", "the model"))
+
+
+def _render_or_refuse(processor: ProcessorMixin | TextProcessor, render: Callable, chats: list) -> list[str]:
+    try:
+        return render(chats)
+    except Exception as err:  # a template that raises on a system turn (jinja's TemplateError, ...)
+        raise LamraError(f"{_template_owner(processor)}: its chat template refuses a system turn ({err})") from None
+
+
+def _system_turn_wrappers(processor: ProcessorMixin | TextProcessor, render: Callable) -> list[tuple[str, str]]:
+    """The text a chat template writes around a system message's content, as (before, after) pairs: a second
+    system turn inserted into a chat is exactly that text around its content. The inserted span is found up to a
+    shift across text repeated on its border, so every shift is returned; cutting any of them out of a chat (where
+    it occurs around the marker) gives the same text."""
+    user = {"role": "user", "content": [{"type": "text", "text": "x"}]}
+    probe = [_system_turn([user], SYSTEM_MARKER), user]
+    try:
+        one, two = render([probe, [probe[0], _system_turn([user], SECOND_MARKER), user]])
+    except Exception:  # a template that allows one system turn only
+        raise LamraError(f"{_template_owner(processor)}: system_prompt none: {NO_SYSTEM_TURN}") from None
+    length, at = len(two) - len(one), two.find(SECOND_MARKER)
+    wrappers = []
+    for start in range(max(0, at + len(SECOND_MARKER) - length), at + 1):
+        if two[:start] + two[start + length :] == one:
+            span = two[start : start + length]
+            wrappers.append((span[: at - start], span[at - start + len(SECOND_MARKER) :]))
+    return wrappers
 
 
 def load_processor(spec: BackboneSpec, add_emb_token: bool = True) -> ProcessorMixin | TextProcessor:
@@ -387,6 +454,7 @@ def load_processor(spec: BackboneSpec, add_emb_token: bool = True) -> ProcessorM
         if max_pixels is not None:
             size["longest_edge"] = max_pixels
         image_processor.size = size
+    setattr(processor, SYSTEM_PROMPT_ATTRIBUTE, spec.system_prompt)  # read by render_chats
     return processor
 
 

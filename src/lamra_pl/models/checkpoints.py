@@ -257,6 +257,7 @@ def warn_defaults(path: Path, cls: type[TrainingModule], given: dict[str, Any]) 
     a released or off-the-shelf folder read with other positions, pixel bounds or pooling than it was trained with
     gives other numbers, with no error."""
     defaults = {"rope": "model", "min_pixels": "the processor's", "max_pixels": "the processor's"}
+    defaults["system_prompt"] = "default"
     parameters = inspect.signature(cls).parameters
     for name in ("pooling", "max_text_tokens"):
         if name in parameters:

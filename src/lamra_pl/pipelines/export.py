@@ -587,6 +587,12 @@ def _check_served(source: Source, target: str) -> None:
             f"{target} cannot compute (it reads one token's or the mean state); export --to peft keeps it "
             f"({POOLING_FILE})"
         )
+    if source.backbone.get("system_prompt", "default") != "default":
+        raise LamraError(
+            f"{where} reads its chats with system_prompt {source.backbone['system_prompt']!r}; the exported chat "
+            f"templates write the template's own system turn, so {target} would read other inputs; export --to "
+            "peft keeps the setting"
+        )
     if source.backbone.get("rope", "model") == "1d" and not source.text_only:
         raise LamraError(
             f"{where} ran its backbone with sequential positions (rope: 1d); {target} runs it with the model's own "

@@ -50,7 +50,7 @@ def model_settings(
         args = json.loads(json.dumps(found.init_args))
     given = settings or ModelSettings()
     backbone = args.get("backbone") if isinstance(args.get("backbone"), dict) else {}
-    backbone = {"rope": "model", **backbone, **given.backbone_args()}
+    backbone = {"rope": "model", "system_prompt": "default", **backbone, **given.backbone_args()}
     args["backbone"] = backbone
     parameters = inspect.signature(cls).parameters
     for name, value in given.module_args().items():
