@@ -40,6 +40,8 @@ STRATEGY ?= modality# make mine: modality (MM-Embed), topk (UniIR, modality-blin
 TEXT_DATA ?=# text-to-text retrieval shards (e.g. from make convert-nli) for make stage-continual
 MINED_RATIO ?= 1# make stage-continual: the mix of MINED and TEXT_DATA (ratios, normalised)
 TEXT_RATIO ?= 1
+MODELS ?=# make merge-models: the fits to merge, a list: '[runs/a/checkpoints/last.ckpt, runs/b/checkpoints/last.ckpt]'
+MERGED ?= checkpoints/merged_models# make merge-models: the output model folder (new or empty)
 
 backbone_arg = $(if $(BACKBONE),--model.init_args.backbone.path=$(BACKBONE))
 # a grid's variables from NAME=VALUE words (those with an empty value are left to the grid's defaults)
@@ -50,7 +52,7 @@ stage2_data = $(if $(DATA),'--data.init_args.train_shards=$(DATA)/train')
 comma := ,
 continual_data = $(if $(TEXT_DATA),'--data.init_args.sources={"$(MINED)": $(MINED_RATIO)$(comma) "$(TEXT_DATA)": $(TEXT_RATIO)}')
 
-.PHONY: ablations report mine stage-hardneg stage-continual rerank-zeroshot bench-train reliability venv tiny-backbone stage1 stage2 merge convert-mbeir convert-nli emoji index retrieve evaluate eval search \
+.PHONY: merge-models ablations report mine stage-hardneg stage-continual rerank-zeroshot bench-train reliability venv tiny-backbone stage1 stage2 merge convert-mbeir convert-nli emoji index retrieve evaluate eval search \
 	rerank-data rerank-train rerank tune-fusion test lint demo tensorboard clean
 
 venv: $(STAMP)
@@ -75,6 +77,9 @@ stage2: venv
 
 merge: venv
 	$(LAMRA) merge --ckpt $(CKPT) --out $(OUT)
+
+merge-models: venv  # the average of MODELS (checkpoints or model folders) into MERGED; ARGS="--weights=[0.3,0.7]", "--method=task_arithmetic"
+	$(LAMRA) merge-models --models '$(MODELS)' --out $(MERGED) $(ARGS)
 
 convert-mbeir: venv
 	$(LAMRA) convert-mbeir --root $(MBEIR) --out $(DATA) $(ARGS)

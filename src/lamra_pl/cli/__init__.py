@@ -59,6 +59,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lamra_pl.pipelines.merge:merge",
         "Merge a LoRA adapter into its base weights (float32) and save a full checkpoint in the base dtype",
     ),
+    "merge-models": (
+        "lamra_pl.pipelines.merge_models:merge_models",
+        "Merge several fits into one model folder: a weighted average, or task arithmetic, of their weights",
+    ),
     "settings": (
         "lamra_pl.pipelines.model_settings:model_settings",
         "Print a model folder's settings file, as it is or with the settings given; --write saves it into the folder",

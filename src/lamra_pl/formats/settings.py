@@ -10,6 +10,8 @@ chat template) plus, layout version VERSION:
                                       inputs; `lamra_pl.models.checkpoints` builds the module from them
       lamra_pl_pooling.safetensors   trained pooling weights that are not part of the Hugging Face model (NV-Embed's
                                       latent attention), when the module has them
+      merge_models.json              in a folder `lamra-pl merge-models` wrote: how it was made (the models, their
+                                      weights, the method, the base); a record, read by nothing
 
 Version 1 folders (before the re-layout) carry `lamra_pl_embedding.json` (a retriever) or `lamra_pl_rerank.json`
 (a reranker) instead: a flat mapping of the module's arguments of that time; they read as version 1 with the class
