@@ -23,7 +23,7 @@ from lamra_pl.pipelines.evaluate import evaluate_runs
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "zeroshot"))
 from make_fixtures import make
 
-SETS = ("flickr30k", "coco", "sharegpt4v", "urban1k", "circo")
+SETS = ("flickr30k", "coco", "sharegpt4v", "urban1k", "circo", "genecis")
 SPLIT = {"circo": "val"}
 I2T = "Find an image caption describing the following everyday image."
 CHANGES = "I'm looking for a similar everyday image with the described changes."
@@ -54,6 +54,19 @@ def expected_qrels(name: str, root: Path) -> dict[str, dict[str, set[str]]]:
         keys = [str(i) for i in range(n)]
     elif name == "urban1k":
         keys = sorted((p.stem for p in (root / "caption").glob("*.txt")), key=int)
+    elif name == "genecis":
+        coco = json.loads((root / "annotations" / "change_object.json").read_text())
+        vaw = json.loads((root / "annotations" / "focus_attribute.json").read_text())
+        return {
+            "genecis_change_object_task7": {
+                f"genecis_change_object:{i}": {f"genecis_change_object:{q['target']['val_image_id']}"}
+                for i, q in enumerate(coco)
+            },
+            "genecis_focus_attribute_task7": {
+                f"genecis_focus_attribute:{i}": {f"genecis_focus_attribute:{q['target']['image_id']}_{i}_1"}
+                for i, q in enumerate(vaw)
+            },
+        }
     else:
         val = json.loads((root / "annotations" / "val.json").read_text())
         return {"circo_task7": {f"circo:{q['id']}": {f"circo:{i}" for i in q["gt_img_ids"]} for q in val}}
@@ -73,7 +86,9 @@ def test_conversion_keeps_the_published_ground_truth_instruction_and_metric(name
         assert read_qrels(folder / "qrels.txt") == qrels
         info = task_info(folder)
         assert info["version"] == 2 and info["zeroshot_set"] == name
-        if name == "circo":
+        if name == "genecis":
+            assert (task_metrics(info), reported_metric(info)) == (["R@1", "R@5", "R@10", "R@2", "R@3"], "R@1")
+        elif name == "circo":
             assert (task_metrics(info), reported_metric(info)) == (
                 ["R@1", "R@5", "R@10", "mAP@5", "mAP@10", "mAP@25", "mAP@50"],
                 "mAP@5",
@@ -87,12 +102,16 @@ def test_conversion_keeps_the_published_ground_truth_instruction_and_metric(name
         assert sorted(r.qid for r in records) == sorted(qrels)
         query = evaluation_query(records[0])
         lamra_instruction = {"circo": CHANGES, "coco": None}.get(name, I2T)
+        if task == "genecis_focus_attribute_task7":
+            lamra_instruction = "I'm looking for an image with the same attributes as described."
+        elif name == "genecis":
+            lamra_instruction = CHANGES
         if task.endswith("_task0"):  # LamRA encodes the caption bare
             assert query.image is None and query.text == records[0].query.text and not records[0].instructions
         elif task.endswith("_task3"):
             assert query.image is not None and query.text == lamra_instruction
         else:
-            assert query.image is not None and query.text.startswith(f"{CHANGES} ")
+            assert query.image is not None and query.text.startswith(f"{lamra_instruction} ")
     report = json.loads((split.parent.parent / "report.json").read_text())
     assert report["zeroshot"]["set"] == name and report["problems"] == {} and report["zeroshot"]["problems"] == {}
     skipped = {"flickr30k": {"split_train": 1}, "coco": {"split_train": 1, "extra_caption": 1}}
@@ -114,7 +133,8 @@ def task_runs(folder: Path, tasks: dict[str, Path], ranked: dict[str, dict[str, 
     entries = {}
     for task, rankings in ranked.items():
         qids = list(rankings)
-        scores = np.array([np.linspace(1, 0, len(r)) for r in rankings.values()], dtype=float)
+        width = max(len(r) for r in rankings.values())
+        scores = np.array([np.linspace(1, 0, width) for _ in rankings])  # a row may be longer than its ranking
         run = write_run(folder / f"{task}.run", qids, list(rankings.values()), scores, "hand")
         entries[task] = {
             "run_file": str(run),
@@ -158,6 +178,30 @@ def test_flickr_recall_both_directions_equals_a_hand_computation(converted, tmp_
             hits = [any(d in qrels[t][q] for d in r[:k]) for q, r in ranked[t].items()]
             assert results["tasks"][t][f"R@{k}"] == pytest.approx(np.mean(hits))
         assert results["tasks"][t]["reported"] == "R@1"
+
+
+def test_genecis_galleries_are_target_and_gallery_and_recall_at_1_2_3_by_hand(raw, converted, tmp_path):
+    task = converted["genecis"] / "genecis_change_object_task7"
+    galleries = {}
+    for line in (task / "galleries.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        galleries[row["qid"]] = row["ids"]
+    coco = json.loads((raw["genecis"] / "annotations" / "change_object.json").read_text())
+    assert galleries == {
+        f"genecis_change_object:{i}": [
+            f"genecis_change_object:{x['val_image_id']}" for x in [q["target"], *q["gallery"]]
+        ]
+        for i, q in enumerate(coco)
+    }
+    # targets: 285, 632, 802; the target at rank 1, rank 3 and rank 2
+    ranked = {
+        "genecis_change_object:0": ["genecis_change_object:285", "genecis_change_object:632"],
+        "genecis_change_object:1": [f"genecis_change_object:{i}" for i in (139, 776, 632, 785)],
+        "genecis_change_object:2": ["genecis_change_object:776", "genecis_change_object:802"],
+    }
+    scores = evaluate_runs(task_runs(tmp_path, {task.name: task}, {task.name: ranked}))["tasks"][task.name]
+    assert (scores["R@1"], scores["R@2"], scores["R@3"]) == pytest.approx((1 / 3, 2 / 3, 1.0))
+    assert scores["reported"] == "R@1"
 
 
 def test_version_1_task_folders_read_as_mbeir_tasks_and_unknown_versions_are_refused(tmp_path):
@@ -231,10 +275,22 @@ def test_sets_end_to_end_with_the_tiny_model(name, evaluated, converted):
         run = read_run_file(evaluated / name / "local" / f"{task}.run")
         qrels = read_qrels(converted[name] / task / "qrels.txt")
         pool = len((converted[name] / task / "pool" / "ids.txt").read_text().split())
-        assert all(len(r) == min(50, pool) for r in run.ranked)  # the task's own pool, whole
+        if name != "genecis":
+            assert all(len(r) == min(50, pool) for r in run.ranked)  # the task's own pool, whole
         for k in (1, 5, 10):
             hits = [any(d in qrels[q] for d in r[:k]) for q, r in zip(run.qids, run.ranked, strict=True)]
             assert scores[f"R@{k}"] == pytest.approx(np.mean(hits))
+        if name == "genecis":  # each query ranked within its own gallery, all of it
+            gallery = {}
+            for line in (converted[name] / task / "galleries.jsonl").read_text().splitlines():
+                gallery[json.loads(line)["qid"]] = json.loads(line)["ids"]
+            assert {q: sorted(r) for q, r in zip(run.qids, run.ranked, strict=True)} == {
+                q: sorted(ids) for q, ids in gallery.items()
+            }
+            for k in (2, 3):
+                hits = [any(d in qrels[q] for d in r[:k]) for q, r in zip(run.qids, run.ranked, strict=True)]
+                assert scores[f"R@{k}"] == pytest.approx(np.mean(hits))
+            continue
         for k in (5, 10, 25, 50) if name == "circo" else ():
             aps = []
             for q, r in zip(run.qids, run.ranked, strict=True):
@@ -260,6 +316,8 @@ def test_zeroshot_report_is_one_table(evaluated):
         "urban1k T2I R@1",
         "urban1k I2T R@1",
         "circo CIR mAP@5",
+        "genecis_change_object CIR R@1",
+        "genecis_focus_attribute CIR R@1",
     ]
     circo = json.loads((evaluated / "circo" / "local" / "results.json").read_text())["tasks"]["circo_task7"]
     assert table["circo CIR mAP@5"] == circo["mAP@5"]

@@ -14,6 +14,8 @@ results.json:
                       "dataset_id": 9, "task_id": 0, "mbeir_name": "mbeir_mscoco_task0",
                       "chance": {"R@1": x, "R@5": x, "R@10": x}}},
      "average": {"R@1": x, "R@5": x, "R@10": x, "reported": x[, "wrong_modality@10": x]}}
+A task whose task.json (version 2) lists more metrics has them too (CIRCO's "mAP@5".."mAP@50", GeneCIS's "R@2",
+"R@3"; `ranking.metrics`), averaged when every task has them, and its "reported" is the metric task.json names.
 "reported" is M-BEIR's metric for the task (R@10 for Fashion200K and FashionIQ, R@5 elsewhere); the average's
 "reported" is M-BEIR's headline number, the unweighted mean of the tasks' reported metrics. "dataset_id" is
 M-BEIR's dataset id, the prefix of the task's query ids ("9:1234"; null when they have none or several), "task_id"

@@ -708,8 +708,8 @@ class Converter:
             info = task_info(dataset, task, split, records, len(pool))
             spec = dict(self.task_specs.get(task_dir.name, {}))
             gallery = spec.pop("galleries", None)
-            if gallery is not None:  # the kept queries' galleries (a dropped query's goes with it)
-                gallery = {qid: ids for qid, ids in gallery.items() if qid in kept}
+            if gallery is not None:  # the kept queries' galleries (a dropped query's goes with it), of kept candidates
+                gallery = {qid: [i for i in ids if i in pool] for qid, ids in gallery.items() if qid in kept}
             write_task(task_dir, {**info, **spec}, lines, galleries=gallery)
             empty = [part for part, n in (("queries", len(records)), ("pool", len(pool))) if n == 0]
             if empty:
