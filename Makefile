@@ -42,6 +42,10 @@ MINED_RATIO ?= 1# make stage-continual: the mix of MINED and TEXT_DATA (ratios, 
 TEXT_RATIO ?= 1
 MODELS ?=# make merge-models: the fits to merge, a list: '[runs/a/checkpoints/last.ckpt, runs/b/checkpoints/last.ckpt]'
 MERGED ?= checkpoints/merged_models# make merge-models: the output model folder (new or empty)
+SETS ?= flickr30k coco sharegpt4v urban1k circo genecis# make zeroshot: LamRA's zero-shot sets to evaluate
+ZEROSHOT_RAW ?= data/zeroshot_raw# ZEROSHOT_RAW/<set>: each set as its authors distribute it (README: Zero-shot sets)
+ZEROSHOT_DATA ?= data/zeroshot# converted sets: ZEROSHOT_DATA/<set>
+ZEROSHOT_RUNS ?= $(RUNS)/zeroshot# run files and results: ZEROSHOT_RUNS/<set>/local; the table: ZEROSHOT_RUNS/zeroshot.md
 
 backbone_arg = $(if $(BACKBONE),--model.init_args.backbone.path=$(BACKBONE))
 # a grid's variables from NAME=VALUE words (those with an empty value are left to the grid's defaults)
@@ -50,9 +54,11 @@ vars = $(foreach pair,$(1),$(if $(word 2,$(subst =, ,$(pair))),--variables+=$(pa
 stage1_data = $(if $(DATA),'--data.init_args.train_shards=$(DATA)/train/*_task1')
 stage2_data = $(if $(DATA),'--data.init_args.train_shards=$(DATA)/train')
 comma := ,
+empty :=
+space := $(empty) $(empty)
 continual_data = $(if $(TEXT_DATA),'--data.init_args.sources={"$(MINED)": $(MINED_RATIO)$(comma) "$(TEXT_DATA)": $(TEXT_RATIO)}')
 
-.PHONY: merge-models ablations report mine stage-hardneg stage-continual rerank-zeroshot bench-train reliability venv tiny-backbone stage1 stage2 merge convert-mbeir convert-nli emoji index retrieve evaluate eval search \
+.PHONY: merge-models zeroshot ablations report mine stage-hardneg stage-continual rerank-zeroshot bench-train reliability venv tiny-backbone stage1 stage2 merge convert-mbeir convert-nli emoji index retrieve evaluate eval search \
 	rerank-data rerank-train rerank tune-fusion test lint demo tensorboard clean
 
 venv: $(STAMP)
@@ -133,6 +139,14 @@ stage-hardneg: venv  # MM-Embed's M_hard: stage 2 again from the stage-1 model (
 stage-continual: CONFIG ?= experiments/mm_embed/stage_continual.yaml
 stage-continual: venv  # MM-Embed's continual fine-tuning of M_hard (BACKBONE, merged) on MINED + TEXT_DATA (both, or the config's sources)
 	$(LAMRA) fit -c $(CONFIG) $(backbone_arg) $(continual_data) $(ARGS)
+
+zeroshot: venv  # per set of SETS: convert (once), index, retrieve, evaluate (experiments/pipelines/zeroshot.yaml); one table
+	set -e; for s in $(SETS); do case $$s in circo) split=val;; *) split=test;; esac; \
+		$(LAMRA) grid --grid experiments/pipelines/zeroshot.yaml $(call vars,model=$(MODEL)) --variables+=set=$$s \
+			--variables+=raw=$(ZEROSHOT_RAW)/$$s --variables+=split=$$split --variables+=data=$(ZEROSHOT_DATA)/$$s \
+			--variables+=index=$(ZEROSHOT_RUNS)/$$s/index --variables+=runs=$(ZEROSHOT_RUNS)/$$s '--variables+=args=$(ARGS)'; \
+	done
+	$(LAMRA) zeroshot-report --runs $(ZEROSHOT_RUNS) --sets '[$(subst $(space),$(comma),$(strip $(SETS)))]'
 
 ablations: venv  # run a grid (experiments/ablations/grids/GRID.yaml; done steps are skipped); its last step reports
 	$(LAMRA) grid --grid experiments/ablations/grids/$(GRID).yaml $(ARGS)

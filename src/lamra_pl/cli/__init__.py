@@ -55,6 +55,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lamra_pl.recipes.nli:convert",
         "Convert SimCSE-style NLI triples (sent0,sent1,hard_neg) or pairs (sent0,sent1) to text-only training shards",
     ),
+    "convert-zeroshot": (
+        "lamra_pl.recipes.zeroshot:convert",
+        "Convert one of LamRA's zero-shot sets from its published files to evaluation task folders",
+    ),
     "merge": (
         "lamra_pl.pipelines.merge:merge",
         "Merge a LoRA adapter into its base weights (float32) and save a full checkpoint in the base dtype",
@@ -86,6 +90,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chance": (
         "lamra_pl.pipelines.evaluate:chance",
         "Print the Recall@K of a random ranking on each task's local pool, to read real numbers against",
+    ),
+    "zeroshot-report": (
+        "lamra_pl.pipelines.evaluate:zeroshot_report",
+        "Put the evaluated zero-shot sets in one table, as LamRA's zero-shot table: each task's reported metric",
     ),
     "search": (
         "lamra_pl.api:search",

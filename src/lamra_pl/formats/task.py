@@ -3,8 +3,9 @@
 Layout version VERSION:
 
     TASK/                    named <dataset>_task<N>, e.g. eval/test/mscoco_task0
-      task.json              {"format": "lamra-pl-task", "version": 1, "dataset", "task_id", "split",
-                              "query_modalities", "queries": n, "pool": n, "recall_k": 5 | 10}
+      task.json              {"format": "lamra-pl-task", "version": 2, "dataset", "task_id", "split",
+                              "query_modalities", "queries": n, "pool": n, "recall_k": 5 | 10,
+                              "metrics": ["R@1", "R@5", "R@10"], "reported": "R@5"}
                              (folders written before the version field read as version 1)
       qrels.txt              M-BEIR qrels, one line per positive: `qid 0 did relevance task_id` (relevance > 0 counts)
       qrels.trec             the same in TREC's four columns, `qid 0 did relevance`, for TREC tools (trec_eval,
@@ -17,12 +18,22 @@ Layout version VERSION:
                              candidate shards
 
 `recall_k` is M-BEIR's reported metric for the task (R@10 for Fashion200K and FashionIQ, R@5 elsewhere).
+
+Version 2 adds the metric spec: "metrics", the metrics `lamra-pl evaluate` computes for the task besides R@1/5/10
+(`R@k`: hit rate in the top k; `mAP@k`: CIRCO's mean average precision at k, `lamra_pl.ranking.metrics`), and
+"reported", the one the task reports (its column in a results table, e.g. CIRCO's "mAP@5"). A version-1 folder
+(no spec) reads as metrics R@1/5/10 and reported R@`recall_k`: `task_metrics` and `reported_metric` give either.
+An older lamra-pl refuses version 2, rather than scoring a CIRCO task by the wrong metric.
+
+Optional, version 2: `galleries.jsonl`, one line `{"qid": ..., "ids": [...]}` per query, each query's own gallery
+(GeneCIS): `lamra-pl retrieve` ranks a query's gallery only, in the local pool setting.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import re
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,7 +42,11 @@ from typing import Any
 from lamra_pl.errors import LamraError
 from lamra_pl.formats.shards import POOL_IDS, write_pool_ids
 
-FORMAT, VERSION = "lamra-pl-task", 1
+FORMAT, VERSION = "lamra-pl-task", 2
+READABLE = (1, 2)  # version 1: no metric spec (M-BEIR's R@1/5/10, reported R@recall_k)
+METRIC = re.compile(r"(?P<name>R|mAP)@(?P<k>[1-9][0-9]*)")  # the metric names a task.json may list
+DEFAULT_METRICS = ("R@1", "R@5", "R@10")
+GALLERIES_FILE = "galleries.jsonl"
 TASK_FILE = "task.json"
 QRELS_FILE = "qrels.txt"
 TREC_QRELS_FILE = "qrels.trec"
@@ -54,9 +69,40 @@ def task_info(task_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise LamraError(f"{task_dir} is not an evaluation task folder (no {TASK_FILE}; see `lamra-pl convert-mbeir`)")
     info = json.loads(path.read_text())
-    if info.get("version", VERSION) != VERSION:
-        raise LamraError(f"{path}: a {FORMAT} of version {info['version']}; this lamra-pl reads version {VERSION}")
+    if info.get("version", 1) not in READABLE:
+        raise LamraError(f"{path}: a {FORMAT} of version {info['version']}; this lamra-pl reads versions {READABLE}")
+    for name in (*info.get("metrics", ()), *([info["reported"]] if "reported" in info else [])):
+        if not isinstance(name, str) or not METRIC.fullmatch(name):
+            raise LamraError(f"{path}: metric {name!r} is not one this lamra-pl computes (R@k, mAP@k)")
     return info
+
+
+def task_metrics(info: dict[str, Any]) -> list[str]:
+    """The metrics a task is scored by: R@1/5/10 and those its task.json lists (version 2), in that order."""
+    return list(dict.fromkeys([*DEFAULT_METRICS, *info.get("metrics", ()), reported_metric(info)]))
+
+
+def reported_metric(info: dict[str, Any]) -> str:
+    """The metric a task reports: task.json's "reported" (version 2), else M-BEIR's R@`recall_k`."""
+    return info.get("reported") or f"R@{info['recall_k']}"
+
+
+def read_galleries(task_dir: str | Path) -> dict[str, list[str]] | None:
+    """qid -> the ids of its own gallery, from the task's galleries.jsonl; None when the task has none."""
+    path = Path(task_dir) / GALLERIES_FILE
+    if not path.is_file():
+        return None
+    found: dict[str, list[str]] = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            row = json.loads(line)
+            qid, ids = row["qid"], row["ids"]
+        except (ValueError, TypeError, KeyError):
+            raise LamraError(f'{path}:{number}: expected {{"qid": ..., "ids": [...]}}') from None
+        if not isinstance(qid, str) or not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise LamraError(f"{path}:{number}: qid must be a string and ids a list of strings")
+        found[qid] = ids
+    return found
 
 
 def query_shards(task_dir: str | Path) -> Path:
@@ -82,10 +128,14 @@ def pool_ids(task_dir: str | Path) -> list[str]:
 
 
 def write_task(
-    task_dir: str | Path, info: dict[str, Any], qrels: Iterable[str], pool: Iterable[str] | None = None
+    task_dir: str | Path,
+    info: dict[str, Any],
+    qrels: Iterable[str],
+    pool: Iterable[str] | None = None,
+    galleries: dict[str, list[str]] | None = None,
 ) -> Path:
     """task.json (with this layout's format and version), qrels.txt (M-BEIR lines as given: `qid 0 did relevance
-    [task_id]`), qrels.trec (their first four columns) and, if given, pool/ids.txt."""
+    [task_id]`), qrels.trec (their first four columns) and, if given, pool/ids.txt and galleries.jsonl."""
     task_dir = Path(task_dir)
     task_dir.mkdir(parents=True, exist_ok=True)
     if pool is not None:
@@ -94,6 +144,9 @@ def write_task(
     qrels_file(task_dir).write_text("".join(f"{line}\n" for line in lines))
     trec = (" ".join(line.split()[:4]) for line in lines if line.strip())
     (task_dir / TREC_QRELS_FILE).write_text("".join(f"{line}\n" for line in trec))
+    if galleries is not None:
+        rows = (json.dumps({"qid": qid, "ids": ids}) for qid, ids in galleries.items())
+        (task_dir / GALLERIES_FILE).write_text("".join(f"{row}\n" for row in rows))
     (task_dir / TASK_FILE).write_text(json.dumps({"format": FORMAT, "version": VERSION, **info}, indent=1))
     return task_dir
 

@@ -14,6 +14,8 @@ results.json:
                       "dataset_id": 9, "task_id": 0, "mbeir_name": "mbeir_mscoco_task0",
                       "chance": {"R@1": x, "R@5": x, "R@10": x}}},
      "average": {"R@1": x, "R@5": x, "R@10": x, "reported": x[, "wrong_modality@10": x]}}
+A task whose task.json (version 2) lists more metrics has them too (CIRCO's "mAP@5".."mAP@50", GeneCIS's "R@2",
+"R@3"; `ranking.metrics`), averaged when every task has them, and its "reported" is the metric task.json names.
 "reported" is M-BEIR's metric for the task (R@10 for Fashion200K and FashionIQ, R@5 elsewhere); the average's
 "reported" is M-BEIR's headline number, the unweighted mean of the tasks' reported metrics. "dataset_id" is
 M-BEIR's dataset id, the prefix of the task's query ids ("9:1234"; null when they have none or several), "task_id"
@@ -44,9 +46,9 @@ from lamra_pl.files import atomic_write
 from lamra_pl.formats.checkpoint import global_step
 from lamra_pl.formats.index import EmbeddingIndex, is_complete
 from lamra_pl.formats.runs import RESULTS, read_manifest, read_run_file, relocate
-from lamra_pl.formats.task import TASK_FILE, qrels_file, read_qrels, task_dirs, task_info
+from lamra_pl.formats.task import TASK_FILE, qrels_file, read_qrels, reported_metric, task_dirs, task_info, task_metrics
 from lamra_pl.formats.tensorboard import EVENTS, read_board, read_hparams, write_evaluation
-from lamra_pl.ranking.metrics import BIAS_K, KS, RANK_PAD, score_task, summarise, wrong_modality
+from lamra_pl.ranking.metrics import BIAS_K, KS, RANK_PAD, metric_depth, score_task, summarise, wrong_modality
 from lamra_pl.ranking.metrics import chance as chance_level
 
 
@@ -150,16 +152,18 @@ def evaluate_runs(
         row_of = pools[entry["pool_ids"]]
         run = read_run_file(run_file)
         qrels = read_qrels(qrels_path)
-        ranked = _rows(run.ranked, row_of, run_file, entry["pool_ids"], max(ks))
+        metrics = task_metrics(info)
+        ranked = _rows(run.ranked, row_of, run_file, entry["pool_ids"], max(max(ks), metric_depth(metrics)))
         missing = sorted(set(qrels) - set(run.qids))
         if missing:
             raise LamraError(
                 f"{run_file} has no ranking for {len(missing)} queries of {qrels_path}, e.g. {missing[:3]}"
             )
-        scores = score_task(run.qids, ranked, row_of, qrels, ks, str(qrels_path))
+        _check_depth(run.ranked, metrics, len(row_of), run_file, manifest.get("k"))
+        scores = score_task(run.qids, ranked, row_of, qrels, ks, str(qrels_path), metrics)
         scored[name] = {
             **scores,
-            "reported": f"R@{info['recall_k']}",
+            "reported": reported_metric(info),
             "run_file": str(run_file),
             "qrels_file": str(qrels_path),
             "num_queries": len(run.qids),
@@ -196,6 +200,19 @@ def _modalities(index: str | None) -> dict[str, str] | None:
     return dict(zip(found.ids, found.modalities, strict=True))
 
 
+def _check_depth(ranked: list[list[str]], metrics: list[str], pool: int, run_file: Path, k: Any) -> None:
+    """A metric beyond R@1/5/10 (CIRCO's mAP@50) needs rankings that deep (or the whole pool): a shallower run
+    would score it low without a word."""
+    deepest = max((int(m.split("@")[1]) for m in metrics if m.startswith("mAP@")), default=0)
+    need = min(deepest, pool)
+    short = next((len(r) for r in ranked if len(r) < need), None)
+    if short is not None:
+        raise LamraError(
+            f"{run_file} ranks {short} candidates for a query, but mAP@{deepest} needs the top {need}: retrieve with "
+            f"--k {deepest} or more (this run's k: {k})"
+        )
+
+
 def _rows(ranked: list[list[str]], row_of: dict[str, int], run_file: Path, pool_file: str, depth: int) -> np.ndarray:
     width = max(depth, max((len(r) for r in ranked), default=0))
     out = np.full((len(ranked), width), RANK_PAD, dtype=np.int64)
@@ -210,18 +227,26 @@ def _rows(ranked: list[list[str]], row_of: dict[str, int], run_file: Path, pool_
 
 
 def markdown(results: dict[str, Any], ks: tuple[int, ...] = KS) -> str:
+    """The results table: R@K, the reported metric, and the columns only some tasks have (a task's metrics beyond
+    R@K, e.g. CIRCO's mAP@k; the modality bias), blank where a task has none."""
     bias = f"wrong_modality@{BIAS_K}"
-    extra = [bias] if bias in results["average"] else []
-    head = "| task | queries | " + " | ".join([*(f"R@{k}" for k in ks), "reported", *extra]) + " |"
+    columns = [f"R@{k}" for k in ks]
+    beyond = dict.fromkeys(m for t in results["tasks"].values() for m in t if _metric(m) and m not in columns)
+    extra = [m for m in beyond if m != bias] + ([bias] if bias in results["average"] else [])
+    head = "| task | queries | " + " | ".join([*columns, "reported", *extra]) + " |"
     lines = [head, "|" + "---|" * (len(ks) + 3 + len(extra))]
+
+    def cell(row: dict[str, Any], metric: str) -> str:
+        return f"{100 * row[metric]:.1f}" if metric in row else ""
+
     for name, t in results["tasks"].items():
-        cells = [f"{100 * t[f'R@{k}']:.1f}" for k in ks] + [f"{t['reported']} {100 * t[t['reported']]:.1f}"]
-        cells += [f"{100 * t[m]:.1f}" for m in extra]
+        cells = [cell(t, c) for c in columns] + [f"{t['reported']} {100 * t[t['reported']]:.1f}"]
+        cells += [cell(t, m) for m in extra]
         lines.append(f"| {name} | {t['num_queries']} | " + " | ".join(cells) + " |")
     avg = results["average"]
     if avg:
-        cells = [f"{100 * avg[f'R@{k}']:.1f}" for k in ks] + [f"{100 * avg['reported']:.1f}"]
-        cells += [f"{100 * avg[m]:.1f}" for m in extra]
+        cells = [cell(avg, c) for c in columns] + [f"{100 * avg['reported']:.1f}"]
+        cells += [cell(avg, m) for m in extra]
         lines.append("| **average** | | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -275,7 +300,7 @@ def save_results(
 
 
 def _metric(name: str) -> bool:
-    return name.startswith(("R@", "wrong_modality@"))
+    return name.startswith(("R@", "mAP@", "wrong_modality@"))
 
 
 def chance(tasks: str, ks: list[int] = list(KS)) -> dict[str, dict[str, float]]:  # noqa: B006 - read by jsonargparse
@@ -297,3 +322,48 @@ def chance(tasks: str, ks: list[int] = list(KS)) -> dict[str, dict[str, float]]:
         lines.append(f"| {task.name} | {info['task_id']} | {info['pool']} | {numbers} |")
     print("\n".join(lines))
     return rows
+
+
+DIRECTIONS = {0: "T2I", 3: "I2T", 7: "CIR"}  # M-BEIR task id -> the column name in LamRA's zero-shot table
+
+
+def zeroshot_report(runs: str, sets: list[str] | None = None) -> dict[str, Any]:
+    """Put the evaluated zero-shot sets in one table, as LamRA's zero-shot table: each task's reported metric.
+
+    Reads RUNS/<set>/local/results.json (`make zeroshot` writes them), writes RUNS/zeroshot.md and
+    RUNS/zeroshot.json, and prints the table: one column per task (set, direction, metric), and below it every
+    metric of every task.
+
+    Args:
+        runs: the folder holding one run folder per set (`make zeroshot`: runs/zeroshot).
+        sets: the sets, in the table's order (default: every RUNS/<set>/local/results.json, sorted).
+    """
+    folder = Path(runs)
+    if sets is None:
+        sets = sorted(p.parent.parent.name for p in folder.glob(f"*/local/{RESULTS}"))
+    if not sets:
+        raise LamraError(f"no {folder}/<set>/local/{RESULTS}: evaluate a set first (make zeroshot)")
+    columns: dict[str, float] = {}
+    details: dict[str, Any] = {}
+    for name in sets:
+        path = folder / name / "local" / RESULTS
+        if not path.is_file():
+            raise LamraError(f"{path} does not exist: set {name!r} was not evaluated (make zeroshot SETS={name})")
+        results = json.loads(path.read_text())
+        for task, row in results["tasks"].items():
+            direction = DIRECTIONS.get(row.get("task_id"), f"task{row.get('task_id')}")
+            columns[f"{task.rsplit('_task', 1)[0]} {direction} {row['reported']}"] = row[row["reported"]]
+            details[task] = {m: v for m, v in row.items() if _metric(m)} | {"num_queries": row["num_queries"]}
+    head = "| " + " | ".join(columns) + " |"
+    table = [head, "|" + "---|" * len(columns), "| " + " | ".join(f"{100 * v:.1f}" for v in columns.values()) + " |"]
+    metrics = list(dict.fromkeys(m for row in details.values() for m in row if m != "num_queries"))
+    table += ["", "| task | queries | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 2)]
+    for task, row in details.items():
+        cells = [f"{100 * row[m]:.1f}" if m in row else "" for m in metrics]
+        table.append(f"| {task} | {row['num_queries']} | " + " | ".join(cells) + " |")
+    text = "\n".join(table)
+    report = {"sets": sets, "table": columns, "tasks": details}
+    atomic_write(folder / "zeroshot.md", text + "\n")
+    atomic_write(folder / "zeroshot.json", json.dumps(report, indent=1))
+    print(text)
+    return report

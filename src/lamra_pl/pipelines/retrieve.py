@@ -5,7 +5,8 @@
                              runs.json (for `evaluate`, `rerank`, `rerank-data`, `mine`)
 
 Pool settings: "global" searches the whole index (M-BEIR's global pool when the index is of `global_pool/`);
-"local" restricts the search to the task's own pool (`<task>/pool/ids.txt`), as M-BEIR_local does.
+"local" restricts the search to the task's own pool (`<task>/pool/ids.txt`), as M-BEIR_local does; a task with
+per-query galleries (`galleries.jsonl`, GeneCIS) ranks each query's own gallery there.
 
 Everything that can be checked without the model is checked before it is loaded: the index, the task folders, and
 in the local setting each task's pool (not empty, all of it in the index). The run folders name the index and the
@@ -26,18 +27,20 @@ from lamra_pl.formats.index import IDS, EmbeddingIndex
 from lamra_pl.formats.runs import format_run, write_manifest
 from lamra_pl.formats.settings import ModelSettings, module_args
 from lamra_pl.formats.task import (
+    GALLERIES_FILE,
     TASK_FILE,
     pool_ids,
     pool_ids_file,
     qrels_file,
     query_shards,
+    read_galleries,
     task_dirs,
     task_info,
 )
 from lamra_pl.models.checkpoints import caller_settings, load_retriever
 from lamra_pl.pipelines.encode import encode, lists_no_id
 from lamra_pl.pipelines.trainer import TrainerSpec
-from lamra_pl.ranking.search import Backend, search
+from lamra_pl.ranking.search import Backend, TopK, search
 
 Pool = Literal["local", "global"]
 
@@ -81,6 +84,7 @@ def retrieve(
     tasks = task_dirs(queries)
     out_dir = Path(out)
     subsets = {t.name: _local_rows(t, searched) for t in tasks} if "local" in pools else {}
+    gallery_rows = {t.name: rows for t in tasks if "local" in pools and (rows := _gallery_rows(t, searched))}
     module = load_retriever(
         model, backbone=caller_settings(backbone, trust_remote_code, settings), module=module_args(settings)
     )
@@ -97,14 +101,17 @@ def retrieve(
         files: dict[Path, str] = {}
         for task in tasks:
             encoded = EmbeddingIndex(out_dir / "queries" / task.name)
-            found = search(
-                searched.embeddings,
-                encoded.embeddings,
-                k,
-                tie_key=searched.id_rank,
-                subset=subsets.get(task.name) if pool == "local" else None,
-                backend=backend,
-            )
+            if pool == "local" and task.name in gallery_rows:
+                found = _search_galleries(searched, encoded, gallery_rows[task.name], k, backend, task)
+            else:
+                found = search(
+                    searched.embeddings,
+                    encoded.embeddings,
+                    k,
+                    tie_key=searched.id_rank,
+                    subset=subsets.get(task.name) if pool == "local" else None,
+                    backend=backend,
+                )
             ranked = [[searched.ids[r] for r in row if r >= 0] for row in found.rows]
             run_file = out_dir / pool / f"{task.name}.run"
             files[run_file] = format_run(encoded.ids, ranked, found.scores, tag=f"lamra-pl-{pool}")
@@ -142,3 +149,40 @@ def _local_rows(task: Path, index: EmbeddingIndex) -> np.ndarray:
             f"{missing[:3]}: index the global pool (or this task's pool) of the same split"
         )
     return np.sort(np.fromiter((index.row_of[i] for i in ids), dtype=np.int64, count=len(ids)))
+
+
+def _gallery_rows(task: Path, index: EmbeddingIndex) -> dict[str, np.ndarray] | None:
+    """qid -> the sorted index rows of its own gallery (the task's galleries.jsonl, GeneCIS), or None."""
+    found = read_galleries(task)
+    if found is None:
+        return None
+    missing = sorted({i for ids in found.values() for i in ids if i not in index.row_of})
+    if missing:
+        raise LamraError(
+            f"{len(missing)} gallery candidates of {task / GALLERIES_FILE} are not in the index {index.path}, e.g. "
+            f"{missing[:3]}: index the global pool of the same split"
+        )
+    return {qid: np.unique(np.fromiter((index.row_of[i] for i in ids), dtype=np.int64)) for qid, ids in found.items()}
+
+
+def _search_galleries(
+    index: EmbeddingIndex, encoded: EmbeddingIndex, rows: dict[str, np.ndarray], k: int, backend: Backend, task: Path
+) -> TopK:
+    """Each query ranked within its own gallery (the local setting of a task with galleries.jsonl): the top k of
+    its gallery, padded with -1 to the widest."""
+    missing = [q for q in encoded.ids if q not in rows]
+    if missing:
+        raise LamraError(f"{len(missing)} queries of {task} have no line in {GALLERIES_FILE}, e.g. {missing[:3]}")
+    out_rows = np.full((len(encoded.ids), k), -1, dtype=np.int64)
+    out_scores = np.full((len(encoded.ids), k), -np.inf)
+    for q, qid in enumerate(encoded.ids):
+        found = search(
+            index.embeddings,
+            encoded.embeddings[q : q + 1],
+            k,
+            tie_key=index.id_rank,
+            subset=rows[qid],
+            backend=backend,
+        )
+        out_rows[q], out_scores[q] = found.rows[0], found.scores[0]
+    return TopK(out_rows, out_scores)

@@ -5,6 +5,15 @@ Recall@K is a hit rate, 1 for a query if any of its positives is in its top K, v
 RetrievalRecall); torchmetrics' RetrievalHitRate is the same metric, but per query in Python. `score_task` is the one
 scoring of a task's rankings: `lamra-pl evaluate` applies it to run files, validation during `fit` to rankings it
 searched in memory (`evaluate_embeddings`), so the two give the same numbers.
+
+Beyond the hit rate, a task folder may ask for (task.json "metrics", `lamra_pl.formats.task`):
+
+* `mAP@k`, CIRCO's mean average precision at k (Baldrati et al., ICCV 2023; its evaluation code, as LamRA's
+  `eval_circo.py` computes it): per query, AP@k = sum over ranks i <= k of precision@i at the ranks holding a
+  positive, divided by min(k, number of positives); averaged over queries. Every positive of the qrels counts in
+  that number, found in the pool or not.
+* GeneCIS's R@1/2/3 is the hit rate R@k with k = 1, 2, 3 of rankings of each query's own gallery (the task's
+  galleries.jsonl: `lamra-pl retrieve` ranks the gallery only).
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import numpy as np
 
 from lamra_pl.errors import LamraError
 from lamra_pl.formats.index import id_ranks
-from lamra_pl.formats.task import QRELS_FILE, read_qrels, task_info
+from lamra_pl.formats.task import QRELS_FILE, read_qrels, reported_metric, task_info, task_metrics
 from lamra_pl.ranking.search import search
 
 KS = (1, 5, 10)
@@ -50,6 +59,27 @@ def recall_at_k(ranked: np.ndarray, positives: np.ndarray, ks: tuple[int, ...]) 
         raise ValueError(f"R@{too_deep[0]} needs the top {too_deep[0]}, but the rankings hold {ranked.shape[1]}")
     hit = first_hit(ranked, positives)
     return {f"R@{k}": float((hit < k).mean()) for k in ks}
+
+
+def map_at_k(ranked: np.ndarray, positives: np.ndarray, counts: np.ndarray, k: int) -> float:
+    """CIRCO's mAP@k of [Q, K] rankings: mean over queries of sum_{i<=k} precision@i * rel_i / min(k, counts).
+
+    Args:
+        ranked: [Q, K] int64 candidate numbers, best first (RANK_PAD for missing results), K >= k.
+        positives: [Q, P] int64 candidate numbers of each query's positives (POSITIVE_PAD for padding).
+        counts: [Q] each query's number of positives (those outside the pool included), at least 1.
+    """
+    if k > ranked.shape[1]:
+        raise ValueError(f"mAP@{k} needs the top {k}, but the rankings hold {ranked.shape[1]}")
+    relevant = (ranked[:, :k, None] == positives[:, None, :]).any(-1)  # [Q, k]
+    precision = np.cumsum(relevant, axis=1) / np.arange(1, k + 1)
+    ap = (precision * relevant).sum(1) / np.minimum(k, counts)
+    return float(ap.mean()) if len(ap) else float("nan")
+
+
+def metric_depth(names: Sequence[str]) -> int:
+    """The ranking depth the metrics need: their largest k."""
+    return max(int(name.split("@")[1]) for name in names)
 
 
 def pad_positives(positives: list[list[int]]) -> np.ndarray:
@@ -93,9 +123,10 @@ def score_task(
     qrels: dict[str, set[str]],
     ks: tuple[int, ...] = KS,
     qrels_file: str = "qrels",
+    metrics: Sequence[str] = (),
 ) -> dict[str, float]:
     """Recall@K of rankings given as [Q, K] pool row numbers (RANK_PAD for missing results); `row_of` maps each
-    pool id to its row.
+    pool id to its row; and each of `metrics` (`R@k`, `mAP@k`: the module's docstring) not among them.
 
     Every query needs at least one qrels line. Positives absent from the pool count (they cannot be found).
     """
@@ -103,7 +134,13 @@ def score_task(
     if no_qrels:
         raise LamraError(f"{len(no_qrels)} queries have no positive in {qrels_file}, e.g. {no_qrels[:3]}")
     positives = pad_positives([[row_of[d] for d in qrels[q] if d in row_of] for q in qids])
-    return recall_at_k(ranked, positives, ks)
+    extra_ks = tuple(int(m[2:]) for m in metrics if m.startswith("R@") and int(m[2:]) not in ks)
+    scores = recall_at_k(ranked, positives, (*ks, *extra_ks))
+    counts = np.array([len(qrels[q]) for q in qids], dtype=np.int64)
+    for name in metrics:
+        if name.startswith("mAP@"):
+            scores[name] = map_at_k(ranked, positives, counts, int(name[4:]))
+    return scores
 
 
 def summarise(tasks: dict[str, dict[str, Any]], ks: tuple[int, ...] = KS) -> dict[str, float]:
@@ -112,6 +149,11 @@ def summarise(tasks: dict[str, dict[str, Any]], ks: tuple[int, ...] = KS) -> dic
     if not tasks:
         return {}
     average = {f"R@{k}": float(np.mean([t[f"R@{k}"] for t in tasks.values()])) for k in ks}
+    # A metric beyond R@K (mAP@k, R@2) is averaged over the tasks that have it, when all of them have it.
+    extra = [m for m in dict.fromkeys(m for t in tasks.values() for m in t if m.startswith(("R@", "mAP@")))]
+    for name in extra:
+        if name not in average and all(name in t for t in tasks.values()):
+            average[name] = float(np.mean([t[name] for t in tasks.values()]))
     average["reported"] = float(np.mean([t[t["reported"]] for t in tasks.values()]))
     bias = f"wrong_modality@{BIAS_K}"
     if all(bias in t for t in tasks.values()):
@@ -129,12 +171,17 @@ def evaluate_embeddings(
     tasks: dict[str, dict[str, Any]] = {}
     for task_dir, parts in sorted(groups.items()):
         info = task_info(task_dir)
+        metrics = task_metrics(info)
         (qids, queries), (pool_ids, pool) = parts["queries"], parts["pool"]
         found = search(
-            pool.astype(np.float16), queries.astype(np.float16), max(ks), tie_key=id_ranks(pool_ids), backend="torch"
+            pool.astype(np.float16),
+            queries.astype(np.float16),
+            max(max(ks), metric_depth(metrics)),
+            tie_key=id_ranks(pool_ids),
+            backend="torch",
         )
         qrels_path = Path(task_dir) / QRELS_FILE
         row_of = {i: row for row, i in enumerate(pool_ids)}
-        scores = score_task(qids, found.rows, row_of, read_qrels(qrels_path), ks, str(qrels_path))
-        tasks[Path(task_dir).name] = {**scores, "reported": f"R@{info['recall_k']}", "num_queries": len(qids)}
+        scores = score_task(qids, found.rows, row_of, read_qrels(qrels_path), ks, str(qrels_path), metrics)
+        tasks[Path(task_dir).name] = {**scores, "reported": reported_metric(info), "num_queries": len(qids)}
     return {"tasks": tasks, "average": summarise(tasks, ks)}

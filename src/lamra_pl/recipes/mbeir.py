@@ -105,7 +105,7 @@ from lamra_pl.formats.shards import (
     write_pool_ids,
     write_shards,
 )
-from lamra_pl.formats.task import POOL, QUERIES, TASK_FILE, write_task
+from lamra_pl.formats.task import DEFAULT_METRICS, POOL, QUERIES, TASK_FILE, write_task
 from lamra_pl.progress import counted, progress
 
 log = logging.getLogger(__name__)
@@ -304,6 +304,9 @@ class Converter:
         self.train_files: list[Path] = []
         self.train_tasks_seen: set[str] = set()  # training folders some query row was meant for
         self.empty: list[dict[str, Any]] = []
+        # task folder name -> what its task.json says beyond `task_info` (a zero-shot set's metric spec) and its
+        # per-query galleries ("galleries": {qid: [ids]}): `lamra_pl.recipes.zeroshot`
+        self.task_specs: dict[str, dict[str, Any]] = {}
         # Progress (`lamra_pl.progress`): every input line read, every sample written; `convert` closes them.
         self.reading = progress(desc="convert-mbeir: reading", unit="lines")
         self.writing = progress(desc="convert-mbeir: writing", unit="samples")
@@ -702,7 +705,12 @@ class Converter:
                 lines = self.qrels(qrels_path, f"{split}_qrels", kept, qids_read, path)
             else:
                 lines = positive_qrels(records)
-            write_task(task_dir, task_info(dataset, task, split, records, len(pool)), lines)
+            info = task_info(dataset, task, split, records, len(pool))
+            spec = dict(self.task_specs.get(task_dir.name, {}))
+            gallery = spec.pop("galleries", None)
+            if gallery is not None:  # the kept queries' galleries (a dropped query's goes with it), of kept candidates
+                gallery = {qid: [i for i in ids if i in pool] for qid, ids in gallery.items() if qid in kept}
+            write_task(task_dir, {**info, **spec}, lines, galleries=gallery)
             empty = [part for part, n in (("queries", len(records)), ("pool", len(pool))) if n == 0]
             if empty:
                 self.empty.append({"task": f"eval/{split}/{task_dir.name}", "empty": empty, "written": True})
@@ -789,6 +797,7 @@ class Converter:
 
 def task_info(dataset: str, task: int, split: str, records: list[dict], pool: int) -> dict[str, Any]:
     """What task.json says of a converted task."""
+    recall_k = 10 if dataset in RECALL_AT_10 else 5
     return {
         "dataset": dataset,
         "task_id": task,
@@ -796,7 +805,9 @@ def task_info(dataset: str, task: int, split: str, records: list[dict], pool: in
         "query_modalities": sorted({r["query_modality"] for r in records}),
         "queries": len(records),
         "pool": pool,
-        "recall_k": 10 if dataset in RECALL_AT_10 else 5,
+        "recall_k": recall_k,
+        "metrics": list(DEFAULT_METRICS),
+        "reported": f"R@{recall_k}",
     }
 
 
@@ -828,6 +839,25 @@ def convert(
         image_roots: folders outside the root that image links inside it may lead into (e.g. the disk that a
             linked `mbeir_images/` is on); every other path leading out of the root is refused (`unsafe_path`).
     """
+    return run_conversion(root, out, strict, splits, max_image_pixels, image_roots)
+
+
+def run_conversion(
+    root: str,
+    out: str,
+    strict: bool = False,
+    splits: tuple[str, ...] = ("test",),
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
+    image_roots: tuple[str, ...] = (),
+    train: bool = True,
+    task_specs: dict[str, dict[str, Any]] | None = None,
+    extra_report: dict[str, Any] | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """`convert`, and what other recipes need of it (`lamra_pl.recipes.zeroshot` writes an M-BEIR layout and converts
+    it here): `train=False` converts the evaluation splits only (no train/ nor train_pool/); `task_specs` adds to a
+    task folder's task.json (by folder name; "galleries" becomes its galleries.jsonl); `extra_report` adds fields to
+    report.json; `quiet` does not print the report."""
     root_path, out_path = Path(root), Path(out)
     if not root_path.is_dir():
         raise LamraError(f"M-BEIR root {root!r} does not exist")
@@ -841,11 +871,13 @@ def convert(
     if missing:
         raise LamraError(f"--image_roots {missing[0]!r} is not a folder")
     converter = Converter(root_path, Problems(strict), max_image_pixels, tuple(image_roots))
+    converter.task_specs = dict(task_specs or {})
     converter.load_instructions()
     converter.load_pools()
     output = Output(out_path)
     output.begin()
-    converter.train(output)
+    if train:
+        converter.train(output)
     for split in splits:
         converter.evaluation(output, split)
     converter.reading.close()
@@ -873,7 +905,9 @@ def convert(
         "outputs": output.outputs,
         "not_written_here": output.others(),
         "strict": strict,
+        **(extra_report or {}),
     }
     output.finish(report)
-    print(json.dumps(report, indent=1))
+    if not quiet:
+        print(json.dumps(report, indent=1))
     return report
