@@ -17,8 +17,9 @@ samples are replaced and counted) and draws each query from a source with the gi
   gathers it, rank 0's batch_size queries, then rank 1's, ...: query j of rank r is place r x batch_size + j, in
   sub-batch (r x batch_size + j) // S. So with S dividing batch_size each rank holds batch_size / S whole
   sub-batches; with S a multiple of batch_size a sub-batch spans S / batch_size ranks; S must divide the global
-  batch. The loss is unchanged: each query's in-batch negatives are every candidate of the global batch, the S - 1
-  of its own sub-batch (one source or task: the hard ones) and those of the other sub-batches (other groups: a mix).
+  batch. The global batch depends on batch_size x world only: 2 ranks of 4 draw the halves of 1 rank's 8. The
+  loss is unchanged: each query's in-batch negatives are every candidate of the global batch, the S - 1 of its own
+  sub-batch (one source or task: the hard ones) and those of the other sub-batches (other groups: a mix).
   `sub_batch_size` = the global batch with `homogeneous: true` draws one task per global batch as `homogeneous`
   alone does (not the same draws); S = 1 draws a group per query as mixed batches do.
 
