@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lamra_pl.callbacks import FinalMetrics, Progress
 from lamra_pl.cli.lightning import LamraCLI
 from lamra_pl.data.datamodule import ShardDataModule
+from lamra_pl.data.mix import MixDataModule
 from lamra_pl.models.clip import CLIPModule
 from lamra_pl.models.embedding import EmbeddingModule
 from lamra_pl.models.reranker import RerankModule
@@ -32,6 +33,7 @@ RETRIEVER = "lamra_ret/stage2_instruct.yaml"
 ABLATION_STAGE = {"rerank_pointwise": "lamra_rank/rerank_joint.yaml", "rerank_listwise": "lamra_rank/rerank_joint.yaml"}
 ABLATION_STAGE["rerank_joint"] = ABLATION_STAGE["rerank_pointwise"]
 ABLATION_STAGE["rerank_answer_labels"] = ABLATION_STAGE["rerank_pointwise"]
+ABLATION_STAGE["interleaved"] = "mm_embed/stage_continual.yaml"  # an option of MixDataModule
 
 
 def resolve(class_path: str) -> object:
@@ -143,6 +145,9 @@ def test_ablation_overlays_parse_over_their_stage_and_change_what_they_name(over
     parsed = cli(ParseOnly, "-c", str(stage), "-c", str(overlay)).config
     assert parsed != base  # the overlay changes something
     assert parsed.trainer == base.trainer  # and only the model or the data
+    if overlay.stem == "interleaved":  # its sub-batches divide the stage's global batch
+        t, s = parsed.trainer, parsed.data.init_args
+        assert (s.batch_size * t.devices * t.num_nodes) % s.sub_batch_size == 0
     if overlay.stem == "clip":
         assert resolve(parsed.model.class_path) is CLIPModule
         assert parsed.model.init_args.optimizer == base.model.init_args.optimizer  # the stage's recipe is kept
@@ -179,3 +184,13 @@ def test_grid_files_load_and_their_fits_parse(grid, monkeypatch):
         assert step.final_metrics != "fit" or any(
             resolve(c.class_path) is FinalMetrics for c in parsed.trainer.callbacks
         )
+
+
+def test_the_demo_interleaved_overlay_turns_the_demo_stage_into_interleaved_sub_batches():
+    demo = [ROOT / "experiments/demo/stage2_instruct.yaml", ROOT / "experiments/ablations/grids/demo_size.yaml"]
+    overlay = ROOT / "experiments/ablations/grids/demo_interleaved.yaml"
+    parsed = cli(ParseOnly, *(a for p in (*demo, overlay) for a in ("-c", str(p)))).config
+    data = parsed.data.init_args
+    assert resolve(parsed.data.class_path) is MixDataModule and data.train_shards is None  # MixDataModule takes sources
+    assert list(data.sources) == ["demo/data/train"] and data.homogeneous
+    assert data.batch_size % data.sub_batch_size == 0 and data.batch_size > data.sub_batch_size  # devices: 1

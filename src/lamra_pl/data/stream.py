@@ -13,9 +13,11 @@ entries of every rank's share, read by byte range. Hence:
 * within a pass every sample is used once over all ranks (except replacements, below).
 
 A sample that cannot be used (an unreadable or oversized image, a record missing a field, an error while
-preparing it) is replaced by a sample drawn with a generator seeded by (seed, rank, batch), so every batch stays
-full (DDP gathers need equal sizes) and still a pure function. Each replacement is counted under its reason and
-reported with the batch; the index's own losses ride on rank 0's batch 0:
+preparing it) is replaced, in its place in the batch, by a sample drawn with a generator seeded by (seed, rank,
+batch) from the samples that place may hold (`TrainStream.draws`: any sample, or its group's for a mixing stream),
+so every batch stays full (DDP gathers need equal sizes), laid out as drawn, and still a pure function. Each
+replacement is counted under its reason and reported with the batch; the index's own losses ride on rank 0's
+batch 0:
 
 * `unreadable_shard`: a shard of which no sample can be read (not a tar, a dangling link, a zeroed file, damage
   before the end of its first sample); a file of zeros reads as an empty tar of any size, so one longer than an
@@ -50,6 +52,7 @@ log = logging.getLogger(__name__)
 
 OPEN_SHARDS = 64  # descriptors a reading process keeps open
 WARNINGS_PER_REASON = 5  # printed per process; later skips are only counted
+_EMPTY = object()  # a place in a batch not yet filled
 
 
 @dataclass
@@ -195,46 +198,48 @@ class TrainStream(IterableDataset):
             self._permutations[epoch_pass] = np.random.default_rng([self.seed, epoch_pass]).permutation(n)
         return int(self._permutations[epoch_pass][position])
 
-    def draws(self, b: int) -> tuple[list[tuple[int, str]], np.ndarray | None]:
-        """This rank's batch b: (sample number, seed of its choices) per query, and the sample numbers its
-        replacements are drawn from (None: any sample)."""
+    def draws(self, b: int) -> tuple[list[tuple[int, str]], list[np.ndarray | None]]:
+        """This rank's batch b: (sample number, seed of its choices) per query, and per query the sample numbers a
+        replacement in its place is drawn from (None: any sample)."""
         first = self.entry_of(b) + self.rank
         entries = [first + j * self.world for j in range(self.batch_size)]
-        return [(self._sample_of(k), f"{self.seed}:{k}") for k in entries], None
+        return [(self._sample_of(k), f"{self.seed}:{k}") for k in entries], [None] * self.batch_size
 
     def batch(self, b: int) -> dict[str, Any]:
         draws, spares = self.draws(b)
         spare = random.Random(f"{self.seed}:replace:{self.rank}:{b}")
         skipped: Counter[str] = Counter()
-        examples: list[Any] = []
+        examples: list[Any] = [_EMPTY] * self.batch_size
+        todo = list(enumerate(draws))  # (place in the batch, (sample number, choice seed)) still to fill
         replaced = 0
         while True:
-            for sample_number, choice_seed in draws:
+            for place, (sample_number, choice_seed) in todo:
                 try:
-                    examples.append(self._example(sample_number, choice_seed))
+                    examples[place] = self._example(sample_number, choice_seed)
                 except _Unusable as err:
                     self._skip(err.reason, str(err), skipped, b)
-            missing = self.batch_size - len(examples)
+            missing = [place for place, example in enumerate(examples) if example is _EMPTY]
             if missing:
-                picks = [spare.randrange(len(self.index) if spares is None else len(spares)) for _ in range(missing)]
-                draws = [
-                    (p if spares is None else int(spares[p]), f"{self.seed}:replace:{self.rank}:{b}:{replaced + i}")
-                    for i, p in enumerate(picks)
-                ]
-                replaced += missing
+                todo = []
+                for i, place in enumerate(missing):  # in place: a mixing stream's sub-batches keep their group
+                    pool = spares[place]
+                    pick = spare.randrange(len(self.index) if pool is None else len(pool))
+                    number = pick if pool is None else int(pool[pick])
+                    todo.append((place, (number, f"{self.seed}:replace:{self.rank}:{b}:{replaced + i}")))
+                replaced += len(missing)
                 continue
             try:
                 batch = self.collate(examples)
                 break
             except Exception as err:
-                failing = [e for e in examples if not _collates(self.collate, e)]
+                failing = [place for place, example in enumerate(examples) if not _collates(self.collate, example)]
                 if not failing:  # the batch fails as a whole (out of memory, a bug): not one sample's fault
                     raise
-                for example in failing:
-                    examples.remove(example)
-                    query = getattr(getattr(example, "query", None), "id", "?")
+                for place in failing:
+                    query = getattr(getattr(examples[place], "query", None), "id", "?")
+                    examples[place] = _EMPTY
                     self._skip("sample_error", f"query {query}: {type(err).__name__}: {err}", skipped, b)
-                draws = []
+                todo = []
         if b == 0 and self.rank == 0:
             skipped.update(self.index.lost)
         batch["skipped"] = torch.tensor([skipped[r] for r in SKIP_REASONS], dtype=torch.long)
