@@ -21,8 +21,11 @@ from lamra_pl.errors import LamraError
 from lamra_pl.formats.sample import Item, decode_candidate, decode_record, encode_candidate, encode_record
 from lamra_pl.formats.shards import expand_shards, read_samples, write_shards
 from lamra_pl.models.backbone import BackboneSpec, LoraSpec
+from lamra_pl.models.checkpoints import load_reranker
 from lamra_pl.models.embedding import EmbeddingModule
 from lamra_pl.models.embedding_inputs import EmbeddingCollator
+from lamra_pl.models.rerank_inputs import JudgePrompt, RerankExample, judge_question
+from lamra_pl.models.reranker import RerankModule
 from lamra_pl.models.video import VideoBudget, frame_indices
 
 DIRECTIONS = ("right", "down")
@@ -253,3 +256,51 @@ def test_a_tiny_fit_on_text_to_video_pairs_lowers_the_loss(tiny_backbone, video_
     assert len(losses) == 40 and all(math.isfinite(v) for v in losses)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.7 * first, losses
+
+
+@pytest.fixture(scope="module")
+def reranker(tiny_backbone) -> RerankModule:
+    module = RerankModule(BackboneSpec(tiny_backbone, gradient_checkpointing=False, video_max_frames=4))
+    module.configure_model()
+    return module.eval()
+
+
+def test_the_reranker_trains_and_scores_video_queries_and_candidates(reranker):
+    """LamRA-Rank's chats hold a video as one video part: labels still cover exactly the answer, a text->video and a
+    video->text pair score, and each pair scores alone as in a padded batch."""
+    video, other = video_item("v", "red", "right"), video_item("w", "blue", "down", text="a blue ball")
+    examples = [
+        RerankExample(Item("q0", "red circle moving right"), [(video, True), (other, False)], [other, video], 2),
+        RerankExample(video, [(Item("c", "red circle moving right"), True)], [], None),
+    ]
+    collator = reranker.collator()
+    batch = collator(examples)
+    inputs, labels = batch["inputs"], batch["labels"]
+    assert len(inputs["video_grid_thw"]) == 5  # 2 + 1 pointwise videos, 2 in the list; 4 frames each: t = 2
+    assert inputs["video_grid_thw"][:, 0].eq(2).all()
+    tokenizer = collator.processor.tokenizer
+    answers = [tokenizer.decode(row[row != -100]).strip() for row in labels]
+    assert [a.removesuffix("<|im_end|>") for a in answers] == ["Yes", "No", "Yes", "Ans: (2)"]
+    with torch.no_grad():
+        loss, _ = reranker.lm_loss(batch)
+    assert torch.isfinite(loss)
+    pairs = [(Item("q", "red circle moving right"), video), (video, Item("c", "a red circle")), (other, video)]
+    together = reranker.score_pointwise(collator.pointwise_inputs(pairs))
+    alone = torch.cat([reranker.score_pointwise(collator.pointwise_inputs([p])) for p in pairs])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+    assert ((together > 0) & (together < 1)).all()
+    scores = reranker.score_listwise(collator.listwise_inputs([(Item("q", "red"), [video, other])]), [2])
+    assert scores.shape == (1, 2) and scores.sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_the_zero_shot_judge_asks_about_a_video_candidate(tiny_backbone):
+    judge = load_reranker(tiny_backbone, judge=JudgePrompt())
+    collator = judge.collator()
+    video = video_item("v", "red", "right")
+    inputs = collator.pointwise_inputs([(Item("q", "red circle moving right"), video)], [("msrvtt", 0)])
+    text = collator.processor.tokenizer.decode(inputs["input_ids"][0])
+    assert "Candidate:<|vision_start|><|video_pad|>" in text
+    assert "Does the above video match the query? True or False" in text
+    assert judge_question("mscoco", 0, "video,text") == "Does the above video and text match the query? True or False"
+    p_true = judge.score_pointwise(inputs)
+    assert p_true.shape == (1,) and 0 < p_true.item() < 1
