@@ -17,7 +17,9 @@ from PIL import Image, ImageDraw
 
 from conftest import COLORS, png, shape_image
 from helpers import lamra_here, ok, scalars
+from lamra_pl.api import Retriever, Video
 from lamra_pl.errors import LamraError
+from lamra_pl.formats.index import EmbeddingIndex
 from lamra_pl.formats.sample import Item, decode_candidate, decode_record, encode_candidate, encode_record
 from lamra_pl.formats.shards import expand_shards, read_samples, write_shards
 from lamra_pl.models.backbone import BackboneSpec, LoraSpec
@@ -304,3 +306,35 @@ def test_the_zero_shot_judge_asks_about_a_video_candidate(tiny_backbone):
     assert judge_question("mscoco", 0, "video,text") == "Does the above video and text match the query? True or False"
     p_true = judge.score_pointwise(inputs)
     assert p_true.shape == (1,) and 0 < p_true.item() < 1
+
+
+def test_a_video_pool_is_indexed_and_searched_by_video_text_and_the_api(tiny_backbone, tmp_path):
+    """`lamra-pl index` embeds video candidates from pool shards (items.jsonl marks them "vid"); `lamra-pl search
+    --video FRAMES_FOLDER` and `Retriever.search(query_image=Video(...))` find a video by its own frames first."""
+    pool, index = tmp_path / "pool", tmp_path / "index"
+    videos = {f"vid:{c}-{d}": moving_shape(c, "circle", d, 4) for c in COLORS for d in DIRECTIONS}
+    samples = [
+        encode_candidate(f"{i:04d}", id=did, txt=None, image=None, video=[png(f) for f in frames], vid_src=f"{did}.avi")
+        for i, (did, frames) in enumerate(videos.items())
+    ]
+    samples.append(encode_candidate("9999", id="txt:0", txt="a red circle moving right", image=None))
+    write_shards(samples, pool, maxcount=3)
+    ok(lamra_here("index", f"--model={tiny_backbone}", f"--pool={pool}", f"--out={index}", "--batch_size=3"))
+    built = EmbeddingIndex(index)
+    assert built.modalities == ["video"] * len(videos) + ["text"]
+    target = "vid:blue-down"
+    folder = tmp_path / "query_frames"
+    folder.mkdir()
+    for t, frame in enumerate(videos[target]):
+        frame.save(folder / f"{t:03d}.png")
+    printed = ok(lamra_here("search", f"--model={tiny_backbone}", f"--index={index}", f"--video={folder}", "--k=3"))
+    first = printed.stdout.splitlines()[1].split()
+    assert first[2] == target and printed.stdout.splitlines()[1].endswith(f"{target}.avi")
+    retriever = Retriever.from_checkpoint(tiny_backbone)
+    hits = retriever.search(index, query_image=Video(videos[target]), k=2)
+    assert hits[0].id == target and hits[0].vid == f"{target}.avi" and hits[0].img is None
+    assert hits[0].score == pytest.approx(1.0, abs=2e-3)  # float16 index of the same frames
+    both = retriever.search(index, query_text=["red", None], query_image=[None, Video(folder)], k=1)
+    assert both[1][0].id == target
+    clean = lamra_here("search", f"--model={tiny_backbone}", f"--index={index}", f"--video={tmp_path / 'none'}")
+    assert clean.returncode == 2 and "video folder" in clean.stderr and "Traceback" not in clean.stderr
