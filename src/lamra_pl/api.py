@@ -42,7 +42,7 @@ from lamra_pl.data.items import batch_rows
 from lamra_pl.errors import LamraError
 from lamra_pl.formats import shard_fingerprint
 from lamra_pl.formats.index import ChunkStore, EmbeddingIndex, finished, inputs_fingerprint
-from lamra_pl.formats.sample import IMAGE_FORMATS, Item, with_instruction
+from lamra_pl.formats.sample import IMAGE_FORMATS, MAX_STORED_FRAMES, Item, with_instruction
 from lamra_pl.formats.settings import ModelSettings, module_args
 from lamra_pl.models.checkpoints import caller_settings, load_reranker, load_retriever
 from lamra_pl.models.contrastive import ContrastiveSteps
@@ -52,7 +52,37 @@ from lamra_pl.progress import progress
 from lamra_pl.ranking.search import Backend
 from lamra_pl.ranking.search import search as search_embeddings
 
-ImageInput = Image.Image | str | Path
+
+@dataclass(frozen=True)
+class Video:
+    """A video input: its frames in time order, as a folder of image files (read in name order) or a list of PIL
+    images, and their frame rate if known. It goes wherever an image may (`encode(images=[Video(...)])`,
+    `search(query_image=Video(...))`, `build_index`), and the model samples it to its frame budget
+    (`lamra_pl.models.video`)."""
+
+    frames: str | Path | Sequence[Image.Image]
+    fps: float | None = None
+
+    def images(self) -> list[Image.Image]:
+        if not isinstance(self.frames, (str, Path)):
+            frames = [_image(f) for f in self.frames]
+        else:
+            folder = Path(self.frames)
+            if not folder.is_dir():
+                raise LamraError(f"video folder {str(folder)!r} does not exist (a video is a folder of frame images)")
+            files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+            frames = [_image(p) for p in files]
+        if not frames:
+            raise LamraError(f"video {self.name()!r} has no frames")
+        if len(frames) > MAX_STORED_FRAMES:
+            raise LamraError(f"video {self.name()!r} has {len(frames)} frames, over {MAX_STORED_FRAMES}; thin it")
+        return frames
+
+    def name(self) -> str:
+        return str(self.frames) if isinstance(self.frames, (str, Path)) else "<video>"
+
+
+ImageInput = Image.Image | str | Path | Video
 # A reranker's query or candidate, as sentence-transformers' CrossEncoder takes them: a text (a str is always a
 # text, never guessed to be a file name), an image (a PIL image or a pathlib.Path), or both as a mapping
 # {"text": ..., "image": PIL image, str or Path}.
@@ -71,6 +101,7 @@ class Hit:
     score: float
     txt: str | None
     img: str | None
+    vid: str | None = None  # a video candidate's source (items.jsonl's "vid")
 
 
 @dataclass
@@ -206,7 +237,7 @@ class Retriever:
         items = dict(zip(wanted, index.items(wanted), strict=True))
         hits = [
             [
-                Hit(rank, items[r]["id"], float(score), items[r].get("txt"), items[r].get("img"))
+                Hit(rank, items[r]["id"], float(score), items[r].get("txt"), items[r].get("img"), items[r].get("vid"))
                 for rank, (r, score) in enumerate(zip(row, scores, strict=False), start=1)
             ]
             for row, scores in zip(rows, found.scores, strict=True)
@@ -258,10 +289,7 @@ class Retriever:
                     s, e = spans[c]
                     chunk = inputs[s:e]
                     embeddings = self._embed([_item(text, image) for text, image in chunk], batch_size, bar)
-                    records = [
-                        {"id": i, "txt": text, "img": _image_name(image)}
-                        for i, (text, image) in zip(ids[s:e], chunk, strict=True)
-                    ]
+                    records = [_item_row(i, text, image) for i, (text, image) in zip(ids[s:e], chunk, strict=True)]
                     store.write(c, embeddings.astype(np.float16), records)
             store.assemble(len(spans))
         return EmbeddingIndex(out)
@@ -411,7 +439,7 @@ def _inputs(
 ) -> list[tuple[str | None, ImageInput | None]]:
     """(text, image) pairs of parallel lists (a single text or image is a list of one); each has one or both."""
     texts = [texts] if isinstance(texts, str) else texts
-    images = [images] if isinstance(images, (str, Path, Image.Image)) else images
+    images = [images] if isinstance(images, (str, Path, Image.Image, Video)) else images
     n = len(texts) if texts is not None else len(images) if images is not None else 0
     text_list = list(texts) if texts is not None else [None] * n
     image_list = list(images) if images is not None else [None] * n
@@ -425,12 +453,16 @@ def _inputs(
             raise LamraError(f"input {i} has neither text nor image")
         if text is not None and not isinstance(text, str):
             raise LamraError(f"input {i}: its text is a {type(text).__name__}, not a str")
-        if image is not None and not isinstance(image, (str, Path, Image.Image)):
-            raise LamraError(f"input {i}: its image is a {type(image).__name__}, not a PIL image or a file path")
+        if image is not None and not isinstance(image, (str, Path, Image.Image, Video)):
+            raise LamraError(
+                f"input {i}: its image is a {type(image).__name__}, not a PIL image, a file path or a Video"
+            )
     return list(zip(text_list, image_list, strict=True))
 
 
 def _item(text: str | None, image: ImageInput | None, id_: str = "") -> Item:
+    if isinstance(image, Video):
+        return Item(id_, text, video=image.images(), video_fps=image.fps, source=image.name())
     return Item(id_, text, None if image is None else _image(image))
 
 
@@ -445,6 +477,13 @@ def _image(image: ImageInput) -> Image.Image:
             return opened.convert("RGB")
     except Exception as err:  # PIL raises many types for unreadable files
         raise LamraError(f"image file {str(image)!r} is not a readable image ({err})") from err
+
+
+def _item_row(did: str, text: str | None, image: ImageInput | None) -> dict[str, Any]:
+    """A `build_index` candidate's items.jsonl row: a video under "vid" (its modality is read from that field)."""
+    if isinstance(image, Video):
+        return {"id": did, "txt": text, "img": None, "vid": image.name()}
+    return {"id": did, "txt": text, "img": _image_name(image)}
 
 
 def _image_name(image: ImageInput | None) -> str | None:
@@ -477,7 +516,12 @@ def _describe(name: str, ids: list[str], inputs: list[tuple[str | None, ImageInp
     digest, size = hashlib.sha256(), 0
     for did, (text, image) in zip(ids, inputs, strict=True):
         picture: Any = None
-        if isinstance(image, Image.Image):
+        if isinstance(image, Video):
+            frames = image.images()
+            pixels = b"".join(f.tobytes() for f in frames)
+            picture = ["video", image.fps, [f.size for f in frames], hashlib.sha256(pixels).hexdigest()[:16]]
+            size += len(pixels)
+        elif isinstance(image, Image.Image):
             pixels = image.tobytes()
             picture = [image.mode, image.size, hashlib.sha256(pixels).hexdigest()[:16]]
             size += len(pixels)
@@ -535,6 +579,7 @@ def search(
     index: str,
     text: str | None = None,
     image: str | None = None,
+    video: str | None = None,
     k: int = 10,
     instruction: str | None = None,
     backend: Backend = "auto",
@@ -549,6 +594,8 @@ def search(
         index: an index folder written by `lamra-pl index`.
         text: the query text.
         image: the query image file.
+        video: the query video: a folder of its frames (image files, in name order); the model samples them to
+            its frame budget.
         k: results to print.
         instruction: a task instruction prepended to the query text (e.g. "Find the emoji image with this name.");
             left out for a model trained without instructions, as `lamra-pl retrieve` does.
@@ -558,15 +605,18 @@ def search(
         settings: how the model reads its inputs (`--settings.rope 1d`, `--settings.max_pixels N`, ...): for a
             folder without lamra-pl's settings file, or to change what the model records.
     """
-    if text is None and image is None:
-        raise LamraError("give --text, --image or both")
+    if text is None and image is None and video is None:
+        raise LamraError("give --text, --image or --video (and --text with either)")
+    if image is not None and video is not None:
+        raise LamraError("give --image or --video, not both: a query holds one image or one video")
     retriever = Retriever.from_checkpoint(
         model, backbone=backbone, trust_remote_code=trust_remote_code, settings=settings
     )
-    hits = retriever.search(index, query_text=text, query_image=image, k=k, instruction=instruction, backend=backend)
+    visual = Video(video) if video is not None else image
+    hits = retriever.search(index, query_text=text, query_image=visual, k=k, instruction=instruction, backend=backend)
     assert isinstance(hits, list)
-    print(f"{'rank':>4}  {'score':>7}  {'id':<16} text | image")
+    print(f"{'rank':>4}  {'score':>7}  {'id':<16} text | image or video")
     for hit in hits:
         assert isinstance(hit, Hit)
-        print(f"{hit.rank:>4}  {hit.score:7.4f}  {hit.id:<16} {hit.txt or ''} | {hit.img or ''}")
+        print(f"{hit.rank:>4}  {hit.score:7.4f}  {hit.id:<16} {hit.txt or ''} | {hit.img or hit.vid or ''}")
     return hits

@@ -97,7 +97,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "search": (
         "lamra_pl.api:search",
-        "Search an index for a text, an image or both, and print the ranked candidates",
+        "Search an index for a text, an image or a video (or text with either), and print the ranked candidates",
     ),
     "rerank-data": (
         "lamra_pl.pipelines.rerank_data:rerank_data",

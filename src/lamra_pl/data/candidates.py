@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lamra_pl.errors import BadSampleError, LamraError
-from lamra_pl.formats.sample import Item, decode_candidate, member_image, modality, sample_location
+from lamra_pl.formats.sample import Item, decode_candidate, member_item, modality, sample_location
 from lamra_pl.formats.shards import expand_shards
 from lamra_pl.formats.tar_index import listed_sizes, scan_whole
 from lamra_pl.progress import progress
@@ -69,7 +69,7 @@ class CandidateStore:
             if did in self.locations:
                 self.duplicates += 1
             elif wanted is None or did in wanted:
-                kind = modality(record.get("txt") is not None, bool(record.get("img")))
+                kind = modality(record.get("txt") is not None, bool(record.get("img")), bool(record.get("vid")))
                 self.locations[did] = Location(url, sample.key, tuple(sample.members), kind)
 
     def __contains__(self, did: str) -> bool:
@@ -100,8 +100,7 @@ class CandidateStore:
         return decode_candidate(self.sample(did))
 
     def record_item(self, did: str) -> dict[str, Any]:
-        """The candidate as `encode_record` takes it: {"id", "txt", "image": (bytes, ext) | None, "img_src"}."""
+        """The candidate as `encode_record` takes it: {"id", "txt", "image": (bytes, ext) | None, "img_src"} (and
+        "video", "fps", "vid_src" for a video)."""
         sample = self.sample(did)
-        record = json.loads(sample["json"])
-        image = member_image(sample, record.get("img"), sample_location(sample))
-        return {"id": did, "txt": record.get("txt"), "image": image, "img_src": record.get("img_src")}
+        return {**member_item(sample, json.loads(sample["json"]), sample_location(sample)), "id": did}

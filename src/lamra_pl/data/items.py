@@ -134,4 +134,6 @@ class ChunkedItems(IterableDataset):
 
 
 def _record(item: Item) -> dict[str, Any]:
+    if item.video is not None:  # a video's source under "vid", so the index knows the row's modality
+        return {"id": item.id, "txt": item.text, "img": None, "vid": item.source or "video"}
     return {"id": item.id, "txt": item.text, "img": item.source}

@@ -10,7 +10,7 @@ Layout version VERSION:
                        "inputs": "sha256:..."}
       embeddings.npy  float16 [N, D], L2-normalised rows in shard order: numpy.load(path, mmap_mode="r")
       ids.txt         N lines, the id of each row
-      items.jsonl     N lines, {"id", "txt", "img"} per row, for display (img: the image's source path, or
+      items.jsonl     N lines, {"id", "txt", "img"[, "vid"]} per row, for display (img: the image's source path, or
                       `shard.tar#member` when the source path is unknown); queries carry their instruction
       parts/          while encoding only: `chunk-NNNNNN.npy` + `.jsonl`, one per input shard, and `model.json`
                       (what is being encoded: the probe, the sources, the input fingerprint with every shard);
@@ -209,7 +209,7 @@ class EmbeddingIndex:
             rows = [_row(line, self.path / ITEMS, number) for number, line in enumerate(f, start=1)]
         if len(rows) != len(self):
             raise LamraError(f"{self.path}/items.jsonl has {len(rows)} lines, index.json says {len(self)}")
-        return [modality(r.get("txt") is not None, bool(r.get("img"))) for r in rows]
+        return [modality(r.get("txt") is not None, bool(r.get("img")), bool(r.get("vid"))) for r in rows]
 
     def items(self, rows: list[int]) -> list[dict[str, Any]]:
         wanted = set(rows)

@@ -18,9 +18,17 @@ in it):
 * one member per image, named by the record's `img` field (`<key>.query.png`, `<key>.pos0.jpg`, ...), holding
   the encoded image file as it was (never re-encoded).
 
-A pool candidate sample is `<key>.json` = {"id", "txt", "img", "modality"[, "img_src"]} and its image member.
+* a video item (since version 2) has no `img` but `"vid": ["pos0.f000.jpg", "pos0.f001.jpg", ...]`, its frames in
+  time order, one image member each (JPEG/PNG as stored), and optionally `"vid_fps"` (the frame rate the stored frames
+  were taken at, for sampling by fps) and `"vid_src"` (the video's path in the original data set). A video is stored
+  as decoded frames rather than a container file (MP4, AVI) so that reading it needs no video codec library; a
+  converter decodes (and may thin) a set's videos once. Its modality is "video" or "video,text".
 
-`modality` is one of M-BEIR's "text", "image", "image,text" and must agree with which of `txt`/`img` is set.
+A pool candidate sample is `<key>.json` = {"id", "txt", "img", "modality"[, "img_src"]} (or "vid"[, "vid_fps",
+"vid_src"] for a video) and its image or frame members.
+
+`modality` is one of M-BEIR's "text", "image", "image,text", or "video", "video,text", and must agree with which of
+`txt`/`img`/`vid` is set; an item holds an image or a video, not both. Version 1 shards (no video) read unchanged.
 Candidate ids are strings (M-BEIR's "dataset:n"); in-batch duplicates of a positive are masked by id.
 """
 
@@ -30,7 +38,7 @@ import io
 import json
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +47,10 @@ from PIL import Image
 from lamra_pl.errors import BadSampleError
 from lamra_pl.formats.shards import expand_shards, read_samples
 
-VERSION = 1
-MODALITIES = ("text", "image", "image,text")
+VERSION = 2  # 2: video items ("vid"); version 1 shards have none and read as they did
+MODALITIES = ("text", "image", "image,text", "video", "video,text")
+# The most frames a stored video may have: Qwen2-VL's processor's max_frames. A converter thins longer videos.
+MAX_STORED_FRAMES = 768
 
 # Reasons a training sample is skipped (counted, logged as `data/skipped_<reason>`, never silent). Fixed order: it
 # indexes the count tensors (new reasons go last: checkpoints hold counts in this order). The `_shard` reasons count
@@ -65,23 +75,26 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 @dataclass
 class Item:
-    """A query or candidate: text, image, or both."""
+    """A query or candidate: text, an image or a video (its frames in time order), or text with either."""
 
     id: str
     text: str | None = None
     image: Image.Image | None = None
-    source: str | None = None  # where the image came from (a path in the original data set), for display
+    source: str | None = None  # where the image or video came from (a path in the original data set), for display
+    video: list[Image.Image] | None = None
+    video_fps: float | None = None  # the frame rate of `video`'s frames, when known (sampling by fps needs it)
 
     @property
     def modality(self) -> str:
-        return modality(self.text is not None, self.image is not None)
+        return modality(self.text is not None, self.image is not None, self.video is not None)
 
 
-def modality(has_text: bool, has_image: bool) -> str:
-    """M-BEIR's modality name: "text", "image" or "image,text"."""
-    if has_text and has_image:
-        return "image,text"
-    return "image" if has_image else "text"
+def modality(has_text: bool, has_image: bool, has_video: bool = False) -> str:
+    """The modality name: M-BEIR's "text", "image" or "image,text", or "video", "video,text"."""
+    visual = "video" if has_video else "image" if has_image else None
+    if visual is None:
+        return "text"
+    return f"{visual},text" if has_text else visual
 
 
 @dataclass
@@ -136,8 +149,7 @@ def evaluation_query(record: Record, instruction_seed: int | None = None, instru
             instruction = record.instructions[0]
         else:
             instruction = random.Random(f"{instruction_seed}:{record.qid}").choice(record.instructions)
-    q = record.query
-    return Item(record.qid, with_instruction(instruction, q.text), q.image, source=q.source)
+    return replace(record.query, id=record.qid, text=with_instruction(instruction, record.query.text))
 
 
 def encode_record(
@@ -153,8 +165,9 @@ def encode_record(
 ) -> dict[str, Any]:
     """A WebDataset sample dict from a record whose items carry `txt` and `image` (encoded bytes + extension).
 
-    Each item is `{"id", "txt", "image": (bytes, "jpg") | None}`; the query needs no id. `extra` adds fields to
-    the record (e.g. "rerank").
+    Each item is `{"id", "txt", "image": (bytes, "jpg") | None}`, or for a video `{"id", "txt", "video": [(bytes,
+    "jpg"), ...], "fps": float | None, "vid_src": str | None}` (its frames, encoded, in time order); the query needs
+    no id. `extra` adds fields to the record (e.g. "rerank").
     """
     if "." in key:
         raise BadSampleError(f"sample key {key!r} contains a dot; WebDataset splits keys at the first dot")
@@ -173,7 +186,9 @@ def encode_record(
             sample[out["img"]] = data
             if entry.get("img_src"):
                 out["img_src"] = entry["img_src"]
-        out["modality"] = modality_of(out["txt"], out["img"])
+        if entry.get("video") is not None:
+            video_fields(sample, out, member, entry)
+        out["modality"] = modality_of(out["txt"], out["img"], out.get("vid"))
         return out
 
     record = {
@@ -201,23 +216,34 @@ def decode_record(sample: dict[str, Any], max_image_pixels: int | None = None) -
         raise BadSampleError(f"{where}: qid {record['qid']} has no positive candidate ('positives' is empty)")
 
     def item(entry: dict[str, Any], default_id: str, field_name: str) -> Item:
-        txt, img = entry.get("txt"), entry.get("img")
-        modality = entry.get("modality", modality_of(txt, img))
+        txt, img, vid = entry.get("txt"), entry.get("img"), entry.get("vid")
+        if img is not None and vid is not None:
+            raise BadSampleError(f"{where}: {field_name} has both an image and a video; an item holds one")
+        modality = entry.get("modality", modality_of(txt, img, vid))
         if modality not in MODALITIES:
             raise BadSampleError(f"{where}: {field_name} has unknown modality {modality!r}; use {MODALITIES}")
-        if img is None and not (txt or "").strip():
+        if img is None and vid is None and not (txt or "").strip():
             raise BadSampleError(f"{where}: {field_name} has an empty text and no image")
-        if modality != modality_of(txt, img):
+        if modality != modality_of(txt, img, vid):
+            visual = "a video" if vid is not None else "an image" if img else "no image"
             raise BadSampleError(
                 f"{where}: {field_name} says modality {modality!r} but has "
-                f"{'text' if txt is not None else 'no text'} and {'an image' if img else 'no image'}"
+                f"{'text' if txt is not None else 'no text'} and {visual}"
             )
         image = None
         if img is not None:
             if img not in sample:
                 raise BadSampleError(f"{where}: {field_name} names image member {img!r}, which is missing")
             image = _open_image(sample[img], img, max_image_pixels)
-        return Item(id=str(entry.get("id", default_id)), text=txt, image=image, source=image_source(sample, entry))
+        video, fps = _open_video(sample, entry, f"{where}: {field_name}", max_image_pixels)
+        return Item(
+            id=str(entry.get("id", default_id)),
+            text=txt,
+            image=image,
+            source=image_source(sample, entry),
+            video=video,
+            video_fps=fps,
+        )
 
     qid = str(record["qid"])
     return Record(
@@ -246,14 +272,51 @@ def _json_member(sample: dict[str, Any], where: str) -> dict[str, Any]:
         raise BadSampleError(f"{where}: .json member is not valid JSON ({err})") from err
 
 
-def modality_of(txt: str | None, img: str | None) -> str:
-    if txt is not None and img is not None:
-        return "image,text"
-    if img is not None:
-        return "image"
-    if txt is not None:
-        return "text"
-    raise BadSampleError("an item has neither text nor image")
+def modality_of(txt: str | None, img: str | None, vid: list[str] | None = None) -> str:
+    if txt is None and img is None and vid is None:
+        raise BadSampleError("an item has neither text nor image")
+    return modality(txt is not None, img is not None, vid is not None)
+
+
+def video_fields(sample: dict[str, Any], out: dict[str, Any], member: str, entry: dict[str, Any]) -> None:
+    """Write a video entry's frames into `sample` as `<member>.fNNN.<ext>` and its fields into the JSON item `out`.
+
+    `entry["video"]` is a list of (bytes, extension) frames in time order; `entry["fps"]` their frame rate or None;
+    `entry["vid_src"]` the video's original path or None."""
+    frames = list(entry["video"])
+    if not frames:
+        raise BadSampleError(f"item {member!r}: a video needs at least one frame")
+    if len(frames) > MAX_STORED_FRAMES:
+        raise BadSampleError(f"item {member!r}: {len(frames)} frames, over {MAX_STORED_FRAMES}; thin the video first")
+    names = []
+    for j, (data, ext) in enumerate(frames):
+        names.append(f"{member}.f{j:03d}.{ext}")
+        sample[names[-1]] = data
+    out["vid"] = names
+    if entry.get("fps") is not None:
+        out["vid_fps"] = float(entry["fps"])
+    if entry.get("vid_src"):
+        out["vid_src"] = entry["vid_src"]
+
+
+def _open_video(
+    sample: dict[str, Any], entry: dict[str, Any], where: str, max_pixels: int | None = None
+) -> tuple[list[Image.Image] | None, float | None]:
+    """An item's video frames (decoded, RGB) and frame rate; (None, None) for an item without a video."""
+    vid = entry.get("vid")
+    if vid is None:
+        return None, None
+    if not isinstance(vid, list) or not vid or not all(isinstance(name, str) for name in vid):
+        raise BadSampleError(f"{where}: 'vid' must be a non-empty list of frame member names")
+    if len(vid) > MAX_STORED_FRAMES:
+        raise BadSampleError(f"{where}: the video has {len(vid)} frames, over {MAX_STORED_FRAMES}")
+    fps = entry.get("vid_fps")
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0):
+        raise BadSampleError(f"{where}: 'vid_fps' must be a positive number, not {fps!r}")
+    missing = [name for name in vid if name not in sample]
+    if missing:
+        raise BadSampleError(f"{where}: names video frame member {missing[0]!r}, which is missing")
+    return [_open_image(sample[name], name, max_pixels) for name in vid], None if fps is None else float(fps)
 
 
 def _open_image(data: bytes, member: str, max_pixels: int | None = None) -> Image.Image:
@@ -271,15 +334,29 @@ def _open_image(data: bytes, member: str, max_pixels: int | None = None) -> Imag
 
 
 def encode_candidate(
-    key: str, *, id: str, txt: str | None, image: tuple[bytes, str] | None, img_src: str | None = None
+    key: str,
+    *,
+    id: str,
+    txt: str | None,
+    image: tuple[bytes, str] | None,
+    img_src: str | None = None,
+    video: list[tuple[bytes, str]] | None = None,
+    fps: float | None = None,
+    vid_src: str | None = None,
 ) -> dict[str, Any]:
-    """A candidate-pool sample: `<key>.json` = {"id", "txt", "img", "modality"[, "img_src"]} and the image member."""
+    """A candidate-pool sample: `<key>.json` = {"id", "txt", "img", "modality"[, "img_src"]} and the image member;
+    a video candidate (`video`: its encoded frames in time order) has "vid" (and "vid_fps", "vid_src") instead."""
+    if image is not None and video is not None:
+        raise BadSampleError(f"candidate {id!r}: an item holds an image or a video, not both")
     sample: dict[str, Any] = {"__key__": key}
     img = None
     if image is not None:
         img = f"img.{image[1]}"
         sample[img] = image[0]
-    record = {"id": id, "txt": txt, "img": img, "modality": modality_of(txt, img)}
+    record: dict[str, Any] = {"id": id, "txt": txt, "img": img}
+    if video is not None:
+        video_fields(sample, record, "vid", {"video": video, "fps": fps, "vid_src": vid_src})
+    record["modality"] = modality_of(txt, img, record.get("vid"))
     if img is not None and img_src:
         record["img_src"] = img_src
     sample["json"] = json.dumps(record, ensure_ascii=False).encode()
@@ -292,7 +369,9 @@ def decode_candidate(sample: dict[str, Any]) -> Item:
     if img is not None and img not in sample:
         raise BadSampleError(f"{sample_location(sample)}: names image member {img!r}, which is missing")
     image = _open_image(sample[img], img) if img else None
-    return Item(id=str(record["id"]), text=record.get("txt"), image=image, source=image_source(sample, record))
+    video, fps = _open_video(sample, record, sample_location(sample))
+    source = image_source(sample, record)
+    return Item(id=str(record["id"]), text=record.get("txt"), image=image, source=source, video=video, video_fps=fps)
 
 
 def member_image(sample: dict[str, Any], img: str | None, where: str) -> tuple[bytes, str] | None:
@@ -305,16 +384,24 @@ def member_image(sample: dict[str, Any], img: str | None, where: str) -> tuple[b
 
 
 def image_source(sample: dict[str, Any], entry: dict[str, Any]) -> str | None:
-    """Where an item's image came from: its `img_src`, else the shard member (`shard.tar#key.member`)."""
+    """Where an item's image (or video) came from: its `img_src` (`vid_src`), else the shard member
+    (`shard.tar#key.member`; a video's first frame)."""
+    if entry.get("vid"):
+        return entry.get("vid_src") or f"{sample.get('__url__', '?')}#{sample.get('__key__')}.{entry['vid'][0]}"
     if not entry.get("img"):
         return None
     return entry.get("img_src") or f"{sample.get('__url__', '?')}#{sample.get('__key__')}.{entry['img']}"
 
 
 def member_item(sample: dict[str, Any], entry: dict[str, Any], where: str) -> dict[str, Any]:
-    """An item of a query record as `encode_record` takes it, its image bytes taken from the sample as they are."""
+    """An item of a query record as `encode_record` takes it, its image (or video frame) bytes taken from the sample
+    as they are."""
     image = member_image(sample, entry.get("img"), where)
-    return {"id": str(entry.get("id", "")), "txt": entry.get("txt"), "image": image, "img_src": entry.get("img_src")}
+    out = {"id": str(entry.get("id", "")), "txt": entry.get("txt"), "image": image, "img_src": entry.get("img_src")}
+    if entry.get("vid"):
+        out["video"] = [member_image(sample, name, where) for name in entry["vid"]]
+        out["fps"], out["vid_src"] = entry.get("vid_fps"), entry.get("vid_src")
+    return out
 
 
 def query_samples(queries: str | Path) -> Iterator[tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]]:

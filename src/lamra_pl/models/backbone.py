@@ -42,6 +42,7 @@ from transformers.utils import is_gguf_available
 
 from lamra_pl.errors import LamraError
 from lamra_pl.formats import read_json
+from lamra_pl.models.video import VIDEO_BUDGET_ATTRIBUTE, VideoBudget
 
 EMB_TOKEN = "<emb>"
 
@@ -143,6 +144,13 @@ class BackboneSpec:
             default, as in LamRA).
         train_lm_head: unfreeze the LM head (a tied head is the input embedding matrix, so training it trains both);
             only the reranker reads it.
+        video_fps: sample a video at this many frames per second (when its frame rate is known), at most
+            video_max_frames; None (LamRA): video_max_frames frames spread evenly (`lamra_pl.models.video`).
+        video_max_frames: the most frames of a video the model reads (None: LamRA's 12 for the retriever, 8 for the
+            reranker).
+        video_min_pixels: the fewest pixels a video frame is resized to (None: the video processor's, Qwen2-VL's
+            128*28*28).
+        video_max_pixels: the most pixels a video frame is resized to (None: the video processor's, 768*28*28).
     """
 
     path: str
@@ -158,6 +166,10 @@ class BackboneSpec:
     train_vision_tower: bool = False
     train_projector: bool = False
     train_lm_head: bool = False
+    video_fps: float | None = None
+    video_max_frames: int | None = None
+    video_min_pixels: int | None = None
+    video_max_pixels: int | None = None
 
     def __post_init__(self) -> None:
         self.path = str(self.path)
@@ -314,14 +326,14 @@ class TextProcessor:
     def _text(self, content: str | list[dict[str, Any]]) -> str:
         if isinstance(content, str):
             return content
-        if any(part.get("type") == "image" for part in content):
+        if any(part.get("type") in ("image", "video") for part in content):
             raise self._image_error()
         return "".join(part["text"] for part in content)
 
     def _image_error(self) -> LamraError:
         return LamraError(
-            f"backbone {self.name} is a text-only causal LM: it reads no images, but an input holds one. Train and "
-            "evaluate it on text-only data (the language-only stage, text tasks)"
+            f"backbone {self.name} is a text-only causal LM: it reads no images or videos, but an input holds one. "
+            "Train and evaluate it on text-only data (the language-only stage, text tasks)"
         )
 
 
@@ -455,6 +467,9 @@ def load_processor(spec: BackboneSpec, add_emb_token: bool = True) -> ProcessorM
             size["longest_edge"] = max_pixels
         image_processor.size = size
     setattr(processor, SYSTEM_PROMPT_ATTRIBUTE, spec.system_prompt)  # read by render_chats
+    # read by the collators (lamra_pl.models.video)
+    budget = VideoBudget(spec.video_fps, spec.video_max_frames, spec.video_min_pixels, spec.video_max_pixels)
+    setattr(processor, VIDEO_BUDGET_ATTRIBUTE, budget)
     return processor
 
 
@@ -573,12 +588,16 @@ class Backbone:
     def position_ids(self, model: torch.nn.Module, inputs: BatchFeature) -> torch.Tensor:
         mask = inputs["attention_mask"]
         base = trunk(model)
-        if self.spec.rope == "model" and "image_grid_thw" in inputs and hasattr(base, "get_rope_index"):
+        visual = "image_grid_thw" in inputs or "video_grid_thw" in inputs
+        if self.spec.rope == "model" and visual and hasattr(base, "get_rope_index"):
+            # Videos too: their frames' temporal positions (Qwen2.5-VL spaces them by `second_per_grid_ts`).
+            extra = {k: inputs[k] for k in ("video_grid_thw", "second_per_grid_ts") if k in inputs}
             positions, _ = base.get_rope_index(
                 inputs["input_ids"],
                 mm_token_type_ids=inputs["mm_token_type_ids"],
-                image_grid_thw=inputs["image_grid_thw"],
+                image_grid_thw=inputs.get("image_grid_thw"),
                 attention_mask=mask,
+                **extra,
             )
             return positions
         # Sequential positions over real tokens, as generate() builds them for left padding.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -18,12 +18,16 @@ from transformers import BatchFeature, ProcessorMixin
 from lamra_pl.errors import LamraError
 from lamra_pl.formats.sample import Item, Record, with_instruction
 from lamra_pl.models.backbone import EMB_TOKEN, render_chats
+from lamra_pl.models.video import EMBEDDING_FRAMES, budget_of, video_inputs, video_tokens
 
-# LamRA's user-turn templates; note the trailing space.
+# LamRA's user-turn templates; note the trailing space. The video ones are LamRA's zero-shot video code's (MSR-VTT,
+# MSVD), which reads a video as one `{"type": "video"}` part where an image has its image part.
 PROMPTS = {
     "text": "{text}\nSummarize above sentence in one word: ",
     "image": "\nSummarize above image in one word: ",
     "image,text": "{text}\nSummarize above image and sentence in one word: ",
+    "video": "\nSummarize above video in one word: ",
+    "video,text": "{text}\nSummarize above video and sentence in one word: ",
 }
 ASSISTANT = f"{EMB_TOKEN}."
 
@@ -54,7 +58,7 @@ def choose_example(record: Record, rng: random.Random | None, num_negatives: int
         positive = rng.choice(record.positives)
         instruction = rng.choice(instruction_choices) if instruction_choices else None
         negatives = rng.sample(record.negatives, num_negatives)
-    query = Item(record.qid, with_instruction(instruction, record.query.text), record.query.image)
+    query = replace(record.query, id=record.qid, text=with_instruction(instruction, record.query.text), source=None)
     return Example(query, positive, negatives, [p.id for p in record.positives])
 
 
@@ -70,13 +74,15 @@ def truncate_text(tokenizer: Any, item: Item, max_tokens: int | None) -> Item:
     ids = tokenizer(item.text, add_special_tokens=False)["input_ids"]
     if len(ids) <= max_tokens:
         return item
-    return Item(item.id, tokenizer.decode(ids[:max_tokens]), item.image, item.source)
+    return replace(item, text=tokenizer.decode(ids[:max_tokens]))
 
 
 def embedding_messages(item: Item) -> list[dict[str, Any]]:
     content: list[dict[str, Any]] = []
     if item.image is not None:
         content.append({"type": "image"})
+    if item.video is not None:
+        content.append({"type": "video"})
     content.append({"type": "text", "text": PROMPTS[item.modality].format(text=item.text)})
     return [
         {"role": "user", "content": content},
@@ -111,11 +117,12 @@ class EmbeddingCollator:
 
     def encode(self, items: list[Item]) -> BatchFeature:
         items = [self._truncated(item) for item in items]
+        videos = video_inputs(self.processor, items, EMBEDDING_FRAMES)  # {} without videos; refuses them first
         texts = render_chats(self.processor, [embedding_messages(item) for item in items], generation_prompt=False)
         images = [item.image for item in items if item.image is not None]
         # The rendered chat holds its special tokens already (a Mistral template writes <s>): add none.
         return self.processor(
-            text=texts, images=images or None, padding=True, return_tensors="pt", add_special_tokens=False
+            text=texts, images=images or None, padding=True, return_tensors="pt", add_special_tokens=False, **videos
         )
 
     def __call__(self, examples: list[Example]) -> dict[str, Any]:
@@ -152,4 +159,4 @@ class EmbeddingCollator:
                 n = min(n, self.max_text_tokens)
         if item.image is not None:
             n += item.image.width * item.image.height // (28 * 28)
-        return n
+        return n + video_tokens(item, budget_of(self.processor), EMBEDDING_FRAMES)

@@ -21,7 +21,7 @@ as alone. Nothing depends on a tokenizer's special-token ids or on the padding s
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -31,6 +31,7 @@ from lamra_pl.errors import BadSampleError, LamraError
 from lamra_pl.formats.sample import Item, Record, with_instruction
 from lamra_pl.models.backbone import render_chats
 from lamra_pl.models.embedding_inputs import truncate_text
+from lamra_pl.models.video import RERANK_FRAMES, video_inputs
 
 POINTWISE_INSTRUCTION = (
     "I will provide you with a query and a candidate. Please evaluate whether the candidate"
@@ -53,7 +54,13 @@ IGNORE = -100  # the label of every position the loss skips
 # The zero-shot judge's question for a task MM-Embed's wording does not cover (or a caller that names no task);
 # {candidate} becomes the candidate's modality ("image", "text" or "image and text").
 JUDGE_QUESTION = "Does the above {candidate} match the query? True or False"
-CANDIDATE_WORDS = {"text": "text", "image": "image", "image,text": "image and text"}
+CANDIDATE_WORDS = {
+    "text": "text",
+    "image": "image",
+    "image,text": "image and text",
+    "video": "video",
+    "video,text": "video and text",
+}
 # MM-Embed's per-task wording (spec mmembed_mbeir.md section 4). The paper prints one question, for MSCOCO's
 # text-to-image task: "Does the above daily-life image match the caption? True or False", i.e. "Does the above
 # <the dataset's kind of candidate> match the <what the query is>?". The other M-BEIR tasks follow that pattern,
@@ -90,7 +97,7 @@ QUESTION_DATASETS = {"webqa": "question", "edis": "headline"}  # what a text que
 def judge_question(dataset: str | None, task_id: int | None, candidate_modality: str) -> str:
     """MM-Embed's zero-shot question for a candidate of an M-BEIR task (`JUDGE_DOMAINS`); `JUDGE_QUESTION` for a
     dataset or task outside M-BEIR's (the candidate's modality filled in)."""
-    if dataset not in JUDGE_DOMAINS or task_id not in JUDGE_QUERIES:
+    if dataset not in JUDGE_DOMAINS or task_id not in JUDGE_QUERIES or candidate_modality not in JUDGE_CANDIDATES:
         return JUDGE_QUESTION.format(candidate=CANDIDATE_WORDS[candidate_modality])
     domain = JUDGE_DOMAINS[dataset]
     nouns = JUDGE_CAPTIONS if task_id == 3 else JUDGE_CANDIDATES
@@ -142,9 +149,12 @@ class RerankExample:
 
 
 def _content(item: Item) -> list[dict[str, Any]]:
-    # The chat template only needs the placeholder; the image rides along (under a key templates ignore) so
-    # that `_images` can hand the processor every image in placeholder order.
+    # The chat template only needs the placeholder; the image (a video's item) rides along (under a key templates
+    # ignore) so that `_images` (`_videos`) can hand the processor every image (video) in placeholder order. A video
+    # is one `{"type": "video"}` part, as in LamRA's zero-shot video reranking code.
     parts: list[dict[str, Any]] = [{"type": "image", "_image": item.image}] if item.image is not None else []
+    if item.video is not None:
+        parts.append({"type": "video", "_video": item})
     return parts + ([{"type": "text", "text": item.text}] if item.text is not None else [])
 
 
@@ -204,7 +214,7 @@ def rerank_example(record: Record) -> RerankExample:
     if listwise and not (isinstance(answer, int) and 1 <= answer <= len(listwise)):
         raise BadSampleError(f"sample {record.key!r}: listwise answer {answer!r} is not in 1..{len(listwise)}")
     instruction = record.instructions[0] if record.instructions else None
-    query = Item(record.qid, with_instruction(instruction, record.query.text), record.query.image)
+    query = replace(record.query, id=record.qid, text=with_instruction(instruction, record.query.text), source=None)
     return RerankExample(query, pointwise, listwise, answer)
 
 
@@ -353,9 +363,11 @@ class RerankCollator:
     # ------------------------------------------------------------------------------------ helpers
     def _batch(self, texts: list[str], chats: list[list[dict[str, Any]]]) -> BatchFeature:
         images = [part_image for chat in chats for part_image in _images(chat)]
+        # LamRA's reranker reads 8 frames of a video (its retriever 12): {} without videos
+        videos = video_inputs(self.processor, [video for chat in chats for video in _videos(chat)], RERANK_FRAMES)
         # The rendered chat holds its special tokens already (a Mistral template writes <s>): add none.
         return self.processor(
-            text=texts, images=images or None, padding=True, return_tensors="pt", add_special_tokens=False
+            text=texts, images=images or None, padding=True, return_tensors="pt", add_special_tokens=False, **videos
         )
 
     def _truncated(self, item: Item) -> Item:
@@ -363,6 +375,11 @@ class RerankCollator:
 
     def _first_token(self, word: str) -> int:
         return self.processor.tokenizer(word, add_special_tokens=False)["input_ids"][0]
+
+
+def _videos(chat: list[dict[str, Any]]) -> list[Item]:
+    """The video items of a chat in the order their placeholders appear."""
+    return [part["_video"] for message in chat for part in message["content"] if "_video" in part]
 
 
 def _images(chat: list[dict[str, Any]]) -> list[Any]:

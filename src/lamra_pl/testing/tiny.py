@@ -268,7 +268,7 @@ def build_tiny_qwen2vl(
     tokenizer = qwen_tokenizer(corpus, vocab_size, SPECIAL_TOKENS)
     processor = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
-        video_processor=Qwen2VLVideoProcessor(),
+        video_processor=Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
         tokenizer=tokenizer,
         chat_template=CHAT_TEMPLATE,
     )
@@ -398,7 +398,7 @@ def build_tiny_qwen2_5_vl(
     tokenizer = qwen_tokenizer(corpus, vocab_size, SPECIAL_TOKENS)
     processor = Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
-        video_processor=Qwen2VLVideoProcessor(),
+        video_processor=Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
         tokenizer=tokenizer,
         chat_template=CHAT_TEMPLATE,  # Qwen2.5-VL-Instruct's is Qwen2-VL's
     )
