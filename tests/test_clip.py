@@ -52,6 +52,20 @@ def test_fusion_is_the_sum_of_the_normalised_image_and_text_embeddings(clip):
     )
 
 
+def test_clip_at_a_matryoshka_dim_cuts_the_fused_embedding_and_normalises_it_again(clip):
+    items = [Item("t", text="a red circle"), Item("it", text="make it blue", image=shape_image("blue", "square"))]
+    torch.manual_seed(0)
+    at_dim = CLIPModule(TINY_CLIP, dim=16).eval()
+    at_dim.load_state_dict(clip.state_dict())
+    assert (clip.full_dim, at_dim.full_dim, at_dim.dim) == (64, 64, 16)
+    with torch.no_grad():
+        whole, cut = clip.embed(clip.collator().encode(items)), at_dim.embed(at_dim.collator().encode(items))
+    assert cut.shape == (2, 16)
+    torch.testing.assert_close(cut, F.normalize(whole[:, :16], dim=-1), atol=1e-6, rtol=0)
+    with pytest.raises(LamraError, match="at most 64"):
+        CLIPModule(TINY_CLIP, dim=65)
+
+
 def test_weights_come_from_a_local_file_and_nothing_else(clip, tmp_path):
     weights = {k: v.clone() for k, v in clip.clip.state_dict().items()}
     weights["text_projection"] = weights["text_projection"] + 1.0  # differs from any random init

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -20,6 +21,7 @@ from conftest import shape_image
 from helpers import ROOT
 from lamra_pl.errors import LamraError
 from lamra_pl.formats.sample import Item, with_instruction
+from lamra_pl.formats.settings import ModelSettings
 from lamra_pl.models.backbone import BackboneSpec, LoraSpec
 from lamra_pl.models.checkpoints import load_reranker, load_retriever
 from lamra_pl.models.embedding import EmbeddingModule
@@ -443,3 +445,66 @@ def test_an_output_folder_with_files_is_refused(tmp_path):
     with pytest.raises(LamraError, match="not an empty folder"):
         export(str(CKPT), str(tmp_path / "out"), to="vllm")
     assert (tmp_path / "out" / "mine.txt").read_text() == "keep me"
+
+
+# ------------------------------------------------------------------------------------- Matryoshka dimensions
+DIM = 16  # of the legacy checkpoint's 32
+
+
+def test_the_sentence_transformers_folder_at_a_dim_embeds_at_it(tmp_path):
+    """`--settings.dim`: sentence-transformers cuts to `truncate_dim` after its Normalize, which is lamra-pl's
+    embedding at that dim times a positive factor; normalised, the same vectors."""
+    settings = ModelSettings(dim=DIM)
+    out = export(
+        str(CKPT), str(tmp_path / "st"), to="sentence-transformers", prompts={"shape": SHAPE}, settings=settings
+    )
+    config = json.loads((out / "config_sentence_transformers.json").read_text())
+    assert config["truncate_dim"] == DIM and config["similarity_fn_name"] == "cosine"
+    assert f"truncate_dim: {DIM}" in (out / "README.md").read_text()
+    assert json.loads((out / "lamra_pl.json").read_text())["init_args"]["dim"] == DIM  # a lamra-pl folder too
+    assert load_retriever(out).dim == DIM
+
+    module = load_retriever(CKPT, module={"dim": DIM})
+    cases = served_inputs()
+    with torch.no_grad():
+        ours = module.embed(module.collator().encode([item for item, _ in cases]))
+    theirs = st_user(out, cases, tmp_path)
+    assert ours.shape == theirs.shape == (len(cases), DIM)
+    cosine = (theirs * ours).sum(-1) / theirs.norm(dim=-1)
+    assert cosine.min() >= 0.9999
+    torch.testing.assert_close(F.normalize(theirs, dim=-1), ours, atol=1e-5, rtol=0)
+    full = load_retriever(CKPT)
+    with torch.no_grad():
+        whole = full.embed(full.collator().encode([item for item, _ in cases]))
+    assert (F.normalize(whole[:, :DIM], dim=-1) - ours).abs().max() < 1e-5  # the full embedding, cut
+
+
+def test_the_vllm_and_peft_folders_at_a_dim_say_it(tmp_path):
+    out = export(str(CKPT), str(tmp_path / "out"), to=["peft", "vllm"], settings=ModelSettings(dim=DIM))
+    command = (out / "vllm" / "README.md").read_text().split("```bash")[1].split("```")[0]
+    pooler = json.loads(command.split("--pooler-config '")[1].split("'")[0])
+    assert pooler == {"pooling_type": "LAST", "use_activation": True, "dimensions": DIM}
+    assert json.loads(command.split("--hf-overrides '")[1].split("'")[0]) == {"matryoshka_dimensions": [DIM]}
+    assert "--convert embed" in command
+    for target in ("peft", "vllm"):
+        assert json.loads((out / target / "lamra_pl.json").read_text())["init_args"]["dim"] == DIM
+    assert f"first {DIM} values (of 32) are L2-normalised again" in (out / "peft" / "README.md").read_text()
+    # Without a dim, the command is as before: no dimensions, no overrides.
+    plain = export(str(CKPT), str(tmp_path / "plain"), to="vllm")
+    assert "dimensions" not in (plain / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("hparams", "dim", "needles"),
+    [
+        (RETRIEVER, 33, ["--settings.dim", "33", "at most 32"]),
+        (RETRIEVER, 0, ["--settings.dim", "whole number >= 1"]),
+        (RERANKER, DIM, ["RerankModule", "'dim'"]),
+    ],
+    ids=["wider_than_the_model", "zero", "reranker"],
+)
+def test_a_dim_an_export_cannot_give_is_refused_in_one_line(hparams, dim, needles, tmp_path):
+    with pytest.raises(LamraError) as refused:
+        export(str(hparams_only(tmp_path, hparams)), str(tmp_path / "out"), to="vllm", settings=ModelSettings(dim=dim))
+    assert "\n" not in str(refused.value) and all(n in str(refused.value) for n in needles), str(refused.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))

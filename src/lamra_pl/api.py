@@ -138,7 +138,8 @@ class Retriever:
         """The retriever of a `fit` checkpoint or a model folder. `backbone`: where a checkpoint's backbone is now,
         when not where the checkpoint says; `trust_remote_code`: run code the backbone folder ships (never taken
         from a file); `settings`: how the model reads its inputs (`ModelSettings(rope="1d", max_pixels=...)`), for a
-        folder without lamra-pl's settings file (a released LamRA folder) or to change what the model records."""
+        folder without lamra-pl's settings file (a released LamRA folder) or to change what the model records;
+        `ModelSettings(dim=D)` embeds at a Matryoshka dimension (every vector cut to D values, normalised again)."""
         overrides = caller_settings(None if backbone is None else str(backbone), trust_remote_code, settings)
         return cls(load_retriever(path, backbone=overrides, module=module_args(settings)).to(device), path)
 
@@ -278,7 +279,7 @@ class Retriever:
         probe = self._probe_embeddings()
         if not finished(out, [], fingerprint, probe):
             store = ChunkStore(out)
-            model = {"path": self.path}
+            model = {"path": self.path, "dim": self.module.dim, "full_dim": self.module.full_dim}
             manifest = {"kind": "pool", "sources": [], "chunks": len(spans), "instruction_seed": None}
             store.start({**manifest, "model": model, "inputs": fingerprint}, probe)
             done = store.done()
@@ -603,7 +604,8 @@ def search(
         backbone: the backbone folder of a checkpoint whose backbone is no longer where it says.
         trust_remote_code: run code the backbone folder ships (a file never turns this on).
         settings: how the model reads its inputs (`--settings.rope 1d`, `--settings.max_pixels N`, ...): for a
-            folder without lamra-pl's settings file, or to change what the model records.
+            folder without lamra-pl's settings file, or to change what the model records. `--settings.dim D`:
+            the Matryoshka dimension the index was built at.
     """
     if text is None and image is None and video is None:
         raise LamraError("give --text, --image or --video (and --text with either)")

@@ -6,7 +6,8 @@ Layout version VERSION:
       index.json      written last; its presence means the index is complete:
                       {"format": "lamra-pl-index", "version": 1, "count": N, "dim": D, "dtype": "float16",
                        "kind": "pool" | "queries", "sources": [shard folders], "paths": "relative to the index",
-                       "instruction_seed": null | int, "model": {"path": ..., "probe": [[D floats], ...]},
+                       "instruction_seed": null | int,
+                       "model": {"path": ..., "dim": null | D, "full_dim": W, "probe": [[D floats], ...]},
                        "inputs": "sha256:..."}
       embeddings.npy  float16 [N, D], L2-normalised rows in shard order: numpy.load(path, mmap_mode="r")
       ids.txt         N lines, the id of each row
@@ -17,8 +18,12 @@ Layout version VERSION:
                       a killed run resumes from the chunks present, then assembles the files above
 
 `model.probe` holds the embeddings of PROBE_TEXTS: a model that encodes them differently (another checkpoint,
-another dimension) is refused when it searches this index or resumes its encoding. Searches break equal scores by
-id order (`id_ranks`), so a ranking does not depend on the order rows were written in.
+another dimension) is refused when it searches this index or resumes its encoding. `model.dim` is the Matryoshka
+dimension the rows were cut to (the model's `dim` setting, `lamra_pl.models.matryoshka`; null: none) and
+`model.full_dim` the model's width before the cut, so a refusal of another dimension says which to give; indexes
+written before they were recorded have neither, and are read as they were (the probe's width is their dimension).
+Searches break equal scores by id order (`id_ranks`), so a ranking does not depend on the order rows were written
+in.
 
 Inputs. `inputs` is the digest of the input fingerprint (`fingerprint`): the kind, the instruction settings
 (`instruction_seed`, and whether the model reads instructions) and every input shard's name (relative to its source
@@ -107,10 +112,7 @@ def check_same_model(probe: np.ndarray, recorded: dict[str, Any], where: str) ->
     """Raise if `probe` (this model's) differs from the probe recorded with an index or its parts."""
     theirs = np.asarray(recorded["probe"], dtype=np.float32)
     if theirs.shape[1] != probe.shape[1]:
-        raise LamraError(
-            f"{where} was built by a model with {theirs.shape[1]}-d embeddings ({recorded.get('path')}); "
-            f"this model's are {probe.shape[1]}-d"
-        )
+        raise LamraError(f"{where} {_built_at(recorded, theirs.shape[1])}; this model embeds at {probe.shape[1]}")
     cosine = (theirs * probe).sum(-1) / (np.linalg.norm(theirs, axis=-1) * np.linalg.norm(probe, axis=-1))
     if cosine.min() < SAME_MODEL_COSINE:
         raise LamraError(
@@ -118,6 +120,23 @@ def check_same_model(probe: np.ndarray, recorded: dict[str, Any], where: str) ->
             f"this model's (cosine {cosine.min():.3f} < {SAME_MODEL_COSINE}); use the same checkpoint, or build a "
             "new index into another folder"
         )
+
+
+def _built_at(recorded: dict[str, Any], width: int) -> str:
+    """What an index's (or its parts') model record says of the dimension it was built at, and how to use it."""
+    dim, full = recorded.get("dim"), recorded.get("full_dim")
+    path = recorded.get("path")
+    if isinstance(dim, int) and not isinstance(dim, bool):
+        of = f" of a {full}-d model" if isinstance(full, int) else ""
+        return (
+            f"was built at dim {dim}{of} ({path}): use that model at --settings.dim {dim} (Python: "
+            f"settings=ModelSettings(dim={dim}))"
+        )
+    full_width = " (the model's full width, no dim setting)" if isinstance(full, int) else ""
+    return (
+        f"was built with {width}-d embeddings{full_width} ({path}): use that model at its full width, without "
+        "--settings.dim"
+    )
 
 
 def finished(out: str | Path, sources: list[str], inputs: dict[str, Any], probe: np.ndarray) -> bool:

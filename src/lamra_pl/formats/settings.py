@@ -56,6 +56,9 @@ class ModelSettings:
         max_text_tokens: texts are cut to this many tokens (LamRA: 480 for the retriever, 256 for the reranker).
         system_prompt: the chats' system turn: "default" (the chat template's own, as LamRA), "none" (no system
             turn) or a text.
+        dim: a retriever's Matryoshka dimension: each embedding cut to its first `dim` values and L2-normalised
+            again (`lamra_pl.models.matryoshka`); an index records it, and is searched only at the dimension it
+            was built at. Unset: what the model records, else the full width.
     """
 
     rope: Literal["model", "1d"] | None = None
@@ -64,6 +67,7 @@ class ModelSettings:
     pooling: Literal["before_emb", "last_token", "latent_attention"] | None = None
     max_text_tokens: int | None = None
     system_prompt: str | None = None
+    dim: int | None = None
 
     def backbone_args(self) -> dict[str, Any]:
         """The set fields that are the backbone's (`BackboneSpec`)."""
@@ -72,7 +76,7 @@ class ModelSettings:
 
     def module_args(self) -> dict[str, Any]:
         """The set fields that are the module's own arguments."""
-        return {k: v for k in ("pooling", "max_text_tokens") if (v := getattr(self, k)) is not None}
+        return {k: v for k in ("pooling", "max_text_tokens", "dim") if (v := getattr(self, k)) is not None}
 
 
 def module_args(settings: ModelSettings | None) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from lamra_pl.formats.sample import Item
 from lamra_pl.models.base import ScheduleSpec, TrainingModule
 from lamra_pl.models.contrastive import ContrastiveSteps
 from lamra_pl.models.embedding_inputs import EmbeddingCollator
+from lamra_pl.models.matryoshka import check_dim, truncate
 
 # Configs whose towers or tokenizer come from the Hugging Face hub would be fetched at creation.
 HUB_KEYS = ("hf_model_name", "hf_tokenizer_name", "timm_model_name")
@@ -106,6 +107,8 @@ class CLIPModule(ContrastiveSteps, TrainingModule):
             `EmbeddingModule`).
         optimizer: built from every parameter but open_clip's own logit scale.
         schedule: the learning-rate schedule (`ScheduleSpec`: warmup_ratio, lr_schedule).
+        dim: embed at this Matryoshka dimension: each fused embedding cut to its first `dim` values and
+            L2-normalised again (`lamra_pl.models.matryoshka`); null: the full width (the config's `embed_dim`).
     """
 
     def __init__(
@@ -118,7 +121,9 @@ class CLIPModule(ContrastiveSteps, TrainingModule):
         instructions: bool = True,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         schedule: ScheduleSpec | None = None,
+        dim: int | None = None,
     ) -> None:
+        check_dim(dim)
         if temperature <= 0:
             raise LamraError(f"model.temperature must be positive, got {temperature}")
         super().__init__(optimizer=optimizer, schedule=schedule)
@@ -138,12 +143,16 @@ class CLIPModule(ContrastiveSteps, TrainingModule):
         self.clip.logit_scale.requires_grad_(False)  # unused (see `checkpoint`): not trained, not checkpointed
         self.tokenizer = open_clip.get_tokenizer(name)
         self.init_temperature(temperature, learnable_temperature)
+        self.full_dim = int(open_clip.get_model_config(name)["embed_dim"])  # both towers project to it
+        check_dim(dim, self.full_dim)
+        self.dim = dim
 
     def collator(self) -> CLIPCollator:
         return CLIPCollator(self.tokenizer, self.preprocess, self.instructions)
 
     def embed(self, inputs: BatchFeature | dict[str, torch.Tensor]) -> torch.Tensor:
-        """Unit vectors: each item's normalised text and/or image embedding, summed, normalised."""
+        """Unit vectors: each item's normalised text and/or image embedding, summed, normalised (cut to `dim`
+        values first when it is set)."""
         parts = []
         if "input_ids" in inputs:
             parts.append((inputs["text_rows"], self.clip.encode_text(inputs["input_ids"])))
@@ -156,4 +165,4 @@ class CLIPModule(ContrastiveSteps, TrainingModule):
         fused = torch.zeros(int(inputs["num_rows"]), dim, device=self.device, dtype=torch.float32)
         for rows, embeddings in parts:
             fused = fused.index_add(0, rows, F.normalize(embeddings.float(), dim=-1))
-        return F.normalize(fused, dim=-1)
+        return truncate(fused, self.dim)

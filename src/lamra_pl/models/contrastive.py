@@ -47,6 +47,10 @@ class ContrastiveSteps(LightningModule):
     # of a collated batch; and the collator that builds those batches.
     embed: Callable[[Any], torch.Tensor]
     collator: Callable[[], Any]
+    # Also the subclass's: the Matryoshka dimension `embed` cuts to (None: none) and the width before any cut
+    # (`lamra_pl.models.matryoshka`); an index records both.
+    dim: int | None
+    full_dim: int
     # Defined by a subclass that turns automatic optimisation off (EmbeddingModule's GradCache): one optimizer step
     # on a batch, returning (loss, in-batch accuracy).
     optimised_step: Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]

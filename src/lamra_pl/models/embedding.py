@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import Callback
 from lightning.pytorch.cli import OptimizerCallable
 from transformers import BatchFeature
@@ -24,6 +23,7 @@ from lamra_pl.models.base import ScheduleSpec, TrainingModule
 from lamra_pl.models.contrastive import ContrastiveSteps
 from lamra_pl.models.embedding_inputs import EmbeddingCollator
 from lamra_pl.models.gradcache import GradCacheSpec, check_trainer, gradcache_step
+from lamra_pl.models.matryoshka import check_dim, truncate
 from lamra_pl.models.pooling import (
     LatentAttentionPooling,
     Pooling,
@@ -55,6 +55,8 @@ class EmbeddingModule(ContrastiveSteps, TrainingModule):
         gradcache: GradCache's settings (`GradCacheSpec`: chunk_size, clip_norm); null: the plain step.
         optimizer: built from the trainable parameters.
         schedule: the learning-rate schedule (`ScheduleSpec`: warmup_ratio, lr_schedule).
+        dim: embed at this Matryoshka dimension: each embedding cut to its first `dim` values and L2-normalised
+            again (`lamra_pl.models.matryoshka`), in every use of the model; null: the full width (the hidden size).
     """
 
     def __init__(
@@ -72,7 +74,9 @@ class EmbeddingModule(ContrastiveSteps, TrainingModule):
         gradcache: GradCacheSpec | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         schedule: ScheduleSpec | None = None,
+        dim: int | None = None,
     ) -> None:
+        check_dim(dim)
         if temperature <= 0:
             raise LamraError(f"model.temperature must be positive, got {temperature}")
         super().__init__(optimizer=optimizer, schedule=schedule)
@@ -88,6 +92,7 @@ class EmbeddingModule(ContrastiveSteps, TrainingModule):
         self.emb_token_id = self.processor.tokenizer.convert_tokens_to_ids(EMB_TOKEN)
         self.init_temperature(temperature, learnable_temperature)
         self.latent_pool: LatentAttentionPooling | None = None
+        self.dim = dim
 
     def configure_model(self) -> None:
         if self.model is None:
@@ -96,8 +101,16 @@ class EmbeddingModule(ContrastiveSteps, TrainingModule):
             hidden = hf_model(self.model).config.get_text_config().hidden_size
             self.latent_pool = LatentAttentionPooling(hidden, self.latents, self.latent_heads, self.latent_head_dim)
             self.latent_pool.load_if_saved(self.backbone.spec.path)  # a merged folder's trained pooling
+        check_dim(self.dim, self.full_dim)
         if self.device_mesh is not None:
             refuse_unsharded_trainables(self)
+
+    @property
+    def full_dim(self) -> int:
+        """The width of the embeddings before any `dim` cut: the language model's hidden size."""
+        if self.model is None:
+            raise LamraError("the model is not built yet: call configure_model() first")
+        return int(hf_model(self.model).config.get_text_config().hidden_size)
 
     def check_checkpoint_matches(self, saved: dict[str, torch.Tensor]) -> None:
         refuse_earlier_block(saved, "checkpoint", prefix="latent_pool.")
@@ -124,14 +137,15 @@ class EmbeddingModule(ContrastiveSteps, TrainingModule):
         )
 
     def embed(self, inputs: BatchFeature | list[BatchFeature]) -> torch.Tensor:
-        """L2-normalised float32 embeddings, one per row of a processor batch (or of a list of chunks, in order)."""
+        """L2-normalised float32 embeddings, one per row of a processor batch (or of a list of chunks, in order), cut
+        to `dim` values when it is set."""
         if isinstance(inputs, list):
             return torch.cat([self.embed(chunk) for chunk in inputs])
         states = self.backbone.hidden_states(self.model, inputs)
         if self.latent_pool is not None:
-            return F.normalize(self.latent_pool(states, inputs["attention_mask"]).float(), dim=-1)
+            return truncate(self.latent_pool(states, inputs["attention_mask"]).float(), self.dim)
         index = pooling_index(inputs["input_ids"], inputs["attention_mask"], self.emb_token_id, self.pooling)
-        return F.normalize(states_at(states, index).float(), dim=-1)
+        return truncate(states_at(states, index).float(), self.dim)
 
     def optimised_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """One GradCache optimizer step (`lamra_pl.models.gradcache`)."""

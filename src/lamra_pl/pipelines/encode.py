@@ -55,7 +55,8 @@ def index(
         backbone: the backbone folder of a checkpoint whose backbone is no longer where it says.
         trust_remote_code: run code the backbone folder ships (a file never turns this on).
         settings: how the model reads its inputs (`--settings.rope 1d`, `--settings.max_pixels N`, ...): for a
-            folder without lamra-pl's settings file, or to change what the model records.
+            folder without lamra-pl's settings file, or to change what the model records. `--settings.dim D`
+            encodes at that Matryoshka dimension (the index records it).
     """
     refuse_empty_pool(pool)
     module = load_retriever(
@@ -166,7 +167,7 @@ def encode(
                 "sources": list(job.sources),
                 "chunks": sum(c.job == j for c in chunks),
                 "instruction_seed": inputs["instruction_seed"],
-                "model": {"path": model_path},
+                "model": {"path": model_path, "dim": module.dim, "full_dim": module.full_dim},
                 "inputs": inputs,
             }
             store.start(manifest, probe)

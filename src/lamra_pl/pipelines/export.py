@@ -30,7 +30,9 @@ collator builds and render it with the backbone's own template, cut so that its 
 pooling reads (`<emb>`'s predecessor); the folder's default chat template stays the backbone's, so the folder is also
 a lamra-pl model folder. Refused: latent-attention pooling and `rope: 1d` on a multimodal backbone (neither library
 computes them), a reranker for sentence-transformers (it writes retrievers), a reranker trained listwise only for
-vLLM (its classifier is the pointwise P(Yes)), CLIP checkpoints.
+vLLM (its classifier is the pointwise P(Yes)), CLIP checkpoints. A retriever exported at a Matryoshka dimension
+(`--settings.dim D`, `lamra_pl.models.matryoshka`) embeds at it in every target: the settings file records it,
+sentence-transformers' config holds `truncate_dim: D`, the `vllm serve` command `dimensions: D`.
 
 The PEFT adapter holds the LoRA weights only. `<emb>` is a token lamra-pl adds to the tokenizer: a base with spare
 embedding rows (real Qwen2-VL checkpoints) takes it as it is; one without is resized to len(tokenizer) before the
@@ -48,7 +50,7 @@ from typing import Any, Literal, NamedTuple
 
 from lamra_pl.errors import LamraError
 from lamra_pl.files import atomic_folder, atomic_write
-from lamra_pl.formats.settings import POOLING_FILE, SETTINGS_FILE, write_settings
+from lamra_pl.formats.settings import POOLING_FILE, SETTINGS_FILE, ModelSettings, module_args, write_settings
 from lamra_pl.models.backbone import EMB_TOKEN, family_of, hf_model, model_type
 from lamra_pl.models.base import TrainingModule
 from lamra_pl.models.checkpoints import (
@@ -90,6 +92,7 @@ def export(
     backbone: str | None = None,
     prompts: dict[str, str] | None = None,
     trust_remote_code: bool = False,
+    settings: ModelSettings | None = None,
 ) -> Path:
     """Export a training checkpoint or model folder for other libraries: PEFT, sentence-transformers, vLLM (`--to`).
 
@@ -110,12 +113,16 @@ def export(
         prompts: named instructions for sentence-transformers' `prompts` (`encode(..., prompt_name=NAME)`), e.g.
             {"webqa_task2": "Find a Wikipedia image that answers my question."}.
         trust_remote_code: run code the backbone folder ships (a file never turns this on).
+        settings: how the model reads its inputs, over what it records (`--settings.*`, as on `index`);
+            `--settings.dim D` exports a retriever that embeds at that Matryoshka dimension (each embedding cut to
+            D values, normalised again): its settings file records it, sentence-transformers' config holds
+            `truncate_dim: D`, and the `vllm serve` command sets `dimensions: D`.
     """
     targets = _targets(to)
     path = Path(model)
     if not path.exists():
         raise LamraError(f"model {model!r} does not exist: give a `lamra-pl fit` checkpoint or a model folder")
-    source = Source.read(path, backbone)
+    source = Source.read(path, backbone, settings)
     request = Request(dict(prompts or {}))
     if request.prompts and "sentence-transformers" not in targets:
         raise LamraError("export --prompts are sentence-transformers' prompts: add --to sentence-transformers")
@@ -124,7 +131,8 @@ def export(
     out_dir = Path(out)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise LamraError(f"export --out {out} exists and is not an empty folder: give a new folder")
-    module = load_module(path, backbone={"dtype": "float32", **caller_settings(backbone, trust_remote_code)})
+    overrides = caller_settings(backbone, trust_remote_code, settings)
+    module = load_module(path, backbone={"dtype": "float32", **overrides}, module=module_args(settings))
     with atomic_folder(out_dir) as staged:
         for name in targets:
             TARGETS[name].write(module, staged if len(targets) == 1 else staged / name, request)
@@ -147,7 +155,8 @@ def _targets(to: Target | list[Target]) -> list[str]:
 
 @dataclass(frozen=True)
 class Source:
-    """What `model` records, read before anything is built: its class and arguments (`stored_module`)."""
+    """What `model` records, read before anything is built: its class and arguments (`stored_module`), with the
+    caller's settings over them."""
 
     path: Path
     cls: type[TrainingModule]
@@ -155,8 +164,13 @@ class Source:
     backbone_override: str | None = None
 
     @classmethod
-    def read(cls, path: Path, backbone: str | None) -> Source:
+    def read(cls, path: Path, backbone: str | None, settings: ModelSettings | None = None) -> Source:
         module_cls, args = stored_module(path)
+        if settings is not None:
+            args = {**args, **settings.module_args()}
+            if settings.backbone_args():
+                stored = args.get("backbone") if isinstance(args.get("backbone"), dict) else {}
+                args["backbone"] = {**stored, **settings.backbone_args()}
         return cls(path, module_cls, args, backbone)
 
     @property
@@ -250,7 +264,7 @@ def peft_card(module: EmbeddingModule | RerankModule) -> str:
             _instructions(module) + _cut(module),
             "",
             "The embedding is the last layer's hidden state after the final norm (`hidden_states[-1]` of a forward "
-            f"with `output_hidden_states=True`) at {_pooling(module)}, L2-normalised.",
+            f"with `output_hidden_states=True`) at {_pooling(module)}, L2-normalised." + _matryoshka(module),
         ]
     else:
         kind, tags = "reranker", "text-classification"
@@ -362,6 +376,8 @@ def to_sentence_transformers(module: TrainingModule, out: Path, request: Request
             "prompts": {"query": "", "document": "", **request.prompts},
             "default_prompt_name": None,
             "similarity_fn_name": "cosine",
+            # sentence-transformers cuts `encode`'s output to its first truncate_dim values (after Normalize)
+            **({} if module.dim is None else {"truncate_dim": module.dim}),
         },
     }
     for name, value in files.items():
@@ -431,7 +447,9 @@ def sentence_transformers_card(module: EmbeddingModule, request: Request) -> str
             "",
             f"The rendered input ends {_rendered_end(module)}: the Transformer module's last hidden state (after "
             "the final norm) at that last token (`Pooling`, `lasttoken`) is the embedding, L2-normalised "
-            "(`Normalize`); similarity is the cosine. Positions are the model's own." + _cut(module, template=True),
+            "(`Normalize`); similarity is the cosine. Positions are the model's own."
+            + _st_truncation(module)
+            + _cut(module, template=True),
             "",
             *_training(module),
         ]
@@ -466,9 +484,12 @@ def to_vllm(module: TrainingModule, out: Path, request: Request) -> Path:
 
 def vllm_command(module: EmbeddingModule | RerankModule) -> list[str]:
     """The `vllm serve` command lines for the folder (MODEL: its path)."""
-    pooler = json.dumps({"pooling_type": "LAST", "use_activation": True})
+    pooler: dict[str, Any] = {"pooling_type": "LAST", "use_activation": True}
     if isinstance(module, EmbeddingModule):
         convert, template, overrides = "embed", EMBEDDING_TEMPLATE, []
+        if module.dim is not None:  # vLLM cuts to `dimensions` (its default for every request) before normalising
+            pooler["dimensions"] = module.dim
+            overrides = [f"  --hf-overrides '{json.dumps({'matryoshka_dimensions': [module.dim]})}' \\"]
     else:
         tokenizer = module.processor.tokenizer
         c = module.collator()
@@ -479,7 +500,7 @@ def vllm_command(module: EmbeddingModule | RerankModule) -> list[str]:
         f'vllm serve "$MODEL" --runner pooling --convert {convert} \\',
         *overrides,
         f'  --chat-template "$MODEL/{TEMPLATE_FOLDER}/{template}.jinja" --chat-template-content-format openai \\',
-        f"  --pooler-config '{pooler}'",
+        f"  --pooler-config '{json.dumps(pooler)}'",
     ]
 
 
@@ -516,7 +537,7 @@ def vllm_card(module: EmbeddingModule | RerankModule) -> str:
             "",
             f"The rendered input ends {_rendered_end(module)}; `--convert embed` with `pooling_type: LAST` reads the "
             "last layer's state (after the final norm) there and `use_activation` L2-normalises it: lamra-pl's "
-            "embedding. " + _instructions(module) + _cut(module, template=True),
+            "embedding. " + _vllm_dimensions(module) + _instructions(module) + _cut(module, template=True),
         ]
     else:
         kind = "reranker"
@@ -698,6 +719,42 @@ def _pooling(module: EmbeddingModule) -> str:
     return (
         f"every real token, pooled by latent attention (`lamra_pl.models.pooling.LatentAttentionPooling`, its weights "
         f"in `{POOLING_FILE}`)"
+    )
+
+
+def _matryoshka(module: EmbeddingModule) -> str:
+    """The Matryoshka cut (`dim`), said for a reader who computes the embedding."""
+    if module.dim is None:
+        return ""
+    return (
+        f" Then its first {module.dim} values (of {module.full_dim}) are L2-normalised again: this model embeds at "
+        f"Matryoshka dimension {module.dim} (lamra-pl's `dim` setting)."
+    )
+
+
+def _st_truncation(module: EmbeddingModule) -> str:
+    """How sentence-transformers applies the Matryoshka cut (`truncate_dim`, after `Normalize`)."""
+    if module.dim is None:
+        return ""
+    return (
+        f" This model embeds at Matryoshka dimension {module.dim} (lamra-pl's `dim` setting): "
+        f"config_sentence_transformers.json's `truncate_dim: {module.dim}` cuts each embedding to its first "
+        f"{module.dim} values after `Normalize`, so `encode` gives them as lamra-pl's unit vectors times a "
+        "positive factor: the cosine, and every ranking, is the same; `encode(..., normalize_embeddings=True)` "
+        "normalises them again (lamra-pl's vectors)."
+    )
+
+
+def _vllm_dimensions(module: EmbeddingModule) -> str:
+    """How vLLM applies the Matryoshka cut (`dimensions`, before its normalisation)."""
+    if module.dim is None:
+        return ""
+    return (
+        f"This model embeds at Matryoshka dimension {module.dim} (lamra-pl's `dim` setting): `--hf-overrides` "
+        f"declares it (`matryoshka_dimensions`, which vLLM requires before it cuts) and the pooler config's "
+        f"`dimensions: {module.dim}` (vLLM 0.11 and later) makes it every request's default; vLLM cuts the state to "
+        f"its first {module.dim} values before it L2-normalises, as lamra-pl does (on an earlier release, or to be "
+        f'explicit, send `"dimensions": {module.dim}` with each request). '
     )
 
 

@@ -78,7 +78,8 @@ def retrieve(
         backbone: the backbone folder of a checkpoint whose backbone is no longer where it says.
         trust_remote_code: run code the backbone folder ships (a file never turns this on).
         settings: how the model reads its inputs (`--settings.rope 1d`, `--settings.max_pixels N`, ...): for a
-            folder without lamra-pl's settings file, or to change what the model records.
+            folder without lamra-pl's settings file, or to change what the model records. `--settings.dim D`:
+            the Matryoshka dimension the index was built at.
     """
     searched = EmbeddingIndex(index)
     tasks = task_dirs(queries)
