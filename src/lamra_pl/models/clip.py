@@ -24,6 +24,7 @@ from lamra_pl.formats.sample import Item
 from lamra_pl.models.base import ScheduleSpec, TrainingModule
 from lamra_pl.models.contrastive import ContrastiveSteps
 from lamra_pl.models.embedding_inputs import EmbeddingCollator
+from lamra_pl.models.loss_spec import LossSpec
 
 # Configs whose towers or tokenizer come from the Hugging Face hub would be fetched at creation.
 HUB_KEYS = ("hf_model_name", "hf_tokenizer_name", "timm_model_name")
@@ -106,6 +107,7 @@ class CLIPModule(ContrastiveSteps, TrainingModule):
             `EmbeddingModule`).
         optimizer: built from every parameter but open_clip's own logit scale.
         schedule: the learning-rate schedule (`ScheduleSpec`: warmup_ratio, lr_schedule).
+        loss: the InfoNCE's options (`LossSpec`, as `EmbeddingModule`'s); null: the plain InfoNCE.
     """
 
     def __init__(
@@ -118,6 +120,7 @@ class CLIPModule(ContrastiveSteps, TrainingModule):
         instructions: bool = True,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         schedule: ScheduleSpec | None = None,
+        loss: LossSpec | None = None,
     ) -> None:
         if temperature <= 0:
             raise LamraError(f"model.temperature must be positive, got {temperature}")
@@ -138,6 +141,7 @@ class CLIPModule(ContrastiveSteps, TrainingModule):
         self.clip.logit_scale.requires_grad_(False)  # unused (see `checkpoint`): not trained, not checkpointed
         self.tokenizer = open_clip.get_tokenizer(name)
         self.init_temperature(temperature, learnable_temperature)
+        self.init_loss(loss)
 
     def collator(self) -> CLIPCollator:
         return CLIPCollator(self.tokenizer, self.preprocess, self.instructions)

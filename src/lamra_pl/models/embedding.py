@@ -24,6 +24,7 @@ from lamra_pl.models.base import ScheduleSpec, TrainingModule
 from lamra_pl.models.contrastive import ContrastiveSteps
 from lamra_pl.models.embedding_inputs import EmbeddingCollator
 from lamra_pl.models.gradcache import GradCacheSpec, check_trainer, gradcache_step
+from lamra_pl.models.loss_spec import LossSpec
 from lamra_pl.models.pooling import (
     LatentAttentionPooling,
     Pooling,
@@ -55,6 +56,9 @@ class EmbeddingModule(ContrastiveSteps, TrainingModule):
         gradcache: GradCache's settings (`GradCacheSpec`: chunk_size, clip_norm); null: the plain step.
         optimizer: built from the trainable parameters.
         schedule: the learning-rate schedule (`ScheduleSpec`: warmup_ratio, lr_schedule).
+        loss: the InfoNCE's options (`LossSpec`: false_negative_margin, query_query, candidate_candidate,
+            hardness_beta, task_temperatures, matryoshka_dims, matryoshka_weights), each off by default; null:
+            LamRA's InfoNCE.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class EmbeddingModule(ContrastiveSteps, TrainingModule):
         gradcache: GradCacheSpec | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         schedule: ScheduleSpec | None = None,
+        loss: LossSpec | None = None,
     ) -> None:
         if temperature <= 0:
             raise LamraError(f"model.temperature must be positive, got {temperature}")
@@ -87,6 +92,7 @@ class EmbeddingModule(ContrastiveSteps, TrainingModule):
         self.automatic_optimization = self.gradcache is None
         self.emb_token_id = self.processor.tokenizer.convert_tokens_to_ids(EMB_TOKEN)
         self.init_temperature(temperature, learnable_temperature)
+        self.init_loss(loss)
         self.latent_pool: LatentAttentionPooling | None = None
 
     def configure_model(self) -> None:
