@@ -44,8 +44,9 @@ def concepts() -> list[tuple[str, str]]:
     return list(itertools.product(COLORS, SHAPES))
 
 
-def text_to_image_samples(repeat: int = 1, negatives: int = 0) -> list[dict]:
-    """Name -> image queries over the 12 colour/shape concepts; negatives are same-shape other colours."""
+def text_to_image_samples(repeat: int = 1, negatives: int = 0, tasks: int | None = None) -> list[dict]:
+    """Name -> image queries over the 12 colour/shape concepts; negatives are same-shape other colours. With
+    `tasks`, concept i's records carry task id i % tasks (else none)."""
     samples = []
     for r, (i, (color, shape)) in itertools.product(range(repeat), enumerate(concepts())):
         others = [c for c in COLORS if c != color][:negatives]
@@ -57,6 +58,7 @@ def text_to_image_samples(repeat: int = 1, negatives: int = 0) -> list[dict]:
                 instructions=["Find the picture of this shape."],
                 positives=[{"id": f"img:{color}-{shape}", "image": png(shape_image(color, shape))}],
                 negatives=[{"id": f"img:{o}-{shape}", "image": png(shape_image(o, shape))} for o in others],
+                task_id=None if tasks is None else i % tasks,
             )
         )
     return samples

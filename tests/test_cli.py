@@ -173,7 +173,7 @@ def test_every_argument_of_the_modules_and_datamodules_has_its_help():
     for name in ("EmbeddingModule", "RerankModule", "CLIPModule", "ShardDataModule", "MixDataModule"):
         ours(getattr(lamra_pl, name), classes)
     names = {c.__name__ for c in classes}
-    assert {"BackboneSpec", "LoraSpec", "ScheduleSpec", "GradCacheSpec"} <= names, names
+    assert {"BackboneSpec", "LoraSpec", "ScheduleSpec", "GradCacheSpec", "LossSpec"} <= names, names
     for cls in classes:
         parser = ArgumentParser()
         parser.add_class_arguments(cls, "model")

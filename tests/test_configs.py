@@ -16,6 +16,7 @@ from lamra_pl.data.datamodule import ShardDataModule
 from lamra_pl.data.mix import MixDataModule
 from lamra_pl.models.clip import CLIPModule
 from lamra_pl.models.embedding import EmbeddingModule
+from lamra_pl.models.loss_spec import LossSpec
 from lamra_pl.models.reranker import RerankModule
 from lamra_pl.ranking.fusion import load_weights
 from lamra_pl.strategies import FSDP2Strategy
@@ -148,6 +149,9 @@ def test_ablation_overlays_parse_over_their_stage_and_change_what_they_name(over
     if overlay.stem == "interleaved":  # its sub-batches divide the stage's global batch
         t, s = parsed.trainer, parsed.data.init_args
         assert (s.batch_size * t.devices * t.num_nodes) % s.sub_batch_size == 0
+    if overlay.stem.startswith(("loss_", "matryoshka")):  # one loss option on, the others off
+        spec = LossSpec(**parsed.model.init_args.loss)
+        assert spec != LossSpec() and base.model.init_args.get("loss") is None
     if overlay.stem == "clip":
         assert resolve(parsed.model.class_path) is CLIPModule
         assert parsed.model.init_args.optimizer == base.model.init_args.optimizer  # the stage's recipe is kept
@@ -159,6 +163,7 @@ def test_every_ablation_of_the_issue_has_an_overlay():
     assert {"rerank_pointwise", "rerank_listwise", "rerank_joint"} <= names
     assert any(n.startswith("temperature_") for n in names)
     assert {"rope_model", "rerank_answer_labels"} <= names  # this project's departures from the papers
+    assert {"loss_fn_margin", "loss_qq_dd", "loss_hardness", "loss_task_temperature", "matryoshka"} <= names  # issue 23
 
 
 @pytest.mark.parametrize("grid", GRIDS, ids=lambda p: p.name)

@@ -2,7 +2,8 @@
 
 Two gloo DDP processes give the same loss and gradients as one process on the concatenated batch, and GradCache
 (`model.gradcache.chunk_size`) gives the same gradients as encoding the batch on one graph, in one process or
-two, with and without LoRA dropout. The skipped-sample counts are summed over the processes.
+two, with and without LoRA dropout, and with every loss option (`LossSpec`) on. The skipped-sample counts are
+summed over the processes.
 """
 
 from __future__ import annotations
@@ -27,17 +28,17 @@ Grads = dict[str, torch.Tensor]
 
 @pytest.fixture(scope="module")
 def step_grads(tiny_backbone, tmp_path_factory) -> Callable[..., Grads]:
-    """`(devices, mode, lora_dropout, strategy="ddp") -> gradients of one step` (see scripts/ddp_grads.py),
-    each run once."""
+    """`(devices, mode, lora_dropout, strategy="ddp", loss="plain") -> gradients of one step` (see
+    scripts/ddp_grads.py), each run once."""
     out = tmp_path_factory.mktemp("grads")
-    done: dict[tuple[int, str, float, str], Grads] = {}
+    done: dict[tuple[int, str, float, str, str], Grads] = {}
 
-    def run(devices: int, mode: str, dropout: float, strategy: str = "ddp") -> Grads:
-        key = (devices, mode, dropout, strategy)
+    def run(devices: int, mode: str, dropout: float, strategy: str = "ddp", loss: str = "plain") -> Grads:
+        key = (devices, mode, dropout, strategy, loss)
         if key not in done:
-            path = out / f"{devices}-{mode}-{dropout}-{strategy}.safetensors"
+            path = out / f"{devices}-{mode}-{dropout}-{strategy}-{loss}.safetensors"
             env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-            args = [str(tiny_backbone), str(path), str(devices), mode, str(dropout), strategy]
+            args = [str(tiny_backbone), str(path), str(devices), mode, str(dropout), strategy, loss]
             proc = subprocess.run(
                 [sys.executable, str(SCRIPT), *args],
                 capture_output=True,
@@ -76,6 +77,19 @@ def test_gradcache_gradients_equal_the_full_batch_gradients(step_grads, devices)
 @pytest.mark.slow
 def test_gradcache_under_fsdp2_equals_the_full_batch_gradients(step_grads):
     assert_same_step(step_grads(2, "gradcache", 0.0, "fsdp2"), step_grads(1, "full", 0.0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("devices", "mode"), [(2, "full"), (1, "gradcache"), (2, "gradcache")])
+def test_every_loss_option_keeps_ddp_and_gradcache_exact(step_grads, devices, mode):
+    """With every `LossSpec` option on (false-negative margin, query-query and candidate-candidate terms, hardness
+    weighting, per-task temperatures, Matryoshka sizes): 2 processes, and GradCache in 1 or 2, give the loss and
+    gradients of one process on the whole batch, the per-task and shared temperatures' included."""
+    want = step_grads(1, "full", 0.0, "ddp", "options")
+    assert_same_step(step_grads(devices, mode, 0.0, "ddp", "options"), want)
+    assert want["task_log_logit_scale"].shape == (3,) and (want["task_log_logit_scale"].abs() > 1e-6).all()
+    assert want["log_logit_scale"].abs() > 1e-6  # query 3 has no task: the shared temperature
+    assert abs(want["__loss__"] - step_grads(1, "full", 0.0)["__loss__"]) > 0.1, "the options changed nothing"
 
 
 @pytest.mark.slow

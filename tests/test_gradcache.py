@@ -1,5 +1,5 @@
 """GradCache in a real `lamra-pl fit`: the same training curve as the plain step, with clipping and the LR
-schedule (exact per-step gradients are in test_ddp.py)."""
+schedule, and with every loss option on (exact per-step gradients are in test_ddp.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
+from conftest import text_to_image_samples
 from helpers import clean_error, fit_tiny_with_callbacks, lamra_here
+from lamra_pl.formats.shards import write_shards
 
 
 def fit_curve(tmp: Path, backbone: Path, shards: Path, *args: str) -> list[float]:
@@ -49,6 +52,28 @@ def test_gradcache_fit_follows_the_plain_fit_with_clipping_and_schedule(tiny_bac
     assert cached == pytest.approx(plain, rel=1e-4, abs=1e-5)
     assert plain[-1] != pytest.approx(unclipped[-1], rel=1e-3), "clipping did not change the run: vacuous"
     assert plain[-1] < plain[0], "the curve did not move: the comparison is vacuous"
+
+
+@pytest.mark.slow
+def test_gradcache_fit_with_every_loss_option_follows_the_plain_fit(tiny_backbone, tmp_path):
+    """Every `LossSpec` option on, from the command line, on shards whose records carry task ids 0..2."""
+    shards = tmp_path / "train"
+    write_shards(text_to_image_samples(repeat=4, negatives=1, tasks=3), shards, maxcount=12)
+    options = (
+        "--model.init_args.loss.false_negative_margin=0.1",
+        "--model.init_args.loss.query_query=true",
+        "--model.init_args.loss.candidate_candidate=true",
+        "--model.init_args.loss.hardness_beta=2.0",
+        "--model.init_args.loss.task_temperatures=3",
+        "--model.init_args.loss.matryoshka_dims=[8, 32]",
+        "--model.init_args.learnable_temperature=true",
+    )
+    plain = fit_curve(tmp_path / "plain", tiny_backbone, shards, *options)
+    cached = fit_curve(tmp_path / "cached", tiny_backbone, shards, "--model.init_args.gradcache.chunk_size=3", *options)
+    assert cached == pytest.approx(plain, rel=1e-4, abs=1e-5)
+    assert plain[-1] < plain[0], "the curve did not move: the comparison is vacuous"
+    saved = yaml.safe_load((tmp_path / "cached" / "config.yaml").read_text())["model"]["init_args"]["loss"]
+    assert saved["task_temperatures"] == 3 and saved["matryoshka_dims"] == [8, 32] and saved["query_query"]
 
 
 def test_gradcache_refuses_trainer_clipping_and_a_clip_norm_without_chunks(tiny_backbone):

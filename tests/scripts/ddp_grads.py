@@ -1,13 +1,14 @@
 """One training step of the EmbeddingModule; saves the loss and the gradients (after DDP averaging).
 
-    python ddp_grads.py BACKBONE OUT.safetensors DEVICES [MODE [LORA_DROPOUT [STRATEGY]]]
+    python ddp_grads.py BACKBONE OUT.safetensors DEVICES [MODE [LORA_DROPOUT [STRATEGY [LOSS]]]]
 
 With DEVICES=2 each gloo rank takes half of the same 8 examples that DEVICES=1 takes in one batch. MODE:
 "full" encodes each side of the batch in one forward; "chunked" encodes it in chunks of 2 inputs, all on one
 graph (the same dropout draws, in the same order, as GradCache's first pass); "gradcache" is GradCache with
 chunks of 2. STRATEGY: "ddp" (gloo; the default) or "fsdp2" (FSDP2Strategy; gradients are gathered whole).
 Under DDP the temperature is learnable, so its gradient is compared too (FSDP2 refuses a trainable tensor
-outside the sharded trunk).
+outside the sharded trunk). LOSS: "plain" (LamRA's InfoNCE; the default) or "options" (every `LossSpec` option
+on: OPTIONS below, with per-task temperatures for the examples' tasks 0..2 and a query without a task).
 """
 
 from __future__ import annotations
@@ -30,9 +31,20 @@ from lamra_pl.models.backbone import BackboneSpec, LoraSpec
 from lamra_pl.models.embedding import EmbeddingModule
 from lamra_pl.models.embedding_inputs import EmbeddingCollator, Example
 from lamra_pl.models.gradcache import GradCacheSpec
+from lamra_pl.models.loss_spec import LossSpec
 from lamra_pl.strategies import FSDP2Strategy
 
 COLORS = ["red", "green", "blue", "yellow"]
+TASKS = [0, 1, 2, None, 2, 1, 0, 0]  # each rank's half holds several tasks; query 3 has none (the shared temperature)
+OPTIONS = LossSpec(
+    false_negative_margin=0.005,  # no score within 9e-4 of a threshold here: the drops are the same in every run
+    query_query=True,
+    candidate_candidate=True,
+    hardness_beta=2.0,
+    task_temperatures=3,
+    matryoshka_dims=[8, 32],
+    matryoshka_weights=[0.5, 0.25],
+)
 
 
 def examples() -> list[Example]:
@@ -47,7 +59,7 @@ def examples() -> list[Example]:
             query = Item(f"q{i}", text=f"{color} {shape}")
         else:  # image + text queries
             query = Item(f"q{i}", text="same shape, other color", image=shape_image(color, shape, 70))
-        out.append(Example(query, positive, [negative], [positive.id]))
+        out.append(Example(query, positive, [negative], [positive.id], TASKS[i]))
     return out
 
 
@@ -96,6 +108,7 @@ def main() -> None:
     mode = sys.argv[4] if len(sys.argv) > 4 else "full"
     dropout = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
     fsdp2 = len(sys.argv) > 6 and sys.argv[6] == "fsdp2"
+    options = len(sys.argv) > 7 and sys.argv[7] == "options"
     seed_everything(0)
     module = (ChunkedOnOneGraph if mode == "chunked" else PerturbedLoRA)(
         BackboneSpec(backbone, gradient_checkpointing=False),
@@ -103,6 +116,7 @@ def main() -> None:
         learnable_temperature=not fsdp2,
         optimizer=partial(torch.optim.SGD, lr=0.0),
         gradcache=GradCacheSpec(chunk_size=2) if mode == "gradcache" else None,
+        loss=OPTIONS if options else None,
     )
     strategy = DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=120)) if devices > 1 else "auto"
     if fsdp2:

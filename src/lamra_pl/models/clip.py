@@ -24,6 +24,7 @@ from lamra_pl.formats.sample import Item
 from lamra_pl.models.base import ScheduleSpec, TrainingModule
 from lamra_pl.models.contrastive import ContrastiveSteps
 from lamra_pl.models.embedding_inputs import EmbeddingCollator
+from lamra_pl.models.loss_spec import LossSpec
 from lamra_pl.models.matryoshka import check_dim, truncate
 
 # Configs whose towers or tokenizer come from the Hugging Face hub would be fetched at creation.
@@ -109,6 +110,7 @@ class CLIPModule(ContrastiveSteps, TrainingModule):
         schedule: the learning-rate schedule (`ScheduleSpec`: warmup_ratio, lr_schedule).
         dim: embed at this Matryoshka dimension: each fused embedding cut to its first `dim` values and
             L2-normalised again (`lamra_pl.models.matryoshka`); null: the full width (the config's `embed_dim`).
+        loss: the InfoNCE's options (`LossSpec`, as `EmbeddingModule`'s); null: the plain InfoNCE.
     """
 
     def __init__(
@@ -122,6 +124,7 @@ class CLIPModule(ContrastiveSteps, TrainingModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         schedule: ScheduleSpec | None = None,
         dim: int | None = None,
+        loss: LossSpec | None = None,
     ) -> None:
         check_dim(dim)
         if temperature <= 0:
@@ -146,6 +149,7 @@ class CLIPModule(ContrastiveSteps, TrainingModule):
         self.full_dim = int(open_clip.get_model_config(name)["embed_dim"])  # both towers project to it
         check_dim(dim, self.full_dim)
         self.dim = dim
+        self.init_loss(loss)
 
     def collator(self) -> CLIPCollator:
         return CLIPCollator(self.tokenizer, self.preprocess, self.instructions)

@@ -16,13 +16,17 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 
+from lamra_pl.errors import LamraError
 from lamra_pl.formats.index import PROBE_TEXTS
 from lamra_pl.formats.sample import Item
+from lamra_pl.models.loss_spec import LossSpec
 from lamra_pl.models.losses import (
     all_gather_no_grad,
     all_gather_with_grad,
     false_negative_mask,
-    info_nce,
+    info_nce_with_options,
+    matryoshka_loss,
+    query_query_mask,
     rank_and_world,
 )
 from lamra_pl.ranking.metrics import evaluate_embeddings
@@ -31,7 +35,7 @@ from lamra_pl.ranking.metrics import evaluate_embeddings
 class ContrastiveSteps(LightningModule):
     """Training, validation, test and predict steps of a retriever (mixed in before a `TrainingModule`).
 
-    The subclass calls `init_temperature` in its `__init__` and defines `embed` and `collator`.
+    The subclass calls `init_temperature`, then `init_loss`, in its `__init__` and defines `embed` and `collator`.
     """
 
     def init_temperature(self, temperature: float, learnable: bool) -> None:
@@ -42,6 +46,38 @@ class ContrastiveSteps(LightningModule):
         else:
             self.register_buffer("log_logit_scale", log_scale, persistent=False)
         self._retrieval: list[tuple[str, str, list[str], np.ndarray]] = []  # validation embeddings, per batch
+        self.loss_spec = LossSpec()
+        self.task_log_logit_scale: torch.nn.Parameter | None = None
+
+    def init_loss(self, loss: LossSpec | dict[str, Any] | None) -> None:
+        """The InfoNCE's options (`LossSpec`); per-task temperatures start at the model's temperature."""
+        self.loss_spec = LossSpec.of(loss)
+        n = self.loss_spec.task_temperatures
+        if n is not None:
+            self.task_log_logit_scale = torch.nn.Parameter(self.log_logit_scale.detach().clone().repeat(n))
+
+    def loss_parameters(self) -> list[torch.Tensor]:
+        """The trainable tensors the loss uses directly (not through the embeddings): GradCache takes their
+        gradients from the cached-embedding loss."""
+        own = [self.log_logit_scale] if self.learnable_temperature else []
+        return own + ([] if self.task_log_logit_scale is None else [self.task_log_logit_scale])
+
+    def query_logit_scale(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The logit scale: one for the batch, or with per-task temperatures one per query ([Q]): its task's, or the
+        model's for a query without a task id (-1 in the batch's `task_ids`)."""
+        if self.task_log_logit_scale is None:
+            return self.logit_scale
+        tasks = batch.get("task_ids")
+        if tasks is None:
+            raise LamraError("model.loss.task_temperatures needs batches that carry each query's task id")
+        n = self.task_log_logit_scale.numel()
+        unknown = tasks[(tasks >= n) | (tasks < -1)]
+        if unknown.numel():
+            raise LamraError(
+                f"a query has task_id {int(unknown[0])}, but model.loss.task_temperatures is {n} (task ids 0..{n - 1})"
+            )
+        per_task = self.task_log_logit_scale.exp().clamp(max=100.0)
+        return torch.where(tasks >= 0, per_task[tasks.clamp(min=0)], self.logit_scale)
 
     # Defined by the subclass (declared here for the steps below): L2-normalised float32 embeddings, one per row
     # of a collated batch; and the collator that builds those batches.
@@ -80,7 +116,8 @@ class ContrastiveSteps(LightningModule):
         queries: torch.Tensor | None = None,
         candidates: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """InfoNCE of local queries against (gathered) candidates; returns (loss, in-batch top-1 accuracy).
+        """InfoNCE of local queries against (gathered) candidates, with `loss_spec`'s options; returns (loss, in-batch
+        top-1 accuracy, at full size, over the candidates).
 
         The embeddings are computed from the batch unless given (GradCache passes its cached ones).
         """
@@ -95,7 +132,30 @@ class ContrastiveSteps(LightningModule):
         local = batch["candidate_ids"].numel()
         labels = rank * local + torch.arange(queries.shape[0], device=queries.device)
         mask = false_negative_mask(batch["positive_ids"], candidate_ids, labels)
-        loss = info_nce(queries, candidates, labels, self.logit_scale, mask)
+        spec = self.loss_spec
+        spec.check_dim(queries.shape[-1])
+        all_queries = query_mask = None
+        if spec.query_query:
+            all_queries = all_gather_with_grad(queries) if gather else queries
+            all_labels = all_gather_no_grad(labels) if gather else labels
+            query_mask = query_query_mask(batch["positive_ids"], candidate_ids[all_labels])
+        scale = self.query_logit_scale(batch)
+
+        def loss_at(q: torch.Tensor, c: torch.Tensor, a: torch.Tensor | None) -> torch.Tensor:
+            return info_nce_with_options(
+                q,
+                c,
+                labels,
+                scale,
+                mask,
+                all_queries=a,
+                query_mask=query_mask,
+                candidate_candidate=spec.candidate_candidate,
+                margin=spec.false_negative_margin,
+                hardness_beta=spec.hardness_beta,
+            )
+
+        loss = matryoshka_loss(loss_at, [queries, candidates, all_queries], spec.matryoshka_dims, spec.weights)
         with torch.no_grad():
             scores = (queries @ candidates.T).masked_fill(mask, float("-inf"))
             accuracy = (scores.argmax(-1) == labels).float().mean()
@@ -111,6 +171,9 @@ class ContrastiveSteps(LightningModule):
         self.log("train/inbatch_acc", accuracy, batch_size=n, sync_dist=True)
         if self.learnable_temperature:
             self.log("train/temperature", 1.0 / self.logit_scale.detach(), batch_size=n)
+        if self.task_log_logit_scale is not None:
+            temperatures = 1.0 / self.task_log_logit_scale.detach().exp().clamp(max=100.0)
+            self.log_dict({f"train/temperature_task{t}": v for t, v in enumerate(temperatures)}, batch_size=n)
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:

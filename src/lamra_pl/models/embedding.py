@@ -23,6 +23,7 @@ from lamra_pl.models.base import ScheduleSpec, TrainingModule
 from lamra_pl.models.contrastive import ContrastiveSteps
 from lamra_pl.models.embedding_inputs import EmbeddingCollator
 from lamra_pl.models.gradcache import GradCacheSpec, check_trainer, gradcache_step
+from lamra_pl.models.loss_spec import LossSpec
 from lamra_pl.models.matryoshka import check_dim, truncate
 from lamra_pl.models.pooling import (
     LatentAttentionPooling,
@@ -57,6 +58,9 @@ class EmbeddingModule(ContrastiveSteps, TrainingModule):
         schedule: the learning-rate schedule (`ScheduleSpec`: warmup_ratio, lr_schedule).
         dim: embed at this Matryoshka dimension: each embedding cut to its first `dim` values and L2-normalised
             again (`lamra_pl.models.matryoshka`), in every use of the model; null: the full width (the hidden size).
+        loss: the InfoNCE's options (`LossSpec`: false_negative_margin, query_query, candidate_candidate,
+            hardness_beta, task_temperatures, matryoshka_dims, matryoshka_weights), each off by default; null:
+            LamRA's InfoNCE.
     """
 
     def __init__(
@@ -75,6 +79,7 @@ class EmbeddingModule(ContrastiveSteps, TrainingModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         schedule: ScheduleSpec | None = None,
         dim: int | None = None,
+        loss: LossSpec | None = None,
     ) -> None:
         check_dim(dim)
         if temperature <= 0:
@@ -91,6 +96,7 @@ class EmbeddingModule(ContrastiveSteps, TrainingModule):
         self.automatic_optimization = self.gradcache is None
         self.emb_token_id = self.processor.tokenizer.convert_tokens_to_ids(EMB_TOKEN)
         self.init_temperature(temperature, learnable_temperature)
+        self.init_loss(loss)
         self.latent_pool: LatentAttentionPooling | None = None
         self.dim = dim
 

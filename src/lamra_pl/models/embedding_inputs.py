@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import BatchFeature, ProcessorMixin
 
-from lamra_pl.errors import LamraError
+from lamra_pl.errors import BadSampleError, LamraError
 from lamra_pl.formats.sample import Item, Record, with_instruction
 from lamra_pl.models.backbone import EMB_TOKEN, render_chats
 from lamra_pl.models.video import EMBEDDING_FRAMES, budget_of, video_inputs, video_tokens
@@ -34,12 +34,14 @@ ASSISTANT = f"{EMB_TOKEN}."
 
 @dataclass
 class Example:
-    """One training example after sampling: the query (instruction applied), one positive, k negatives."""
+    """One training example after sampling: the query (instruction applied), one positive, k negatives, and the
+    record's task id (None: it has none)."""
 
     query: Item
     positive: Item
     negatives: list[Item]
     positive_ids: list[str]
+    task_id: int | None = None
 
 
 def choose_example(record: Record, rng: random.Random | None, num_negatives: int, instructions: bool = True) -> Example:
@@ -59,7 +61,10 @@ def choose_example(record: Record, rng: random.Random | None, num_negatives: int
         instruction = rng.choice(instruction_choices) if instruction_choices else None
         negatives = rng.sample(record.negatives, num_negatives)
     query = replace(record.query, id=record.qid, text=with_instruction(instruction, record.query.text), source=None)
-    return Example(query, positive, negatives, [p.id for p in record.positives])
+    task = record.task_id
+    if task is not None and (isinstance(task, bool) or not isinstance(task, int) or task < 0):
+        raise BadSampleError(f"qid {record.qid}: task_id {task!r} is neither null nor a non-negative integer")
+    return Example(query, positive, negatives, [p.id for p in record.positives], task)
 
 
 def stable_id(value: str) -> int:
@@ -91,7 +96,7 @@ def embedding_messages(item: Item) -> list[dict[str, Any]]:
 
 
 class EmbeddingCollator:
-    """Examples -> {"query": BatchFeature, "candidates": BatchFeature, ids} for the EmbeddingModule.
+    """Examples -> {"query": BatchFeature, "candidates": BatchFeature, ids, task ids} for the EmbeddingModule.
 
     Candidates are laid out `[positives (B); negatives (B*k, query-major)]`. Texts longer than
     `max_text_tokens` are cut by tokens before the prompt is built, so `<emb>` can never be cut off.
@@ -140,6 +145,8 @@ class EmbeddingCollator:
             "query_ids": [e.query.id for e in examples],
             "candidate_ids": torch.tensor([stable_id(c.id) for c in candidates], dtype=torch.long),
             "positive_ids": positive_ids,
+            # each query's task id, -1 for none (per-task temperatures: `loss_spec.LossSpec.task_temperatures`)
+            "task_ids": torch.tensor([-1 if e.task_id is None else e.task_id for e in examples], dtype=torch.long),
         }
 
     def _encode_rows(self, items: list[Item]) -> BatchFeature | list[BatchFeature]:

@@ -5,7 +5,8 @@ takes with it, and `check_trainer` the rule it imposes on the Trainer. The step,
 
 1. Embed every chunk without a graph, recording the RNG state before each (dropout masks).
 2. Compute the loss on the cached embeddings, gathered across ranks with gradient, and its gradient with respect to
-   them (and to a learnable temperature).
+   them (and to the loss's own parameters: a learnable temperature, per-task temperatures). The loss is the
+   module's `contrastive_loss`, every `LossSpec` option included, so GradCache is exact with each of them.
 3. Re-embed each chunk with a graph under its recorded RNG state and back-propagate the surrogate
    <embedding, gradient> (`losses.gradcache_surrogate`): the parameter gradients sum to exactly those of the
    full-batch loss. Only the last chunk's backward reduces gradients across ranks.
@@ -79,11 +80,10 @@ def gradcache_step(module: EmbeddingModule, spec: GradCacheSpec, batch: dict[str
     queries = torch.cat(cached[:n_query]).requires_grad_()
     candidates = torch.cat(cached[n_query:]).requires_grad_()
     loss, accuracy = module.contrastive_loss(batch, gather=True, queries=queries, candidates=candidates)
-    # Only leaves (and the gather's collective) are on this graph, no parameter of the backbone: no DDP hook.
-    leaves = [queries, candidates]
-    if module.learnable_temperature:
-        leaves.append(module.log_logit_scale)
-    grads = torch.autograd.grad(loss, leaves)
+    # Only leaves (and the gather's collective) are on this graph, no parameter of the backbone: no DDP hook. The
+    # loss's own parameters (learnable temperature, per-task temperatures) take their gradient from it directly.
+    loss_parameters = module.loss_parameters()
+    grads = torch.autograd.grad(loss, [queries, candidates, *loss_parameters])
     chunk_grads = [*grads[0].split([len(c["input_ids"]) for c in batch["query"]])]
     chunk_grads += grads[1].split([len(c["input_ids"]) for c in batch["candidates"]])
     for k, (chunk, grad, (cpu_state, device_states)) in enumerate(zip(chunks, chunk_grads, states, strict=True)):
@@ -93,8 +93,9 @@ def gradcache_step(module: EmbeddingModule, spec: GradCacheSpec, batch: dict[str
             for d, state in zip(device_rng, device_states, strict=True):
                 torch.cuda.set_rng_state(state, d)
             surrogate = gradcache_surrogate(module.embed(chunk), grad)
-            if last and module.learnable_temperature:  # its gradient joins the last (synced) backward
-                surrogate = surrogate + gradcache_surrogate(module.log_logit_scale, grads[2])
+            if last:  # the loss parameters' gradients join the last (synced) backward
+                for parameter, parameter_grad in zip(loss_parameters, grads[2:], strict=True):
+                    surrogate = surrogate + gradcache_surrogate(parameter, parameter_grad)
             module.manual_backward(surrogate)
     if spec.clip_norm is not None:
         module.clip_gradients(optimizer, gradient_clip_val=spec.clip_norm, gradient_clip_algorithm="norm")

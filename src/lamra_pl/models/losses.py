@@ -10,16 +10,22 @@ loss, the same as one process on the concatenated batch (lightning.md section 3)
 GradCache (`gradcache_surrogate`): with embeddings computed without a graph and the loss's gradient `grad` with respect
 to them, back-propagating <embeddings recomputed with a graph, grad> gives each parameter exactly the gradient of the
 full-batch loss.
+
+`LossSpec`'s options (`lamra_pl.models.loss_spec`) are `info_nce_with_options` and `matryoshka_loss`, under the
+same contract (the query-query term's queries are gathered with gradient as the candidates are).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed._functional_collectives import all_gather_tensor, all_gather_tensor_autograd
+
+from lamra_pl.models.matryoshka import truncate
 
 
 def _distributed() -> bool:
@@ -69,6 +75,97 @@ def info_nce(
         if mask is not None:
             logits = logits.masked_fill(mask, float("-inf"))
         return F.cross_entropy(logits, labels)
+
+
+def query_query_mask(positive_ids: torch.Tensor, query_positives: torch.Tensor) -> torch.Tensor:
+    """[Q, Qall] bool: query g is not a negative of query i, because g's labelled positive is one of i's positives
+    (every query is masked against itself, its own labelled positive being one of its positives).
+
+    `positive_ids` is [Q, P] (padded with -1) for the local queries; `query_positives` [Qall] the candidate id of
+    the labelled positive of every query, gathered in rank order as the queries are.
+    """
+    return (query_positives[None, :, None] == positive_ids[:, None, :]).any(-1)
+
+
+def info_nce_with_options(
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    labels: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    mask: torch.Tensor | None = None,
+    *,
+    all_queries: torch.Tensor | None = None,
+    query_mask: torch.Tensor | None = None,
+    candidate_candidate: bool = False,
+    margin: float | None = None,
+    hardness_beta: float | None = None,
+) -> torch.Tensor:
+    """InfoNCE with `LossSpec`'s options (`lamra_pl.models.loss_spec`), in float32; `info_nce` itself when every
+    option is off and `logit_scale` is a scalar.
+
+    Gather contract as `info_nce`'s: `queries` [Q, D] local, `candidates` [C, D] every rank's in rank order,
+    `labels` [Q] indices into them, `mask` [Q, C] the columns that are no negatives (`false_negative_mask`).
+    `logit_scale` is a scalar or one scale per query, [Q] (per-task temperatures). With s the dot product, query
+    i's logits are the row
+
+        [s(q_i, c_j) for j < C] + [s(q_i, a_g) for g < Qall if all_queries] + [s(c_{l_i}, c_j) for j < C if
+        candidate_candidate]
+
+    times its logit scale, and the loss is the mean over i of -log softmax(row)[l_i] over the columns kept:
+
+    * `all_queries` [Qall, D]: every rank's queries, gathered with gradient (the query-query term); `query_mask`
+      [Qall] columns dropped from each row (`query_query_mask`; it must drop query i itself);
+    * `candidate_candidate`: the candidate-candidate term; its columns `mask` drops, and l_i (the positive itself);
+    * `margin`: also dropped, every column (but l_i) with s > s(q_i, c_{l_i}) + margin, decided without gradient;
+    * `hardness_beta`: every column but l_i gets beta * s (detached) added to its logit, i.e. its exp weighted by
+      exp(beta * sg(s)).
+    """
+    per_query = isinstance(logit_scale, torch.Tensor) and logit_scale.dim() == 1
+    if all_queries is None and not candidate_candidate and margin is None and hardness_beta is None:
+        return info_nce(queries, candidates, labels, logit_scale[:, None] if per_query else logit_scale, mask)
+    with torch.autocast(device_type=queries.device.type, enabled=False):
+        q, c = queries.float(), candidates.float()
+        no_negative = torch.zeros(q.shape[0], c.shape[0], dtype=torch.bool, device=q.device)
+        no_negative = no_negative if mask is None else mask
+        blocks, excluded = [q @ c.T], [no_negative]
+        if all_queries is not None:
+            if query_mask is None:
+                raise ValueError("the query-query term needs its mask (each query's own column at least)")
+            blocks.append(q @ all_queries.float().T)
+            excluded.append(query_mask)
+        if candidate_candidate:
+            blocks.append(c[labels] @ c.T)
+            excluded.append(no_negative | F.one_hot(labels, c.shape[0]).bool())
+        scores = torch.cat(blocks, dim=1)
+        dropped = torch.cat(excluded, dim=1)
+        is_label = F.one_hot(labels, scores.shape[1]).bool()  # l_i indexes the first block
+        if margin is not None:
+            with torch.no_grad():
+                positive = scores.gather(1, labels[:, None])
+                dropped = dropped | ((scores > positive + margin) & ~is_label)
+        scale = logit_scale[:, None].float() if per_query else logit_scale
+        logits = scale * scores
+        if hardness_beta is not None:
+            logits = logits + torch.where(is_label, 0.0, hardness_beta * scores.detach())
+        logits = logits.masked_fill(dropped, float("-inf"))
+        return F.cross_entropy(logits, labels)
+
+
+def matryoshka_loss(
+    loss: Callable[..., torch.Tensor],
+    embeddings: Sequence[torch.Tensor | None],
+    dims: Sequence[int] | None,
+    weights: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """Matryoshka representation learning (Kusupati et al. 2022): `loss(*embeddings)` plus, for each size d of
+    `dims` with weight w (default 1), w * `loss` of the embeddings cut to their first d dimensions and
+    L2-normalised again (None entries passed as they are). `loss(*embeddings)` alone when `dims` is empty or
+    None."""
+    total = loss(*embeddings)
+    for d, w in zip(dims or [], weights or [1.0] * len(dims or []), strict=True):
+        cut = [None if e is None else truncate(e.float(), d) for e in embeddings]  # as `dim` cuts at inference
+        total = total + w * loss(*cut)
+    return total
 
 
 def gradcache_surrogate(embeddings: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
