@@ -40,6 +40,9 @@ STRATEGY ?= modality# make mine: modality (MM-Embed), topk (UniIR, modality-blin
 TEXT_DATA ?=# text-to-text retrieval shards (e.g. from make convert-nli) for make stage-continual
 MINED_RATIO ?= 1# make stage-continual: the mix of MINED and TEXT_DATA (ratios, normalised)
 TEXT_RATIO ?= 1
+DISTILL_RUNS ?= $(RUNS)/train_distill# MODEL's top DISTILL_K of the training queries, RERANKER's scores of them
+DISTILL_K ?= 16# candidates per query's list (make distill-data)
+DISTILLED ?= $(if $(DATA),$(DATA)/distilled,data/distilled)# distillation training shards (make distill-data)
 
 backbone_arg = $(if $(BACKBONE),--model.init_args.backbone.path=$(BACKBONE))
 # a grid's variables from NAME=VALUE words (those with an empty value are left to the grid's defaults)
@@ -50,7 +53,7 @@ stage2_data = $(if $(DATA),'--data.init_args.train_shards=$(DATA)/train')
 comma := ,
 continual_data = $(if $(TEXT_DATA),'--data.init_args.sources={"$(MINED)": $(MINED_RATIO)$(comma) "$(TEXT_DATA)": $(TEXT_RATIO)}')
 
-.PHONY: ablations report mine stage-hardneg stage-continual rerank-zeroshot bench-train reliability venv tiny-backbone stage1 stage2 merge convert-mbeir convert-nli emoji index retrieve evaluate eval search \
+.PHONY: distill-data distill ablations report mine stage-hardneg stage-continual rerank-zeroshot bench-train reliability venv tiny-backbone stage1 stage2 merge convert-mbeir convert-nli emoji index retrieve evaluate eval search \
 	rerank-data rerank-train rerank tune-fusion test lint demo tensorboard clean
 
 venv: $(STAMP)
@@ -128,6 +131,14 @@ stage-hardneg: venv  # MM-Embed's M_hard: stage 2 again from the stage-1 model (
 stage-continual: CONFIG ?= experiments/mm_embed/stage_continual.yaml
 stage-continual: venv  # MM-Embed's continual fine-tuning of M_hard (BACKBONE, merged) on MINED + TEXT_DATA (both, or the config's sources)
 	$(LAMRA) fit -c $(CONFIG) $(backbone_arg) $(continual_data) $(ARGS)
+
+distill-data: venv  # MODEL's top DISTILL_K of the training queries, scored by RERANKER -> DISTILLED shards
+	$(LAMRA) grid --grid experiments/pipelines/distill_data.yaml $(call vars,model=$(MODEL) reranker=$(RERANKER) \
+		data=$(DATA) index=$(TRAIN_INDEX) runs=$(DISTILL_RUNS) k=$(DISTILL_K) shards=$(DISTILLED)) '--variables+=args=$(ARGS)'
+
+distill: CONFIG ?= experiments/lamra_ret/distill.yaml
+distill: venv  # the retriever (BACKBONE, merged) trained on DISTILLED against the reranker's scores (U-MARVEL)
+	$(LAMRA) fit -c $(CONFIG) $(backbone_arg) --data.init_args.train_shards=$(DISTILLED) $(ARGS)
 
 ablations: venv  # run a grid (experiments/ablations/grids/GRID.yaml; done steps are skipped); its last step reports
 	$(LAMRA) grid --grid experiments/ablations/grids/$(GRID).yaml $(ARGS)

@@ -24,6 +24,7 @@ PUBLIC: dict[str, str] = {
     "LoraSpec": "lamra_pl.models.backbone",
     "ScheduleSpec": "lamra_pl.models.base",
     "GradCacheSpec": "lamra_pl.models.gradcache",
+    "DistillSpec": "lamra_pl.models.distill",
     "load_module": "lamra_pl.models.checkpoints",
     "load_retriever": "lamra_pl.models.checkpoints",
     "load_reranker": "lamra_pl.models.checkpoints",
