@@ -46,6 +46,9 @@ SETS ?= flickr30k coco sharegpt4v urban1k circo genecis# make zeroshot: LamRA's 
 ZEROSHOT_RAW ?= data/zeroshot_raw# ZEROSHOT_RAW/<set>: each set as its authors distribute it (README: Zero-shot sets)
 ZEROSHOT_DATA ?= data/zeroshot# converted sets: ZEROSHOT_DATA/<set>
 ZEROSHOT_RUNS ?= $(RUNS)/zeroshot# run files and results: ZEROSHOT_RUNS/<set>/local; the table: ZEROSHOT_RUNS/zeroshot.md
+DISTILL_RUNS ?= $(RUNS)/train_distill# MODEL's top DISTILL_K of the training queries, RERANKER's scores of them
+DISTILL_K ?= 16# candidates per query's list (make distill-data)
+DISTILLED ?= $(if $(DATA),$(DATA)/distilled,data/distilled)# distillation training shards (make distill-data)
 
 backbone_arg = $(if $(BACKBONE),--model.init_args.backbone.path=$(BACKBONE))
 # a grid's variables from NAME=VALUE words (those with an empty value are left to the grid's defaults)
@@ -58,7 +61,7 @@ empty :=
 space := $(empty) $(empty)
 continual_data = $(if $(TEXT_DATA),'--data.init_args.sources={"$(MINED)": $(MINED_RATIO)$(comma) "$(TEXT_DATA)": $(TEXT_RATIO)}')
 
-.PHONY: merge-models zeroshot ablations report mine stage-hardneg stage-continual rerank-zeroshot bench-train reliability venv tiny-backbone stage1 stage2 merge convert-mbeir convert-nli emoji index retrieve evaluate eval search \
+.PHONY: merge-models zeroshot distill-data distill ablations report mine stage-hardneg stage-continual rerank-zeroshot bench-train reliability venv tiny-backbone stage1 stage2 merge convert-mbeir convert-nli emoji index retrieve evaluate eval search \
 	rerank-data rerank-train rerank tune-fusion test lint demo tensorboard clean
 
 venv: $(STAMP)
@@ -147,6 +150,14 @@ zeroshot: venv  # per set of SETS: convert (once), index, retrieve, evaluate (ex
 			--variables+=index=$(ZEROSHOT_RUNS)/$$s/index --variables+=runs=$(ZEROSHOT_RUNS)/$$s '--variables+=args=$(ARGS)'; \
 	done
 	$(LAMRA) zeroshot-report --runs $(ZEROSHOT_RUNS) --sets '[$(subst $(space),$(comma),$(strip $(SETS)))]'
+
+distill-data: venv  # MODEL's top DISTILL_K of the training queries, scored by RERANKER -> DISTILLED shards
+	$(LAMRA) grid --grid experiments/pipelines/distill_data.yaml $(call vars,model=$(MODEL) reranker=$(RERANKER) \
+		data=$(DATA) index=$(TRAIN_INDEX) runs=$(DISTILL_RUNS) k=$(DISTILL_K) shards=$(DISTILLED)) '--variables+=args=$(ARGS)'
+
+distill: CONFIG ?= experiments/lamra_ret/distill.yaml
+distill: venv  # the retriever (BACKBONE, merged) trained on DISTILLED against the reranker's scores (U-MARVEL)
+	$(LAMRA) fit -c $(CONFIG) $(backbone_arg) --data.init_args.train_shards=$(DISTILLED) $(ARGS)
 
 ablations: venv  # run a grid (experiments/ablations/grids/GRID.yaml; done steps are skipped); its last step reports
 	$(LAMRA) grid --grid experiments/ablations/grids/$(GRID).yaml $(ARGS)

@@ -25,6 +25,7 @@ PUBLIC: dict[str, str] = {
     "ScheduleSpec": "lamra_pl.models.base",
     "GradCacheSpec": "lamra_pl.models.gradcache",
     "LossSpec": "lamra_pl.models.loss_spec",
+    "DistillSpec": "lamra_pl.models.distill",
     "load_module": "lamra_pl.models.checkpoints",
     "load_retriever": "lamra_pl.models.checkpoints",
     "load_reranker": "lamra_pl.models.checkpoints",

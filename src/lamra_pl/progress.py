@@ -1,6 +1,6 @@
 """Progress of long work, live on a terminal and line by line in a log: the one way lamra-pl reports it.
 
-`progress(...)` counts the items of a long loop (`index`, `retrieve`, `rerank`, `rerank-data`, `mine`,
+`progress(...)` counts the items of a long loop (`index`, `retrieve`, `rerank`, `rerank-data`, `distill-data`, `mine`,
 `convert-mbeir`, `convert-nli`, the Python API's encoding) and shows their count and rate:
 
 - on a terminal, a tqdm bar redrawn in place;

@@ -107,6 +107,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lamra_pl.pipelines.mine:mine",
         "MM-Embed's modality-aware hard negatives: training shards whose queries carry c1 + c2 mined negatives",
     ),
+    "distill-data": (
+        "lamra_pl.pipelines.distill_data:distill_data",
+        "Distillation training shards: each training query with its retrieved top K and the reranker's score of each",
+    ),
     "rerank": (
         "lamra_pl.pipelines.rerank:rerank",
         "Rerank the top N of each run file with a reranker and fuse: final = retrieval + w * rerank score",

@@ -65,7 +65,10 @@ def to_examples(
                 f"data.num_negatives is {num_negatives}"
             )
             continue
-        yield choose(record, None, num_negatives)
+        try:
+            yield choose(record, None, num_negatives)
+        except BadSampleError as err:  # a record the collator cannot use (e.g. no list for model.distill): one line
+            yield Failure(str(err))
 
 
 def to_batches(

@@ -223,3 +223,29 @@ def read_rerank_scores(path: str | Path) -> dict[str, list[float]]:
         qid, _, _, _, value = line.split("\t")
         scores[qid].append(float(value))
     return dict(scores)
+
+
+def read_pair_scores(path: str | Path) -> dict[str, dict[str, float]]:
+    """qid -> {did: rerank score} from a scores/<task>.tsv file, checked: five tab-separated fields a line, a finite
+    rerank score, no pair twice (a LamraError names the file and line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LamraError(f"scores file {path} does not exist")
+    scores: dict[str, dict[str, float]] = defaultdict(dict)
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        try:
+            qid, did, value = fields[0], fields[1], float(fields[4])
+        except (IndexError, ValueError):
+            value = float("nan")
+        if len(fields) != 5 or not np.isfinite(value):
+            raise LamraError(
+                f"{path}:{number}: expected 'qid did retrieval_rank retrieval_score rerank_score' with a "
+                f"finite rerank score, got {line[:200]!r}"
+            )
+        if did in scores[qid]:
+            raise LamraError(f"{path}:{number}: query {qid} scores candidate {did} twice")
+        scores[qid][did] = value
+    return dict(scores)

@@ -13,7 +13,11 @@ in it):
      "instructions": ["Find an image that matches the caption."],   # choices; may be empty
      "positives": [{"id": "9:4410", "txt": null, "img": "pos0.jpg", "modality": "image"}],   # at least one
      "negatives": [{"id": "9:77", "txt": null, "img": "neg0.jpg", "modality": "image"}],    # optional
-     "rerank": {...}}                    # reranker samples only (`lamra-pl rerank-data`): see rerank_example
+     "rerank": {...},                    # reranker samples only (`lamra-pl rerank-data`): see rerank_example
+     "candidates": [{"id": "9:12", "txt": null, "img": "cand0.jpg", "modality": "image", "score": 0.93}]}
+                                         # distillation samples only (`lamra-pl distill-data`, version 2): the
+                                         # query's candidate list, best-ranked first (positives included, unlike
+                                         # `negatives`), each with its teacher's score, a finite number
 
 * one member per image, named by the record's `img` field (`<key>.query.png`, `<key>.pos0.jpg`, ...), holding
   the encoded image file as it was (never re-encoded).
@@ -23,6 +27,9 @@ in it):
   were taken at, for sampling by fps) and `"vid_src"` (the video's path in the original data set). A video is stored
   as decoded frames rather than a container file (MP4, AVI) so that reading it needs no video codec library; a
   converter decodes (and may thin) a set's videos once. Its modality is "video" or "video,text".
+
+* the optional `candidates` field (since version 2; distillation samples, `lamra-pl distill-data`): the query's
+  candidate list with the teacher's score of each.
 
 A pool candidate sample is `<key>.json` = {"id", "txt", "img", "modality"[, "img_src"]} (or "vid"[, "vid_fps",
 "vid_src"] for a video) and its image or frame members.
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -47,7 +55,7 @@ from PIL import Image
 from lamra_pl.errors import BadSampleError
 from lamra_pl.formats.shards import expand_shards, read_samples
 
-VERSION = 2  # 2: video items ("vid"); version 1 shards have none and read as they did
+VERSION = 2  # 2: video items ("vid") and the optional `candidates` field; version 1 shards read as they did
 MODALITIES = ("text", "image", "image,text", "video", "video,text")
 # The most frames a stored video may have: Qwen2-VL's processor's max_frames. A converter thins longer videos.
 MAX_STORED_FRAMES = 768
@@ -109,6 +117,8 @@ class Record:
     instructions: list[str] = field(default_factory=list)
     task_id: int | None = None
     rerank: dict[str, Any] | None = None  # reranker samples: lamra_pl.models.rerank_inputs.rerank_example
+    candidates: list[Item] = field(default_factory=list)  # distillation samples: the query's list, best first
+    teacher_scores: list[float] = field(default_factory=list)  # and the teacher's score of each, in that order
 
 
 class UnreadableImage(Exception):
@@ -162,12 +172,14 @@ def encode_record(
     instructions: list[str] = (),  # type: ignore[assignment]
     task_id: int | None = None,
     extra: dict[str, Any] | None = None,
+    candidates: list[dict[str, Any]] = (),  # type: ignore[assignment]
 ) -> dict[str, Any]:
     """A WebDataset sample dict from a record whose items carry `txt` and `image` (encoded bytes + extension).
 
     Each item is `{"id", "txt", "image": (bytes, "jpg") | None}`, or for a video `{"id", "txt", "video": [(bytes,
     "jpg"), ...], "fps": float | None, "vid_src": str | None}` (its frames, encoded, in time order); the query needs
-    no id. `extra` adds fields to the record (e.g. "rerank").
+    no id. `extra` adds fields to the record (e.g. "rerank"). `candidates` (distillation samples) are items with a
+    "score" each: the record's candidate list, in order; none: the record has no list.
     """
     if "." in key:
         raise BadSampleError(f"sample key {key!r} contains a dot; WebDataset splits keys at the first dot")
@@ -200,6 +212,10 @@ def encode_record(
         "negatives": [item(n, f"neg{i}", True) for i, n in enumerate(negatives)],
         **(extra or {}),
     }
+    if candidates:
+        record["candidates"] = [
+            {**item(c, f"cand{i}", True), "score": float(c["score"])} for i, c in enumerate(candidates)
+        ]
     sample["json"] = json.dumps(record, ensure_ascii=False).encode()
     return sample
 
@@ -246,6 +262,7 @@ def decode_record(sample: dict[str, Any], max_image_pixels: int | None = None) -
         )
 
     qid = str(record["qid"])
+    listed = record.get("candidates") or []
     return Record(
         key=str(sample.get("__key__")),
         qid=qid,
@@ -255,7 +272,17 @@ def decode_record(sample: dict[str, Any], max_image_pixels: int | None = None) -
         instructions=list(record.get("instructions") or []),
         task_id=record.get("task_id"),
         rerank=record.get("rerank"),
+        candidates=[item(c, "", f"candidates[{i}]") for i, c in enumerate(listed)],
+        teacher_scores=[_score(c, f"{where}: candidates[{i}]") for i, c in enumerate(listed)],
     )
+
+
+def _score(entry: Any, where: str) -> float:
+    """A list candidate's teacher score: a finite number (a bool, a string or NaN is a bad sample)."""
+    value = entry.get("score") if isinstance(entry, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise BadSampleError(f"{where} has no finite teacher 'score' (got {value!r})")
+    return float(value)
 
 
 def sample_location(sample: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ from lamra_pl.models.backbone import (
 )
 from lamra_pl.models.base import ScheduleSpec, TrainingModule
 from lamra_pl.models.contrastive import ContrastiveSteps
+from lamra_pl.models.distill import DistillSpec, distill_objective
 from lamra_pl.models.embedding_inputs import EmbeddingCollator
 from lamra_pl.models.gradcache import GradCacheSpec, check_trainer, gradcache_step
 from lamra_pl.models.loss_spec import LossSpec
@@ -61,6 +62,9 @@ class EmbeddingModule(ContrastiveSteps, TrainingModule):
         loss: the InfoNCE's options (`LossSpec`: false_negative_margin, query_query, candidate_candidate,
             hardness_beta, task_temperatures, matryoshka_dims, matryoshka_weights), each off by default; null:
             LamRA's InfoNCE.
+        distill: reranker -> embedder distillation (`DistillSpec`: teacher_temperature, weight, infonce_weight,
+            candidates; `lamra_pl.models.distill`): KL between the teacher's and this model's softmax over each
+            query's candidate list (`lamra-pl distill-data` shards), optionally plus InfoNCE; null: InfoNCE alone.
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class EmbeddingModule(ContrastiveSteps, TrainingModule):
         schedule: ScheduleSpec | None = None,
         dim: int | None = None,
         loss: LossSpec | None = None,
+        distill: DistillSpec | None = None,
     ) -> None:
         check_dim(dim)
         if temperature <= 0:
@@ -99,6 +104,8 @@ class EmbeddingModule(ContrastiveSteps, TrainingModule):
         self.init_loss(loss)
         self.latent_pool: LatentAttentionPooling | None = None
         self.dim = dim
+        self.distill = DistillSpec.of(distill)
+        self._distill_stats: dict[str, torch.Tensor] = {}
 
     def configure_model(self) -> None:
         if self.model is None:
@@ -140,6 +147,7 @@ class EmbeddingModule(ContrastiveSteps, TrainingModule):
             max_text_tokens=self.max_text_tokens,
             chunk_size=None if self.gradcache is None else self.gradcache.chunk_size,
             instructions=self.instructions,
+            distill=self.distill,
         )
 
     def embed(self, inputs: BatchFeature | list[BatchFeature]) -> torch.Tensor:
@@ -157,3 +165,31 @@ class EmbeddingModule(ContrastiveSteps, TrainingModule):
         """One GradCache optimizer step (`lamra_pl.models.gradcache`)."""
         assert self.gradcache is not None
         return gradcache_step(self, self.gradcache, batch)
+
+    def contrastive_loss(
+        self,
+        batch: dict[str, Any],
+        gather: bool,
+        queries: torch.Tensor | None = None,
+        candidates: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """InfoNCE, or with `distill` the distillation objective (`lamra_pl.models.distill`) over the same
+        embeddings (GradCache passes its cached ones); returns (loss, in-batch top-1 accuracy)."""
+        if self.distill is None:
+            return super().contrastive_loss(batch, gather, queries, candidates)
+        if "teacher_scores" not in batch:
+            raise LamraError("model.distill is set but the batch carries no teacher scores (a collator without it)")
+        queries = self.embed(batch["query"]) if queries is None else queries
+        candidates = self.embed(batch["candidates"]) if candidates is None else candidates
+        infonce, accuracy = super().contrastive_loss(batch, gather, queries, candidates)
+        loss, self._distill_stats = distill_objective(
+            self.distill, infonce, queries, candidates, batch["teacher_scores"], self.logit_scale
+        )
+        return loss, accuracy
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if self.distill is not None:  # the terms of the loss apart: train/distill_kl, train/infonce, ...
+            stats = {f"train/{name}": value for name, value in self._distill_stats.items()}
+            self.log_dict(stats, batch_size=len(batch["query_ids"]), sync_dist=True)
+        return loss

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from transformers import BatchFeature, ProcessorMixin
 from lamra_pl.errors import BadSampleError, LamraError
 from lamra_pl.formats.sample import Item, Record, with_instruction
 from lamra_pl.models.backbone import EMB_TOKEN, render_chats
+from lamra_pl.models.distill import DistillSpec
 from lamra_pl.models.video import EMBEDDING_FRAMES, budget_of, video_inputs, video_tokens
 
 # LamRA's user-turn templates; note the trailing space. The video ones are LamRA's zero-shot video code's (MSR-VTT,
@@ -34,14 +35,17 @@ ASSISTANT = f"{EMB_TOKEN}."
 
 @dataclass
 class Example:
-    """One training example after sampling: the query (instruction applied), one positive, k negatives, and the
-    record's task id (None: it has none)."""
+    """One training example after sampling: the query (instruction applied), one positive, k negatives, the
+    record's task id (None: it has none); for distillation (`model.distill`), the query's candidate list and the
+    teacher's score of each."""
 
     query: Item
     positive: Item
     negatives: list[Item]
     positive_ids: list[str]
     task_id: int | None = None
+    candidates: list[Item] = field(default_factory=list)
+    teacher_scores: list[float] = field(default_factory=list)
 
 
 def choose_example(record: Record, rng: random.Random | None, num_negatives: int, instructions: bool = True) -> Example:
@@ -65,6 +69,24 @@ def choose_example(record: Record, rng: random.Random | None, num_negatives: int
     if task is not None and (isinstance(task, bool) or not isinstance(task, int) or task < 0):
         raise BadSampleError(f"qid {record.qid}: task_id {task!r} is neither null nor a non-negative integer")
     return Example(query, positive, negatives, [p.id for p in record.positives], task)
+
+
+def with_teacher_list(example: Example, record: Record, spec: DistillSpec) -> Example:
+    """`example` with the record's candidate list and teacher scores (its best-ranked `spec.candidates`, or the
+    whole list), in order: no draw, so the same record always gives the same list. A record without a list, or with
+    a shorter one, is a BadSampleError (a counted skip in training)."""
+    if not record.candidates:
+        raise BadSampleError(
+            f"query {record.qid} carries no candidate list with teacher scores: model.distill trains on the shards "
+            "`lamra-pl distill-data` writes"
+        )
+    n = len(record.candidates) if spec.candidates is None else spec.candidates
+    if len(record.candidates) < n:
+        raise BadSampleError(
+            f"query {record.qid}: a list of {len(record.candidates)} candidates, model.distill.candidates is {n}"
+        )
+    example.candidates, example.teacher_scores = record.candidates[:n], record.teacher_scores[:n]
+    return example
 
 
 def stable_id(value: str) -> int:
@@ -98,12 +120,16 @@ def embedding_messages(item: Item) -> list[dict[str, Any]]:
 class EmbeddingCollator:
     """Examples -> {"query": BatchFeature, "candidates": BatchFeature, ids, task ids} for the EmbeddingModule.
 
-    Candidates are laid out `[positives (B); negatives (B*k, query-major)]`. Texts longer than
-    `max_text_tokens` are cut by tokens before the prompt is built, so `<emb>` can never be cut off.
+    Candidates are laid out `[positives (B); negatives (B*k, query-major)]`, and with `distill` (`DistillSpec`)
+    each record's candidate list after them, `[...; lists (B*K, query-major)]`, with "teacher_scores" [B, K]
+    (float32) in the batch. Texts longer than `max_text_tokens` are cut by tokens before the prompt is built, so
+    `<emb>` can never be cut off.
     `instructions=False` leaves queries without their task instruction, in training and evaluation alike.
     With `chunk_size` (GradCache), "query" and "candidates" are lists of processor batches of at most that many
     rows each, in order: each chunk is padded on its own, so no chunk pays for the longest input of the batch.
     """
+
+    distill: DistillSpec | None = None  # the default of a subclass that does not call this __init__ (CLIPCollator)
 
     def __init__(
         self,
@@ -111,14 +137,17 @@ class EmbeddingCollator:
         max_text_tokens: int | None = 480,
         chunk_size: int | None = None,
         instructions: bool = True,
+        distill: DistillSpec | None = None,
     ) -> None:
         self.processor = processor
         self.max_text_tokens = max_text_tokens
         self.chunk_size = chunk_size
         self.instructions = instructions
+        self.distill = distill
 
     def choose(self, record: Record, rng: random.Random | None, num_negatives: int) -> Example:
-        return choose_example(record, rng, num_negatives, self.instructions)
+        example = choose_example(record, rng, num_negatives, self.instructions)
+        return example if self.distill is None else with_teacher_list(example, record, self.distill)
 
     def encode(self, items: list[Item]) -> BatchFeature:
         items = [self._truncated(item) for item in items]
@@ -134,12 +163,19 @@ class EmbeddingCollator:
         k = len(examples[0].negatives)
         if any(len(e.negatives) != k for e in examples):
             raise LamraError("all examples of a batch must carry the same number of hard negatives")
+        lists = {len(e.candidates) for e in examples}
+        if len(lists) > 1:
+            raise LamraError(
+                f"the examples of a batch carry candidate lists of {sorted(lists)} candidates: set "
+                "model.distill.candidates to at most the shortest, or write every list with one `distill-data --k`"
+            )
         candidates = [e.positive for e in examples] + [n for e in examples for n in e.negatives]
+        candidates += [c for e in examples for c in e.candidates]
         width = max(len(e.positive_ids) for e in examples)
         positive_ids = torch.full((len(examples), width), -1, dtype=torch.long)
         for row, e in enumerate(examples):
             positive_ids[row, : len(e.positive_ids)] = torch.tensor([stable_id(i) for i in e.positive_ids])
-        return {
+        batch = {
             "query": self._encode_rows([e.query for e in examples]),
             "candidates": self._encode_rows(candidates),
             "query_ids": [e.query.id for e in examples],
@@ -148,6 +184,9 @@ class EmbeddingCollator:
             # each query's task id, -1 for none (per-task temperatures: `loss_spec.LossSpec.task_temperatures`)
             "task_ids": torch.tensor([-1 if e.task_id is None else e.task_id for e in examples], dtype=torch.long),
         }
+        if lists != {0}:
+            batch["teacher_scores"] = torch.tensor([e.teacher_scores for e in examples], dtype=torch.float32)
+        return batch
 
     def _encode_rows(self, items: list[Item]) -> BatchFeature | list[BatchFeature]:
         if self.chunk_size is None:

@@ -199,3 +199,36 @@ def answer_token_loss(
     else:
         loss = sum(w * t.mean() for w, t in parts)
     return loss, stats
+
+
+def distillation_loss(
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    teacher_scores: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    teacher_temperature: float,
+) -> torch.Tensor:
+    """Reranker -> embedder distillation over each query's own candidate list (U-MARVEL, Qwen3-VL-Embedding), float32.
+
+    For query i and its list of K candidates, the student's distribution is softmax_j(logit_scale * <q_i, c_ij>)
+    (the embedder's cosine similarities at its own temperature, 1 / logit_scale) and the teacher's is
+    softmax_j(teacher_scores[i, j] / teacher_temperature). The loss is the forward KL divergence
+    KL(teacher || student) = sum_j p_t(j) (log p_t(j) - log p_s(j)), averaged over queries: the teacher is the
+    target, as in U-MARVEL's code (`F.kl_div(log q_student, p_teacher)`); its gradient with respect to the student's
+    logits is (p_s - p_t) / B. It differs from the soft-label cross-entropy -sum_j p_t(j) log p_s(j) by the teacher's
+    entropy, a constant, so both train alike. The teacher's scores carry no gradient.
+
+    Shapes: `queries` [B, D] and `candidates` [B, K, D] are L2-normalised; `teacher_scores` [B, K] (e.g. the
+    reranker's P(yes) per candidate).
+
+    Gather contract: unlike `info_nce`, nothing crosses ranks. Each rank holds its own queries with their own lists,
+    and the loss is the mean over its local queries. Ranks hold equal numbers of queries (the training stream deals
+    equal batches), so DDP's gradient averaging gives exactly the gradient of the mean over the global queries: two
+    processes give the gradient of one process on the concatenated batch (`tests/test_distill.py`).
+    """
+    with torch.autocast(device_type=queries.device.type, enabled=False):
+        student = logit_scale * torch.einsum("bd,bkd->bk", queries.float(), candidates.float())
+        teacher = teacher_scores.detach().float() / teacher_temperature
+        log_student = F.log_softmax(student, dim=-1)
+        log_teacher = F.log_softmax(teacher, dim=-1)
+        return (log_teacher.exp() * (log_teacher - log_student)).sum(-1).mean()

@@ -684,6 +684,13 @@ def _training(module: EmbeddingModule | RerankModule) -> list[str]:
             f"InfoNCE (query -> candidate, in-batch and hard negatives), temperature {args.get('temperature', 0.05)}"
             f", pooling `{module.pooling}`, task instructions {'on' if module.instructions else 'off'}"
         )
+        distill = args.get("distill")
+        if isinstance(distill, dict):  # its last fit: distilled from a reranker (lamra_pl.models.distill)
+            objective = (
+                f"distillation from a reranker: {distill.get('weight')} x KL(teacher || student) over each query's "
+                f"candidate list (teacher temperature {distill.get('teacher_temperature')}) + "
+                f"{distill.get('infonce_weight')} x {objective}"
+            )
     else:
         objective = (
             "causal-LM loss on the answer tokens of LamRA-Rank's pointwise (Yes/No) and listwise chats, weights "
