@@ -588,7 +588,7 @@ def search(
     trust_remote_code: bool = False,
     settings: ModelSettings | None = None,
 ) -> list[Hit]:
-    """Search an index for a text, an image or both, and print the ranked candidates.
+    """Search an index for a text, an image or a video (or text with either), and print the ranked candidates.
 
     Args:
         model: the checkpoint that built the index.
