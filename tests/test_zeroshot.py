@@ -24,9 +24,9 @@ from lamra_pl.pipelines.evaluate import evaluate_runs
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "zeroshot"))
 from make_fixtures import make
 
-SETS = ("flickr30k", "coco", "sharegpt4v", "urban1k", "circo", "genecis", "visdial", "ccneg")
+SETS = ("flickr30k", "coco", "sharegpt4v", "urban1k", "circo", "genecis", "visdial", "ccneg", "sugarcrepe")
 SPLIT = {"circo": "val", "visdial": "val"}
-GALLERIES = ("genecis", "ccneg")  # the sets whose queries each rank their own gallery
+GALLERIES = ("genecis", "ccneg", "sugarcrepe")  # the sets whose queries each rank their own gallery
 I2T = "Find an image caption describing the following everyday image."
 CHANGES = "I'm looking for a similar everyday image with the described changes."
 DIALOG = "Find me an everyday image that matches the given dialog."
@@ -70,6 +70,14 @@ def expected_qrels(name: str, root: Path) -> dict[str, dict[str, set[str]]]:
                 for i, q in enumerate(vaw)
             },
         }
+    elif name == "sugarcrepe":
+        return {
+            f"sugarcrepe_{subset}_task3": {
+                f"sugarcrepe_{subset}:{key}": {f"sugarcrepe_{subset}:{key}:caption"}
+                for key in json.loads((root / "data" / f"{subset}.json").read_text())
+            }
+            for subset in ("add_att", "swap_obj")
+        }
     elif name == "ccneg":
         n = len(torch.load(root / "ccneg_preprocessed.pt", weights_only=True)["annotations"])
         return {"ccneg_task3": {f"ccneg:{i}": {f"ccneg:{i}:true"} for i in range(n)}}
@@ -110,7 +118,9 @@ def test_conversion_keeps_the_published_ground_truth_instruction_and_metric(name
         records = [decode_record(s) for s in read_samples(expand_shards(str(folder / "queries")))]
         assert sorted(r.qid for r in records) == sorted(qrels)
         query = evaluation_query(records[0])
-        lamra_instruction = {"circo": CHANGES, "coco": None, "visdial": DIALOG, "ccneg": None}.get(name, I2T)
+        lamra_instruction = {"circo": CHANGES, "coco": None, "visdial": DIALOG, "ccneg": None, "sugarcrepe": None}.get(
+            name, I2T
+        )
         if task == "genecis_focus_attribute_task7":
             lamra_instruction = "I'm looking for an image with the same attributes as described."
         elif name == "genecis":
@@ -259,6 +269,21 @@ def test_ccneg_gallery_is_true_and_negated_caption_and_accuracy_by_hand(raw, con
     assert scores["R@1"] == pytest.approx(2 / 3) and scores["reported"] == "R@1"
 
 
+def test_sugarcrepe_gallery_is_caption_and_hard_negative_and_accuracy_by_hand(converted, tmp_path):
+    task = converted["sugarcrepe"] / "sugarcrepe_swap_obj_task3"
+    galleries = [json.loads(line) for line in (task / "galleries.jsonl").read_text().splitlines()]
+    name = "sugarcrepe_swap_obj"
+    assert galleries == [{"qid": f"{name}:{k}", "ids": [f"{name}:{k}:caption", f"{name}:{k}:negative"]} for k in "01"]
+    rows = [json.loads(s["json"]) for s in read_samples(expand_shards(str(task / "pool")))]
+    assert {r["id"]: r["txt"] for r in rows}[f"{name}:1:negative"] == "An umbrella holding a person."
+    queries = {r.qid: r for r in map(decode_record, read_samples(expand_shards(str(task / "queries"))))}
+    assert queries[f"{name}:0"].query.image is not None and queries[f"{name}:0"].query.text is None
+    assert queries[f"{name}:0"].query.source == "images/000000397133.jpg"  # under the image folder, val2017/
+    ranked = {f"{name}:0": [f"{name}:0:negative", f"{name}:0:caption"], f"{name}:1": [f"{name}:1:caption"]}
+    scores = evaluate_runs(task_runs(tmp_path, {task.name: task}, {task.name: ranked}))["tasks"][task.name]
+    assert scores["R@1"] == pytest.approx(1 / 2) and scores["reported"] == "R@1"
+
+
 def test_ccneg_evaluates_its_last_40000_entries_only(raw, monkeypatch):
     """The test split is the file's last TEST_SIZE entries (40,000; here 2): the ones before are counted, not used."""
     from lamra_pl.recipes.mbeir import Problems
@@ -401,6 +426,8 @@ def test_zeroshot_report_is_one_table(evaluated):
         "genecis_focus_attribute CIR R@1",
         "visdial T2I R@1",
         "ccneg I2T R@1",
+        "sugarcrepe_add_att I2T R@1",
+        "sugarcrepe_swap_obj I2T R@1",
     ]
     circo = json.loads((evaluated / "circo" / "local" / "results.json").read_text())["tasks"]["circo_task7"]
     assert table["circo CIR mAP@5"] == circo["mAP@5"]

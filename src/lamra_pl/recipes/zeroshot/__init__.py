@@ -12,14 +12,17 @@
     genecis     annotations/<subset>.json (4 subsets)      the root (val2017/, vg/)      test   t7 each  R@1/2/3
     visdial     visdial_1.0_val.json                       VisualDialog_val2018/         val    t0       R@1/5/10
     ccneg       ccneg_preprocessed.pt (CoN-CLIP)           the root (cc3m_subset_...)    test   t3       R@1 of 2
+    sugarcrepe  data/<subset>.json (7 subsets)             val2017/ (COCO 2017 val)      test   t3 each  R@1 of 2
 
 (t0: text -> image, t3: image -> text, t7: image+text -> image; the reported metric is R@1, CIRCO's mAP@5.
 GeneCIS ranks each query's own gallery: galleries.jsonl in its task folders. VisDial's t0 query is a whole dialog.
-CC-Neg ranks each image's true and negated caption: R@1 there is LamRA's accuracy.)
+CC-Neg and SugarCrepe rank each image's caption and its negative: R@1 there is LamRA's accuracy.)
 
 Each set's module says where every field comes from and how LamRA's loader uses it (`karpathy`, `long_captions`,
-`circo`, `genecis`, `visdial`, `ccneg`). Not done yet: VIST, SugarCrepe, multi-turn FashionIQ, and the video sets
-MSR-VTT and MSVD (they need video inputs).
+`circo`, `genecis`, `visdial`, `ccneg`, `sugarcrepe`). Not done yet: VIST and multi-turn FashionIQ (LamRA's
+queries interleave several images with their texts: a story's first images and captions, a session's reference
+images and modifications; a sample item holds one image) and the video sets MSR-VTT and MSVD (they need video
+inputs).
 
 How: the set's reader turns its annotation files into M-BEIR rows (`layout.Layout`), written as an M-BEIR folder in
 OUT/mbeir (query/, cand_pool/, instructions/, and `images`, a link to the image folder); `recipes.mbeir` converts
@@ -53,7 +56,7 @@ from lamra_pl.errors import LamraError
 from lamra_pl.formats import safe_name
 from lamra_pl.formats.sample import MAX_IMAGE_PIXELS
 from lamra_pl.recipes.mbeir import Problems, run_conversion
-from lamra_pl.recipes.zeroshot import ccneg, circo, genecis, karpathy, long_captions, visdial
+from lamra_pl.recipes.zeroshot import ccneg, circo, genecis, karpathy, long_captions, sugarcrepe, visdial
 from lamra_pl.recipes.zeroshot.layout import I2T, Layout, write_mbeir
 
 MBEIR_FOLDER = "mbeir"  # OUT/mbeir: the set as an M-BEIR folder, the input of the conversion (kept to be read)
@@ -103,9 +106,12 @@ SETS: dict[str, ZeroShotSet] = {
         "val", "VisualDialog_val2018", lambda root, images, split, p: [visdial.read(root, split, p)], "VisDial"
     ),
     "ccneg": ZeroShotSet("test", ".", lambda root, images, split, p: [ccneg.read(root, split, p)], "CC-Neg"),
+    "sugarcrepe": ZeroShotSet(
+        "test", "val2017", lambda root, images, split, p: sugarcrepe.read(root, split, p), "SugarCrepe"
+    ),
 }
 # LamRA's other zero-shot sets: listed by `convert-zeroshot`'s refusal, so nobody takes them for a typo.
-NOT_YET = ("vist", "sugarcrepe", "multiturn_fashioniq", "msrvtt", "msvd")
+NOT_YET = ("vist", "multiturn_fashioniq", "msrvtt", "msvd")
 
 
 def convert(
