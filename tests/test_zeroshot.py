@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from helpers import ROOT, clean_error, lamra_here, ok
 from lamra_pl.errors import LamraError
@@ -23,10 +24,12 @@ from lamra_pl.pipelines.evaluate import evaluate_runs
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "zeroshot"))
 from make_fixtures import make
 
-SETS = ("flickr30k", "coco", "sharegpt4v", "urban1k", "circo", "genecis")
-SPLIT = {"circo": "val"}
+SETS = ("flickr30k", "coco", "sharegpt4v", "urban1k", "circo", "genecis", "visdial", "ccneg", "sugarcrepe")
+SPLIT = {"circo": "val", "visdial": "val"}
+GALLERIES = ("genecis", "ccneg", "sugarcrepe")  # the sets whose queries each rank their own gallery
 I2T = "Find an image caption describing the following everyday image."
 CHANGES = "I'm looking for a similar everyday image with the described changes."
+DIALOG = "Find me an everyday image that matches the given dialog."
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +70,20 @@ def expected_qrels(name: str, root: Path) -> dict[str, dict[str, set[str]]]:
                 for i, q in enumerate(vaw)
             },
         }
+    elif name == "sugarcrepe":
+        return {
+            f"sugarcrepe_{subset}_task3": {
+                f"sugarcrepe_{subset}:{key}": {f"sugarcrepe_{subset}:{key}:caption"}
+                for key in json.loads((root / "data" / f"{subset}.json").read_text())
+            }
+            for subset in ("add_att", "swap_obj")
+        }
+    elif name == "ccneg":
+        n = len(torch.load(root / "ccneg_preprocessed.pt", weights_only=True)["annotations"])
+        return {"ccneg_task3": {f"ccneg:{i}": {f"ccneg:{i}:true"} for i in range(n)}}
+    elif name == "visdial":
+        dialogs = json.loads((root / "visdial_1.0_val.json").read_text())["data"]["dialogs"]
+        return {"visdial_task0": {f"visdial:d{i}": {f"visdial:{d['image_id']}"} for i, d in enumerate(dialogs)}}
     else:
         val = json.loads((root / "annotations" / "val.json").read_text())
         return {"circo_task7": {f"circo:{q['id']}": {f"circo:{i}" for i in q["gt_img_ids"]} for q in val}}
@@ -101,14 +118,18 @@ def test_conversion_keeps_the_published_ground_truth_instruction_and_metric(name
         records = [decode_record(s) for s in read_samples(expand_shards(str(folder / "queries")))]
         assert sorted(r.qid for r in records) == sorted(qrels)
         query = evaluation_query(records[0])
-        lamra_instruction = {"circo": CHANGES, "coco": None}.get(name, I2T)
+        lamra_instruction = {"circo": CHANGES, "coco": None, "visdial": DIALOG, "ccneg": None, "sugarcrepe": None}.get(
+            name, I2T
+        )
         if task == "genecis_focus_attribute_task7":
             lamra_instruction = "I'm looking for an image with the same attributes as described."
         elif name == "genecis":
             lamra_instruction = CHANGES
-        if task.endswith("_task0"):  # LamRA encodes the caption bare
+        if name == "visdial":  # the dialog, with LamRA's instruction
+            assert query.image is None and query.text.startswith(f"{DIALOG} Q: ")
+        elif task.endswith("_task0"):  # LamRA encodes the caption bare
             assert query.image is None and query.text == records[0].query.text and not records[0].instructions
-        elif task.endswith("_task3"):
+        elif task.endswith("_task3"):  # (CC-Neg: LamRA embeds the image bare)
             assert query.image is not None and query.text == lamra_instruction
         else:
             assert query.image is not None and query.text.startswith(f"{lamra_instruction} ")
@@ -204,6 +225,91 @@ def test_genecis_galleries_are_target_and_gallery_and_recall_at_1_2_3_by_hand(ra
     assert scores["reported"] == "R@1"
 
 
+def test_visdial_query_is_the_whole_dialog_and_recall_by_hand(converted, tmp_path):
+    """LamRA's dialog text: every round as "Q: <question>? A: <answer>.", the caption left out; the pool is the
+    dialogs' images, bare."""
+    task = converted["visdial"] / "visdial_task0"
+    records = {r.qid: r for r in map(decode_record, read_samples(expand_shards(str(task / "queries"))))}
+    assert records["visdial:d0"].query.text == "Q: is the photo in color? A: yes. Q: how many people? A: two."
+    assert records["visdial:d1"].query.text == "Q: is it sunny? A: no."
+    assert (
+        evaluation_query(records["visdial:d2"]).text
+        == f"{DIALOG} Q: what colour is the car? A: red. Q: how many people? A: one."
+    )
+    rows = [json.loads(s["json"]) for s in read_samples(expand_shards(str(task / "pool")))]
+    assert sorted(r["id"] for r in rows) == ["visdial:185565", "visdial:284024", "visdial:378461"]
+    assert all(r["txt"] is None and r["img"] for r in rows)
+    ranked = {  # the dialog's image at rank 1, 3 and 2
+        "visdial:d0": ["visdial:185565", "visdial:284024", "visdial:378461"],
+        "visdial:d1": ["visdial:185565", "visdial:378461", "visdial:284024"],
+        "visdial:d2": ["visdial:185565", "visdial:378461", "visdial:284024"],
+    }
+    scores = evaluate_runs(task_runs(tmp_path, {task.name: task}, {task.name: ranked}))["tasks"][task.name]
+    assert (scores["R@1"], scores["R@5"], scores["R@10"]) == pytest.approx((1 / 3, 1.0, 1.0))
+    assert scores["reported"] == "R@1"
+
+
+def test_ccneg_gallery_is_true_and_negated_caption_and_accuracy_by_hand(raw, converted, tmp_path):
+    """Each image is ranked against its true and its negated caption (commas dropped, as LamRA does): R@1 there is
+    LamRA's accuracy, the share of images whose true caption scores higher."""
+    task = converted["ccneg"] / "ccneg_task3"
+    galleries = [json.loads(line) for line in (task / "galleries.jsonl").read_text().splitlines()]
+    assert galleries == [{"qid": f"ccneg:{i}", "ids": [f"ccneg:{i}:true", f"ccneg:{i}:negated"]} for i in range(3)]
+    texts = {
+        r["id"]: r["txt"] for r in (json.loads(s["json"]) for s in read_samples(expand_shards(str(task / "pool"))))
+    }
+    assert texts["ccneg:0:true"] == "a dog running on a beach"
+    assert texts["ccneg:0:negated"] == "a dog not running on a beach"
+    ranked = {  # the true caption first for images 0 and 2
+        "ccneg:0": ["ccneg:0:true", "ccneg:0:negated"],
+        "ccneg:1": ["ccneg:1:negated", "ccneg:1:true"],
+        "ccneg:2": ["ccneg:2:true", "ccneg:2:negated"],
+    }
+    scores = evaluate_runs(task_runs(tmp_path, {task.name: task}, {task.name: ranked}))["tasks"][task.name]
+    assert scores["R@1"] == pytest.approx(2 / 3) and scores["reported"] == "R@1"
+
+
+def test_sugarcrepe_gallery_is_caption_and_hard_negative_and_accuracy_by_hand(converted, tmp_path):
+    task = converted["sugarcrepe"] / "sugarcrepe_swap_obj_task3"
+    galleries = [json.loads(line) for line in (task / "galleries.jsonl").read_text().splitlines()]
+    name = "sugarcrepe_swap_obj"
+    assert galleries == [{"qid": f"{name}:{k}", "ids": [f"{name}:{k}:caption", f"{name}:{k}:negative"]} for k in "01"]
+    rows = [json.loads(s["json"]) for s in read_samples(expand_shards(str(task / "pool")))]
+    assert {r["id"]: r["txt"] for r in rows}[f"{name}:1:negative"] == "An umbrella holding a person."
+    queries = {r.qid: r for r in map(decode_record, read_samples(expand_shards(str(task / "queries"))))}
+    assert queries[f"{name}:0"].query.image is not None and queries[f"{name}:0"].query.text is None
+    assert queries[f"{name}:0"].query.source == "images/000000397133.jpg"  # under the image folder, val2017/
+    ranked = {f"{name}:0": [f"{name}:0:negative", f"{name}:0:caption"], f"{name}:1": [f"{name}:1:caption"]}
+    scores = evaluate_runs(task_runs(tmp_path, {task.name: task}, {task.name: ranked}))["tasks"][task.name]
+    assert scores["R@1"] == pytest.approx(1 / 2) and scores["reported"] == "R@1"
+
+
+def test_ccneg_evaluates_its_last_40000_entries_only(raw, monkeypatch):
+    """The test split is the file's last TEST_SIZE entries (40,000; here 2): the ones before are counted, not used."""
+    from lamra_pl.recipes.mbeir import Problems
+    from lamra_pl.recipes.zeroshot import ccneg
+
+    monkeypatch.setattr(ccneg, "TEST_SIZE", 2)
+    layout = ccneg.read(raw["ccneg"], "test", Problems(strict=True))
+    assert [q["qid"] for q in layout.tasks[0].queries] == ["ccneg:1", "ccneg:2"]
+    assert layout.skipped == {"split_train": 1} and layout.read == {"entries": 3}
+
+
+class Payload:
+    """Anything but plain data: torch.load(weights_only=True) refuses to build it."""
+
+
+def test_ccneg_file_with_code_in_it_is_refused_in_one_line(tmp_path):
+    root = tmp_path / "ccneg"
+    root.mkdir()
+    torch.save({"image_paths": [Payload()], "annotations": [{}]}, root / "ccneg_preprocessed.pt")
+    clean_error(
+        lamra_here("convert-zeroshot", "--set=ccneg", f"--root={root}", f"--out={tmp_path / 'out'}"),
+        "ccneg_preprocessed.pt",
+        "not a readable torch file",
+    )
+
+
 def test_version_1_task_folders_read_as_mbeir_tasks_and_unknown_versions_are_refused(tmp_path):
     (tmp_path / "task.json").write_text(json.dumps({"dataset": "mscoco", "task_id": 0, "recall_k": 5}))
     info = task_info(tmp_path)
@@ -275,19 +381,19 @@ def test_sets_end_to_end_with_the_tiny_model(name, evaluated, converted):
         run = read_run_file(evaluated / name / "local" / f"{task}.run")
         qrels = read_qrels(converted[name] / task / "qrels.txt")
         pool = len((converted[name] / task / "pool" / "ids.txt").read_text().split())
-        if name != "genecis":
+        if name not in GALLERIES:
             assert all(len(r) == min(50, pool) for r in run.ranked)  # the task's own pool, whole
         for k in (1, 5, 10):
             hits = [any(d in qrels[q] for d in r[:k]) for q, r in zip(run.qids, run.ranked, strict=True)]
             assert scores[f"R@{k}"] == pytest.approx(np.mean(hits))
-        if name == "genecis":  # each query ranked within its own gallery, all of it
+        if name in GALLERIES:  # each query ranked within its own gallery, all of it
             gallery = {}
             for line in (converted[name] / task / "galleries.jsonl").read_text().splitlines():
                 gallery[json.loads(line)["qid"]] = json.loads(line)["ids"]
             assert {q: sorted(r) for q, r in zip(run.qids, run.ranked, strict=True)} == {
                 q: sorted(ids) for q, ids in gallery.items()
             }
-            for k in (2, 3):
+            for k in (2, 3) if name == "genecis" else ():
                 hits = [any(d in qrels[q] for d in r[:k]) for q, r in zip(run.qids, run.ranked, strict=True)]
                 assert scores[f"R@{k}"] == pytest.approx(np.mean(hits))
             continue
@@ -318,6 +424,10 @@ def test_zeroshot_report_is_one_table(evaluated):
         "circo CIR mAP@5",
         "genecis_change_object CIR R@1",
         "genecis_focus_attribute CIR R@1",
+        "visdial T2I R@1",
+        "ccneg I2T R@1",
+        "sugarcrepe_add_att I2T R@1",
+        "sugarcrepe_swap_obj I2T R@1",
     ]
     circo = json.loads((evaluated / "circo" / "local" / "results.json").read_text())["tasks"]["circo_task7"]
     assert table["circo CIR mAP@5"] == circo["mAP@5"]
@@ -326,15 +436,22 @@ def test_zeroshot_report_is_one_table(evaluated):
 
 @pytest.mark.slow
 def test_make_zeroshot_converts_evaluates_and_tabulates(raw, tiny_backbone, tmp_path):
-    venv = Path(sys.executable).parent.parent
+    # A VENV of its own whose install stamp is up to date: `make zeroshot` needs `venv`, which would otherwise
+    # `pip install -e` this checkout into the running venv whenever pyproject.toml is newer than its stamp.
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "lamra-pl").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m lamra_pl "$@"\n')
+    (venv / "bin" / "lamra-pl").chmod(0o755)
+    (venv / ".installed-cpu").touch()
     proc = subprocess.run(
         [
             "make",
             "--no-print-directory",
             "zeroshot",
             f"VENV={venv}",
+            "FAISS=cpu",
             f"MODEL={tiny_backbone}",
-            "SETS=urban1k circo",
+            "SETS=urban1k circo visdial",
             f"ZEROSHOT_RAW={raw['circo'].parent}",
             f"ZEROSHOT_DATA={tmp_path / 'data'}",
             f"ZEROSHOT_RUNS={tmp_path / 'runs'}",
@@ -348,4 +465,4 @@ def test_make_zeroshot_converts_evaluates_and_tabulates(raw, tiny_backbone, tmp_
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert (tmp_path / "data" / "circo" / "eval" / "val" / "circo_task7" / "task.json").is_file()
     table = json.loads((tmp_path / "runs" / "zeroshot.json").read_text())["table"]
-    assert list(table) == ["urban1k T2I R@1", "urban1k I2T R@1", "circo CIR mAP@5"]
+    assert list(table) == ["urban1k T2I R@1", "urban1k I2T R@1", "circo CIR mAP@5", "visdial T2I R@1"]
