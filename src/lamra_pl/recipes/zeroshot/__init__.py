@@ -10,13 +10,15 @@
     circo       annotations/val.json, COCO2017_unlabeled/  COCO2017_unlabeled/           val    t7       mAP@5/10/25/50
                 annotations/image_info_unlabeled2017.json  unlabeled2017/
     genecis     annotations/<subset>.json (4 subsets)      the root (val2017/, vg/)      test   t7 each  R@1/2/3
+    msrvtt      annotations/MSRVTT_JSFUSION_test.csv       videos/ (<video_id>.mp4)      test   t0, t3   R@1/5/10
+    msvd        test_list.txt, raw-captions.pkl            YouTubeClips/ (<id>.avi)      test   t0, t3   R@1/5/10
 
-(t0: text -> image, t3: image -> text, t7: image+text -> image; the reported metric is R@1, CIRCO's mAP@5.
+(t0: text -> image, t3: image -> text, t7: image+text -> image; for MSR-VTT and MSVD t0 is text -> video and t3
+video -> text, with --images the video folder; the reported metric is R@1, CIRCO's mAP@5.
 GeneCIS ranks each query's own gallery: galleries.jsonl in its task folders.)
 
 Each set's module says where every field comes from and how LamRA's loader uses it (`karpathy`, `long_captions`,
-`circo`, `genecis`). Not done yet: Visual Dialog, VIST, CC-Neg, SugarCrepe, multi-turn FashionIQ, and the video sets
-MSR-VTT and MSVD (they need video inputs).
+`circo`, `genecis`, `video_sets`). Not done yet: Visual Dialog, VIST, CC-Neg, SugarCrepe, multi-turn FashionIQ.
 
 How: the set's reader turns its annotation files into M-BEIR rows (`layout.Layout`), written as an M-BEIR folder in
 OUT/mbeir (query/, cand_pool/, instructions/, and `images`, a link to the image folder); `recipes.mbeir` converts
@@ -50,7 +52,7 @@ from lamra_pl.errors import LamraError
 from lamra_pl.formats import safe_name
 from lamra_pl.formats.sample import MAX_IMAGE_PIXELS
 from lamra_pl.recipes.mbeir import Problems, run_conversion
-from lamra_pl.recipes.zeroshot import circo, genecis, karpathy, long_captions
+from lamra_pl.recipes.zeroshot import circo, genecis, karpathy, long_captions, video_sets
 from lamra_pl.recipes.zeroshot.layout import I2T, Layout, write_mbeir
 
 MBEIR_FOLDER = "mbeir"  # OUT/mbeir: the set as an M-BEIR folder, the input of the conversion (kept to be read)
@@ -96,9 +98,15 @@ SETS: dict[str, ZeroShotSet] = {
         "val", "COCO2017_unlabeled/unlabeled2017", lambda root, images, split, p: [circo.read(root, split, p)], "CIRCO"
     ),
     "genecis": ZeroShotSet("test", ".", lambda root, images, split, p: genecis.read(root, split, p), "GeneCIS"),
+    "msrvtt": ZeroShotSet(
+        "test", "videos", lambda root, images, split, p: [video_sets.read_msrvtt(root, split, p)], "MSR-VTT"
+    ),
+    "msvd": ZeroShotSet(
+        "test", "YouTubeClips", lambda root, images, split, p: [video_sets.read_msvd(root, split, p)], "MSVD"
+    ),
 }
 # LamRA's other zero-shot sets: listed by `convert-zeroshot`'s refusal, so nobody takes them for a typo.
-NOT_YET = ("visdial", "vist", "ccneg", "sugarcrepe", "multiturn_fashioniq", "msrvtt", "msvd")
+NOT_YET = ("visdial", "vist", "ccneg", "sugarcrepe", "multiturn_fashioniq")
 
 
 def convert(
@@ -116,10 +124,10 @@ def convert(
     set's own files was read and skipped. A run over an earlier conversion in OUT rewrites it.
 
     Args:
-        set: flickr30k, coco, sharegpt4v, urban1k, circo or genecis.
+        set: flickr30k, coco, sharegpt4v, urban1k, circo, genecis, msrvtt or msvd.
         root: the set's folder, as its authors distribute it (see the table in `lamra_pl.recipes.zeroshot`).
         out: output folder (eval/<split>/<set>_task<N>/, eval/<split>/global_pool/, mbeir/, report.json).
-        images: the image folder, if not where the set's layout puts it under the root.
+        images: the image (video) folder, if not where the set's layout puts it under the root.
         split: the split to convert (default: the one LamRA evaluates: test; CIRCO val).
         strict: stop at the first problem instead of skipping and counting.
         max_image_pixels: images with more pixels are skipped and counted (read from their header).
