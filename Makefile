@@ -68,7 +68,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[$(FAISS),dev,demo,gguf]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[$(FAISS),dev,demo,gguf,video]" 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -c "import lamra_pl, torch, torchvision, lightning, transformers, peft, webdataset, faiss"
 	rm -f $(VENV)/.installed-*
 	touch $@

@@ -369,7 +369,9 @@ def test_distillation_steps_move_the_student_to_the_teacher(tiny_backbone):
     examples = []
     for i, (color, shape) in enumerate(shapes[:3]):
         scores = [0.9 if j == i else 0.1 for j in range(4)]  # a teacher sure of the matching image
-        example = Example(Item(f"q{i}", f"{color} {shape}"), images[i], [], [images[i].id], images, scores)
+        example = Example(
+            Item(f"q{i}", f"{color} {shape}"), images[i], [], [images[i].id], candidates=images, teacher_scores=scores
+        )
         examples.append(example)
     batch = module.collator()(examples)
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=2e-3)

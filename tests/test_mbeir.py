@@ -103,7 +103,8 @@ POOL = "cand_pool/global/mbeir_union_train_cand_pool.jsonl"
     "file,line,change,reason,message",
     [
         (TRAIN, 3, lambda _: "{not json", "malformed_line", "not valid JSON"),
-        (TRAIN, 2, set_field("query_modality", "video"), "unknown_modality", "query_modality 'video'"),
+        (TRAIN, 2, set_field("query_modality", "audio"), "unknown_modality", "query_modality 'audio'"),
+        (TRAIN, 2, set_field("query_modality", "video"), "bad_value", "a video names its file in query_vid_path"),
         (TRAIN, 4, set_field("pos_cand_list", ["10:99999"]), "unknown_positive", "positive '10:99999'"),
         (POOL, 2, set_field("modality", "audio"), "unknown_modality", "modality 'audio'"),
         (POOL, 5, set_field("img_path", "mbeir_images/emoji_images/gone.png"), "missing_image", "gone.png"),

@@ -323,7 +323,9 @@ def test_version_1_task_folders_read_as_mbeir_tasks_and_unknown_versions_are_ref
 
 
 def test_bad_input_is_one_line(raw, tmp_path):
-    clean_error(lamra_here("convert-zeroshot", "--set=msrvtt", f"--root={raw['circo']}", f"--out={tmp_path}"), "msrvtt")
+    clean_error(
+        lamra_here("convert-zeroshot", "--set=nosuchset", f"--root={raw['circo']}", f"--out={tmp_path}"), "nosuchset"
+    )
     clean_error(
         lamra_here("convert-zeroshot", "--set=circo", f"--root={raw['circo']}", f"--out={tmp_path}", "--split=test"),
         "ground truths",

@@ -44,6 +44,7 @@ from lamra_pl.formats import shard_fingerprint
 from lamra_pl.formats.index import ChunkStore, EmbeddingIndex, finished, inputs_fingerprint
 from lamra_pl.formats.sample import IMAGE_FORMATS, MAX_STORED_FRAMES, Item, with_instruction
 from lamra_pl.formats.settings import ModelSettings, module_args
+from lamra_pl.formats.video_file import read_video
 from lamra_pl.models.checkpoints import caller_settings, load_reranker, load_retriever
 from lamra_pl.models.contrastive import ContrastiveSteps
 from lamra_pl.models.rerank_inputs import MAX_LIST, JudgePrompt
@@ -55,21 +56,33 @@ from lamra_pl.ranking.search import search as search_embeddings
 
 @dataclass(frozen=True)
 class Video:
-    """A video input: its frames in time order, as a folder of image files (read in name order) or a list of PIL
-    images, and their frame rate if known. It goes wherever an image may (`encode(images=[Video(...)])`,
-    `search(query_image=Video(...))`, `build_index`), and the model samples it to its frame budget
-    (`lamra_pl.models.video`)."""
+    """A video input: a video file (MP4, AVI, ... decoded with PyAV, `lamra_pl.formats.video_file`: about 2 frames
+    per second, at most 768 frames of at most 768*28*28 pixels), a folder of its frames (image files, read in name
+    order) or a list of PIL images, and the frames' rate if known (a file's is measured). It goes wherever an image
+    may (`encode(images=[Video(...)])`, `search(query_image=Video(...))`, `build_index`, `Reranker.score`), and the
+    model samples it to its frame budget (`lamra_pl.models.video`)."""
 
     frames: str | Path | Sequence[Image.Image]
     fps: float | None = None
 
+    def read(self) -> tuple[list[Image.Image], float | None]:
+        """The frames, in time order, and their rate (given, or measured from a video file)."""
+        if isinstance(self.frames, (str, Path)) and Path(self.frames).is_file():
+            frames, fps = read_video(self.frames)
+            return frames, self.fps if self.fps is not None else fps
+        return self.images(), self.fps
+
     def images(self) -> list[Image.Image]:
         if not isinstance(self.frames, (str, Path)):
             frames = [_image(f) for f in self.frames]
+        elif Path(self.frames).is_file():
+            frames = read_video(self.frames)[0]
         else:
             folder = Path(self.frames)
             if not folder.is_dir():
-                raise LamraError(f"video folder {str(folder)!r} does not exist (a video is a folder of frame images)")
+                raise LamraError(
+                    f"video folder or file {str(folder)!r} does not exist (a video file or a folder of its frames)"
+                )
             files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
             frames = [_image(p) for p in files]
         if not frames:
@@ -84,9 +97,9 @@ class Video:
 
 ImageInput = Image.Image | str | Path | Video
 # A reranker's query or candidate, as sentence-transformers' CrossEncoder takes them: a text (a str is always a
-# text, never guessed to be a file name), an image (a PIL image or a pathlib.Path), or both as a mapping
-# {"text": ..., "image": PIL image, str or Path}.
-RerankInput = str | Image.Image | Path | Mapping[str, Any]
+# text, never guessed to be a file name), an image (a PIL image or a pathlib.Path), a Video, or text with either as
+# a mapping {"text": ..., "image": PIL image, str, Path or Video}.
+RerankInput = str | Image.Image | Path | Video | Mapping[str, Any]
 Mode = Literal["pointwise", "listwise"]
 CHUNK = 1024  # items whose images are open at once while encoding; each chunk is bucketed by length on its own
 
@@ -330,8 +343,9 @@ class Reranker:
     """Score and rank candidates for a query with a reranker (LamRA-Rank) or an off-the-shelf instruct model as a
     zero-shot judge (MM-Embed), as `lamra-pl rerank` does.
 
-    A query or candidate is a text (a str), an image (a PIL image or a pathlib.Path) or both ({"text": ...,
-    "image": ...}); `instruction` is prepended to the query's text, as the task instruction of an evaluation query.
+    A query or candidate is a text (a str), an image (a PIL image or a pathlib.Path), a video (`Video`) or text
+    with either ({"text": ..., "image": ...}, the image may be a `Video`); `instruction` is prepended to the
+    query's text, as the task instruction of an evaluation query.
     """
 
     def __init__(self, module: RerankModule) -> None:
@@ -463,7 +477,8 @@ def _inputs(
 
 def _item(text: str | None, image: ImageInput | None, id_: str = "") -> Item:
     if isinstance(image, Video):
-        return Item(id_, text, video=image.images(), video_fps=image.fps, source=image.name())
+        frames, fps = image.read()
+        return Item(id_, text, video=frames, video_fps=fps, source=image.name())
     return Item(id_, text, None if image is None else _image(image))
 
 
@@ -518,9 +533,9 @@ def _describe(name: str, ids: list[str], inputs: list[tuple[str | None, ImageInp
     for did, (text, image) in zip(ids, inputs, strict=True):
         picture: Any = None
         if isinstance(image, Video):
-            frames = image.images()
+            frames, fps = image.read()
             pixels = b"".join(f.tobytes() for f in frames)
-            picture = ["video", image.fps, [f.size for f in frames], hashlib.sha256(pixels).hexdigest()[:16]]
+            picture = ["video", fps, [f.size for f in frames], hashlib.sha256(pixels).hexdigest()[:16]]
             size += len(pixels)
         elif isinstance(image, Image.Image):
             pixels = image.tobytes()
@@ -538,11 +553,12 @@ def _describe(name: str, ids: list[str], inputs: list[tuple[str | None, ImageInp
 
 
 def _rerank_item(where: str, value: RerankInput, instruction: str | None = None) -> Item:
-    """A reranker's query or candidate as an Item: a str is a text, a PIL image or a Path an image, a mapping
-    {"text", "image"} either or both; `instruction` prepended to the text (`with_instruction`)."""
+    """A reranker's query or candidate as an Item: a str is a text, a PIL image or a Path an image, a `Video` a
+    video, a mapping {"text", "image"} either or both (its image may be a `Video`); `instruction` prepended to the
+    text (`with_instruction`)."""
     if isinstance(value, str):
         text, image = value, None
-    elif isinstance(value, (Image.Image, Path)):
+    elif isinstance(value, (Image.Image, Path, Video)):
         text, image = None, value
     elif isinstance(value, Mapping):
         unknown = sorted(set(map(str, value)) - {"text", "image"})
@@ -551,12 +567,12 @@ def _rerank_item(where: str, value: RerankInput, instruction: str | None = None)
         text, image = value.get("text"), value.get("image")
         if text is not None and not isinstance(text, str):
             raise LamraError(f"{where}: its text is a {type(text).__name__}, not a str")
-        if image is not None and not isinstance(image, (str, Path, Image.Image)):
-            raise LamraError(f"{where}: its image is a {type(image).__name__}, not a PIL image or a file path")
+        if image is not None and not isinstance(image, (str, Path, Image.Image, Video)):
+            raise LamraError(f"{where}: its image is a {type(image).__name__}, not a PIL image, a file path or a Video")
     else:
         raise LamraError(
-            f"{where} is a {type(value).__name__}: give a text (str), an image (PIL image or pathlib.Path) or "
-            "{'text': ..., 'image': ...}"
+            f"{where} is a {type(value).__name__}: give a text (str), an image (PIL image or pathlib.Path), a Video "
+            "or {'text': ..., 'image': ...}"
         )
     if text is None and image is None:
         raise LamraError(f"{where} has neither text nor image")
@@ -564,7 +580,7 @@ def _rerank_item(where: str, value: RerankInput, instruction: str | None = None)
 
 
 def _candidates(candidates: Sequence[RerankInput]) -> Sequence[RerankInput]:
-    if isinstance(candidates, (str, Path, Image.Image, Mapping)) or len(candidates) == 0:
+    if isinstance(candidates, (str, Path, Image.Image, Video, Mapping)) or len(candidates) == 0:
         raise LamraError("candidates is a list of at least one text, image or {'text', 'image'} mapping")
     return candidates
 
@@ -595,8 +611,8 @@ def search(
         index: an index folder written by `lamra-pl index`.
         text: the query text.
         image: the query image file.
-        video: the query video: a folder of its frames (image files, in name order); the model samples them to
-            its frame budget.
+        video: the query video: a video file (MP4, AVI, ...) or a folder of its frames (image files, in name
+            order); the model samples it to its frame budget.
         k: results to print.
         instruction: a task instruction prepended to the query text (e.g. "Find the emoji image with this name.");
             left out for a model trained without instructions, as `lamra-pl retrieve` does.

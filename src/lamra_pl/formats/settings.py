@@ -59,6 +59,12 @@ class ModelSettings:
         dim: a retriever's Matryoshka dimension: each embedding cut to its first `dim` values and L2-normalised
             again (`lamra_pl.models.matryoshka`); an index records it, and is searched only at the dimension it
             was built at. Unset: what the model records, else the full width.
+        video_fps: sample a video at this many frames per second (when its frame rate is known), at most
+            video_max_frames (LamRA's MSR-VTT evaluation: 2.0); unset: video_max_frames frames spread evenly.
+        video_max_frames: the most frames of a video the model reads (LamRA: 12 for the retriever, 8 for the
+            reranker).
+        video_min_pixels: the fewest pixels a video frame is resized to (Qwen2-VL: 128*28*28).
+        video_max_pixels: the most pixels a video frame is resized to (Qwen2-VL: 768*28*28).
     """
 
     rope: Literal["model", "1d"] | None = None
@@ -68,10 +74,15 @@ class ModelSettings:
     max_text_tokens: int | None = None
     system_prompt: str | None = None
     dim: int | None = None
+    video_fps: float | None = None
+    video_max_frames: int | None = None
+    video_min_pixels: int | None = None
+    video_max_pixels: int | None = None
 
     def backbone_args(self) -> dict[str, Any]:
         """The set fields that are the backbone's (`BackboneSpec`)."""
         names = ("rope", "min_pixels", "max_pixels", "system_prompt")
+        names += ("video_fps", "video_max_frames", "video_min_pixels", "video_max_pixels")
         return {k: v for k in names if (v := getattr(self, k)) is not None}
 
     def module_args(self) -> dict[str, Any]:

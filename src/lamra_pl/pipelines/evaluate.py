@@ -325,6 +325,7 @@ def chance(tasks: str, ks: list[int] = list(KS)) -> dict[str, dict[str, float]]:
 
 
 DIRECTIONS = {0: "T2I", 3: "I2T", 7: "CIR"}  # M-BEIR task id -> the column name in LamRA's zero-shot table
+VIDEO_SETS = ("msrvtt", "msvd")  # their tasks 0 and 3 are text -> video and video -> text: T2V, V2T
 
 
 def zeroshot_report(runs: str, sets: list[str] | None = None) -> dict[str, Any]:
@@ -352,6 +353,8 @@ def zeroshot_report(runs: str, sets: list[str] | None = None) -> dict[str, Any]:
         results = json.loads(path.read_text())
         for task, row in results["tasks"].items():
             direction = DIRECTIONS.get(row.get("task_id"), f"task{row.get('task_id')}")
+            if name in VIDEO_SETS:
+                direction = direction.replace("I", "V")
             columns[f"{task.rsplit('_task', 1)[0]} {direction} {row['reported']}"] = row[row["reported"]]
             details[task] = {m: v for m, v in row.items() if _metric(m)} | {"num_queries": row["num_queries"]}
     head = "| " + " | ".join(columns) + " |"

@@ -38,6 +38,7 @@ line (candidates, train_queries, <split>_queries, <split>_qrels, instructions), 
     missing_image          an image path naming no file
     bad_image              not one of `formats.sample.IMAGE_FORMATS`, or an image PIL cannot decode or convert
                            to RGB (empty, truncated)
+    bad_video              a video file PyAV cannot decode (`formats.video_file`); missing ones are missing_image
     oversized_image        more than --max_image_pixels pixels (default: the readers' bound), found from the header
     unsafe_name            an output folder name from the data that is not a plain name (SAFE_NAME, no `..`)
     duplicate_candidate    a candidate id twice in one pool file with the same content: kept once
@@ -61,6 +62,11 @@ Rules:
 * Output folders are `<dataset>_task<N>`, named from the instructions' dataset names (else the qid's dataset id)
   and the evaluation files' names. An evaluation query file not named `mbeir_<safe name>_task<0-8>_<split>.jsonl`
   and a `--splits` value that is not a safe name stop the run: they are the layout, not a record.
+* Video items (modality "video" or "video,text", an extension of M-BEIR's rows: the file under "vid_path" /
+  "query_vid_path" instead of an image path; such a query needs its task_id, M-BEIR has no video task) are
+  decoded with `formats.video_file.read_video` (about 2 frames per second, at most 768 frames of at most
+  768*28*28 pixels) and stored as JPEG frames with their frame rate; the path rules are the images'. A video is
+  decoded when first named (to check it) and again each time it is written (nothing held in memory).
 * Images are checked once per path, when a record first names them: inside the root, a file, within the pixel
   budget (header), then decoded and converted to RGB as readers will; that decode makes a conversion cost about
   one pass of reading every image. They are stored byte for byte (never re-encoded).
@@ -79,6 +85,7 @@ Rules:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -106,6 +113,7 @@ from lamra_pl.formats.shards import (
     write_shards,
 )
 from lamra_pl.formats.task import DEFAULT_METRICS, POOL, QUERIES, TASK_FILE, write_task
+from lamra_pl.formats.video_file import read_video
 from lamra_pl.progress import counted, progress
 
 log = logging.getLogger(__name__)
@@ -174,6 +182,11 @@ class Candidate:
     txt: str | None
     img: str | None
     modality: str
+    vid: str | None = None  # a video candidate's file (M-BEIR rows' "vid_path"), instead of an image
+
+
+VIDEO_MODALITIES = ("video", "video,text")
+VIDEO_FRAME_QUALITY = 95  # JPEG quality of a video's stored frames
 
 
 class Output:
@@ -301,6 +314,7 @@ class Converter:
         self.inputs: dict[str, dict[str, Any]] = {}  # every file read: bytes and sha256
         self.image_sizes: dict[str, int] = {}  # image path (as the data gives it) -> bytes, for usable images
         self.image_problems: dict[str, tuple[str, str]] = {}  # image path -> (reason, detail)
+        self.video_sizes: dict[str, tuple[int, int]] = {}  # video path -> (bytes, frames stored), usable videos
         self.train_files: list[Path] = []
         self.train_tasks_seen: set[str] = set()  # training folders some query row was meant for
         self.empty: list[dict[str, Any]] = []
@@ -442,13 +456,17 @@ class Converter:
         if modality not in MODALITIES:
             self.problems("unknown_modality", path, number, f"modality {modality!r}; use {MODALITIES}")
             return None
-        txt, img = row.get("txt"), row.get("img_path")
-        if (why := self.content_problem(txt, img, "txt", "img_path")) is not None:
+        txt, img, vid = row.get("txt"), row.get("img_path"), row.get("vid_path")
+        if (why := self.visual_problem(modality, img, vid, "img_path", "vid_path")) is not None:
+            self.problems(why[0], path, number, f"candidate {did}: {why[1]}")
+            return None
+        visual, key = (vid, "vid_path") if modality in VIDEO_MODALITIES else (img, "img_path")
+        if (why := self.content_problem(txt, visual, "txt", key)) is not None:
             self.problems(why[0], path, number, f"candidate {did}: {why[1]}")
             return None
         first = self.pool.get(did)
         if first is not None:
-            if (first.txt, first.img, first.modality) != (txt, img, modality):
+            if (first.txt, first.img, first.vid, first.modality) != (txt, img, vid, modality):
                 self.problems(
                     "conflicting_candidate", path, number, f"candidate {did} was met before with other content"
                 )
@@ -458,7 +476,21 @@ class Converter:
                 return None
             self.repeated["candidates_in_several_pools"] += 1
             return first
-        return Candidate(did, txt, img, modality) if self.image_ok(img, path, number) else None
+        usable = self.video_ok(vid, path, number) if vid is not None else self.image_ok(img, path, number)
+        return Candidate(did, txt, img, modality, vid) if usable else None
+
+    @staticmethod
+    def visual_problem(modality: str, img: Any, vid: Any, img_key: str, vid_key: str) -> tuple[str, str] | None:
+        """(reason, detail) if a row's image and video fields disagree with its modality (a video item has a
+        video file and no image, any other item no video file)."""
+        if modality in VIDEO_MODALITIES:
+            if img is not None:
+                return "bad_value", f"a {modality} item has an image ({img_key}); a video names its file in {vid_key}"
+            if not (isinstance(vid, str) and vid):
+                return "malformed_line", f"a {modality} item needs {vid_key}, a video file's path"
+        elif vid is not None:
+            return "bad_value", f"a {modality} item has a {vid_key}; only video items have one"
+        return None
 
     @staticmethod
     def content_problem(txt: Any, img: Any, txt_key: str, img_key: str) -> tuple[str, str] | None:
@@ -517,8 +549,11 @@ class Converter:
             return "bad_value", f"query_modality is {json_type(modality)}, not a string"
         if modality not in MODALITIES:
             return "unknown_modality", f"query_modality {modality!r}; use {MODALITIES}"
-        why = self.content_problem(row.get("query_txt"), row.get("query_img_path"), "query_txt", "query_img_path")
-        if why is not None:
+        img, vid = row.get("query_img_path"), row.get("query_vid_path")
+        if (why := self.visual_problem(modality, img, vid, "query_img_path", "query_vid_path")) is not None:
+            return why
+        visual, key = (vid, "query_vid_path") if modality in VIDEO_MODALITIES else (img, "query_img_path")
+        if (why := self.content_problem(row.get("query_txt"), visual, "query_txt", key)) is not None:
             return why
         for key in ("pos_cand_list", "neg_cand_list"):
             listed = row.get(key)
@@ -532,6 +567,8 @@ class Converter:
         task = row.get("task_id")
         if task is not None and (isinstance(task, bool) or not isinstance(task, int) or task not in range(9)):
             return "bad_task_id", f"task_id {task!r} is not an M-BEIR task id (an integer 0..8)"
+        if task is None and modality in VIDEO_MODALITIES:
+            return "bad_task_id", "a video query needs a task_id (M-BEIR's tasks have no video)"
         return None
 
     def query_record(
@@ -558,6 +595,8 @@ class Converter:
             self.repeated["train_queries_upsampled"] += 1
         if not self.image_ok(row.get("query_img_path"), path, number):
             return None
+        if row.get("query_vid_path") is not None and not self.video_ok(row["query_vid_path"], path, number):
+            return None
         positives = []
         for did in row["pos_cand_list"]:
             if str(did) in pool:
@@ -574,6 +613,9 @@ class Converter:
             else:
                 self.problems("unknown_negative", path, number, f"negative {did!r} of {qid} is in no pool")
         task = row.get("task_id")
+        if task is None and (row["query_modality"], positives[0].modality) not in TASKS:
+            self.problems("bad_task_id", path, number, f"query {qid}: a video task needs its task_id")
+            return None
         if task is None:
             task = TASKS[(row["query_modality"], positives[0].modality)]
         if training and not safe_name(self.group(dataset_id, task)):
@@ -593,6 +635,7 @@ class Converter:
                 "txt": row.get("query_txt"),
                 "image": self.image(row.get("query_img_path")),
                 "img_src": row.get("query_img_path"),
+                **self.video_fields(row.get("query_vid_path")),
             },
             "positives": [self.item(c) for c in positives],
             "negatives": [self.item(c) for c in negatives],
@@ -614,7 +657,63 @@ class Converter:
         return data, ext if re.fullmatch(r"[a-z0-9]{1,8}", ext) else "jpg"
 
     def item(self, c: Candidate) -> dict[str, Any]:
-        return {"id": c.did, "txt": c.txt, "image": self.image(c.img), "img_src": c.img, "modality": c.modality}
+        return {
+            "id": c.did,
+            "txt": c.txt,
+            "image": self.image(c.img),
+            "img_src": c.img,
+            "modality": c.modality,
+            **self.video_fields(c.vid),
+        }
+
+    def check_video(self, rel: str) -> tuple[str, str] | None:
+        """(reason, detail) if the video file at `rel` may not be used; None if it may (decoded to check)."""
+        real, why = self.resolve(rel)
+        if real is None:
+            return "unsafe_path", f"video path {rel!r} {why}: not read"
+        try:
+            size = real.stat().st_size if real.is_file() else None
+        except OSError as err:
+            return "missing_image", f"video file {rel!r} cannot be looked up ({err.strerror})"
+        if size is None:
+            return "missing_image", f"video file {rel!r} does not exist under {self.root}"
+        try:
+            frames, _ = read_video(real)
+        except LamraError as err:
+            return "bad_video", f"{rel!r}: {err}"
+        self.video_sizes[rel] = (size, len(frames))
+        return None
+
+    def video_ok(self, rel: str, path: Path, number: int) -> bool:
+        """Whether a record's video may be used; each path is checked once, however many records name it."""
+        if rel in self.video_sizes:
+            return True
+        problem = self.image_problems.get(rel) or self.check_video(rel)
+        if problem is None:
+            return True
+        self.image_problems[rel] = problem
+        self.problems(problem[0], path, number, problem[1])
+        return False
+
+    def video_fields(self, rel: str | None) -> dict[str, Any]:
+        """A video item's sample fields (`encode_record`'s / `encode_candidate`'s): its frames, decoded again and
+        JPEG-encoded, their frame rate and its path; {} for no video."""
+        if rel is None:
+            return {}
+        real, _ = self.resolve(rel)
+        try:
+            frames, fps = read_video(real) if real is not None else ([], None)
+            size = real.stat().st_size if real is not None else -1
+        except (LamraError, OSError):
+            frames, fps, size = [], None, -1
+        if (size, len(frames)) != self.video_sizes[rel]:
+            raise LamraError(f"video {rel!r} under {self.root} changed while convert-mbeir ran; convert again")
+        encoded = []
+        for frame in frames:
+            buffer = io.BytesIO()
+            frame.save(buffer, format="JPEG", quality=VIDEO_FRAME_QUALITY)
+            encoded.append((buffer.getvalue(), "jpg"))
+        return {"video": encoded, "fps": fps, "vid_src": rel}
 
     def group(self, dataset_id: str, task: int) -> str:
         return f"{self.dataset_names.get(dataset_id, dataset_id)}_task{task}"
@@ -743,7 +842,9 @@ class Converter:
     def write_pool(self, candidates: Any, folder: Path) -> None:
         candidates = list(candidates)
         samples = (
-            encode_candidate(f"{i:08d}", id=c.did, txt=c.txt, image=self.image(c.img), img_src=c.img)
+            encode_candidate(
+                f"{i:08d}", id=c.did, txt=c.txt, image=self.image(c.img), img_src=c.img, **self.video_fields(c.vid)
+            )
             for i, c in enumerate(candidates)
         )
         written = write_shards(counted(samples, self.writing), folder)
@@ -793,6 +894,18 @@ class Converter:
         for rel in sorted(self.image_sizes):
             digest.update(f"{rel}\t{self.image_sizes[rel]}\n".encode())
         return {"files": len(self.image_sizes), "bytes": sum(self.image_sizes.values()), "sha256": digest.hexdigest()}
+
+    def video_fingerprint(self) -> dict[str, Any]:
+        digest = hashlib.sha256()
+        for rel in sorted(self.video_sizes):
+            digest.update(f"{rel}\t{self.video_sizes[rel][0]}\n".encode())
+        sizes = self.video_sizes.values()
+        return {
+            "files": len(sizes),
+            "bytes": sum(b for b, _ in sizes),
+            "frames": sum(n for _, n in sizes),
+            "sha256": digest.hexdigest(),
+        }
 
 
 def task_info(dataset: str, task: int, split: str, records: list[dict], pool: int) -> dict[str, Any]:
@@ -893,7 +1006,11 @@ def run_conversion(
             "max_image_pixels": max_image_pixels,
             "image_roots": [os.path.abspath(r) for r in image_roots],
         },
-        "inputs": {"files": converter.inputs, "images": converter.image_fingerprint()},
+        "inputs": {
+            "files": converter.inputs,
+            "images": converter.image_fingerprint(),
+            **({"videos": converter.video_fingerprint()} if converter.video_sizes else {}),
+        },
         "ignored": converter.ignored(splits),
         "read": dict(converter.read),
         "written": dict(converter.written),

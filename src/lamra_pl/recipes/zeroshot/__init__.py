@@ -13,16 +13,18 @@
     visdial     visdial_1.0_val.json                       VisualDialog_val2018/         val    t0       R@1/5/10
     ccneg       ccneg_preprocessed.pt (CoN-CLIP)           the root (cc3m_subset_...)    test   t3       R@1 of 2
     sugarcrepe  data/<subset>.json (7 subsets)             val2017/ (COCO 2017 val)      test   t3 each  R@1 of 2
+    msrvtt      annotations/MSRVTT_JSFUSION_test.csv       videos/ (<video_id>.mp4)      test   t0, t3   R@1/5/10
+    msvd        test_list.txt, raw-captions.pkl            YouTubeClips/ (<id>.avi)      test   t0, t3   R@1/5/10
 
-(t0: text -> image, t3: image -> text, t7: image+text -> image; the reported metric is R@1, CIRCO's mAP@5.
-GeneCIS ranks each query's own gallery: galleries.jsonl in its task folders. VisDial's t0 query is a whole dialog.
-CC-Neg and SugarCrepe rank each image's caption and its negative: R@1 there is LamRA's accuracy.)
+(t0: text -> image, t3: image -> text, t7: image+text -> image; for MSR-VTT and MSVD t0 is text -> video and t3
+video -> text, with --images the video folder; the reported metric is R@1, CIRCO's mAP@5. GeneCIS ranks each
+query's own gallery: galleries.jsonl in its task folders. VisDial's t0 query is a whole dialog. CC-Neg and
+SugarCrepe rank each image's caption and its negative: R@1 there is LamRA's accuracy.)
 
 Each set's module says where every field comes from and how LamRA's loader uses it (`karpathy`, `long_captions`,
-`circo`, `genecis`, `visdial`, `ccneg`, `sugarcrepe`). Not done yet: VIST and multi-turn FashionIQ (LamRA's
-queries interleave several images with their texts: a story's first images and captions, a session's reference
-images and modifications; a sample item holds one image) and the video sets MSR-VTT and MSVD (they need video
-inputs).
+`circo`, `genecis`, `visdial`, `ccneg`, `sugarcrepe`, `video_sets`). Not done yet: VIST and multi-turn FashionIQ
+(LamRA's queries interleave several images with their texts: a story's first images and captions, a session's
+reference images and modifications; a sample item holds one image).
 
 How: the set's reader turns its annotation files into M-BEIR rows (`layout.Layout`), written as an M-BEIR folder in
 OUT/mbeir (query/, cand_pool/, instructions/, and `images`, a link to the image folder); `recipes.mbeir` converts
@@ -56,7 +58,7 @@ from lamra_pl.errors import LamraError
 from lamra_pl.formats import safe_name
 from lamra_pl.formats.sample import MAX_IMAGE_PIXELS
 from lamra_pl.recipes.mbeir import Problems, run_conversion
-from lamra_pl.recipes.zeroshot import ccneg, circo, genecis, karpathy, long_captions, sugarcrepe, visdial
+from lamra_pl.recipes.zeroshot import ccneg, circo, genecis, karpathy, long_captions, sugarcrepe, video_sets, visdial
 from lamra_pl.recipes.zeroshot.layout import I2T, Layout, write_mbeir
 
 MBEIR_FOLDER = "mbeir"  # OUT/mbeir: the set as an M-BEIR folder, the input of the conversion (kept to be read)
@@ -109,9 +111,15 @@ SETS: dict[str, ZeroShotSet] = {
     "sugarcrepe": ZeroShotSet(
         "test", "val2017", lambda root, images, split, p: sugarcrepe.read(root, split, p), "SugarCrepe"
     ),
+    "msrvtt": ZeroShotSet(
+        "test", "videos", lambda root, images, split, p: [video_sets.read_msrvtt(root, split, p)], "MSR-VTT"
+    ),
+    "msvd": ZeroShotSet(
+        "test", "YouTubeClips", lambda root, images, split, p: [video_sets.read_msvd(root, split, p)], "MSVD"
+    ),
 }
 # LamRA's other zero-shot sets: listed by `convert-zeroshot`'s refusal, so nobody takes them for a typo.
-NOT_YET = ("vist", "multiturn_fashioniq", "msrvtt", "msvd")
+NOT_YET = ("vist", "multiturn_fashioniq")
 
 
 def convert(
@@ -132,7 +140,7 @@ def convert(
         set: a name of `SETS`.
         root: the set's folder, as its authors distribute it (see the table in `lamra_pl.recipes.zeroshot`).
         out: output folder (eval/<split>/<set>_task<N>/, eval/<split>/global_pool/, mbeir/, report.json).
-        images: the image folder, if not where the set's layout puts it under the root.
+        images: the image (video) folder, if not where the set's layout puts it under the root.
         split: the split to convert (default: the one LamRA evaluates: test; CIRCO and VisDial val).
         strict: stop at the first problem instead of skipping and counting.
         max_image_pixels: images with more pixels are skipped and counted (read from their header).

@@ -67,6 +67,12 @@ class Layout:
         self.candidates.setdefault(did, row)
         return did
 
+    def video(self, did: str, rel: str, txt: str | None = None) -> str:
+        """Add a video candidate (the video file `rel` under the video folder; with a text: video+text)."""
+        row = {"did": did, "txt": txt, "img_path": None, "vid_path": f"{IMAGES}/{rel}"}
+        self.candidates.setdefault(did, {**row, "modality": "video,text" if txt else "video"})
+        return did
+
     def text(self, did: str, txt: str) -> str:
         self.candidates.setdefault(did, {"did": did, "txt": txt, "img_path": None, "modality": "text"})
         return did
@@ -83,6 +89,15 @@ def query(qid: str, txt: str | None, rel: str | None, positives: list[str], task
         "pos_cand_list": positives,
         "neg_cand_list": [],
         "task_id": task_id,
+    }
+
+
+def video_query(qid: str, txt: str | None, rel: str, positives: list[str], task_id: int) -> dict[str, Any]:
+    """An M-BEIR query row whose visual part is the video file `rel` under the video folder ("query_vid_path")."""
+    return {
+        **query(qid, txt, None, positives, task_id),
+        "query_vid_path": f"{IMAGES}/{rel}",
+        "query_modality": "video,text" if txt else "video",
     }
 
 
