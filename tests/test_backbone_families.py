@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from conftest import COLORS, SHAPES, shape_image
 from helpers import lamra_here, ok, scalars
 from lamra_pl.errors import LamraError
-from lamra_pl.formats.sample import Item, encode_record
+from lamra_pl.formats.sample import Item, encode_record, instructed_item
 from lamra_pl.formats.shards import write_shards
 from lamra_pl.models.backbone import BackboneSpec, LoraSpec, hf_model, load_backbone, load_processor, render_chats
 from lamra_pl.models.checkpoints import load_module, load_reranker
@@ -393,3 +393,35 @@ def test_family_mismatches_are_clear_errors(tiny_text_lm, tiny_llava_next, tmp_p
     (base / "chat_template.jinja").unlink()
     with pytest.raises(LamraError, match="has no chat template"):
         load_processor(BackboneSpec(base))
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize(("backbone", "items"), FAMILY_ITEMS)
+def test_bidirectional_mean_pooling_on_every_family(backbone, items, padding_side, request):
+    """`backbone.attention: bidirectional` with `pooling: mean` and the instruction left out: the states of the
+    tokens before the last move (Qwen3.5's full-attention layers attend both ways; its linear-attention layers stay a
+    left-to-right recurrence), and a batch padded on either side embeds as its items do alone."""
+    path = request.getfixturevalue(backbone)
+    query = instructed_item("q", "Find the picture of this shape.", "a blue square")
+    inputs = [*items, query]
+    modules = {}
+    for attention in ("causal", "bidirectional"):
+        spec = BackboneSpec(path, gradient_checkpointing=False, padding_side=padding_side, attention=attention)
+        lora = LoraSpec(r=4, alpha=8, dropout=0.0)
+        modules[attention] = EmbeddingModule(spec, lora=lora, pooling="mean", exclude_instruction=True)
+        modules[attention].configure_model()
+        modules[attention].eval()
+    both = modules["bidirectional"]
+    collate = both.collator()
+    batch = collate.encode(inputs)
+    assert (batch["attention_mask"] == 0).any() and batch["instruction_mask"][-1].sum() > 0
+    with torch.no_grad():
+        states = {a: m.backbone.hidden_states(m.model, batch) for a, m in modules.items()}
+        together = both.embed(batch)
+        alone = torch.cat([both.embed(collate.encode([item])) for item in inputs])
+    real = batch["attention_mask"].bool()
+    first = real.long().argmax(-1)  # each row's first real token: it reads later ones only when bidirectional
+    rows = torch.arange(len(inputs))
+    assert ((states["bidirectional"] - states["causal"])[rows, first].abs().amax(-1) > 1e-5).all()
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+    assert len({tuple(row.round(decimals=4).tolist()) for row in together}) == len(inputs)

@@ -30,7 +30,7 @@ import hashlib
 import json
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,7 +42,7 @@ from lamra_pl.data.items import batch_rows
 from lamra_pl.errors import LamraError
 from lamra_pl.formats import shard_fingerprint
 from lamra_pl.formats.index import ChunkStore, EmbeddingIndex, finished, inputs_fingerprint
-from lamra_pl.formats.sample import IMAGE_FORMATS, MAX_STORED_FRAMES, Item, with_instruction
+from lamra_pl.formats.sample import IMAGE_FORMATS, MAX_STORED_FRAMES, Item, instructed_item, with_instruction
 from lamra_pl.formats.settings import ModelSettings, module_args
 from lamra_pl.formats.video_file import read_video
 from lamra_pl.models.checkpoints import caller_settings, load_reranker, load_retriever
@@ -176,10 +176,7 @@ class Retriever:
         the model was trained with (`encode_queries` follows the model). A single text or image is one input.
         `show_progress_bar`: None shows it when the inputs span more than one batch."""
         _at_least_one(batch_size=batch_size)
-        items = _inputs(texts, images)
-        if instruction:
-            items = [(with_instruction(instruction, text), image) for text, image in items]
-        return self._encode(items, batch_size, show_progress_bar)
+        return self._encode(_inputs(texts, images), batch_size, show_progress_bar, instruction)
 
     def encode_queries(
         self,
@@ -310,12 +307,17 @@ class Retriever:
 
     # ------------------------------------------------------------------------------------------ internals
     def _encode(
-        self, inputs: list[tuple[str | None, ImageInput | None]], batch_size: int, show: bool | None
+        self,
+        inputs: list[tuple[str | None, ImageInput | None]],
+        batch_size: int,
+        show: bool | None,
+        instruction: str | None = None,
     ) -> np.ndarray:
+        """Embeddings of (text, image) inputs, `instruction` prepended to each text (`instructed_item`)."""
         parts = []
         with _progress(len(inputs), batch_size, show, "encode") as bar:
             for s in range(0, len(inputs), CHUNK):
-                items = [_item(text, image) for text, image in inputs[s : s + CHUNK]]
+                items = [_item(text, image, instruction=instruction) for text, image in inputs[s : s + CHUNK]]
                 parts.append(self._embed(items, batch_size, bar))
         return np.concatenate(parts)
 
@@ -475,11 +477,12 @@ def _inputs(
     return list(zip(text_list, image_list, strict=True))
 
 
-def _item(text: str | None, image: ImageInput | None, id_: str = "") -> Item:
+def _item(text: str | None, image: ImageInput | None, id_: str = "", instruction: str | None = None) -> Item:
     if isinstance(image, Video):
         frames, fps = image.read()
-        return Item(id_, text, video=frames, video_fps=fps, source=image.name())
-    return Item(id_, text, None if image is None else _image(image))
+        item = instructed_item(id_, instruction, text, source=image.name())
+        return replace(item, video=frames, video_fps=fps)
+    return instructed_item(id_, instruction, text, None if image is None else _image(image))
 
 
 def _image(image: ImageInput) -> Image.Image:

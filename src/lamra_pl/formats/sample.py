@@ -91,6 +91,9 @@ class Item:
     source: str | None = None  # where the image or video came from (a path in the original data set), for display
     video: list[Image.Image] | None = None
     video_fps: float | None = None  # the frame rate of `video`'s frames, when known (sampling by fps needs it)
+    # How many leading characters of `text` are a task instruction (`instructed_item`): what a pooling that leaves
+    # the instruction out drops. 0: none.
+    instruction_chars: int = 0
 
     @property
     def modality(self) -> str:
@@ -146,6 +149,30 @@ def with_instruction(instruction: str | None, text: str | None) -> str | None:
     return format_text(f"{instruction} {text or ''}")
 
 
+def instruction_chars(instruction: str | None, text: str | None) -> int:
+    """How many leading characters of `with_instruction(instruction, text)` are the instruction's: its text as
+    `format_text` leaves it at the head (capitalised); all of it when there is no text after it."""
+    if not instruction:
+        return 0
+    full = with_instruction(instruction, text) or ""
+    body = instruction.replace("\r", "").lstrip().lstrip('"').lstrip().rstrip()
+    if not body:
+        return 0
+    body = body[0].upper() + body[1:]
+    if not full.startswith(body):  # quotes or whitespace format_text strips differently: no clear boundary
+        return 0
+    # Nothing of the text left after it (an image query's instruction-only text): all of it is the instruction.
+    return len(full) if not full[len(body) :].strip(' ."?!') else len(body)
+
+
+def instructed_item(
+    id_: str, instruction: str | None, text: str | None, image: Image.Image | None = None, source: str | None = None
+) -> Item:
+    """The query Item the model sees: `instruction` prepended to `text` (`with_instruction`), its characters
+    counted (`Item.instruction_chars`)."""
+    return Item(id_, with_instruction(instruction, text), image, source, instruction_chars(instruction, text))
+
+
 def evaluation_query(record: Record, instruction_seed: int | None = None, instructions: bool = True) -> Item:
     """The query an evaluation encodes, with its instruction chosen deterministically.
 
@@ -159,7 +186,13 @@ def evaluation_query(record: Record, instruction_seed: int | None = None, instru
             instruction = record.instructions[0]
         else:
             instruction = random.Random(f"{instruction_seed}:{record.qid}").choice(record.instructions)
-    return replace(record.query, id=record.qid, text=with_instruction(instruction, record.query.text))
+    q = record.query
+    return replace(
+        q,
+        id=record.qid,
+        text=with_instruction(instruction, q.text),
+        instruction_chars=instruction_chars(instruction, q.text),
+    )
 
 
 def encode_record(

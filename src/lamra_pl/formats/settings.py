@@ -52,7 +52,7 @@ class ModelSettings:
         min_pixels: the fewest pixels an image is resized to (LamRA: 3136 = 4*28*28).
         max_pixels: the most pixels an image is resized to (LamRA: 235200 = 300*28*28; a Qwen2-VL-Instruct folder's
             own processor allows up to about 16k image tokens).
-        pooling: a retriever's pooling: "before_emb" (LamRA), "last_token" or "latent_attention".
+        pooling: a retriever's pooling: "before_emb" (LamRA), "last_token", "latent_attention" or "mean".
         max_text_tokens: texts are cut to this many tokens (LamRA: 480 for the retriever, 256 for the reranker).
         system_prompt: the chats' system turn: "default" (the chat template's own, as LamRA), "none" (no system
             turn) or a text.
@@ -65,12 +65,16 @@ class ModelSettings:
             reranker).
         video_min_pixels: the fewest pixels a video frame is resized to (Qwen2-VL: 128*28*28).
         video_max_pixels: the most pixels a video frame is resized to (Qwen2-VL: 768*28*28).
+        attention: the language model's attention: "causal" (the checkpoint's own) or "bidirectional" (a retriever
+            trained without the causal mask: U-MARVEL, NV-Embed, MM-Embed).
+        exclude_instruction: a retriever's mean pooling leaves out the query's instruction tokens (NV-Embed's,
+            MM-Embed's).
     """
 
     rope: Literal["model", "1d"] | None = None
     min_pixels: int | None = None
     max_pixels: int | None = None
-    pooling: Literal["before_emb", "last_token", "latent_attention"] | None = None
+    pooling: Literal["before_emb", "last_token", "latent_attention", "mean"] | None = None
     max_text_tokens: int | None = None
     system_prompt: str | None = None
     dim: int | None = None
@@ -78,16 +82,19 @@ class ModelSettings:
     video_max_frames: int | None = None
     video_min_pixels: int | None = None
     video_max_pixels: int | None = None
+    attention: Literal["causal", "bidirectional"] | None = None
+    exclude_instruction: bool | None = None
 
     def backbone_args(self) -> dict[str, Any]:
         """The set fields that are the backbone's (`BackboneSpec`)."""
         names = ("rope", "min_pixels", "max_pixels", "system_prompt")
-        names += ("video_fps", "video_max_frames", "video_min_pixels", "video_max_pixels")
+        names += ("attention", "video_fps", "video_max_frames", "video_min_pixels", "video_max_pixels")
         return {k: v for k in names if (v := getattr(self, k)) is not None}
 
     def module_args(self) -> dict[str, Any]:
         """The set fields that are the module's own arguments."""
-        return {k: v for k in ("pooling", "max_text_tokens", "dim") if (v := getattr(self, k)) is not None}
+        names = ("pooling", "max_text_tokens", "dim", "exclude_instruction")
+        return {k: v for k in names if (v := getattr(self, k)) is not None}
 
 
 def module_args(settings: ModelSettings | None) -> dict[str, Any]:

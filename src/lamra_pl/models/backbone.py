@@ -6,6 +6,13 @@ their parts live, which `FAMILIES` records by qualified module name; supporting 
 there. Any other checkpoint whose `model_type` has a causal-LM class (Llama, Mistral, Qwen2, Gemma, ...) loads as
 a text-only backbone: `AutoModelForCausalLM` and its tokenizer, behind `TextProcessor` so the collators need not
 know (they fail clearly on an image).
+
+`BackboneSpec.attention: bidirectional` removes the causal mask of the language model (U-MARVEL's BiLamRA,
+NV-Embed's and MM-Embed's bidirectional decoder) through transformers' own switch, the text config's `is_causal`:
+transformers (5.x) reads it in every decoder's mask construction (`masking_utils.create_causal_mask` builds a
+bidirectional mask with the padding mask) and its model forwards hand it to the attention functions as `is_causal`
+(`utils.generic.merge_with_config_defaults`), so eager, sdpa and flash attention all attend both ways, padded or
+not. `save_pretrained` writes it into config.json, so a merged folder carries it to any transformers loader.
 """
 
 from __future__ import annotations
@@ -48,6 +55,9 @@ EMB_TOKEN = "<emb>"
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Rope = Literal["model", "1d"]
+Attention = Literal["causal", "bidirectional"]
+# Keys of a collated batch that are for pooling, not inputs of the model (`Backbone.hidden_states` drops them).
+POOLING_KEYS = ("instruction_mask",)
 
 
 @dataclass(frozen=True)
@@ -151,6 +161,12 @@ class BackboneSpec:
         video_min_pixels: the fewest pixels a video frame is resized to (None: the video processor's, Qwen2-VL's
             128*28*28).
         video_max_pixels: the most pixels a video frame is resized to (None: the video processor's, 768*28*28).
+        attention: "causal" (the checkpoint's own decoder) or "bidirectional": every token of the language model
+            attends to every real token, later ones included (U-MARVEL, NV-Embed, MM-Embed); the vision tower is
+            unchanged. Set through the text config's `is_causal` (transformers' switch), which a merged folder's
+            config.json keeps. Qwen3.5's linear-attention (Gated DeltaNet) layers are a left-to-right recurrence
+            that no mask changes: there only the full-attention layers attend both ways. Retrievers only: a
+            reranker reads the next token, which needs the causal decoder.
     """
 
     path: str
@@ -170,11 +186,13 @@ class BackboneSpec:
     video_max_frames: int | None = None
     video_min_pixels: int | None = None
     video_max_pixels: int | None = None
+    attention: Attention = "causal"
 
     def __post_init__(self) -> None:
         self.path = str(self.path)
         # The values a checkpoint or settings file can hand in without a parser's type check in between.
-        for name, allowed in (("rope", Rope), ("dtype", DType), ("padding_side", Literal["left", "right"])):
+        sides = Literal["left", "right"]
+        for name, allowed in (("rope", Rope), ("dtype", DType), ("padding_side", sides), ("attention", Attention)):
             value = getattr(self, name)
             if value is not None and value not in get_args(allowed):
                 raise LamraError(f"backbone.{name} is {value!r}; use one of {list(get_args(allowed))}")
@@ -513,6 +531,7 @@ def load_backbone(spec: BackboneSpec, vocab_size: int, lora: LoraSpec | None = N
         **ckpt.load_kwargs(model=True),
     )
     family = model_family(model)
+    set_attention(model, spec.attention, where=str(path))
     rows = model.get_input_embeddings().num_embeddings
     if vocab_size > rows:
         # Real Qwen2-VL checkpoints have spare rows, so `<emb>` fits without resizing; never shrink.
@@ -557,6 +576,41 @@ def load_backbone(spec: BackboneSpec, vocab_size: int, lora: LoraSpec | None = N
         if name in trainable_before:
             param.requires_grad_(True)
     return peft_model
+
+
+@torch.no_grad()
+def set_attention(model: PreTrainedModel, attention: Attention, where: str) -> None:
+    """Make the language model of a freshly loaded `model` attend as `attention` says (see the module docstring).
+
+    "bidirectional" sets the text config's `is_causal` to False, then checks on three tokens that the first one's
+    state now depends on the last: a causal LM whose transformers class builds its causal mask some other way, or a
+    recurrent one (Mamba), would otherwise stay causal without a word; it is refused. "causal" leaves the model as
+    loaded, and refuses a checkpoint whose config.json says `is_causal: false` (a bidirectional folder read as a
+    causal one would give other states without an error)."""
+    language_model = _module(model, model_family(model).language_model)
+    config = language_model.config
+    if attention == "causal":
+        if getattr(config, "is_causal", True) is False:
+            raise LamraError(
+                f"{where}: its config.json sets is_causal: false (a bidirectional decoder, as lamra-pl writes a "
+                "merged folder of backbone.attention: bidirectional), but backbone.attention is causal: set "
+                "backbone.attention: bidirectional (--settings.attention bidirectional in the tools)"
+            )
+        return
+    config.is_causal = False
+    device = model.get_input_embeddings().weight.device
+    ids = torch.tensor([[1, 2, 3], [1, 2, 4]], device=device)
+    was_training = language_model.training
+    language_model.eval()
+    states = language_model(input_ids=ids, use_cache=False).last_hidden_state.float()
+    language_model.train(was_training)
+    if torch.equal(states[0, 0], states[1, 0]):
+        del config.is_causal
+        raise LamraError(
+            f"{where}: {type(language_model).__name__} stays causal with is_causal false (its transformers class "
+            "builds its causal mask another way, or it is recurrent): backbone.attention: bidirectional cannot "
+            "apply to it; use causal"
+        )
 
 
 class Backbone:
@@ -604,9 +658,11 @@ class Backbone:
         return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
     def hidden_states(self, model: torch.nn.Module, inputs: BatchFeature) -> torch.Tensor:
-        """[B, L, H] last-layer states (after the final norm), with the spec's positions."""
+        """[B, L, H] last-layer states (after the final norm), with the spec's positions. Keys of the batch that are
+        for pooling (`POOLING_KEYS`) are not given to the model."""
         positions = self.position_ids(model, inputs)
-        return trunk(model)(**inputs, position_ids=positions, use_cache=False).last_hidden_state
+        model_inputs = {k: v for k, v in inputs.items() if k not in POOLING_KEYS}
+        return trunk(model)(**model_inputs, position_ids=positions, use_cache=False).last_hidden_state
 
 
 def refuse_unsharded_trainables(module: torch.nn.Module) -> None:

@@ -40,6 +40,7 @@ from lamra_pl.models.base import ScheduleSpec, TrainingModule
 from lamra_pl.models.clip import CLIPModule
 from lamra_pl.models.contrastive import ContrastiveSteps
 from lamra_pl.models.embedding import EmbeddingModule
+from lamra_pl.models.pooling import MEANS
 from lamra_pl.models.rerank_inputs import JudgePrompt
 from lamra_pl.models.reranker import RerankModule
 
@@ -191,9 +192,9 @@ def load_module(
     settings say, an EmbeddingModule when they say nothing. `backbone`: the caller's settings that override the
     backbone's (e.g. {"dtype": "float32"}, {"path": DIR} for a checkpoint whose backbone moved,
     {"trust_remote_code": True}, which no file can set); `module`: the caller's values of the module's own arguments
-    (`ModelSettings.module_args`: pooling, max_text_tokens). A folder without a settings file is read with the
-    defaults of what the caller did not give, and a warning names each. Activation checkpointing is off: a loaded
-    module is not trained.
+    (`ModelSettings.module_args`: pooling, max_text_tokens, exclude_instruction). A folder without a settings file
+    is read with the defaults of what the caller did not give, and a warning names each. Activation checkpointing is
+    off: a loaded module is not trained.
     """
     p = Path(path)
     overrides = {"gradient_checkpointing": False, **(backbone or {})}
@@ -259,9 +260,12 @@ def warn_defaults(path: Path, cls: type[TrainingModule], given: dict[str, Any]) 
     defaults = {"rope": "model", "min_pixels": "the processor's", "max_pixels": "the processor's"}
     defaults["system_prompt"] = "default"
     parameters = inspect.signature(cls).parameters
+    # Not named: attention (a bidirectional folder says so in its config.json, and a causal read of it is refused).
     for name in ("pooling", "max_text_tokens"):
         if name in parameters:
             defaults[name] = parameters[name].default
+    if given.get("pooling") in MEANS and "exclude_instruction" in parameters:  # a setting of the means only
+        defaults["exclude_instruction"] = parameters["exclude_instruction"].default
     used = {name: value for name, value in defaults.items() if name not in given}
     if used:
         warnings.warn(

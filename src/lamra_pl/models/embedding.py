@@ -27,8 +27,10 @@ from lamra_pl.models.gradcache import GradCacheSpec, check_trainer, gradcache_st
 from lamra_pl.models.loss_spec import LossSpec
 from lamra_pl.models.matryoshka import check_dim, truncate
 from lamra_pl.models.pooling import (
+    MEANS,
     LatentAttentionPooling,
     Pooling,
+    mean_pool,
     pooling_index,
     refuse_earlier_block,
     states_at,
@@ -42,10 +44,11 @@ class EmbeddingModule(ContrastiveSteps, TrainingModule):
         backbone: the LMM and how it loads and trains (`BackboneSpec`: path, rope, dtype, pixels, freezing, ...).
         lora: LoRA on the language model's linear layers (`LoraSpec`); null for full fine-tuning of the language
             model.
-        pooling: "before_emb" (LamRA), "last_token", or "latent_attention" (NV-Embed's block, MM-Embed's pooling:
+        pooling: "before_emb" (LamRA), "last_token", "latent_attention" (NV-Embed's block, MM-Embed's pooling:
             pre-norm cross-attention to `latents` trainable latents with `latent_heads` heads, a GEGLU feed-forward,
             residuals, then the mean over the real tokens; its weights train with the adapter and `merge` saves
-            them; NV-Embed's own weights load from the folder's pooling file).
+            them; NV-Embed's own weights load from the folder's pooling file), or "mean" (the mean of the
+            last-layer states over the real tokens: U-MARVEL's, with `backbone.attention: bidirectional`).
         latents: latent-attention pooling's latent array size.
         latent_heads: latent-attention pooling's heads.
         latent_head_dim: latent-attention pooling's width per head (default: the hidden size, as NV-Embed's).
@@ -65,6 +68,9 @@ class EmbeddingModule(ContrastiveSteps, TrainingModule):
         distill: reranker -> embedder distillation (`DistillSpec`: teacher_temperature, weight, infonce_weight,
             candidates; `lamra_pl.models.distill`): KL between the teacher's and this model's softmax over each
             query's candidate list (`lamra-pl distill-data` shards), optionally plus InfoNCE; null: InfoNCE alone.
+        exclude_instruction: the means of "mean" and "latent_attention" pooling leave out the tokens of a query's
+            task instruction (NV-Embed's and MM-Embed's instruction mask); they are still attended to. The chat
+            template's own tokens stay in, as on candidates.
     """
 
     def __init__(
@@ -85,10 +91,16 @@ class EmbeddingModule(ContrastiveSteps, TrainingModule):
         dim: int | None = None,
         loss: LossSpec | None = None,
         distill: DistillSpec | None = None,
+        exclude_instruction: bool = False,
     ) -> None:
         check_dim(dim)
         if temperature <= 0:
             raise LamraError(f"model.temperature must be positive, got {temperature}")
+        if exclude_instruction and pooling not in MEANS:
+            raise LamraError(
+                f"model.exclude_instruction leaves the instruction out of a mean over tokens; pooling {pooling!r} "
+                f"reads one token: use pooling {' or '.join(MEANS)}, or exclude_instruction: false"
+            )
         super().__init__(optimizer=optimizer, schedule=schedule)
         self.backbone = Backbone(BackboneSpec.of(backbone), lora, add_emb_token=True)
         self.processor = self.backbone.processor
@@ -96,6 +108,7 @@ class EmbeddingModule(ContrastiveSteps, TrainingModule):
         self.pooling, self.latents, self.latent_heads = pooling, latents, latent_heads
         self.latent_head_dim = latent_head_dim
         self.max_text_tokens, self.instructions = max_text_tokens, instructions
+        self.exclude_instruction = exclude_instruction
         self.gradcache = GradCacheSpec.of(gradcache)
         # GradCache needs several backward passes per optimizer step, which only manual optimisation allows.
         self.automatic_optimization = self.gradcache is None
@@ -148,6 +161,7 @@ class EmbeddingModule(ContrastiveSteps, TrainingModule):
             chunk_size=None if self.gradcache is None else self.gradcache.chunk_size,
             instructions=self.instructions,
             distill=self.distill,
+            instruction_mask=self.exclude_instruction,
         )
 
     def embed(self, inputs: BatchFeature | list[BatchFeature]) -> torch.Tensor:
@@ -157,9 +171,22 @@ class EmbeddingModule(ContrastiveSteps, TrainingModule):
             return torch.cat([self.embed(chunk) for chunk in inputs])
         states = self.backbone.hidden_states(self.model, inputs)
         if self.latent_pool is not None:
-            return truncate(self.latent_pool(states, inputs["attention_mask"]).float(), self.dim)
+            return truncate(self.latent_pool(states, self._pooled_tokens(inputs)).float(), self.dim)
+        if self.pooling == "mean":
+            return truncate(mean_pool(states, self._pooled_tokens(inputs)), self.dim)
         index = pooling_index(inputs["input_ids"], inputs["attention_mask"], self.emb_token_id, self.pooling)
         return truncate(states_at(states, index).float(), self.dim)
+
+    def _pooled_tokens(self, inputs: BatchFeature) -> torch.Tensor:
+        """[B, L] the tokens a mean pools: the real ones, less the instruction's with `exclude_instruction`."""
+        mask = inputs["attention_mask"].bool()
+        if not self.exclude_instruction:
+            return mask
+        if "instruction_mask" not in inputs:
+            raise LamraError(
+                "exclude_instruction: this batch has no instruction_mask; encode it with this module's collator()"
+            )
+        return mask & ~inputs["instruction_mask"].bool()
 
     def optimised_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """One GradCache optimizer step (`lamra_pl.models.gradcache`)."""

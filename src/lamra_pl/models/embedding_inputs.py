@@ -2,7 +2,9 @@
 turns examples into processor batches.
 
 Every input is a two-turn chat whose assistant turn is the literal `<emb>.` (LamRA, spec section 1); the
-embedding is read at the position just before `<emb>`. The collator runs in the data workers.
+embedding is read at the position just before `<emb>` (or pooled otherwise: `pooling`). The collator runs in the
+data workers. For a pooling that leaves the query's task instruction out, it also marks the instruction's tokens
+(`instruction_mask`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from transformers import BatchFeature, ProcessorMixin
 
 from lamra_pl.errors import BadSampleError, LamraError
-from lamra_pl.formats.sample import Item, Record, with_instruction
+from lamra_pl.formats.sample import Item, Record, instruction_chars, with_instruction
 from lamra_pl.models.backbone import EMB_TOKEN, render_chats
 from lamra_pl.models.distill import DistillSpec
 from lamra_pl.models.video import EMBEDDING_FRAMES, budget_of, video_inputs, video_tokens
@@ -65,6 +67,7 @@ def choose_example(record: Record, rng: random.Random | None, num_negatives: int
         instruction = rng.choice(instruction_choices) if instruction_choices else None
         negatives = rng.sample(record.negatives, num_negatives)
     query = replace(record.query, id=record.qid, text=with_instruction(instruction, record.query.text), source=None)
+    query = replace(query, instruction_chars=instruction_chars(instruction, record.query.text))
     task = record.task_id
     if task is not None and (isinstance(task, bool) or not isinstance(task, int) or task < 0):
         raise BadSampleError(f"qid {record.qid}: task_id {task!r} is neither null nor a non-negative integer")
@@ -95,13 +98,17 @@ def stable_id(value: str) -> int:
 
 
 def truncate_text(tokenizer: Any, item: Item, max_tokens: int | None) -> Item:
-    """`item` with its text cut to `max_tokens` tokens (an encode/decode round trip, as LamRA does)."""
+    """`item` with its text cut to `max_tokens` tokens (an encode/decode round trip, as LamRA does). The instruction
+    at its head keeps the characters the cut text still shares with it."""
     if item.text is None or max_tokens is None:
         return item
     ids = tokenizer(item.text, add_special_tokens=False)["input_ids"]
     if len(ids) <= max_tokens:
         return item
-    return replace(item, text=tokenizer.decode(ids[:max_tokens]))
+    text = tokenizer.decode(ids[:max_tokens])
+    shared = min(len(item.text), len(text))  # characters the cut text shares with the original's head
+    shared = next((i for i in range(shared) if item.text[i] != text[i]), shared)
+    return replace(item, text=text, instruction_chars=min(item.instruction_chars, shared))
 
 
 def embedding_messages(item: Item) -> list[dict[str, Any]]:
@@ -125,6 +132,8 @@ class EmbeddingCollator:
     (float32) in the batch. Texts longer than `max_text_tokens` are cut by tokens before the prompt is built, so
     `<emb>` can never be cut off.
     `instructions=False` leaves queries without their task instruction, in training and evaluation alike.
+    `instruction_mask=True` adds to every processor batch an "instruction_mask" [B, L] (`instruction_mask`), for a
+    pooling that leaves the instruction out.
     With `chunk_size` (GradCache), "query" and "candidates" are lists of processor batches of at most that many
     rows each, in order: each chunk is padded on its own, so no chunk pays for the longest input of the batch.
     """
@@ -138,12 +147,14 @@ class EmbeddingCollator:
         chunk_size: int | None = None,
         instructions: bool = True,
         distill: DistillSpec | None = None,
+        instruction_mask: bool = False,
     ) -> None:
         self.processor = processor
         self.max_text_tokens = max_text_tokens
         self.chunk_size = chunk_size
         self.instructions = instructions
         self.distill = distill
+        self.instruction_mask = instruction_mask
 
     def choose(self, record: Record, rng: random.Random | None, num_negatives: int) -> Example:
         example = choose_example(record, rng, num_negatives, self.instructions)
@@ -155,9 +166,12 @@ class EmbeddingCollator:
         texts = render_chats(self.processor, [embedding_messages(item) for item in items], generation_prompt=False)
         images = [item.image for item in items if item.image is not None]
         # The rendered chat holds its special tokens already (a Mistral template writes <s>): add none.
-        return self.processor(
+        batch = self.processor(
             text=texts, images=images or None, padding=True, return_tensors="pt", add_special_tokens=False, **videos
         )
+        if self.instruction_mask:
+            batch["instruction_mask"] = instruction_mask(self.processor.tokenizer, items, texts, batch)
+        return batch
 
     def __call__(self, examples: list[Example]) -> dict[str, Any]:
         k = len(examples[0].negatives)
@@ -206,3 +220,36 @@ class EmbeddingCollator:
         if item.image is not None:
             n += item.image.width * item.image.height // (28 * 28)
         return n + video_tokens(item, budget_of(self.processor), EMBEDDING_FRAMES)
+
+
+def instruction_mask(tokenizer: Any, items: list[Item], texts: list[str], batch: BatchFeature) -> torch.Tensor:
+    """[B, L] bool: True at the tokens of each row's task instruction (the first `item.instruction_chars`
+    characters of its text; a token that overlaps them counts), False elsewhere (padding included).
+
+    The rendered chat `texts[b]` is tokenised alone, with character offsets, to find the instruction's tokens. The
+    processor's own tokens differ from those only where it expands an image placeholder, which comes before the
+    text in the chat (`embedding_messages`): so the tokens from the instruction to the end of the row are the same,
+    and are found at the end of the row's real tokens; that they match is checked.
+    """
+    ids, real = batch["input_ids"], batch["attention_mask"].bool()
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    for row, (item, text) in enumerate(zip(items, texts, strict=True)):
+        if not item.instruction_chars or item.text is None:
+            continue
+        # Every prompt goes on after the text with a line break, which an instruction-bearing text never ends in.
+        start = text.rfind(item.text + "\n")
+        if start < 0:
+            raise LamraError(f"{item.id}: its text is not in its rendered chat, so its instruction cannot be found")
+        end = start + item.instruction_chars
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        inside = [i for i, (a, b) in enumerate(encoded["offset_mapping"]) if a < end and b > start]
+        tail = encoded["input_ids"][inside[0] :]
+        last = int(real[row].nonzero().max()) + 1  # one past the row's last real token (left or right padding)
+        first = last - len(tail)
+        if first < 0 or ids[row, first:last].tolist() != tail:
+            raise LamraError(
+                f"{item.id}: the processor's tokens after the instruction differ from the tokenizer's, so its "
+                "instruction tokens cannot be located (exclude_instruction needs a fast tokenizer)"
+            )
+        mask[row, first : first + len(inside)] = True
+    return mask

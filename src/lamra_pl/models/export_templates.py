@@ -13,7 +13,8 @@ works), in its non-thinking form as the collators render it (`backbone.render_ch
 
 `embedding_template`: the retriever's chat (`embedding_inputs.embedding_messages`: LamRA's prompt for the modality,
 assistant turn `<emb>.`), cut just before the first `<emb>` when the module pools there ("before_emb"), so the last
-token of the rendered text is the pooled one and a library's last-token pooling reads it; whole for "last_token".
+token of the rendered text is the pooled one and a library's last-token pooling reads it; whole for "last_token"
+and "mean" (a library's mean pooling then averages the tokens lamra-pl averages).
 `rerank_template`: the reranker's pointwise chat (`rerank_inputs.pointwise_messages`) from a `query` and a `document`
 message (vLLM's score-template roles), with the generation prompt: the last token is the one whose yes/no logits
 score the pair. A text-only backbone's template gets string contents (as `backbone.TextProcessor` flattens them) and
@@ -88,8 +89,8 @@ _NO_IMAGES = (
 def embedding_template(base: str, pooling: Pooling, text_only: bool) -> str:
     """The retriever's chat around `base` (the backbone's chat template): a user turn (the image, then the text in
     LamRA's prompt for its modality) and the assistant turn `<emb>.`, rendered without a generation prompt; cut just
-    before `<emb>` for "before_emb" pooling. `pooling` "latent_attention" has no last token to read: refused by the
-    exporters before this is called."""
+    before `<emb>` for "before_emb" pooling, whole otherwise ("last_token", "mean"). `pooling` "latent_attention"
+    has no last token to read: refused by the exporters before this is called."""
     text_pre, text_post = PROMPTS["text"].split("{text}")
     both_pre, both_post = PROMPTS["image,text"].split("{text}")
     image_only = PROMPTS["image"]

@@ -10,6 +10,12 @@
   the mean over the real tokens. Its weights train with the adapter, are saved in the `fit` checkpoint, and
   `lamra-pl merge` writes them beside the merged model (`formats.settings.POOLING_FILE`), from where a model built on
   that folder loads them; a pooling file laid out as NV-Embed's `latent_attention_model` loads too (`NV_EMBED_KEYS`).
+* "mean" (U-MARVEL's, NV-Embed's ablation): the mean of the last-layer states over the real tokens (`mean_pool`);
+  with a bidirectional decoder (`BackboneSpec.attention`) every one of them has read the whole input.
+
+The two means ("mean", "latent_attention") may leave out the query's task-instruction tokens (the retriever's
+`exclude_instruction`, NV-Embed's and MM-Embed's instruction mask): the collator marks them
+(`embedding_inputs.instruction_mask`), and they are dropped from the mean only; every token still attends to them.
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ from lamra_pl.errors import LamraError
 from lamra_pl.formats.settings import POOLING_FILE
 from lamra_pl.models.backbone import EMB_TOKEN
 
-Pooling = Literal["before_emb", "last_token", "latent_attention"]
+Pooling = Literal["before_emb", "last_token", "latent_attention", "mean"]
+# The poolings that average over tokens, which may leave the instruction's tokens out.
+MEANS = ("mean", "latent_attention")
 
 
 def pooling_index(
@@ -47,6 +55,13 @@ def pooling_index(
 def states_at(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """[B, H]: row b's state at position index[b] of [B, L, H] states."""
     return states[torch.arange(index.numel(), device=index.device), index]
+
+
+def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, H]: the mean of [B, L, H] states over the positions where the [B, L] mask is non-zero (real tokens, less
+    any left out), in float32 (the sum of thousands of bfloat16 states would round)."""
+    weights = mask.to(torch.float32).unsqueeze(-1)
+    return (states.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 def refuse_earlier_block(names: Iterable[str], where: str, prefix: str = "") -> None:

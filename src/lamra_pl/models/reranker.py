@@ -32,7 +32,7 @@ class RerankModule(TrainingModule):
         backbone: the LMM and how it loads and trains (`BackboneSpec`: path, rope, dtype, pixels, freezing,
             train_lm_head, ...). `backbone.train_lm_head` unfreezes the LM head, which reads the Yes/No and number
             logits: LamRA keeps a pretrained instruct model's head frozen (LoRA only); a backbone whose head was
-            never trained (the demo's tiny retriever) needs it.
+            never trained (the demo's tiny retriever) needs it. `backbone.attention` must stay causal.
         lora: LoRA on the language model's linear layers (`LoraSpec`); null for full fine-tuning of the language
             model.
         pointwise_weight: weight of the pointwise task's answer tokens (0 turns it off).
@@ -64,8 +64,14 @@ class RerankModule(TrainingModule):
                 f"model.pointwise_weight and model.listwise_weight must be >= 0 and not both 0, got "
                 f"{pointwise_weight} and {listwise_weight}"
             )
+        spec = BackboneSpec.of(backbone)
+        if spec.attention != "causal":
+            raise LamraError(
+                f"backbone.attention is {spec.attention!r}: a reranker scores the next token, which only a causal "
+                "decoder predicts; bidirectional attention is for retrievers (EmbeddingModule)"
+            )
         super().__init__(optimizer=optimizer, schedule=schedule)
-        self.backbone = Backbone(BackboneSpec.of(backbone), lora, add_emb_token=False)
+        self.backbone = Backbone(spec, lora, add_emb_token=False)
         self.processor = self.backbone.processor
         self.model: torch.nn.Module | None = None
         self.weights = (pointwise_weight, listwise_weight)

@@ -16,8 +16,9 @@ must not hold files already.
                               the merged model folder (`lamra-pl merge`'s: config, weights, processor, lamra_pl.json)
                               additional_chat_templates/lamra_embedding.jinja  the input as the collator renders it
                               modules.json, sentence_bert_config.json          Transformer (the template above,
-                              1_Pooling/config.json, 2_Normalize/config.json   chosen by name) -> last-token pooling
-                              config_sentence_transformers.json                -> L2 normalisation; the prompts
+                              1_Pooling/config.json, 2_Normalize/config.json   chosen by name) -> last-token (or
+                                                                               mean) pooling -> L2 normalisation;
+                              config_sentence_transformers.json                the prompts
                               README.md                                        the model card
     vllm                    the merged model folder for `vllm serve` (`to_vllm`), a retriever's or a reranker's:
                               the merged model folder, as above
@@ -33,6 +34,14 @@ computes them), a reranker for sentence-transformers (it writes retrievers), a r
 vLLM (its classifier is the pointwise P(Yes)), CLIP checkpoints. A retriever exported at a Matryoshka dimension
 (`--settings.dim D`, `lamra_pl.models.matryoshka`) embeds at it in every target: the settings file records it,
 sentence-transformers' config holds `truncate_dim: D`, the `vllm serve` command `dimensions: D`.
+
+A bidirectional retriever (`backbone.attention: bidirectional`) keeps its attention in the merged folder's
+config.json (the text config's `is_causal: false`, which transformers' own forward honours), so sentence-transformers
+computes it, with "last_token" or "mean" pooling; "before_emb" is refused there (the template cuts the input before
+`<emb>`, and a bidirectional decoder reads the tokens after it too). vLLM is refused a bidirectional retriever (its
+own decoder implementations attend causally). Neither library is given a mean that leaves the instruction out
+(`exclude_instruction`): the instruction sits inside the chat, not at the start where a prompt length could cut it.
+PEFT adapters keep all of these in their settings file; their README says how to set the attention.
 
 The PEFT adapter holds the LoRA weights only. `<emb>` is a token lamra-pl adds to the tokenizer: a base with spare
 embedding rows (real Qwen2-VL checkpoints) takes it as it is; one without is resized to len(tokenizer) before the
@@ -255,6 +264,11 @@ def peft_card(module: EmbeddingModule | RerankModule) -> str:
         if spec.rope == "1d"
         else "the model's own (leave `position_ids` unset)"
     )
+    if spec.attention == "bidirectional":
+        positions += (
+            ". Attention: bidirectional; set `base.config.get_text_config().is_causal = False` before the forward "
+            "(transformers' switch for a decoder without its causal mask)"
+        )
     if isinstance(module, EmbeddingModule):
         kind, tags = "retriever (embedding model)", "feature-extraction"
         use = [
@@ -365,7 +379,11 @@ def to_sentence_transformers(module: TrainingModule, out: Path, request: Request
             "processing_kwargs": {"chat_template": {"chat_template": EMBEDDING_TEMPLATE}},
             "unpad_inputs": False,  # padded batches: the positions are the model's own, as lamra-pl's
         },
-        "1_Pooling/config.json": {"embedding_dimension": hidden, "pooling_mode": "lasttoken", "include_prompt": True},
+        "1_Pooling/config.json": {
+            "embedding_dimension": hidden,
+            "pooling_mode": "mean" if module.pooling == "mean" else "lasttoken",
+            "include_prompt": True,
+        },
         "2_Normalize/config.json": {
             "module_input_name": "sentence_embedding",
             "module_output_name": "sentence_embedding",
@@ -445,9 +463,16 @@ def sentence_transformers_card(module: EmbeddingModule, request: Request) -> str
             "",
             "## Pooling and normalisation",
             "",
-            f"The rendered input ends {_rendered_end(module)}: the Transformer module's last hidden state (after "
-            "the final norm) at that last token (`Pooling`, `lasttoken`) is the embedding, L2-normalised "
-            "(`Normalize`); similarity is the cosine. Positions are the model's own."
+            f"The rendered input ends {_rendered_end(module)}: "
+            + (
+                "the mean of the Transformer module's last hidden states (after the final norm) over every token "
+                "(`Pooling`, `mean`) is the embedding"
+                if module.pooling == "mean"
+                else "the Transformer module's last hidden state (after the final norm) at that last token "
+                "(`Pooling`, `lasttoken`) is the embedding"
+            )
+            + ", L2-normalised (`Normalize`); similarity is the cosine. Positions are the model's own."
+            + _attention(module)
             + _st_truncation(module)
             + _cut(module, template=True),
             "",
@@ -484,7 +509,7 @@ def to_vllm(module: TrainingModule, out: Path, request: Request) -> Path:
 
 def vllm_command(module: EmbeddingModule | RerankModule) -> list[str]:
     """The `vllm serve` command lines for the folder (MODEL: its path)."""
-    pooler: dict[str, Any] = {"pooling_type": "LAST", "use_activation": True}
+    pooler: dict[str, Any] = {"pooling_type": _vllm_pooling(module), "use_activation": True}
     if isinstance(module, EmbeddingModule):
         convert, template, overrides = "embed", EMBEDDING_TEMPLATE, []
         if module.dim is not None:  # vLLM cuts to `dimensions` (its default for every request) before normalising
@@ -535,9 +560,16 @@ def vllm_card(module: EmbeddingModule | RerankModule) -> str:
             "",
             "The chat template renders them as lamra-pl does: " + _embedding_chat(module),
             "",
-            f"The rendered input ends {_rendered_end(module)}; `--convert embed` with `pooling_type: LAST` reads the "
-            "last layer's state (after the final norm) there and `use_activation` L2-normalises it: lamra-pl's "
-            "embedding. " + _vllm_dimensions(module) + _instructions(module) + _cut(module, template=True),
+            f"The rendered input ends {_rendered_end(module)}; `--convert embed` with "
+            + (
+                "`pooling_type: MEAN` averages the last layer's states (after the final norm) over every token"
+                if module.pooling == "mean"
+                else "`pooling_type: LAST` reads the last layer's state (after the final norm) there"
+            )
+            + " and `use_activation` L2-normalises it: lamra-pl's embedding. "
+            + _vllm_dimensions(module)
+            + _instructions(module)
+            + _cut(module, template=True),
         ]
     else:
         kind = "reranker"
@@ -614,6 +646,24 @@ def _check_served(source: Source, target: str) -> None:
             f"templates write the template's own system turn, so {target} would read other inputs; export --to "
             "peft keeps the setting"
         )
+    if issubclass(source.cls, EmbeddingModule) and source.argument("exclude_instruction"):
+        raise LamraError(
+            f"{where} leaves the query's instruction tokens out of its mean (exclude_instruction: true); {target} "
+            "pools every token of the rendered input (the instruction sits inside the chat, not at its start where "
+            "a prompt length could cut it); export --to peft keeps it"
+        )
+    if source.backbone.get("attention", "causal") == "bidirectional":
+        if target == "vllm":
+            raise LamraError(
+                f"{where} runs its decoder bidirectionally (backbone.attention: bidirectional); vLLM's decoder "
+                "implementations attend causally; export --to sentence-transformers or --to peft keeps it"
+            )
+        if source.argument("pooling") == "before_emb":
+            raise LamraError(
+                f"{where} pools before {EMB_TOKEN} with a bidirectional decoder, whose state there also reads the "
+                f"tokens after it; {target}'s template ends the input before {EMB_TOKEN}, so it would compute "
+                "another state; export --to peft keeps it"
+            )
     if source.backbone.get("rope", "model") == "1d" and not source.text_only:
         raise LamraError(
             f"{where} ran its backbone with sequential positions (rope: 1d); {target} runs it with the model's own "
@@ -651,7 +701,23 @@ def _rendered_end(module: EmbeddingModule) -> str:
             f"just before `{EMB_TOKEN}` (the template cuts the chat there, after the assistant turn's opening), so "
             f"its last token is the one lamra-pl pools"
         )
+    if module.pooling == "mean":
+        return "with the whole chat, as lamra-pl renders it (`pooling: mean`): lamra-pl averages over all its tokens"
     return "with the whole chat, as lamra-pl renders it (`pooling: last_token`), so its last token is lamra-pl's"
+
+
+def _vllm_pooling(module: EmbeddingModule | RerankModule) -> str:
+    """vLLM's `pooling_type` for the module: MEAN for a mean-pooled retriever, otherwise the last token."""
+    return "MEAN" if isinstance(module, EmbeddingModule) and module.pooling == "mean" else "LAST"
+
+
+def _attention(module: EmbeddingModule) -> str:
+    if module.backbone.spec.attention == "causal":
+        return ""
+    return (
+        " The decoder attends bidirectionally: config.json's text config says `is_causal: false`, which "
+        "transformers' own forward reads (keep it when you copy the folder)."
+    )
 
 
 def _instructions(module: EmbeddingModule) -> str:
@@ -723,6 +789,9 @@ def _pooling(module: EmbeddingModule) -> str:
         return f"the token just before the first `{EMB_TOKEN}`"
     if module.pooling == "last_token":
         return "the last non-padding token"
+    if module.pooling == "mean":
+        left_out = ", less the tokens of a query's task instruction" if module.exclude_instruction else ""
+        return f"every real token, averaged (`pooling: mean`{left_out})"
     return (
         f"every real token, pooled by latent attention (`lamra_pl.models.pooling.LatentAttentionPooling`, its weights "
         f"in `{POOLING_FILE}`)"

@@ -50,14 +50,20 @@ def model_settings(
         args = json.loads(json.dumps(found.init_args))
     given = settings or ModelSettings()
     backbone = args.get("backbone") if isinstance(args.get("backbone"), dict) else {}
-    backbone = {"rope": "model", "system_prompt": "default", **backbone, **given.backbone_args()}
+    backbone = {
+        "rope": "model",
+        "system_prompt": "default",
+        **({"attention": "causal"} if cls is EmbeddingModule else {}),
+        **backbone,
+    }
+    backbone.update(given.backbone_args())
     args["backbone"] = backbone
     parameters = inspect.signature(cls).parameters
     for name, value in given.module_args().items():
         if name not in parameters:
             raise LamraError(f"a {kind} has no {name!r} setting")
         args[name] = value
-    for name in ("pooling", "max_text_tokens"):  # the file states the defaults it is read with
+    for name in ("pooling", "max_text_tokens", "exclude_instruction"):  # the file states the defaults it is read with
         if name in parameters:
             args.setdefault(name, parameters[name].default)
     content = {"class_path": class_path_of(cls), "init_args": args}
