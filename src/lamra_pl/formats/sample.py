@@ -170,7 +170,9 @@ def instructed_item(
 ) -> Item:
     """The query Item the model sees: `instruction` prepended to `text` (`with_instruction`), its characters
     counted (`Item.instruction_chars`)."""
-    return Item(id_, with_instruction(instruction, text), image, source, instruction_chars(instruction, text))
+    return Item(
+        id_, with_instruction(instruction, text), image, source, instruction_chars=instruction_chars(instruction, text)
+    )
 
 
 def evaluation_query(record: Record, instruction_seed: int | None = None, instructions: bool = True) -> Item:
