@@ -74,6 +74,7 @@ def demo(tiny_backbone, tmp_path_factory) -> dict[str, subprocess.CompletedProce
     # the bare backbone has no lamra-pl settings file: its settings stated, as the demo states them (else a warning)
     stated = (
         "--settings.rope=model --settings.max_text_tokens=256 --settings.min_pixels=3136 --settings.max_pixels=12544"
+        " --settings.system_prompt=default"
     )
     ran["rerank"] = run(
         "rerank",
