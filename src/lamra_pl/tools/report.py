@@ -74,7 +74,9 @@ def _cell(metric: str, value: float) -> str:
 
 def figures(runs: list[Board]) -> dict[str, Any]:
     """The report's plots as matplotlib figures, by name: `val_recall` (the validation average over steps) and
-    `final_average` (each run's final average Recall); a plot without data is left out."""
+    `final_average` (each run's final average Recall, one row of bars per run); a plot without data is left out.
+    Both grow with the number of runs and keep their legends outside the axes, so that a grid of many runs stays
+    readable (and matplotlib has no margins to give up)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,27 +85,28 @@ def figures(runs: list[Board]) -> dict[str, Any]:
     out = {}
     curves = [(r, tag) for r in runs for tag in sorted(r.curves) if tag.startswith(LIVE + "average/")]
     if curves:
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = plt.subplots(figsize=(10, max(4.0, 0.2 * len(curves) + 1)), layout="constrained")
         for r, tag in curves:
             steps, values = zip(*r.curves[tag], strict=True)
             ax.plot(steps, [100 * v for v in values], marker="o", label=f"{r.name} {tag[len(LIVE) :]}")
         ax.set(xlabel="step", ylabel="Recall (%)", title="validation Recall, average over tasks")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         out["val_recall"] = fig
     finals = [(r, r.metrics()) for r in runs if not r.problem]
     names = sorted({m for _, ms in finals for m in ms if m.startswith("average/")}, key=metric_order)
     if finals and names:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        width = 0.8 / len(finals)
-        for i, (r, ms) in enumerate(finals):
-            xs = [j + i * width for j in range(len(names))]
-            label = r.name + ("" if r.finished else " (unfinished)")
-            ax.bar(xs, [100 * ms.get(m, 0.0) for m in names], width, label=label)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], [m.split("/")[-1] for m in names])
-        ax.set(ylabel="Recall (%)", title="final average Recall")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
+        fig, ax = plt.subplots(figsize=(10, max(3.0, 0.12 * len(finals) * len(names) + 1.2)), layout="constrained")
+        height = 0.8 / len(names)
+        rows = list(reversed(finals))  # the first run at the top
+        for j, m in enumerate(names):
+            ys = [i + 0.4 - (j + 0.5) * height for i in range(len(rows))]
+            ax.barh(ys, [100 * ms.get(m, 0.0) for _, ms in rows], height, label=m.split("/")[-1])
+        labels = [r.name + ("" if r.finished else " (unfinished)") for r, _ in rows]
+        ax.set_yticks(range(len(rows)), labels, fontsize=8)
+        ax.set_ylim(-0.6, len(rows) - 0.4)
+        ax.set(xlabel="Recall (%)", title="final average Recall")
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         out["final_average"] = fig
     return out
 
