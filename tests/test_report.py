@@ -79,8 +79,10 @@ def test_report_plots_are_tensorboard_images_and_not_a_run_of_their_own(tmp_path
             [image] = events.Images(tag)
             png = (tmp_path / f"{tag.split('/')[1]}.png").read_bytes()
             assert image.encoded_image_string[:8] == png[:8] == b"\x89PNG\r\n\x1a\n"
-            # The same 7 x 4 inch figure: at the figure's 100 dpi in TensorBoard, at 120 dpi in the file.
-            assert (image.width, image.height, *png_size(png)) == (700, 400, 840, 480)
+            # The same figure, 10 inches wide (its legend outside the axes): at the figure's 100 dpi in
+            # TensorBoard, at 120 dpi in the file.
+            width, height = png_size(png)
+            assert image.width == 1000 and (width, height) == (1200, round(image.height * 1.2))
     assert "report_plots" not in (tmp_path / "report.md").read_text()
 
 
