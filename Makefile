@@ -42,7 +42,7 @@ MINED_RATIO ?= 1# make stage-continual: the mix of MINED and TEXT_DATA (ratios, 
 TEXT_RATIO ?= 1
 MODELS ?=# make merge-models: the fits to merge, a list: '[runs/a/checkpoints/last.ckpt, runs/b/checkpoints/last.ckpt]'
 MERGED ?= checkpoints/merged_models# make merge-models: the output model folder (new or empty)
-SETS ?= flickr30k coco sharegpt4v urban1k circo genecis visdial ccneg sugarcrepe# make zeroshot: LamRA's zero-shot sets to evaluate
+SETS ?= flickr30k coco sharegpt4v urban1k circo genecis visdial vist multiturn_fashioniq ccneg sugarcrepe# make zeroshot: LamRA's zero-shot sets to evaluate
 ZEROSHOT_RAW ?= data/zeroshot_raw# ZEROSHOT_RAW/<set>: each set as its authors distribute it (README: Zero-shot sets)
 ZEROSHOT_DATA ?= data/zeroshot# converted sets: ZEROSHOT_DATA/<set>
 ZEROSHOT_RUNS ?= $(RUNS)/zeroshot# run files and results: ZEROSHOT_RUNS/<set>/local; the table: ZEROSHOT_RUNS/zeroshot.md
@@ -144,7 +144,7 @@ stage-continual: venv  # MM-Embed's continual fine-tuning of M_hard (BACKBONE, m
 	$(LAMRA) fit -c $(CONFIG) $(backbone_arg) $(continual_data) $(ARGS)
 
 zeroshot: venv  # per set of SETS: convert (once), index, retrieve, evaluate (experiments/pipelines/zeroshot.yaml); one table
-	set -e; for s in $(SETS); do case $$s in circo|visdial) split=val;; *) split=test;; esac; \
+	set -e; for s in $(SETS); do case $$s in circo|visdial|vist|multiturn_fashioniq) split=val;; *) split=test;; esac; \
 		$(LAMRA) grid --grid experiments/pipelines/zeroshot.yaml $(call vars,model=$(MODEL)) --variables+=set=$$s \
 			--variables+=raw=$(ZEROSHOT_RAW)/$$s --variables+=split=$$split --variables+=data=$(ZEROSHOT_DATA)/$$s \
 			--variables+=index=$(ZEROSHOT_RUNS)/$$s/index --variables+=runs=$(ZEROSHOT_RUNS)/$$s '--variables+=args=$(ARGS)'; \

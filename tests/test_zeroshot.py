@@ -314,8 +314,8 @@ def test_version_1_task_folders_read_as_mbeir_tasks_and_unknown_versions_are_ref
     (tmp_path / "task.json").write_text(json.dumps({"dataset": "mscoco", "task_id": 0, "recall_k": 5}))
     info = task_info(tmp_path)
     assert (task_metrics(info), reported_metric(info)) == (["R@1", "R@5", "R@10"], "R@5")
-    (tmp_path / "task.json").write_text(json.dumps({"format": "lamra-pl-task", "version": 3, "recall_k": 5}))
-    with pytest.raises(LamraError, match="version 3"):
+    (tmp_path / "task.json").write_text(json.dumps({"format": "lamra-pl-task", "version": 4, "recall_k": 5}))
+    with pytest.raises(LamraError, match="version 4"):
         task_info(tmp_path)
     (tmp_path / "task.json").write_text(json.dumps({"version": 2, "recall_k": 5, "metrics": ["nDCG@10"]}))
     with pytest.raises(LamraError, match="nDCG@10"):

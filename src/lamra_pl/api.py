@@ -95,11 +95,39 @@ class Video:
         return str(self.frames) if isinstance(self.frames, (str, Path)) else "<video>"
 
 
-ImageInput = Image.Image | str | Path | Video
+@dataclass(frozen=True)
+class Interleaved:
+    """An input of several texts and images in reading order (VIST's stories, multi-turn FashionIQ's sessions):
+    each part a text (a str is always a text) or an image (a PIL image or a pathlib.Path). It goes where an image
+    may in `encode`, `encode_queries`, `encode_documents`, `search` and `Reranker.score`, with no text beside it
+    (the texts are parts); the model reads its instruction, then the parts in order (`formats.sample`'s `parts`)."""
+
+    parts: Sequence[str | Image.Image | Path]
+
+    def read(self) -> list[str | Image.Image]:
+        if isinstance(self.parts, (str, Path, Image.Image)) or not self.parts:
+            raise LamraError("Interleaved takes a list of texts and images, at least one of them an image")
+        out: list[str | Image.Image] = []
+        for i, part in enumerate(self.parts):
+            if isinstance(part, str):
+                if not part.strip():
+                    raise LamraError(f"Interleaved part {i} is an empty text")
+                out.append(part)
+            elif isinstance(part, (Image.Image, Path)):
+                out.append(_image(part))
+            else:
+                raise LamraError(f"Interleaved part {i} is a {type(part).__name__}: a str text, or a PIL image or Path")
+        if all(isinstance(p, str) for p in out):
+            raise LamraError("Interleaved takes at least one image among its parts")
+        return out
+
+
+VISUAL = (str, Path, Image.Image, Video, Interleaved)  # what the API takes where it takes an image
+ImageInput = Image.Image | str | Path | Video | Interleaved
 # A reranker's query or candidate, as sentence-transformers' CrossEncoder takes them: a text (a str is always a
 # text, never guessed to be a file name), an image (a PIL image or a pathlib.Path), a Video, or text with either as
 # a mapping {"text": ..., "image": PIL image, str, Path or Video}.
-RerankInput = str | Image.Image | Path | Video | Mapping[str, Any]
+RerankInput = str | Image.Image | Path | Video | Interleaved | Mapping[str, Any]
 Mode = Literal["pointwise", "listwise"]
 CHUNK = 1024  # items whose images are open at once while encoding; each chunk is bucketed by length on its own
 
@@ -456,7 +484,7 @@ def _inputs(
 ) -> list[tuple[str | None, ImageInput | None]]:
     """(text, image) pairs of parallel lists (a single text or image is a list of one); each has one or both."""
     texts = [texts] if isinstance(texts, str) else texts
-    images = [images] if isinstance(images, (str, Path, Image.Image, Video)) else images
+    images = [images] if isinstance(images, VISUAL) else images
     n = len(texts) if texts is not None else len(images) if images is not None else 0
     text_list = list(texts) if texts is not None else [None] * n
     image_list = list(images) if images is not None else [None] * n
@@ -470,14 +498,19 @@ def _inputs(
             raise LamraError(f"input {i} has neither text nor image")
         if text is not None and not isinstance(text, str):
             raise LamraError(f"input {i}: its text is a {type(text).__name__}, not a str")
-        if image is not None and not isinstance(image, (str, Path, Image.Image, Video)):
+        if image is not None and not isinstance(image, VISUAL):
             raise LamraError(
-                f"input {i}: its image is a {type(image).__name__}, not a PIL image, a file path or a Video"
+                f"input {i}: its image is a {type(image).__name__}, not a PIL image, a file path, a Video or "
+                "Interleaved"
             )
+        if isinstance(image, Interleaved) and text is not None:
+            raise LamraError(f"input {i}: an Interleaved input holds its texts among its parts, give no text beside it")
     return list(zip(text_list, image_list, strict=True))
 
 
 def _item(text: str | None, image: ImageInput | None, id_: str = "", instruction: str | None = None) -> Item:
+    if isinstance(image, Interleaved):  # its instruction, if any, is its text: the parts follow it
+        return replace(instructed_item(id_, instruction, text), parts=image.read())
     if isinstance(image, Video):
         frames, fps = image.read()
         item = instructed_item(id_, instruction, text, source=image.name())
@@ -535,6 +568,11 @@ def _describe(name: str, ids: list[str], inputs: list[tuple[str | None, ImageInp
     digest, size = hashlib.sha256(), 0
     for did, (text, image) in zip(ids, inputs, strict=True):
         picture: Any = None
+        if isinstance(image, Interleaved):  # (checked here, before anything is encoded)
+            raise LamraError(
+                f"candidate {did}: build_index takes texts, images and videos; index interleaved candidates from "
+                "shards with `lamra-pl index`"
+            )
         if isinstance(image, Video):
             frames, fps = image.read()
             pixels = b"".join(f.tobytes() for f in frames)
@@ -561,7 +599,7 @@ def _rerank_item(where: str, value: RerankInput, instruction: str | None = None)
     text (`with_instruction`)."""
     if isinstance(value, str):
         text, image = value, None
-    elif isinstance(value, (Image.Image, Path, Video)):
+    elif isinstance(value, (Image.Image, Path, Video, Interleaved)):
         text, image = None, value
     elif isinstance(value, Mapping):
         unknown = sorted(set(map(str, value)) - {"text", "image"})
@@ -570,8 +608,10 @@ def _rerank_item(where: str, value: RerankInput, instruction: str | None = None)
         text, image = value.get("text"), value.get("image")
         if text is not None and not isinstance(text, str):
             raise LamraError(f"{where}: its text is a {type(text).__name__}, not a str")
-        if image is not None and not isinstance(image, (str, Path, Image.Image, Video)):
+        if image is not None and not isinstance(image, VISUAL):
             raise LamraError(f"{where}: its image is a {type(image).__name__}, not a PIL image, a file path or a Video")
+        if isinstance(image, Interleaved) and text is not None:
+            raise LamraError(f"{where}: an Interleaved input holds its texts among its parts, give no text beside it")
     else:
         raise LamraError(
             f"{where} is a {type(value).__name__}: give a text (str), an image (PIL image or pathlib.Path), a Video "
@@ -583,7 +623,7 @@ def _rerank_item(where: str, value: RerankInput, instruction: str | None = None)
 
 
 def _candidates(candidates: Sequence[RerankInput]) -> Sequence[RerankInput]:
-    if isinstance(candidates, (str, Path, Image.Image, Video, Mapping)) or len(candidates) == 0:
+    if isinstance(candidates, (*VISUAL, Mapping)) or len(candidates) == 0:
         raise LamraError("candidates is a list of at least one text, image or {'text', 'image'} mapping")
     return candidates
 

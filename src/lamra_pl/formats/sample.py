@@ -31,11 +31,17 @@ in it):
 * the optional `candidates` field (since version 2; distillation samples, `lamra-pl distill-data`): the query's
   candidate list with the teacher's score of each.
 
+* an interleaved item (since version 3: VIST's stories, multi-turn FashionIQ's sessions) has neither `txt` nor `img`
+  but `"parts": [{"txt": "The family met."}, {"img": "query.p001.jpg", "img_src": "..."}, ...]`, its texts and
+  images in reading order (at least one image; `img_src` optional), one image member each; its modality is
+  "image,text" (or "image" when no part is a text). The model reads the parts in order, its instruction before them.
+
 A pool candidate sample is `<key>.json` = {"id", "txt", "img", "modality"[, "img_src"]} (or "vid"[, "vid_fps",
 "vid_src"] for a video) and its image or frame members.
 
 `modality` is one of M-BEIR's "text", "image", "image,text", or "video", "video,text", and must agree with which of
-`txt`/`img`/`vid` is set; an item holds an image or a video, not both. Version 1 shards (no video) read unchanged.
+`txt`/`img`/`vid`/`parts` is set; an item holds an image, a video or parts, not two of them. Version 1 shards (no
+video) and version 2 shards (no parts) read unchanged.
 Candidate ids are strings (M-BEIR's "dataset:n"); in-batch duplicates of a positive are masked by id.
 """
 
@@ -55,7 +61,7 @@ from PIL import Image
 from lamra_pl.errors import BadSampleError
 from lamra_pl.formats.shards import expand_shards, read_samples
 
-VERSION = 2  # 2: video items ("vid") and the optional `candidates` field; version 1 shards read as they did
+VERSION = 3  # 2: video items ("vid"), the optional `candidates` field; 3: interleaved items ("parts")
 MODALITIES = ("text", "image", "image,text", "video", "video,text")
 # The most frames a stored video may have: Qwen2-VL's processor's max_frames. A converter thins longer videos.
 MAX_STORED_FRAMES = 768
@@ -83,7 +89,8 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 @dataclass
 class Item:
-    """A query or candidate: text, an image or a video (its frames in time order), or text with either."""
+    """A query or candidate: text, an image or a video (its frames in time order), or text with either; or an
+    interleaved item, `parts` (texts and images in reading order) after the optional `text` (its instruction)."""
 
     id: str
     text: str | None = None
@@ -94,10 +101,20 @@ class Item:
     # How many leading characters of `text` are a task instruction (`instructed_item`): what a pooling that leaves
     # the instruction out drops. 0: none.
     instruction_chars: int = 0
+    parts: list[str | Image.Image] | None = None
 
     @property
     def modality(self) -> str:
+        if self.parts is not None:
+            return modality(self.text is not None or any(isinstance(p, str) for p in self.parts), True)
         return modality(self.text is not None, self.image is not None, self.video is not None)
+
+    @property
+    def images(self) -> list[Image.Image]:
+        """The item's images in reading order: its image, or its parts' images."""
+        if self.parts is not None:
+            return [p for p in self.parts if not isinstance(p, str)]
+        return [] if self.image is None else [self.image]
 
 
 def modality(has_text: bool, has_image: bool, has_video: bool = False) -> str:
@@ -212,9 +229,11 @@ def encode_record(
     """A WebDataset sample dict from a record whose items carry `txt` and `image` (encoded bytes + extension).
 
     Each item is `{"id", "txt", "image": (bytes, "jpg") | None}`, or for a video `{"id", "txt", "video": [(bytes,
-    "jpg"), ...], "fps": float | None, "vid_src": str | None}` (its frames, encoded, in time order); the query needs
-    no id. `extra` adds fields to the record (e.g. "rerank"). `candidates` (distillation samples) are items with a
-    "score" each: the record's candidate list, in order; none: the record has no list.
+    "jpg"), ...], "fps": float | None, "vid_src": str | None}` (its frames, encoded, in time order), or for an
+    interleaved item `{"id", "txt": None, "parts": [{"txt": str} | {"image": (bytes, "jpg"), "img_src": str |
+    None}, ...]}`; the query needs no id. `extra` adds fields to the record (e.g. "rerank"). `candidates`
+    (distillation samples) are items with a "score" each: the record's candidate list, in order; none: the record
+    has no list.
     """
     if "." in key:
         raise BadSampleError(f"sample key {key!r} contains a dot; WebDataset splits keys at the first dot")
@@ -235,7 +254,9 @@ def encode_record(
                 out["img_src"] = entry["img_src"]
         if entry.get("video") is not None:
             video_fields(sample, out, member, entry)
-        out["modality"] = modality_of(out["txt"], out["img"], out.get("vid"))
+        if entry.get("parts") is not None:
+            parts_fields(sample, out, member, entry["parts"])
+        out["modality"] = modality_of(out["txt"], out["img"], out.get("vid"), out.get("parts"))
         return out
 
     record = {
@@ -267,16 +288,18 @@ def decode_record(sample: dict[str, Any], max_image_pixels: int | None = None) -
         raise BadSampleError(f"{where}: qid {record['qid']} has no positive candidate ('positives' is empty)")
 
     def item(entry: dict[str, Any], default_id: str, field_name: str) -> Item:
-        txt, img, vid = entry.get("txt"), entry.get("img"), entry.get("vid")
+        txt, img, vid, parts = entry.get("txt"), entry.get("img"), entry.get("vid"), entry.get("parts")
         if img is not None and vid is not None:
             raise BadSampleError(f"{where}: {field_name} has both an image and a video; an item holds one")
-        modality = entry.get("modality", modality_of(txt, img, vid))
+        if parts is not None and (txt, img, vid) != (None, None, None):
+            raise BadSampleError(f"{where}: {field_name} mixes parts with a text, an image or a video beside them")
+        modality = entry.get("modality", modality_of(txt, img, vid, parts))
         if modality not in MODALITIES:
             raise BadSampleError(f"{where}: {field_name} has unknown modality {modality!r}; use {MODALITIES}")
-        if img is None and vid is None and not (txt or "").strip():
+        if img is None and vid is None and parts is None and not (txt or "").strip():
             raise BadSampleError(f"{where}: {field_name} has an empty text and no image")
-        if modality != modality_of(txt, img, vid):
-            visual = "a video" if vid is not None else "an image" if img else "no image"
+        if modality != modality_of(txt, img, vid, parts):
+            visual = "a video" if vid is not None else "an image" if img else "parts" if parts else "no image"
             raise BadSampleError(
                 f"{where}: {field_name} says modality {modality!r} but has "
                 f"{'text' if txt is not None else 'no text'} and {visual}"
@@ -294,6 +317,7 @@ def decode_record(sample: dict[str, Any], max_image_pixels: int | None = None) -
             source=image_source(sample, entry),
             video=video,
             video_fps=fps,
+            parts=_open_parts(sample, entry, f"{where}: {field_name}", max_image_pixels),
         )
 
     qid = str(record["qid"])
@@ -334,10 +358,61 @@ def _json_member(sample: dict[str, Any], where: str) -> dict[str, Any]:
         raise BadSampleError(f"{where}: .json member is not valid JSON ({err})") from err
 
 
-def modality_of(txt: str | None, img: str | None, vid: list[str] | None = None) -> str:
+def modality_of(
+    txt: str | None, img: str | None, vid: list[str] | None = None, parts: list[dict[str, Any]] | None = None
+) -> str:
+    if parts is not None:  # an interleaved item: its parts' texts and images (validated by `_open_parts`)
+        has_text = any(isinstance(p, dict) and "txt" in p for p in parts) if isinstance(parts, list) else False
+        return modality(has_text, True)
     if txt is None and img is None and vid is None:
         raise BadSampleError("an item has neither text nor image")
     return modality(txt is not None, img is not None, vid is not None)
+
+
+def parts_fields(sample: dict[str, Any], out: dict[str, Any], member: str, parts: list[dict[str, Any]]) -> None:
+    """Write an interleaved entry's parts into `sample` (each image as `<member>.pNNN.<ext>`) and the JSON item
+    `out` ("parts"). `parts`: `{"txt": str}` or `{"image": (bytes, ext), "img_src": str | None}`, in order."""
+    if not any(p.get("image") is not None for p in parts):
+        raise BadSampleError(f"item {member!r}: an interleaved item needs at least one image among its parts")
+    written: list[dict[str, Any]] = []
+    for j, part in enumerate(parts):
+        if part.get("image") is not None:
+            data, ext = part["image"]
+            name = f"{member}.p{j:03d}.{ext}"
+            sample[name] = data
+            written.append({"img": name, **({"img_src": part["img_src"]} if part.get("img_src") else {})})
+        elif isinstance(part.get("txt"), str) and part["txt"].strip():
+            written.append({"txt": part["txt"]})
+        else:
+            raise BadSampleError(f"item {member!r}: part {j} is neither a non-empty text nor an image")
+    out["parts"] = written
+
+
+def _open_parts(
+    sample: dict[str, Any], entry: dict[str, Any], where: str, max_pixels: int | None = None
+) -> list[str | Image.Image] | None:
+    """An interleaved item's parts, texts as they are and images decoded (RGB); None for an item without parts."""
+    parts = entry.get("parts")
+    if parts is None:
+        return None
+    if not isinstance(parts, list) or not parts:
+        raise BadSampleError(f"{where}: 'parts' must be a non-empty list of {{'txt': ...}} or {{'img': ...}}")
+    out: list[str | Image.Image] = []
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict) or ("txt" in part) == ("img" in part):
+            raise BadSampleError(f"{where}: parts[{j}] must have exactly one of 'txt' and 'img'")
+        if "txt" in part:
+            if not isinstance(part["txt"], str) or not part["txt"].strip():
+                raise BadSampleError(f"{where}: parts[{j}] has an empty or non-string 'txt'")
+            out.append(part["txt"])
+            continue
+        name = part["img"]
+        if not isinstance(name, str) or name not in sample:
+            raise BadSampleError(f"{where}: parts[{j}] names image member {name!r}, which is missing")
+        out.append(_open_image(sample[name], name, max_pixels))
+    if all(isinstance(p, str) for p in out):
+        raise BadSampleError(f"{where}: an interleaved item needs at least one image among its parts")
+    return out
 
 
 def video_fields(sample: dict[str, Any], out: dict[str, Any], member: str, entry: dict[str, Any]) -> None:
@@ -433,7 +508,9 @@ def decode_candidate(sample: dict[str, Any]) -> Item:
     image = _open_image(sample[img], img) if img else None
     video, fps = _open_video(sample, record, sample_location(sample))
     source = image_source(sample, record)
-    return Item(id=str(record["id"]), text=record.get("txt"), image=image, source=source, video=video, video_fps=fps)
+    parts = _open_parts(sample, record, sample_location(sample))
+    text = record.get("txt")
+    return Item(id=str(record["id"]), text=text, image=image, source=source, video=video, video_fps=fps, parts=parts)
 
 
 def member_image(sample: dict[str, Any], img: str | None, where: str) -> tuple[bytes, str] | None:
@@ -450,6 +527,10 @@ def image_source(sample: dict[str, Any], entry: dict[str, Any]) -> str | None:
     (`shard.tar#key.member`; a video's first frame)."""
     if entry.get("vid"):
         return entry.get("vid_src") or f"{sample.get('__url__', '?')}#{sample.get('__key__')}.{entry['vid'][0]}"
+    if isinstance(entry.get("parts"), list):  # an interleaved item: its first image's
+        first = next((p for p in entry["parts"] if isinstance(p, dict) and isinstance(p.get("img"), str)), None)
+        if first is not None:
+            return first.get("img_src") or f"{sample.get('__url__', '?')}#{sample.get('__key__')}.{first['img']}"
     if not entry.get("img"):
         return None
     return entry.get("img_src") or f"{sample.get('__url__', '?')}#{sample.get('__key__')}.{entry['img']}"
@@ -463,6 +544,13 @@ def member_item(sample: dict[str, Any], entry: dict[str, Any], where: str) -> di
     if entry.get("vid"):
         out["video"] = [member_image(sample, name, where) for name in entry["vid"]]
         out["fps"], out["vid_src"] = entry.get("vid_fps"), entry.get("vid_src")
+    if isinstance(entry.get("parts"), list):
+        out["parts"] = [
+            {"image": member_image(sample, p["img"], where), "img_src": p.get("img_src")}
+            if isinstance(p, dict) and "img" in p
+            else {"txt": p.get("txt") if isinstance(p, dict) else None}
+            for p in entry["parts"]
+        ]
     return out
 
 

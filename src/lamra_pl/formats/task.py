@@ -27,6 +27,11 @@ An older lamra-pl refuses version 2, rather than scoring a CIRCO task by the wro
 
 Optional, version 2: `galleries.jsonl`, one line `{"qid": ..., "ids": [...]}` per query, each query's own gallery
 (GeneCIS): `lamra-pl retrieve` ranks a query's gallery only, in the local pool setting.
+
+Optional, version 3: `excluded.jsonl`, the same lines, the candidates a query may not be answered with (VIST: the
+images its story shows already, which LamRA scores out of the ranking): `lamra-pl retrieve` leaves them out of the
+query's ranking, in both pool settings. A folder is written at the lowest version that describes it (3 only with
+excluded.jsonl), so an older lamra-pl refuses only what it would score wrongly.
 """
 
 from __future__ import annotations
@@ -42,11 +47,12 @@ from typing import Any
 from lamra_pl.errors import LamraError
 from lamra_pl.formats.shards import POOL_IDS, write_pool_ids
 
-FORMAT, VERSION = "lamra-pl-task", 2
-READABLE = (1, 2)  # version 1: no metric spec (M-BEIR's R@1/5/10, reported R@recall_k)
+FORMAT, VERSION = "lamra-pl-task", 3
+READABLE = (1, 2, 3)  # version 1: no metric spec (M-BEIR's R@1/5/10, reported R@recall_k); 3: excluded.jsonl
 METRIC = re.compile(r"(?P<name>R|mAP)@(?P<k>[1-9][0-9]*)")  # the metric names a task.json may list
 DEFAULT_METRICS = ("R@1", "R@5", "R@10")
 GALLERIES_FILE = "galleries.jsonl"
+EXCLUDED_FILE = "excluded.jsonl"
 TASK_FILE = "task.json"
 QRELS_FILE = "qrels.txt"
 TREC_QRELS_FILE = "qrels.trec"
@@ -89,7 +95,16 @@ def reported_metric(info: dict[str, Any]) -> str:
 
 def read_galleries(task_dir: str | Path) -> dict[str, list[str]] | None:
     """qid -> the ids of its own gallery, from the task's galleries.jsonl; None when the task has none."""
-    path = Path(task_dir) / GALLERIES_FILE
+    return _id_lists(Path(task_dir) / GALLERIES_FILE)
+
+
+def read_excluded(task_dir: str | Path) -> dict[str, list[str]] | None:
+    """qid -> the ids its ranking leaves out, from the task's excluded.jsonl; None when the task has none."""
+    return _id_lists(Path(task_dir) / EXCLUDED_FILE)
+
+
+def _id_lists(path: Path) -> dict[str, list[str]] | None:
+    """qid -> ids, from a file of `{"qid": ..., "ids": [...]}` lines; None when there is no such file."""
     if not path.is_file():
         return None
     found: dict[str, list[str]] = {}
@@ -133,9 +148,11 @@ def write_task(
     qrels: Iterable[str],
     pool: Iterable[str] | None = None,
     galleries: dict[str, list[str]] | None = None,
+    excluded: dict[str, list[str]] | None = None,
 ) -> Path:
-    """task.json (with this layout's format and version), qrels.txt (M-BEIR lines as given: `qid 0 did relevance
-    [task_id]`), qrels.trec (their first four columns) and, if given, pool/ids.txt and galleries.jsonl."""
+    """task.json (with this layout's format and the lowest version that describes it), qrels.txt (M-BEIR lines as
+    given: `qid 0 did relevance [task_id]`), qrels.trec (their first four columns) and, if given, pool/ids.txt,
+    galleries.jsonl and excluded.jsonl."""
     task_dir = Path(task_dir)
     task_dir.mkdir(parents=True, exist_ok=True)
     if pool is not None:
@@ -144,10 +161,12 @@ def write_task(
     qrels_file(task_dir).write_text("".join(f"{line}\n" for line in lines))
     trec = (" ".join(line.split()[:4]) for line in lines if line.strip())
     (task_dir / TREC_QRELS_FILE).write_text("".join(f"{line}\n" for line in trec))
-    if galleries is not None:
-        rows = (json.dumps({"qid": qid, "ids": ids}) for qid, ids in galleries.items())
-        (task_dir / GALLERIES_FILE).write_text("".join(f"{row}\n" for row in rows))
-    (task_dir / TASK_FILE).write_text(json.dumps({"format": FORMAT, "version": VERSION, **info}, indent=1))
+    for name, lists in ((GALLERIES_FILE, galleries), (EXCLUDED_FILE, excluded)):
+        if lists is not None:
+            rows = (json.dumps({"qid": qid, "ids": ids}) for qid, ids in lists.items())
+            (task_dir / name).write_text("".join(f"{row}\n" for row in rows))
+    version = VERSION if excluded is not None else 2
+    (task_dir / TASK_FILE).write_text(json.dumps({"format": FORMAT, "version": version, **info}, indent=1))
     return task_dir
 
 

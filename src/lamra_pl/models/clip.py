@@ -78,6 +78,10 @@ class CLIPCollator(EmbeddingCollator):
         self.instructions = instructions
 
     def encode(self, items: list[Item]) -> BatchFeature:
+        unread = next((item for item in items if item.video is not None or item.parts is not None), None)
+        if unread is not None:  # CLIP reads one image and one text: the rest would be dropped unseen
+            kind = "a video" if unread.video is not None else "interleaved parts"
+            raise LamraError(f"{unread.id}: a CLIP model reads one image and one text per item, not {kind}")
         texts = [(row, item.text) for row, item in enumerate(items) if item.text is not None]
         images = [(row, item.image) for row, item in enumerate(items) if item.image is not None]
         data: dict[str, torch.Tensor] = {"num_rows": torch.tensor(len(items))}

@@ -32,6 +32,10 @@ PROMPTS = {
     "video": "\nSummarize above video in one word: ",
     "video,text": "{text}\nSummarize above video and sentence in one word: ",
 }
+# An interleaved item (`Item.parts`: VIST's stories, multi-turn FashionIQ's sessions): its instruction, its parts in
+# order, then this line, LamRA's VIST code's. (Its multi-turn FashionIQ code ends with the single-image line,
+# "image and sentence", after several images: the one place this project's prompt differs from that code's.)
+INTERLEAVED_PROMPT = "\nSummarize above images and sentences in one word: "
 ASSISTANT = f"{EMB_TOKEN}."
 
 
@@ -113,6 +117,14 @@ def truncate_text(tokenizer: Any, item: Item, max_tokens: int | None) -> Item:
 
 def embedding_messages(item: Item) -> list[dict[str, Any]]:
     content: list[dict[str, Any]] = []
+    if item.parts is not None:  # LamRA's VIST layout: the instruction, the parts in order, the prompt
+        content = [{"type": "text", "text": item.text}] if item.text is not None else []
+        content += [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image"} for p in item.parts]
+        content.append({"type": "text", "text": INTERLEAVED_PROMPT})
+        return [
+            {"role": "user", "content": content},
+            {"role": "assistant", "content": [{"type": "text", "text": ASSISTANT}]},
+        ]
     if item.image is not None:
         content.append({"type": "image"})
     if item.video is not None:
@@ -164,7 +176,7 @@ class EmbeddingCollator:
         items = [self._truncated(item) for item in items]
         videos = video_inputs(self.processor, items, EMBEDDING_FRAMES)  # {} without videos; refuses them first
         texts = render_chats(self.processor, [embedding_messages(item) for item in items], generation_prompt=False)
-        images = [item.image for item in items if item.image is not None]
+        images = [image for item in items for image in item.images]
         # The rendered chat holds its special tokens already (a Mistral template writes <s>): add none.
         batch = self.processor(
             text=texts, images=images or None, padding=True, return_tensors="pt", add_special_tokens=False, **videos
@@ -217,8 +229,11 @@ class EmbeddingCollator:
             n += len(self.processor.tokenizer(item.text, add_special_tokens=False)["input_ids"])
             if self.max_text_tokens is not None:
                 n = min(n, self.max_text_tokens)
-        if item.image is not None:
-            n += item.image.width * item.image.height // (28 * 28)
+        for text in item.parts or ():
+            if isinstance(text, str):
+                n += len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+        for image in item.images:
+            n += image.width * image.height // (28 * 28)
         return n + video_tokens(item, budget_of(self.processor), EMBEDDING_FRAMES)
 
 
@@ -236,6 +251,11 @@ def instruction_mask(tokenizer: Any, items: list[Item], texts: list[str], batch:
     for row, (item, text) in enumerate(zip(items, texts, strict=True)):
         if not item.instruction_chars or item.text is None:
             continue
+        if item.parts is not None:
+            raise LamraError(
+                f"{item.id}: an interleaved item's images follow its instruction, so its instruction tokens cannot be "
+                "located after them: exclude_instruction is for items of one image or video"
+            )
         # Every prompt goes on after the text with a line break, which an instruction-bearing text never ends in.
         start = text.rfind(item.text + "\n")
         if start < 0:

@@ -151,7 +151,13 @@ class RerankExample:
 def _content(item: Item) -> list[dict[str, Any]]:
     # The chat template only needs the placeholder; the image (a video's item) rides along (under a key templates
     # ignore) so that `_images` (`_videos`) can hand the processor every image (video) in placeholder order. A video
-    # is one `{"type": "video"}` part, as in LamRA's zero-shot video reranking code.
+    # is one `{"type": "video"}` part, as in LamRA's zero-shot video reranking code. An interleaved item is its text
+    # (the instruction) then its parts in order, as LamRA's VIST and multi-turn FashionIQ reranking code has it.
+    if item.parts is not None:
+        head = [{"type": "text", "text": item.text}] if item.text is not None else []
+        return head + [
+            {"type": "text", "text": p} if isinstance(p, str) else {"type": "image", "_image": p} for p in item.parts
+        ]
     parts: list[dict[str, Any]] = [{"type": "image", "_image": item.image}] if item.image is not None else []
     if item.video is not None:
         parts.append({"type": "video", "_video": item})

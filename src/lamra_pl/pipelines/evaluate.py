@@ -326,6 +326,8 @@ def chance(tasks: str, ks: list[int] = list(KS)) -> dict[str, dict[str, float]]:
 
 DIRECTIONS = {0: "T2I", 3: "I2T", 7: "CIR"}  # M-BEIR task id -> the column name in LamRA's zero-shot table
 VIDEO_SETS = ("msrvtt", "msvd")  # their tasks 0 and 3 are text -> video and video -> text: T2V, V2T
+# Their task 7 queries interleave several images with texts (a story, a session), no composed reference: IT2I
+INTERLEAVED_SETS = ("vist", "multiturn_fashioniq")
 
 
 def zeroshot_report(runs: str, sets: list[str] | None = None) -> dict[str, Any]:
@@ -355,6 +357,8 @@ def zeroshot_report(runs: str, sets: list[str] | None = None) -> dict[str, Any]:
             direction = DIRECTIONS.get(row.get("task_id"), f"task{row.get('task_id')}")
             if name in VIDEO_SETS:
                 direction = direction.replace("I", "V")
+            elif name in INTERLEAVED_SETS:
+                direction = "IT2I"
             columns[f"{task.rsplit('_task', 1)[0]} {direction} {row['reported']}"] = row[row["reported"]]
             details[task] = {m: v for m, v in row.items() if _metric(m)} | {"num_queries": row["num_queries"]}
     head = "| " + " | ".join(columns) + " |"

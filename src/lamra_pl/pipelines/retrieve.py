@@ -6,7 +6,8 @@
 
 Pool settings: "global" searches the whole index (M-BEIR's global pool when the index is of `global_pool/`);
 "local" restricts the search to the task's own pool (`<task>/pool/ids.txt`), as M-BEIR_local does; a task with
-per-query galleries (`galleries.jsonl`, GeneCIS) ranks each query's own gallery there.
+per-query galleries (`galleries.jsonl`, GeneCIS) ranks each query's own gallery there. A task with exclusions
+(`excluded.jsonl`, VIST) leaves each query's listed candidates out of its ranking, in both settings.
 
 Everything that can be checked without the model is checked before it is loaded: the index, the task folders, and
 in the local setting each task's pool (not empty, all of it in the index). The run folders name the index and the
@@ -33,6 +34,7 @@ from lamra_pl.formats.task import (
     pool_ids_file,
     qrels_file,
     query_shards,
+    read_excluded,
     read_galleries,
     task_dirs,
     task_info,
@@ -86,6 +88,7 @@ def retrieve(
     out_dir = Path(out)
     subsets = {t.name: _local_rows(t, searched) for t in tasks} if "local" in pools else {}
     gallery_rows = {t.name: rows for t in tasks if "local" in pools and (rows := _gallery_rows(t, searched))}
+    excluded_rows = {t.name: rows for t in tasks if (rows := _excluded_rows(t, searched))}
     module = load_retriever(
         model, backbone=caller_settings(backbone, trust_remote_code, settings), module=module_args(settings)
     )
@@ -102,17 +105,20 @@ def retrieve(
         files: dict[Path, str] = {}
         for task in tasks:
             encoded = EmbeddingIndex(out_dir / "queries" / task.name)
+            excluded = excluded_rows.get(task.name, {})
+            wide = k + max((len(rows) for rows in excluded.values()), default=0)  # room for what is left out
             if pool == "local" and task.name in gallery_rows:
-                found = _search_galleries(searched, encoded, gallery_rows[task.name], k, backend, task)
+                found = _search_galleries(searched, encoded, gallery_rows[task.name], wide, backend, task)
             else:
                 found = search(
                     searched.embeddings,
                     encoded.embeddings,
-                    k,
+                    wide,
                     tie_key=searched.id_rank,
                     subset=subsets.get(task.name) if pool == "local" else None,
                     backend=backend,
                 )
+            found = _leave_out(found, encoded.ids, excluded, k)
             ranked = [[searched.ids[r] for r in row if r >= 0] for row in found.rows]
             run_file = out_dir / pool / f"{task.name}.run"
             files[run_file] = format_run(encoded.ids, ranked, found.scores, tag=f"lamra-pl-{pool}")
@@ -164,6 +170,32 @@ def _gallery_rows(task: Path, index: EmbeddingIndex) -> dict[str, np.ndarray] | 
             f"{missing[:3]}: index the global pool of the same split"
         )
     return {qid: np.unique(np.fromiter((index.row_of[i] for i in ids), dtype=np.int64)) for qid, ids in found.items()}
+
+
+def _excluded_rows(task: Path, index: EmbeddingIndex) -> dict[str, np.ndarray]:
+    """qid -> the index rows its ranking leaves out (the task's excluded.jsonl, VIST); ids the index lacks could
+    never be returned, so they need no leaving out. {} for a task without exclusions."""
+    found = read_excluded(task) or {}
+    return {
+        qid: np.fromiter((index.row_of[i] for i in dict.fromkeys(ids) if i in index.row_of), dtype=np.int64)
+        for qid, ids in found.items()
+    }
+
+
+def _leave_out(found: TopK, qids: list[str], excluded: dict[str, np.ndarray], k: int) -> TopK:
+    """The top k of each query's ranking without its excluded rows (`found` holds k plus the most any query
+    excludes, so k remain wherever the pool has them), padded with -1 / -inf."""
+    if not excluded:
+        return TopK(found.rows[:, :k], found.scores[:, :k])
+    rows = np.full((len(qids), k), -1, dtype=np.int64)
+    scores = np.full((len(qids), k), -np.inf)
+    for q, qid in enumerate(qids):
+        keep = found.rows[q] >= 0
+        if qid in excluded:
+            keep &= ~np.isin(found.rows[q], excluded[qid])
+        kept = np.flatnonzero(keep)[:k]
+        rows[q, : len(kept)], scores[q, : len(kept)] = found.rows[q, kept], found.scores[q, kept]
+    return TopK(rows, scores)
 
 
 def _search_galleries(

@@ -67,6 +67,9 @@ Rules:
   decoded with `formats.video_file.read_video` (about 2 frames per second, at most 768 frames of at most
   768*28*28 pixels) and stored as JPEG frames with their frame rate; the path rules are the images'. A video is
   decoded when first named (to check it) and again each time it is written (nothing held in memory).
+* Interleaved queries (another extension: "query_parts", a list of {"txt": text} and {"img_path": path} in reading
+  order, instead of query_txt and query_img_path; modality "image,text", or "image" without a text part; a task_id
+  needed) become sample items with `parts` (`formats.sample` version 3); each image path follows the images' rules.
 * Images are checked once per path, when a record first names them: inside the root, a file, within the pixel
   budget (header), then decoded and converted to RGB as readers will; that decode makes a conversion cost about
   one pass of reading every image. They are stored byte for byte (never re-encoded).
@@ -550,11 +553,15 @@ class Converter:
         if modality not in MODALITIES:
             return "unknown_modality", f"query_modality {modality!r}; use {MODALITIES}"
         img, vid = row.get("query_img_path"), row.get("query_vid_path")
-        if (why := self.visual_problem(modality, img, vid, "query_img_path", "query_vid_path")) is not None:
+        if row.get("query_parts") is not None:
+            if (why := self.parts_problem(row)) is not None:
+                return why
+        elif (why := self.visual_problem(modality, img, vid, "query_img_path", "query_vid_path")) is not None:
             return why
-        visual, key = (vid, "query_vid_path") if modality in VIDEO_MODALITIES else (img, "query_img_path")
-        if (why := self.content_problem(row.get("query_txt"), visual, "query_txt", key)) is not None:
-            return why
+        else:
+            visual, key = (vid, "query_vid_path") if modality in VIDEO_MODALITIES else (img, "query_img_path")
+            if (why := self.content_problem(row.get("query_txt"), visual, "query_txt", key)) is not None:
+                return why
         for key in ("pos_cand_list", "neg_cand_list"):
             listed = row.get(key)
             if listed is None and key == "neg_cand_list":
@@ -569,6 +576,31 @@ class Converter:
             return "bad_task_id", f"task_id {task!r} is not an M-BEIR task id (an integer 0..8)"
         if task is None and modality in VIDEO_MODALITIES:
             return "bad_task_id", "a video query needs a task_id (M-BEIR's tasks have no video)"
+        if task is None and row.get("query_parts") is not None:
+            return "bad_task_id", "an interleaved query needs a task_id"
+        return None
+
+    @staticmethod
+    def parts_problem(row: dict) -> tuple[str, str] | None:
+        """(reason, detail) if an interleaved query row ("query_parts": texts and image paths in reading order,
+        instead of query_txt and query_img_path) is not one; None if it is."""
+        parts, modality = row["query_parts"], row["query_modality"]
+        if any(row.get(key) is not None for key in ("query_txt", "query_img_path", "query_vid_path")):
+            return "bad_value", "an interleaved query holds its texts and images in query_parts only"
+        if not isinstance(parts, list) or not parts:
+            return "bad_value", f"query_parts is {json_type(parts)}, not a non-empty list"
+        for i, part in enumerate(parts):
+            if not isinstance(part, dict) or len(part) != 1 or not {"txt", "img_path"} >= set(part):
+                return "bad_value", f"query_parts[{i}] must be {{'txt': text}} or {{'img_path': path}}"
+            [value] = part.values()
+            if not isinstance(value, str) or not value.strip():
+                return "bad_value", f"query_parts[{i}] is {json_type(value)}, not a non-empty string"
+        kinds = {next(iter(p)) for p in parts}
+        expected = "image,text" if "txt" in kinds else "image"
+        if "img_path" not in kinds:
+            return "bad_value", "query_parts holds no image"
+        if modality != expected:
+            return "bad_value", f"query_modality {modality!r}, but its parts make it {expected!r}"
         return None
 
     def query_record(
@@ -594,6 +626,9 @@ class Converter:
                 return None
             self.repeated["train_queries_upsampled"] += 1
         if not self.image_ok(row.get("query_img_path"), path, number):
+            return None
+        part_images = [p["img_path"] for p in row.get("query_parts") or () if "img_path" in p]
+        if not all(self.image_ok(rel, path, number) for rel in part_images):
             return None
         if row.get("query_vid_path") is not None and not self.video_ok(row["query_vid_path"], path, number):
             return None
@@ -636,10 +671,23 @@ class Converter:
                 "image": self.image(row.get("query_img_path")),
                 "img_src": row.get("query_img_path"),
                 **self.video_fields(row.get("query_vid_path")),
+                **self.parts_fields(row.get("query_parts")),
             },
             "positives": [self.item(c) for c in positives],
             "negatives": [self.item(c) for c in negatives],
             "instructions": instructions,
+        }
+
+    def parts_fields(self, parts: list[dict[str, str]] | None) -> dict[str, Any]:
+        """An interleaved query's sample fields (`encode_record`'s "parts"): its texts, and its images as they are
+        with their paths; {} for no parts."""
+        if parts is None:
+            return {}
+        return {
+            "parts": [
+                {"image": self.image(p["img_path"]), "img_src": p["img_path"]} if "img_path" in p else {"txt": p["txt"]}
+                for p in parts
+            ]
         }
 
     def image(self, rel: str | None) -> tuple[bytes, str] | None:
@@ -806,10 +854,12 @@ class Converter:
                 lines = positive_qrels(records)
             info = task_info(dataset, task, split, records, len(pool))
             spec = dict(self.task_specs.get(task_dir.name, {}))
-            gallery = spec.pop("galleries", None)
+            gallery, excluded = spec.pop("galleries", None), spec.pop("excluded", None)
             if gallery is not None:  # the kept queries' galleries (a dropped query's goes with it), of kept candidates
                 gallery = {qid: [i for i in ids if i in pool] for qid, ids in gallery.items() if qid in kept}
-            write_task(task_dir, {**info, **spec}, lines, galleries=gallery)
+            if excluded is not None:  # the kept queries' exclusions, of candidates in the pool (others never rank)
+                excluded = {qid: [i for i in ids if i in pool] for qid, ids in excluded.items() if qid in kept}
+            write_task(task_dir, {**info, **spec}, lines, galleries=gallery, excluded=excluded)
             empty = [part for part, n in (("queries", len(records)), ("pool", len(pool))) if n == 0]
             if empty:
                 self.empty.append({"task": f"eval/{split}/{task_dir.name}", "empty": empty, "written": True})
@@ -969,8 +1019,8 @@ def run_conversion(
 ) -> dict[str, Any]:
     """`convert`, and what other recipes need of it (`lamra_pl.recipes.zeroshot` writes an M-BEIR layout and converts
     it here): `train=False` converts the evaluation splits only (no train/ nor train_pool/); `task_specs` adds to a
-    task folder's task.json (by folder name; "galleries" becomes its galleries.jsonl); `extra_report` adds fields to
-    report.json; `quiet` does not print the report."""
+    task folder's task.json (by folder name; "galleries" becomes its galleries.jsonl, "excluded" its
+    excluded.jsonl); `extra_report` adds fields to report.json; `quiet` does not print the report."""
     root_path, out_path = Path(root), Path(out)
     if not root_path.is_dir():
         raise LamraError(f"M-BEIR root {root!r} does not exist")

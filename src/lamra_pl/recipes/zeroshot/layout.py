@@ -40,6 +40,7 @@ class Task:
     queries: list[dict[str, Any]] = field(default_factory=list)  # M-BEIR query rows
     pool: list[str] = field(default_factory=list)  # candidate ids, in order
     galleries: dict[str, list[str]] | None = None  # qid -> its own gallery (GeneCIS)
+    excluded: dict[str, list[str]] | None = None  # qid -> candidates its ranking leaves out (VIST's seen images)
 
 
 @dataclass
@@ -89,6 +90,17 @@ def query(qid: str, txt: str | None, rel: str | None, positives: list[str], task
         "pos_cand_list": positives,
         "neg_cand_list": [],
         "task_id": task_id,
+    }
+
+
+def interleaved_query(qid: str, parts: list[tuple[str, str]], positives: list[str], task_id: int) -> dict[str, Any]:
+    """An M-BEIR query row whose query is texts and images in reading order ("query_parts"; `parts`: ("txt",
+    text) or ("img", path under the image folder)); empty texts are left out (they render as nothing)."""
+    rows = [{"txt": v} if kind == "txt" else {"img_path": f"{IMAGES}/{v}"} for kind, v in parts if v.strip()]
+    return {
+        **query(qid, None, None, positives, task_id),
+        "query_parts": rows,
+        "query_modality": "image,text" if any("txt" in r for r in rows) else "image",
     }
 
 
