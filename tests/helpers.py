@@ -105,3 +105,33 @@ def clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     for needle in needles:
         assert needle in proc.stderr, proc.stderr[-3000:]
+
+
+def convert_zeroshot(raw: dict[str, Path], out: Path, splits: dict[str, str] | None = None) -> dict[str, Path]:
+    """`convert-zeroshot` of each raw set (`tests/fixtures/zeroshot/make_fixtures.py`) into out/<set>; returns each
+    set's evaluation split folder, out/<set>/eval/<split> (`splits`: a set's split where it is not test)."""
+    for name, root in raw.items():
+        ok(lamra_here("convert-zeroshot", f"--set={name}", f"--root={root}", f"--out={out / name}"))
+    return {name: out / name / "eval" / (splits or {}).get(name, "test") for name in raw}
+
+
+def evaluate_zeroshot(model: Path, splits: dict[str, Path], runs: Path, pools: str = "[local]", *settings: str) -> Path:
+    """Each converted set (`convert_zeroshot`'s split folders) indexed, retrieved in `pools` and its local run
+    evaluated with `model`, into runs/<set>/ (index/, queries/, <pool>/); `settings` go to index and retrieve."""
+    for name, split in splits.items():
+        index, out = runs / name / "index", runs / name
+        ok(lamra_here("index", f"--model={model}", f"--pool={split}/global_pool", f"--out={index}", *settings))
+        queries = f"--queries={split}/*_task*"
+        ok(
+            lamra_here(
+                "retrieve",
+                f"--model={model}",
+                f"--index={index}",
+                queries,
+                f"--out={out}",
+                f"--pools={pools}",
+                *settings,
+            )
+        )
+        ok(lamra_here("evaluate", f"--runs={out / 'local'}"))
+    return runs

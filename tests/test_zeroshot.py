@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, clean_error, lamra_here, ok
+from helpers import ROOT, clean_error, convert_zeroshot, evaluate_zeroshot, lamra_here, ok
 from lamra_pl.errors import LamraError
 from lamra_pl.formats.runs import read_run_file, write_manifest, write_run
 from lamra_pl.formats.sample import decode_record, evaluation_query
@@ -39,10 +39,7 @@ def raw(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def converted(raw, tmp_path_factory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("data")
-    for name in SETS:
-        ok(lamra_here("convert-zeroshot", f"--set={name}", f"--root={raw[name]}", f"--out={out / name}"))
-    return {name: out / name / "eval" / SPLIT.get(name, "test") for name in SETS}
+    return convert_zeroshot({name: raw[name] for name in SETS}, tmp_path_factory.mktemp("data"), SPLIT)
 
 
 def expected_qrels(name: str, root: Path) -> dict[str, dict[str, set[str]]]:
@@ -364,15 +361,7 @@ def test_unsafe_and_missing_images_are_counted_not_read(raw, tmp_path):
 @pytest.fixture(scope="module")
 def evaluated(converted, tiny_backbone, tmp_path_factory) -> dict[str, Path]:
     """Every set indexed, retrieved in its tasks' own pools and evaluated with the tiny Qwen2-VL."""
-    runs = tmp_path_factory.mktemp("runs")
-    for name, split in converted.items():
-        index, out = runs / name / "index", runs / name
-        model = f"--model={tiny_backbone}"
-        ok(lamra_here("index", model, f"--pool={split}/global_pool", f"--out={index}", "--batch_size=8"))
-        queries = f"--queries={split}/*_task*"
-        ok(lamra_here("retrieve", model, f"--index={index}", queries, f"--out={out}", "--pools=[local]", "--k=50"))
-        ok(lamra_here("evaluate", f"--runs={out / 'local'}"))
-    return runs
+    return evaluate_zeroshot(tiny_backbone, converted, tmp_path_factory.mktemp("runs"), "[local]", "--batch_size=8")
 
 
 @pytest.mark.parametrize("name", SETS)

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from conftest import shape_image
-from helpers import lamra_here, ok
+from helpers import convert_zeroshot, evaluate_zeroshot
 from lamra_pl.api import Interleaved, Retriever
 from lamra_pl.errors import BadSampleError, LamraError
 from lamra_pl.formats.index import EmbeddingIndex
@@ -48,10 +48,8 @@ def raw(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def converted(raw, tmp_path_factory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("data")
-    for name in SETS:
-        ok(lamra_here("convert-zeroshot", f"--set={name}", f"--root={raw[name]}", f"--out={out / name}"))
-    return {name: out / name / "eval" / "val" / f"{name}_task7" for name in SETS}
+    splits = convert_zeroshot(raw, tmp_path_factory.mktemp("data"), {name: "val" for name in SETS})
+    return {name: split / f"{name}_task7" for name, split in splits.items()}
 
 
 def records(task: Path) -> dict[str, object]:
@@ -267,14 +265,8 @@ def test_a_malformed_interleaved_mbeir_row_is_a_counted_problem(row, why, tmp_pa
 
 @pytest.fixture(scope="module")
 def retrieved(converted, tiny_backbone, tmp_path_factory) -> dict[str, Path]:
-    runs = tmp_path_factory.mktemp("runs")
-    for name, task in converted.items():
-        index, out = runs / name / "index", runs / name
-        model = f"--model={tiny_backbone}"
-        ok(lamra_here("index", model, f"--pool={task.parent}/global_pool", f"--out={index}", "--batch_size=8"))
-        queries = f"--queries={task}"
-        ok(lamra_here("retrieve", model, f"--index={index}", queries, f"--out={out}", "--pools=[local,global]"))
-        ok(lamra_here("evaluate", f"--runs={out / 'local'}"))
+    splits = {name: task.parent for name, task in converted.items()}
+    runs = evaluate_zeroshot(tiny_backbone, splits, tmp_path_factory.mktemp("runs"), "[local,global]", "--batch_size=8")
     return {name: runs / name for name in SETS}
 
 

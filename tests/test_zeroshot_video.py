@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import clean_error, lamra_here, ok
+from helpers import clean_error, convert_zeroshot, evaluate_zeroshot, lamra_here, ok
 from lamra_pl.api import Reranker, Retriever, Video
 from lamra_pl.errors import LamraError
 from lamra_pl.formats.runs import read_run_file
@@ -43,10 +43,7 @@ def raw(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def converted(raw, tmp_path_factory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("data")
-    for name in SETS:
-        ok(lamra_here("convert-zeroshot", f"--set={name}", f"--root={raw[name]}", f"--out={out / name}"))
-    return {name: out / name / "eval" / "test" for name in SETS}
+    return convert_zeroshot(raw, tmp_path_factory.mktemp("data"))
 
 
 # ------------------------------------------------------------------------------------------------ video files
@@ -215,16 +212,8 @@ def test_bad_video_set_input_is_one_line_or_counted(raw, tmp_path):
 def evaluated(converted, tiny_backbone, tmp_path_factory) -> Path:
     """Both sets indexed (video and caption candidates), retrieved (text and video queries) and evaluated with the
     tiny Qwen2-VL, its frame budget set from the command line."""
-    runs = tmp_path_factory.mktemp("runs")
-    budget = "--settings.video_max_frames=4"
-    for name, split in converted.items():
-        index, out = runs / name / "index", runs / name
-        model = f"--model={tiny_backbone}"
-        ok(lamra_here("index", model, f"--pool={split}/global_pool", f"--out={index}", "--batch_size=4", budget))
-        queries = f"--queries={split}/*_task*"
-        ok(lamra_here("retrieve", model, f"--index={index}", queries, f"--out={out}", "--pools=[local]", budget))
-        ok(lamra_here("evaluate", f"--runs={out / 'local'}"))
-    return runs
+    budget = ("--batch_size=4", "--settings.video_max_frames=4")
+    return evaluate_zeroshot(tiny_backbone, converted, tmp_path_factory.mktemp("runs"), "[local]", *budget)
 
 
 @pytest.mark.parametrize("name", SETS)

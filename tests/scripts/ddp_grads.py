@@ -7,8 +7,10 @@ With DEVICES=2 each gloo rank takes half of the same 8 examples that DEVICES=1 t
 graph (the same dropout draws, in the same order, as GradCache's first pass); "gradcache" is GradCache with
 chunks of 2. STRATEGY: "ddp" (gloo; the default) or "fsdp2" (FSDP2Strategy; gradients are gathered whole).
 Under DDP the temperature is learnable, so its gradient is compared too (FSDP2 refuses a trainable tensor
-outside the sharded trunk). LOSS: "plain" (LamRA's InfoNCE; the default) or "options" (every `LossSpec` option
-on: OPTIONS below, with per-task temperatures for the examples' tasks 0..2 and a query without a task).
+outside the sharded trunk). LOSS: "plain" (LamRA's InfoNCE; the default), "options" (every `LossSpec` option
+on: OPTIONS below, with per-task temperatures for the examples' tasks 0..2 and a query without a task) or "distill"
+(`model.distill`: KL over each query's list of 3 candidates with teacher scores + 0.5 InfoNCE; the KL term is saved
+too, as "__kl__").
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import shape_image
 from lamra_pl.formats.sample import Item
 from lamra_pl.models.backbone import BackboneSpec, LoraSpec
+from lamra_pl.models.distill import DistillSpec
 from lamra_pl.models.embedding import EmbeddingModule
 from lamra_pl.models.embedding_inputs import EmbeddingCollator, Example
 from lamra_pl.models.gradcache import GradCacheSpec
@@ -63,10 +66,31 @@ def examples() -> list[Example]:
     return out
 
 
+def distill_examples() -> list[Example]:
+    """`examples()`, each with a list of 3 candidates (image and text) and teacher scores."""
+    out = []
+    for i, example in enumerate(examples()):
+        other = COLORS[(i + 2) % 4]
+        example.candidates = [
+            example.negatives[0],
+            Item(f"img:{other}-square", image=shape_image(other, "square")),
+            Item(f"txt:{i % 3}", text=f"a {COLORS[i % 4]} thing, number {i % 3}"),
+        ]
+        if i % 4 == 1:  # the query's own positive in its list: the teacher ranks it first, InfoNCE masks it
+            example.candidates[1] = example.positive
+        example.teacher_scores = [0.2 + 0.05 * i, 0.9 if i % 4 == 1 else 0.4 - 0.03 * i, 0.6 - 0.1 * (i % 3)]
+        out.append(example)
+    return out
+
+
 class RankSlice(LightningDataModule):
+    def __init__(self, distill: bool = False) -> None:
+        super().__init__()
+        self.distill = distill
+
     def train_dataloader(self):
         rank, world = self.trainer.global_rank, self.trainer.world_size
-        part = examples()[rank * 8 // world : (rank + 1) * 8 // world]
+        part = (distill_examples() if self.distill else examples())[rank * 8 // world : (rank + 1) * 8 // world]
         batch = self.trainer.lightning_module.collator()(part)
         return torch.utils.data.DataLoader([batch], batch_size=None)
 
@@ -82,6 +106,8 @@ class SaveGrads(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_rank == 0:
             self.grads["__loss__"] = trainer.callback_metrics["train/loss"].reshape(1)
+            if "train/distill_kl" in trainer.callback_metrics:
+                self.grads["__kl__"] = trainer.callback_metrics["train/distill_kl"].reshape(1)
             save_file(self.grads, self.out)
 
 
@@ -108,7 +134,7 @@ def main() -> None:
     mode = sys.argv[4] if len(sys.argv) > 4 else "full"
     dropout = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
     fsdp2 = len(sys.argv) > 6 and sys.argv[6] == "fsdp2"
-    options = len(sys.argv) > 7 and sys.argv[7] == "options"
+    loss = sys.argv[7] if len(sys.argv) > 7 else "plain"
     seed_everything(0)
     module = (ChunkedOnOneGraph if mode == "chunked" else PerturbedLoRA)(
         BackboneSpec(backbone, gradient_checkpointing=False),
@@ -116,7 +142,8 @@ def main() -> None:
         learnable_temperature=not fsdp2,
         optimizer=partial(torch.optim.SGD, lr=0.0),
         gradcache=GradCacheSpec(chunk_size=2) if mode == "gradcache" else None,
-        loss=OPTIONS if options else None,
+        loss=OPTIONS if loss == "options" else None,
+        distill=DistillSpec(teacher_temperature=0.2, weight=1.0, infonce_weight=0.5) if loss == "distill" else None,
     )
     strategy = DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=120)) if devices > 1 else "auto"
     if fsdp2:
@@ -133,7 +160,7 @@ def main() -> None:
         use_distributed_sampler=False,
         callbacks=[SaveGrads(out)],
     )
-    trainer.fit(module, datamodule=RankSlice())
+    trainer.fit(module, datamodule=RankSlice(distill=loss == "distill"))
 
 
 if __name__ == "__main__":
