@@ -3,14 +3,16 @@
 
 Contract, the same for both backends. The score of a candidate row c for a query q is the float64 score
 
-    f(q, c) = fl( fl(sum_i fl(c_i * qh_i)) / |c| ),   qh = q / |q|   (float64, from the stored values),
+    f(q, c) = fl( dot(c, qh) / |c| ),   qh = q / |q|   (float64, from the stored values),
 
-each norm sqrt(sum_i x_i^2) and each sum taken by numpy's reduction along a contiguous float64 row (`row_norms`,
-`_exact_scores`; a zero row scores 0), so equal vectors get bit-equal scores wherever and in whatever batch
-they are scored. The result is the first k rows of the whole pool sorted by (f descending, tie key ascending),
-where the tie key is the rank of the candidate's id (`lamra_pl.formats.index.id_ranks`): a full float64
-ranking with id tie-breaks. It does not depend on the backend, its BLAS, its batching or its order for equal
-scores.
+each norm sqrt(sum_i x_i^2) taken by numpy's reduction along a contiguous float64 row (`row_norms`; a zero row
+scores 0) and dot(c, qh) by numpy's `vecdot` of the two contiguous float64 rows (`_exact_scores`: one BLAS ddot
+per pair, whatever its summation order and fused multiply-adds, the same for every pair in a process), so equal
+vectors get bit-equal scores wherever and in whatever batch they are scored. The result is the first k rows of
+the whole pool sorted by (f descending, tie key ascending), where the tie key is the rank of the candidate's id
+(`lamra_pl.formats.index.id_ranks`): a full float64 ranking with id tie-breaks. It does not depend on the search
+backend (faiss or torch), its BLAS, its batching or its order for equal scores; the float64 scores are those of
+the process's numpy.
 
 How it is reached without scoring every candidate in float64. The backend (faiss or torch) scores every
 candidate in float32, from the float64 unit rows ch = c / |c| and qh rounded to float32, and returns each
@@ -24,7 +26,7 @@ query's `k + margin` best rows by those scores s. Then:
      any blocking, split or not, CPU or GPU), is within gamma_D*sum_i |x_i y_i| of the exact one (Higham,
      Accuracy and Stability of Numerical Algorithms, 2nd ed., section 3.1);
    - f, in float64, is within gamma'_{2D+8}*|qh| of the exact ch . qh (gamma' with 2^-53 for u: its own sum,
-     the norm and the division, and ch's rounding);
+     in any order and with or without fused multiply-adds, the norm and the division, and ch's rounding);
    - sum_i |ch_i qh_i| <= |ch| |qh| (Cauchy-Schwarz), and the float64 unit rows have norms within
      (D+4)*2^-53 of 1.
    Their sum, with float32 underflow (values or products below 2^-126, even flushed to zero) on top, stays
@@ -235,9 +237,9 @@ def _exact_scores(
     chunk by chunk on threads.
 
     Per chunk of queries with about as many rows each (sorted by that count, so little is padding): gather the
-    stored rows, convert them to float64, multiply by the unit query, reduce along each row and divide by the
-    row's norm: one pass at a time over a buffer that stays in cache, and the same operations, in the same
-    order, for every (query, row) pair.
+    stored rows, convert them to float64 (`widen`), take each row's dot product with the unit query (`vecdot`)
+    and divide it by the row's norm: one pass at a time over a buffer that stays in cache, and the same
+    operations, in the same order, for every (query, row) pair.
     """
     num_queries, dim = len(rows), candidates.shape[1]
     out = np.full(rows.shape, -np.inf)
@@ -265,14 +267,14 @@ def _exact_scores(
             idx = np.where(valid, block, block[:, :1]).ravel()  # padding repeats a row of its query
             np.take(candidates, idx, axis=0, out=stored[: idx.size])
             x = buffer[: idx.size]
-            np.copyto(x, stored[: idx.size])  # exact: float16 and float32 values are float64 values
+            widen(x, stored[: idx.size])
             x3 = x.reshape(len(queries), width, dim)
-            np.multiply(x3, q64[which[queries]][:, None, :], out=x3)
-            dots = np.add.reduce(x3, axis=-1)  # one division per pair, not per value: ch itself is not needed
+            # One ddot per (query, row) pair, then one division per pair: ch itself is not needed.
+            dots = np.vecdot(x3, q64[which[queries]][:, None, :])
             dots /= np.maximum(norms[idx], TINY).reshape(dots.shape)
             out[queries, :width] = np.where(valid, dots, -np.inf)
 
-    _on_threads(run, chunks)
+    _on_threads(run, chunks, single_torch_thread=True)
     return out
 
 
@@ -368,30 +370,49 @@ def _normalise(x: np.ndarray, *outs: np.ndarray) -> np.ndarray:
 
     def run(starts: list[int]) -> None:
         rows, squares = np.empty((min(step, len(x)), dim)), np.empty((min(step, len(x)), dim))
+        stage = np.empty(
+            (min(step, len(x)), dim), dtype=x.dtype
+        )  # a writable copy for torch (x may be a read-only map)
         with np.errstate(over="ignore", invalid="ignore"):  # a non-finite norm is the caller's error
             for start in starts:
                 size = min(step, len(x) - start)
                 part, square = rows[:size], squares[:size]
-                np.copyto(part, x[start : start + size])  # exact: float16 and float32 values are float64 values
+                np.copyto(stage[:size], x[start : start + size])
+                widen(part, stage[:size])
                 np.multiply(part, part, out=square)
                 norms[start : start + size] = norm = np.sqrt(np.add.reduce(square, axis=-1))  # = row_norms(part)
                 np.divide(part, np.maximum(norm, TINY)[:, None], out=part)
                 for out in outs:
                     out[start : start + size] = part
 
-    _on_threads(run, list(range(0, len(x), step)))
+    _on_threads(run, list(range(0, len(x), step)), single_torch_thread=True)
     return norms
 
 
-def _on_threads(run: Callable[[list[Any]], None], items: list[Any]) -> None:
-    """run(part) for `torch.get_num_threads()` interleaved parts of `items`, on as many threads: the numpy work
-    inside releases the GIL."""
+def widen(out: np.ndarray, x: np.ndarray) -> None:
+    """out[...] = x (writable, C-contiguous) in float64: exact, float16 and float32 values being float64 values, so
+    whoever converts gives the same bits. torch's cast runs in SIMD (F16C), numpy's float16 one does not: 2.5x faster
+    on the benchmark machine (experiments/benchmarks/RESULTS.md, section b2)."""
+    torch.from_numpy(out).copy_(torch.from_numpy(x))
+
+
+def _on_threads(run: Callable[[list[Any]], None], items: list[Any], single_torch_thread: bool = False) -> None:
+    """run(part) for `torch.get_num_threads()` interleaved parts of `items`, on as many threads: the numpy (and
+    torch) work inside releases the GIL. `single_torch_thread`: torch's own intra-op threads are set to one while
+    they run (its casts inside `run` would otherwise start a team of threads per worker, one more than the cores)."""
     workers = max(1, min(torch.get_num_threads(), len(items)))
     if workers == 1:
         run(items)
         return
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(run, [items[i::workers] for i in range(workers)]))
+    saved = torch.get_num_threads()
+    try:
+        if single_torch_thread:
+            torch.set_num_threads(1)
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(run, [items[i::workers] for i in range(workers)]))
+    finally:
+        if single_torch_thread:
+            torch.set_num_threads(saved)
 
 
 def _first_non_finite(norms: np.ndarray) -> int | None:
