@@ -425,3 +425,35 @@ def test_bidirectional_mean_pooling_on_every_family(backbone, items, padding_sid
     assert ((states["bidirectional"] - states["causal"])[rows, first].abs().amax(-1) > 1e-5).all()
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
     assert len({tuple(row.round(decimals=4).tolist()) for row in together}) == len(inputs)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("backbone", QWEN_FAMILIES)
+def test_videos_and_interleaved_items_embed_alone_as_in_a_padded_batch_on_each_qwen_family(
+    backbone, padding_side, request
+):
+    """Each Qwen-VL family's own video processor and chat template (Qwen3-VL's timestamps included): a video, a
+    video with text and an interleaved item (several images between texts) embed alone as in a batch padded on
+    either side, beside texts and images; a video is not its frames given as images."""
+    frames = [shape_image(c, "circle", 56) for c in ("red", "green", "blue", "yellow")]
+    items = [
+        TEXTS[1],
+        Item("v", video=frames, video_fps=4.0),
+        IMAGES[0],
+        Item("vt", "a ball changing colour", video=frames[:2], video_fps=2.0),
+        Item("s", "Find the last image.", parts=["first .", frames[0], "then .", frames[2], "last ."]),
+    ]
+    spec = BackboneSpec(request.getfixturevalue(backbone), gradient_checkpointing=False, padding_side=padding_side)
+    module = EmbeddingModule(spec, lora=LoraSpec(r=4, alpha=8, dropout=0.0))
+    module.configure_model()
+    module.eval()
+    collate = EmbeddingCollator(module.processor)
+    batch = collate.encode(items)
+    assert len(batch["video_grid_thw"]) == 2 and len(batch["image_grid_thw"]) == 3
+    with torch.no_grad():
+        together = module.embed(batch)
+        alone = torch.cat([module.embed(collate.encode([item])) for item in items])
+        as_images = module.embed(collate.encode([Item("f", image=f) for f in frames]))
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+    assert torch.isfinite(together).all()
+    assert ((as_images - alone[1]).abs().max(-1).values > 1e-4).all()
