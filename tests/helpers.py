@@ -9,6 +9,7 @@ import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from typing import Any
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -135,3 +136,18 @@ def evaluate_zeroshot(model: Path, splits: dict[str, Path], runs: Path, pools: s
         )
         ok(lamra_here("evaluate", f"--runs={out / 'local'}"))
     return runs
+
+
+def embeds_alone_as_in_a_batch(module: Any, items: list[Any]) -> tuple[Any, Any]:
+    """(the padded batch of `items`, its embeddings) from an embedding module in eval mode (through its own
+    collator), after checking that the batch is padded and that each item embeds alone as in it (float32, 1e-5)."""
+    import torch
+
+    collate = module.collator()
+    batch = collate.encode(items)
+    assert (batch["attention_mask"] == 0).any(), "the batch must actually be padded"
+    with torch.no_grad():
+        together = module.embed(batch)
+        alone = torch.cat([module.embed(collate.encode([item])) for item in items])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+    return batch, together

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from conftest import shape_image
-from helpers import lamra, scalars
+from helpers import embeds_alone_as_in_a_batch, lamra, scalars
 from lamra_pl.api import Retriever
 from lamra_pl.errors import LamraError
 from lamra_pl.formats.sample import Item, instructed_item, instruction_chars, with_instruction
@@ -97,13 +97,7 @@ def test_a_padded_batch_embeds_as_each_item_alone(tiny_backbone, pooling, paddin
     (left padding puts padding before the tokens that now attend forward), with every pooling."""
     extra = {"exclude_instruction": True} if pooling in ("mean", "latent_attention") else {}
     m = module(tiny_backbone, pooling=pooling, padding_side=padding_side, **extra)
-    collator = m.collator()
-    batch = collator.encode(ITEMS)
-    assert (batch["attention_mask"] == 0).any(), "the batch must actually be padded"
-    with torch.no_grad():
-        together = m.embed(batch)
-        alone = torch.cat([m.embed(collator.encode([item])) for item in ITEMS])
-    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+    _, together = embeds_alone_as_in_a_batch(m, ITEMS)
     assert len({tuple(row.round(decimals=4).tolist()) for row in together}) == len(ITEMS)
 
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from conftest import shape_image
-from helpers import convert_zeroshot, evaluate_zeroshot
+from helpers import convert_zeroshot, embeds_alone_as_in_a_batch, evaluate_zeroshot
 from lamra_pl.api import Interleaved, Retriever
 from lamra_pl.errors import BadSampleError, LamraError
 from lamra_pl.formats.index import EmbeddingIndex
@@ -26,9 +26,8 @@ from lamra_pl.formats.runs import read_run_file
 from lamra_pl.formats.sample import Item, decode_record, encode_record, evaluation_query
 from lamra_pl.formats.shards import expand_shards, read_samples
 from lamra_pl.formats.task import read_excluded, read_qrels, reported_metric, task_info, task_metrics
-from lamra_pl.models.backbone import BackboneSpec, LoraSpec
+from lamra_pl.models.backbone import BackboneSpec
 from lamra_pl.models.clip import CLIPCollator
-from lamra_pl.models.embedding import EmbeddingModule
 from lamra_pl.models.embedding_inputs import EmbeddingCollator
 from lamra_pl.models.rerank_inputs import POINTWISE_INSTRUCTION, pointwise_messages
 from lamra_pl.models.reranker import RerankModule
@@ -37,6 +36,8 @@ from lamra_pl.recipes.zeroshot.interleaved import SESSION, STORY
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "zeroshot"))
 from make_fixtures import make
+
+from test_video import module
 
 SETS = ("vist", "multiturn_fashioniq")
 
@@ -123,12 +124,6 @@ def test_multiturn_fashioniq_sessions_become_image_then_modification_turns(raw, 
     assert report["zeroshot"]["skipped"] == {"target_outside_image_list": 1}
 
 
-def module(backbone, **settings) -> EmbeddingModule:
-    m = EmbeddingModule(BackboneSpec(backbone, gradient_checkpointing=False, **settings), lora=LoraSpec(r=4, alpha=8))
-    m.configure_model()
-    return m.eval()
-
-
 STORY_ITEM = Item(
     "s",
     text=STORY,
@@ -175,14 +170,10 @@ MIXED = [
 @pytest.mark.parametrize("rope", ["model", "1d"])
 def test_interleaved_items_embed_alone_as_in_a_padded_batch(tiny_backbone, padding_side, rope):
     m = module(tiny_backbone, padding_side=padding_side, rope=rope)
-    collate = EmbeddingCollator(m.processor)
-    batch = collate.encode(MIXED)
+    batch, alone = embeds_alone_as_in_a_batch(m, MIXED)
     assert len(batch["image_grid_thw"]) == 4  # 2 + 1 + 1, in placeholder order
     assert (batch["attention_mask"].sum(1) < batch["attention_mask"].shape[1]).sum() >= 3
-    with torch.no_grad():
-        together = m.embed(batch)
-        alone = torch.cat([m.embed(collate.encode([item])) for item in MIXED])
-    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+    collate = EmbeddingCollator(m.processor)
     # The order of the parts is read: the same story told the other way round embeds otherwise.
     swapped = Item("s2", text=STORY, parts=[STORY_ITEM.parts[i] for i in (0, 3, 2, 1, 4)])
     with torch.no_grad():
