@@ -23,14 +23,16 @@ from lamra_pl.api import Interleaved, Retriever
 from lamra_pl.errors import BadSampleError, LamraError
 from lamra_pl.formats.index import EmbeddingIndex
 from lamra_pl.formats.runs import read_run_file
-from lamra_pl.formats.sample import Item, decode_record, encode_record, evaluation_query
+from lamra_pl.formats.sample import Item, decode_candidate, decode_record, encode_record, evaluation_query, member_item
 from lamra_pl.formats.shards import expand_shards, read_samples
-from lamra_pl.formats.task import read_excluded, read_qrels, reported_metric, task_info, task_metrics
+from lamra_pl.formats.task import read_excluded, read_qrels, reported_metric, task_info, task_metrics, write_task
 from lamra_pl.models.backbone import BackboneSpec
 from lamra_pl.models.clip import CLIPCollator
 from lamra_pl.models.embedding_inputs import EmbeddingCollator
 from lamra_pl.models.rerank_inputs import POINTWISE_INSTRUCTION, pointwise_messages
 from lamra_pl.models.reranker import RerankModule
+from lamra_pl.ranking.metrics import evaluate_embeddings
+from lamra_pl.ranking.search import search
 from lamra_pl.recipes.mbeir import Converter, Problems
 from lamra_pl.recipes.zeroshot.interleaved import SESSION, STORY
 
@@ -307,3 +309,43 @@ def test_the_python_api_takes_an_interleaved_query(tiny_backbone, tmp_path):
         retriever.encode(images=[Interleaved([shape_image("red", "circle"), " "])])
     with pytest.raises(LamraError, match="build_index takes texts, images and videos"):
         retriever.build_index(images=[story], ids=["s"], out=tmp_path / "index")
+
+
+def test_validation_leaves_out_exclusions_as_retrieve_does_and_refuses_galleries(tmp_path):
+    """`evaluate_embeddings` (validation during fit) ranks a task with excluded.jsonl as `retrieve` does, and
+    refuses a task of per-query galleries in one line rather than rank its whole pool."""
+    task = tmp_path / "vist_task7"
+    write_task(task, {"dataset": "vist", "task_id": 7, "recall_k": 1}, ["q1 0 c2 1 7"], excluded={"q1": ["c0"]})
+    queries = (["q1"], np.array([[1.0, 0.0, 0.0]], dtype=np.float32))
+    pool = (["c0", "c1", "c2"], np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.8, 0.6, 0.0]], dtype=np.float32))
+    scores = evaluate_embeddings({str(task): {"queries": queries, "pool": pool}})["tasks"][task.name]
+    assert scores["R@1"] == 1.0  # c0 would rank first; left out, the positive c2 does
+    (task / "excluded.jsonl").unlink()
+    assert evaluate_embeddings({str(task): {"queries": queries, "pool": pool}})["tasks"][task.name]["R@1"] == 0.0
+    (task / "galleries.jsonl").write_text('{"qid": "q1", "ids": ["c1", "c2"]}\n')
+    with pytest.raises(LamraError, match="own gallery"):
+        evaluate_embeddings({str(task): {"queries": queries, "pool": pool}})
+    (task / "excluded.jsonl").write_text('{"qid": "q1", "ids": ["c0"]}\n{"qid": "q1", "ids": ["c1"]}\n')
+    with pytest.raises(LamraError, match="excluded.jsonl:2: qid 'q1' has a line already"):
+        read_excluded(task)
+
+
+def test_search_reads_a_pool_of_another_byte_order_as_the_native_one():
+    rng = np.random.default_rng(0)
+    pool = rng.standard_normal((40, 16)).astype(np.float16)
+    queries = rng.standard_normal((3, 16)).astype(np.float32)
+    native = search(pool, queries, 5)
+    swapped = search(pool.astype(">f2"), queries, 5)
+    assert np.array_equal(native.rows, swapped.rows) and np.array_equal(native.scores, swapped.scores)
+
+
+def test_a_candidate_with_parts_beside_an_image_and_a_malformed_part_are_refused():
+    data = io.BytesIO()
+    shape_image("red", "circle").save(data, format="PNG")
+    record = {"id": "c", "txt": None, "img": "img.png", "parts": [{"txt": "a"}, {"img": "img.png"}]}
+    sample = {"__key__": "k", "img.png": data.getvalue(), "json": json.dumps(record).encode()}
+    with pytest.raises(BadSampleError, match="parts with a text, an image or a video beside them"):
+        decode_candidate(sample)
+    query = {"txt": None, "parts": [{"txt": "a"}, {"img": ["not", "a", "name"]}]}
+    with pytest.raises(BadSampleError, match=r"parts\[1\] must be"):
+        member_item(sample, query, "here")

@@ -570,8 +570,7 @@ def _describe(name: str, ids: list[str], inputs: list[tuple[str | None, ImageInp
         picture: Any = None
         if isinstance(image, Interleaved):  # (checked here, before anything is encoded)
             raise LamraError(
-                f"candidate {did}: build_index takes texts, images and videos; index interleaved candidates from "
-                "shards with `lamra-pl index`"
+                f"candidate {did}: build_index takes texts, images and videos (an Interleaved input is a query)"
             )
         if isinstance(image, Video):
             frames, fps = image.read()

@@ -69,7 +69,9 @@ class CandidateStore:
             if did in self.locations:
                 self.duplicates += 1
             elif wanted is None or did in wanted:
-                kind = modality(record.get("txt") is not None, bool(record.get("img")), bool(record.get("vid")))
+                parts = record.get("parts") if isinstance(record.get("parts"), list) else []
+                text = record.get("txt") is not None or any(isinstance(p, dict) and "txt" in p for p in parts)
+                kind = modality(text, bool(record.get("img")) or bool(parts), bool(record.get("vid")))
                 self.locations[did] = Location(url, sample.key, tuple(sample.members), kind)
 
     def __contains__(self, did: str) -> bool:

@@ -136,4 +136,7 @@ class ChunkedItems(IterableDataset):
 def _record(item: Item) -> dict[str, Any]:
     if item.video is not None:  # a video's source under "vid", so the index knows the row's modality
         return {"id": item.id, "txt": item.text, "img": None, "vid": item.source or "video"}
+    if item.parts is not None:  # an interleaved item: its texts joined, its first image's source
+        texts = [t for t in (item.text, *item.parts) if isinstance(t, str)]
+        return {"id": item.id, "txt": " ".join(texts) or None, "img": item.source or "interleaved"}
     return {"id": item.id, "txt": item.text, "img": item.source}

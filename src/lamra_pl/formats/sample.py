@@ -508,6 +508,8 @@ def decode_candidate(sample: dict[str, Any]) -> Item:
     image = _open_image(sample[img], img) if img else None
     video, fps = _open_video(sample, record, sample_location(sample))
     source = image_source(sample, record)
+    if record.get("parts") is not None and (record.get("txt"), img, record.get("vid")) != (None, None, None):
+        raise BadSampleError(f"{sample_location(sample)}: parts with a text, an image or a video beside them")
     parts = _open_parts(sample, record, sample_location(sample))
     text = record.get("txt")
     return Item(id=str(record["id"]), text=text, image=image, source=source, video=video, video_fps=fps, parts=parts)
@@ -545,12 +547,12 @@ def member_item(sample: dict[str, Any], entry: dict[str, Any], where: str) -> di
         out["video"] = [member_image(sample, name, where) for name in entry["vid"]]
         out["fps"], out["vid_src"] = entry.get("vid_fps"), entry.get("vid_src")
     if isinstance(entry.get("parts"), list):
-        out["parts"] = [
-            {"image": member_image(sample, p["img"], where), "img_src": p.get("img_src")}
-            if isinstance(p, dict) and "img" in p
-            else {"txt": p.get("txt") if isinstance(p, dict) else None}
-            for p in entry["parts"]
-        ]
+        out["parts"] = []
+        for j, p in enumerate(entry["parts"]):
+            if not isinstance(p, dict) or not isinstance(p.get("img", p.get("txt")), str):
+                raise BadSampleError(f"{where}: parts[{j}] must be {{'txt': text}} or {{'img': member name}}")
+            image = member_image(sample, p["img"], where) if "img" in p else None
+            out["parts"].append({"image": image, "img_src": p.get("img_src")} if image else {"txt": p["txt"]})
     return out
 
 

@@ -116,6 +116,8 @@ def _id_lists(path: Path) -> dict[str, list[str]] | None:
             raise LamraError(f'{path}:{number}: expected {{"qid": ..., "ids": [...]}}') from None
         if not isinstance(qid, str) or not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise LamraError(f"{path}:{number}: qid must be a string and ids a list of strings")
+        if qid in found:
+            raise LamraError(f"{path}:{number}: qid {qid!r} has a line already")
         found[qid] = ids
     return found
 

@@ -42,7 +42,7 @@ from lamra_pl.formats.task import (
 from lamra_pl.models.checkpoints import caller_settings, load_retriever
 from lamra_pl.pipelines.encode import encode, lists_no_id
 from lamra_pl.pipelines.trainer import TrainerSpec
-from lamra_pl.ranking.search import Backend, TopK, search
+from lamra_pl.ranking.search import Backend, TopK, leave_out, search
 
 Pool = Literal["local", "global"]
 
@@ -118,7 +118,7 @@ def retrieve(
                     subset=subsets.get(task.name) if pool == "local" else None,
                     backend=backend,
                 )
-            found = _leave_out(found, encoded.ids, excluded, k)
+            found = leave_out(found, encoded.ids, excluded, k)
             ranked = [[searched.ids[r] for r in row if r >= 0] for row in found.rows]
             run_file = out_dir / pool / f"{task.name}.run"
             files[run_file] = format_run(encoded.ids, ranked, found.scores, tag=f"lamra-pl-{pool}")
@@ -180,22 +180,6 @@ def _excluded_rows(task: Path, index: EmbeddingIndex) -> dict[str, np.ndarray]:
         qid: np.fromiter((index.row_of[i] for i in dict.fromkeys(ids) if i in index.row_of), dtype=np.int64)
         for qid, ids in found.items()
     }
-
-
-def _leave_out(found: TopK, qids: list[str], excluded: dict[str, np.ndarray], k: int) -> TopK:
-    """The top k of each query's ranking without its excluded rows (`found` holds k plus the most any query
-    excludes, so k remain wherever the pool has them), padded with -1 / -inf."""
-    if not excluded:
-        return TopK(found.rows[:, :k], found.scores[:, :k])
-    rows = np.full((len(qids), k), -1, dtype=np.int64)
-    scores = np.full((len(qids), k), -np.inf)
-    for q, qid in enumerate(qids):
-        keep = found.rows[q] >= 0
-        if qid in excluded:
-            keep &= ~np.isin(found.rows[q], excluded[qid])
-        kept = np.flatnonzero(keep)[:k]
-        rows[q, : len(kept)], scores[q, : len(kept)] = found.rows[q, kept], found.scores[q, kept]
-    return TopK(rows, scores)
 
 
 def _search_galleries(

@@ -27,8 +27,16 @@ import numpy as np
 
 from lamra_pl.errors import LamraError
 from lamra_pl.formats.index import id_ranks
-from lamra_pl.formats.task import QRELS_FILE, read_qrels, reported_metric, task_info, task_metrics
-from lamra_pl.ranking.search import search
+from lamra_pl.formats.task import (
+    GALLERIES_FILE,
+    QRELS_FILE,
+    read_excluded,
+    read_qrels,
+    reported_metric,
+    task_info,
+    task_metrics,
+)
+from lamra_pl.ranking.search import leave_out, search
 
 KS = (1, 5, 10)
 BIAS_K = 10  # wrong_modality@BIAS_K
@@ -166,22 +174,35 @@ def evaluate_embeddings(
 ) -> dict[str, Any]:
     """Evaluate tasks from in-memory embeddings: {task_dir: {"queries": (ids, emb), "pool": (ids, emb)}}.
 
-    Embeddings are rounded to float16 first, as an index stores them, so the numbers equal `index`+`retrieve`.
+    Embeddings are rounded to float16 first, as an index stores them, so the numbers equal `index`+`retrieve`
+    (a task's excluded.jsonl left out as `retrieve` leaves it out; a task of per-query galleries is refused: its
+    rankings are `retrieve`'s, one gallery at a time).
     """
     tasks: dict[str, dict[str, Any]] = {}
     for task_dir, parts in sorted(groups.items()):
         info = task_info(task_dir)
         metrics = task_metrics(info)
+        if (Path(task_dir) / GALLERIES_FILE).is_file():
+            raise LamraError(
+                f"{task_dir} ranks each query in its own gallery ({GALLERIES_FILE}), which validation does not: "
+                "leave it out of data.val_tasks and score it with `lamra-pl retrieve` + `evaluate`"
+            )
         (qids, queries), (pool_ids, pool) = parts["queries"], parts["pool"]
+        row_of = {i: row for row, i in enumerate(pool_ids)}
+        excluded = {
+            qid: np.fromiter((row_of[i] for i in dict.fromkeys(ids) if i in row_of), dtype=np.int64)
+            for qid, ids in (read_excluded(task_dir) or {}).items()
+        }
+        depth = max(max(ks), metric_depth(metrics))
         found = search(
             pool.astype(np.float16),
             queries.astype(np.float16),
-            max(max(ks), metric_depth(metrics)),
+            depth + max((len(rows) for rows in excluded.values()), default=0),
             tie_key=id_ranks(pool_ids),
             backend="torch",
         )
+        found = leave_out(found, qids, excluded, depth)
         qrels_path = Path(task_dir) / QRELS_FILE
-        row_of = {i: row for row, i in enumerate(pool_ids)}
         scores = score_task(qids, found.rows, row_of, read_qrels(qrels_path), ks, str(qrels_path), metrics)
         tasks[Path(task_dir).name] = {**scores, "reported": reported_metric(info), "num_queries": len(qids)}
     return {"tasks": tasks, "average": summarise(tasks, ks)}

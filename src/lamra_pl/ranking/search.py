@@ -201,6 +201,23 @@ def _complete(scores: np.ndarray, k: int, width: int, n: int, slack: float) -> n
     return scores[:, width - 1] < scores[:, k - 1] - slack
 
 
+def leave_out(found: TopK, qids: list[str], excluded: dict[str, np.ndarray], k: int) -> TopK:
+    """The top k of each query's ranking without its excluded rows (qid -> rows; a task's excluded.jsonl, VIST's
+    seen images): `found` holds k plus the most any query excludes, so k remain wherever the pool has them; padded
+    with -1 / -inf."""
+    if not excluded:
+        return TopK(found.rows[:, :k], found.scores[:, :k])
+    rows = np.full((len(qids), k), -1, dtype=np.int64)
+    scores = np.full((len(qids), k), -np.inf)
+    for q, qid in enumerate(qids):
+        keep = found.rows[q] >= 0
+        if qid in excluded:
+            keep &= ~np.isin(found.rows[q], excluded[qid])
+        kept = np.flatnonzero(keep)[:k]
+        rows[q, : len(kept)], scores[q, : len(kept)] = found.rows[q, kept], found.scores[q, kept]
+    return TopK(rows, scores)
+
+
 def _rescore(
     candidates: np.ndarray,
     q64: np.ndarray,
@@ -392,8 +409,12 @@ def _normalise(x: np.ndarray, *outs: np.ndarray) -> np.ndarray:
 def widen(out: np.ndarray, x: np.ndarray) -> None:
     """out[...] = x (writable, C-contiguous) in float64: exact, float16 and float32 values being float64 values, so
     whoever converts gives the same bits. torch's cast runs in SIMD (F16C), numpy's float16 one does not: 2.5x faster
-    on the benchmark machine (experiments/benchmarks/RESULTS.md, section b2)."""
-    torch.from_numpy(out).copy_(torch.from_numpy(x))
+    on the benchmark machine (experiments/benchmarks/RESULTS.md, section b2). Other dtypes (another byte order, an
+    index folder's unusual dtype) take numpy's cast, which torch would refuse."""
+    if x.dtype.isnative and x.dtype in (np.float16, np.float32, np.float64):
+        torch.from_numpy(out).copy_(torch.from_numpy(x))
+    else:
+        np.copyto(out, x)
 
 
 def _on_threads(run: Callable[[list[Any]], None], items: list[Any], single_torch_thread: bool = False) -> None:
