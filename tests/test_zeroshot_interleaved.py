@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 
 from conftest import shape_image
-from helpers import convert_zeroshot, embeds_alone_as_in_a_batch, evaluate_zeroshot
+from helpers import convert_zeroshot, embeds_alone_as_in_a_batch, evaluate_zeroshot, lamra_here, ok
 from lamra_pl.api import Interleaved, Retriever
 from lamra_pl.errors import BadSampleError, LamraError
 from lamra_pl.formats.index import EmbeddingIndex
@@ -349,3 +350,22 @@ def test_a_candidate_with_parts_beside_an_image_and_a_malformed_part_are_refused
     query = {"txt": None, "parts": [{"txt": "a"}, {"img": ["not", "a", "name"]}]}
     with pytest.raises(BadSampleError, match=r"parts\[1\] must be"):
         member_item(sample, query, "here")
+
+
+def test_a_vist_photo_id_leading_out_of_the_image_folder_is_counted_not_read(raw, tmp_path):
+    """A photo id is part of a path: one that climbs out of the image folder drops its story, counted by reason,
+    and nothing outside is read."""
+    root = tmp_path / "vist"
+    shutil.copytree(raw["vist"], root)
+    secret = tmp_path / "secret.gif"
+    shape_image("red", "circle").save(secret, format="GIF")
+    annotation = root / "sis" / "val.story-in-sequence.json"
+    data = json.loads(annotation.read_text())
+    data["annotations"][1][0]["photo_flickr_id"] = "../../../secret"  # story 45531's second photo
+    annotation.write_text(json.dumps(data))
+    ok(lamra_here("convert-zeroshot", "--set=vist", f"--root={root}", f"--out={tmp_path / 'out'}"))
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["problems"] == {"unsafe_path": 2}  # the photo as a pool candidate, and in the story's query
+    task = tmp_path / "out" / "eval" / "val" / "vist_task7"
+    assert "vist:45531" not in read_qrels(task / "qrels.txt") and len(read_qrels(task / "qrels.txt")) == 2
+    assert "vist:../../../secret" not in (task / "pool" / "ids.txt").read_text().split()
