@@ -151,3 +151,27 @@ def embeds_alone_as_in_a_batch(module: Any, items: list[Any]) -> tuple[Any, Any]
         alone = torch.cat([module.embed(collate.encode([item])) for item in items])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
     return batch, together
+
+
+def one_step_grads(backbone: Path, out: Path) -> Any:
+    """run(devices, mode, dropout=0.0, strategy="ddp", loss="plain"): the loss and gradients of one training step
+    (`tests/scripts/ddp_grads.py`, its arguments), computed once per argument set in a subprocess."""
+    from safetensors.torch import load_file
+
+    script = Path(__file__).parent / "scripts" / "ddp_grads.py"
+    done: dict[tuple[Any, ...], Any] = {}
+
+    def run(devices: int, mode: str, dropout: float = 0.0, strategy: str = "ddp", loss: str = "plain") -> Any:
+        key = (devices, mode, dropout, strategy, loss)
+        if key not in done:
+            path = out / f"{devices}-{mode}-{dropout}-{strategy}-{loss}.safetensors"
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+            args = [str(backbone), str(path), str(devices), mode, str(dropout), strategy, loss]
+            proc = subprocess.run(
+                [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, env=env
+            )
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            done[key] = load_file(path)
+        return done[key]
+
+    return run

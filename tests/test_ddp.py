@@ -16,11 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from helpers import scalars
+from helpers import one_step_grads, scalars
 
-SCRIPT = Path(__file__).parent / "scripts" / "ddp_grads.py"
 SKIPS = Path(__file__).parent / "scripts" / "ddp_skips.py"
 
 Grads = dict[str, torch.Tensor]
@@ -30,27 +28,7 @@ Grads = dict[str, torch.Tensor]
 def step_grads(tiny_backbone, tmp_path_factory) -> Callable[..., Grads]:
     """`(devices, mode, lora_dropout, strategy="ddp", loss="plain") -> gradients of one step` (see
     scripts/ddp_grads.py), each run once."""
-    out = tmp_path_factory.mktemp("grads")
-    done: dict[tuple[int, str, float, str, str], Grads] = {}
-
-    def run(devices: int, mode: str, dropout: float, strategy: str = "ddp", loss: str = "plain") -> Grads:
-        key = (devices, mode, dropout, strategy, loss)
-        if key not in done:
-            path = out / f"{devices}-{mode}-{dropout}-{strategy}-{loss}.safetensors"
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-            args = [str(tiny_backbone), str(path), str(devices), mode, str(dropout), strategy, loss]
-            proc = subprocess.run(
-                [sys.executable, str(SCRIPT), *args],
-                capture_output=True,
-                text=True,
-                timeout=300,
-                env=env,
-            )
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            done[key] = load_file(path)
-        return done[key]
-
-    return run
+    return one_step_grads(tiny_backbone, tmp_path_factory.mktemp("grads"))
 
 
 def assert_same_step(got: Grads, want: Grads) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -16,10 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from safetensors.torch import load_file
 
 from conftest import shape_image
-from helpers import ROOT, clean_error, lamra, lamra_here, ok, scalars
+from helpers import ROOT, clean_error, lamra, lamra_here, ok, one_step_grads, scalars
 from lamra_pl.errors import BadSampleError, LamraError
 from lamra_pl.formats.runs import read_manifest, read_pair_scores, read_run_file, scores_file, write_manifest
 from lamra_pl.formats.sample import Item, Record, decode_record, encode_record
@@ -33,7 +31,6 @@ from lamra_pl.models.losses import distillation_loss
 from lamra_pl.recipes.mbeir import convert
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mbeir_tiny"
-SCRIPT = Path(__file__).parent / "scripts" / "ddp_grads.py"
 
 
 # ---------------------------------------------------------------------------------------------- the loss
@@ -176,27 +173,10 @@ def test_the_collator_carries_each_list_after_the_positives_with_its_scores(dist
 # ---------------------------------------------------------------------------------------------- exactness
 @pytest.fixture(scope="module")
 def step(tiny_backbone, tmp_path_factory) -> Callable[..., dict[str, torch.Tensor]]:
-    """One distillation step's loss, KL term and gradients (`scripts/ddp_grads.py` with LOSS distill)."""
-    out = tmp_path_factory.mktemp("distill_grads")
-    done: dict[tuple[int, str, str], dict[str, torch.Tensor]] = {}
-
-    def run(devices: int, mode: str, strategy: str = "ddp") -> dict[str, torch.Tensor]:
-        if (devices, mode, strategy) not in done:
-            path = out / f"{devices}-{mode}-{strategy}.safetensors"
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-            args = [str(tiny_backbone), str(path), str(devices), mode, "0.0", strategy, "distill"]
-            proc = subprocess.run(
-                [sys.executable, str(SCRIPT), *args],
-                capture_output=True,
-                text=True,
-                timeout=300,
-                env=env,
-            )
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            done[devices, mode, strategy] = load_file(path)
-        return done[devices, mode, strategy]
-
-    return run
+    """`(devices, mode, strategy="ddp")`: one distillation step's loss, KL term and gradients (`scripts/ddp_grads.py`
+    with LOSS distill), each run once."""
+    run = one_step_grads(tiny_backbone, tmp_path_factory.mktemp("distill_grads"))
+    return lambda devices, mode, strategy="ddp": run(devices, mode, 0.0, strategy, "distill")
 
 
 def assert_same_step(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], fsdp2: bool = False) -> None:

@@ -106,3 +106,18 @@ class CandidateStore:
         "video", "fps", "vid_src" for a video)."""
         sample = self.sample(did)
         return {**member_item(sample, json.loads(sample["json"]), sample_location(sample)), "id": did}
+
+
+def ranked_candidates(
+    sources: list[str], rankings: dict[str, dict[str, list[str]]], run_files: dict[str, str]
+) -> CandidateStore:
+    """The candidates that run files rank (task -> qid -> ids), from the pool of the index they searched
+    (`sources`); an id that pool lacks is a one-line refusal naming the task's run file (`run_files`)."""
+    store = CandidateStore(sources, {d for top in rankings.values() for ranked in top.values() for d in ranked})
+    for name, top in rankings.items():
+        unknown = sorted({d for ranked in top.values() for d in ranked if d not in store})
+        if unknown:
+            raise LamraError(
+                f"{run_files[name]} ranks {len(unknown)} ids that are not in the pool {sources}, e.g. {unknown[:3]}"
+            )
+    return store

@@ -569,3 +569,30 @@ def query_samples(queries: str | Path) -> Iterator[tuple[dict[str, Any], dict[st
         except (KeyError, TypeError, json.JSONDecodeError) as err:
             raise BadSampleError(f"{where}: not a query record ({err!r})") from None
         yield sample, record, positives
+
+
+def rewritten_record(
+    sample: dict[str, Any],
+    record: dict[str, Any],
+    *,
+    positives: list[dict[str, Any]],
+    negatives: list[dict[str, Any]],
+    instructions: list[str] | None = None,
+    candidates: list[dict[str, Any]] = (),  # type: ignore[assignment]
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A query record of `query_samples` written again by a tool (`mine`, `rerank-data`, `distill-data`): its key,
+    qid, task id and query as they were (the query's image bytes as stored), its instructions unless given, and
+    the tool's positives, negatives, candidate list and extra fields (`encode_record`'s)."""
+    where = sample_location(sample)
+    return encode_record(
+        sample["__key__"],
+        qid=str(record["qid"]),
+        task_id=record.get("task_id"),
+        query=member_item(sample, record["query"], where),
+        instructions=record.get("instructions") or [] if instructions is None else instructions,
+        positives=positives,
+        negatives=negatives,
+        candidates=candidates,
+        extra=extra,
+    )

@@ -32,12 +32,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lamra_pl.data.candidates import CandidateStore
+from lamra_pl.data.candidates import CandidateStore, ranked_candidates
 from lamra_pl.errors import LamraError
 from lamra_pl.files import atomic_folder, atomic_write
 from lamra_pl.formats.index import EmbeddingIndex
 from lamra_pl.formats.runs import read_manifest, read_pair_scores, read_run_file, scores_file
-from lamra_pl.formats.sample import encode_record, member_item, query_samples, sample_location
+from lamra_pl.formats.sample import member_item, query_samples, rewritten_record, sample_location
 from lamra_pl.formats.shards import write_shards
 from lamra_pl.pipelines.rerank_data import retrieved_training_runs
 from lamra_pl.progress import counted, progress
@@ -84,16 +84,8 @@ def distill_data(runs: str, scores: str, out: str, k: int | None = None, maxcoun
                 f"{scores_file(scores, name)} scores none of the candidates {manifest['tasks'][name]['run_file']} "
                 "ranks: give the reranked folder of these runs"
             )
-    wanted = {d for top in tops.values() for ranked in top.values() for d in ranked}
-    index = EmbeddingIndex(manifest["index"])
-    store = CandidateStore(index.meta["sources"], wanted)
-    for name, top in tops.items():
-        unknown = sorted({d for ranked in top.values() for d in ranked if d not in store})
-        if unknown:
-            raise LamraError(
-                f"{manifest['tasks'][name]['run_file']} ranks {len(unknown)} ids that are not in the pool "
-                f"{index.meta['sources']}, e.g. {unknown[:3]}"
-            )
+    run_files = {name: manifest["tasks"][name]["run_file"] for name in tops}
+    store = ranked_candidates(EmbeddingIndex(manifest["index"]).meta["sources"], tops, run_files)
     report: dict[str, Any] = {"runs": str(runs_dir), "scores": str(scores), "k": k, "teacher": about, "tasks": {}}
     bar = progress(total=sum(len(run.qids) for run in rankings.values()), desc="distill-data", unit="queries")
     with atomic_folder(out) as staged:  # OUT is new or empty (checked above): the whole folder is renamed into place
@@ -148,12 +140,9 @@ def _samples(
             counts["unscored"] += 1
             continue
         counts["lists_with_positive"] += any(p["id"] in ranked for p in positives)
-        yield encode_record(
-            sample["__key__"],
-            qid=qid,
-            task_id=record.get("task_id"),
-            query=member_item(sample, record["query"], where),
-            instructions=record.get("instructions") or [],
+        yield rewritten_record(
+            sample,
+            record,
             positives=positives,
             negatives=[member_item(sample, n, where) for n in record.get("negatives") or []],
             candidates=[{**store.record_item(d), "score": scored[d]} for d in ranked],

@@ -35,7 +35,7 @@ from lamra_pl.errors import LamraError
 from lamra_pl.files import atomic_write
 from lamra_pl.formats.index import EmbeddingIndex
 from lamra_pl.formats.runs import read_run_file
-from lamra_pl.formats.sample import encode_record, member_item, query_samples, sample_location
+from lamra_pl.formats.sample import query_samples, rewritten_record, sample_location
 from lamra_pl.formats.shards import write_shards
 from lamra_pl.pipelines.rerank_data import retrieved_training_runs
 from lamra_pl.progress import counted, progress
@@ -201,12 +201,4 @@ def _samples(
         if any(i not in store for i in ids):
             raise LamraError(f"{where}: a positive of query {qid!r} is not in the mined pool {store.sources}")
         negatives = mine_query(qid, ranked, ids, store.modality, pool_by_modality, spec, counts)
-        yield encode_record(
-            sample["__key__"],
-            qid=qid,
-            task_id=record.get("task_id"),
-            query=member_item(sample, record["query"], where),
-            instructions=record.get("instructions") or [],
-            positives=positives,
-            negatives=[store.record_item(i) for i in negatives],
-        )
+        yield rewritten_record(sample, record, positives=positives, negatives=[store.record_item(i) for i in negatives])

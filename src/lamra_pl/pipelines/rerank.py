@@ -25,7 +25,7 @@ import numpy as np
 from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import IterableDataset
 
-from lamra_pl.data.candidates import CandidateStore
+from lamra_pl.data.candidates import CandidateStore, ranked_candidates
 from lamra_pl.data.items import worker_share
 from lamra_pl.errors import LamraError
 from lamra_pl.files import atomic_write
@@ -129,14 +129,7 @@ def rerank(
             f"{runs_dir}/runs.json names no index: candidates are read from the pool of the index searched"
         )
     sources = EmbeddingIndex(manifest["index"]).meta["sources"]  # resolved against where the index is now
-    store = CandidateStore(sources, {d for h in heads.values() for ranked in h.values() for d in ranked})
-    for name, head in heads.items():
-        unknown = sorted({d for ranked in head.values() for d in ranked if d not in store})
-        if unknown:
-            raise LamraError(
-                f"{tasks[name]['run_file']} ranks {len(unknown)} ids that are not in the pool {sources}, "
-                f"e.g. {unknown[:3]}"
-            )
+    store = ranked_candidates(sources, heads, {name: tasks[name]["run_file"] for name in heads})
     shards = [(name, url) for name, entry in tasks.items() for url in expand_shards(_queries(entry))]
     module = load_reranker(
         model,

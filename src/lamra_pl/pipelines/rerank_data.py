@@ -34,7 +34,7 @@ from lamra_pl.errors import LamraError
 from lamra_pl.files import atomic_write
 from lamra_pl.formats.index import EmbeddingIndex
 from lamra_pl.formats.runs import read_manifest, read_run_file
-from lamra_pl.formats.sample import encode_record, member_item, query_samples, sample_location
+from lamra_pl.formats.sample import query_samples, rewritten_record
 from lamra_pl.formats.shards import write_shards
 from lamra_pl.progress import counted, progress
 
@@ -140,7 +140,7 @@ def _samples(
     queries: Path, top: dict[str, list[str]], store: CandidateStore, seed: int, counts: Counter[str], seen: set[str]
 ) -> Iterator[dict[str, Any]]:
     for sample, record, positives in query_samples(queries):
-        where, qid = sample_location(sample), str(record["qid"])
+        qid = str(record["qid"])
         counts["queries"] += 1
         seen.add(qid)
         if qid not in top:
@@ -152,11 +152,9 @@ def _samples(
         negatives = [i for i in negatives if i != d.positive]
         number = {d.positive: 0, **{i: n for n, i in enumerate(negatives, start=1)}}
         pointwise = [[0, True]] + ([[number[d.pointwise_negative], False]] if d.pointwise_negative else [])
-        yield encode_record(
-            sample["__key__"],
-            qid=qid,
-            task_id=record.get("task_id"),
-            query=member_item(sample, record["query"], where),
+        yield rewritten_record(
+            sample,
+            record,
             instructions=[d.instruction] if d.instruction else [],
             positives=[by_id[d.positive]],
             negatives=[store.record_item(i) for i in negatives],
